@@ -1,0 +1,179 @@
+"""`prophet-rag`: the demo (the main job), a question over a folder of documents, the chunk-cache tools and the bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from prophet_rag.config import METHODS, GenerationConfig, StoreConfig, default_store_dir
+from prophet_rag.errors import ProphetRAGError
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _store_config(args: argparse.Namespace) -> StoreConfig:
+    return StoreConfig(directory=Path(args.store)) if args.store else StoreConfig()
+
+
+def _engine(args: argparse.Namespace):
+    from prophet_rag.engine import ProphetEngine
+
+    _progress(f"Loading model {args.model or 'embedded SmolLM2-135M-Instruct'} ...")
+    return ProphetEngine.from_pretrained(args.model, store=_store_config(args))
+
+
+def _read_folder(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        raise ProphetRAGError(f"{folder} is not a folder; pass a folder of .txt/.md files.")
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
+    texts = [p.read_text(encoding="utf-8").strip() for p in files]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ProphetRAGError(f"{folder} has no non-empty .txt or .md files.")
+    return texts
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    data = json.loads(resources.files("prophet_rag.data").joinpath("demo_docs.json").read_text(encoding="utf-8"))
+    docs, questions = data["documents"], data["questions"][: args.questions]
+    with _engine(args) as engine:
+        _progress(f"Caching {len(docs)} documents in {engine.store.directory} ...")
+        computed = engine.ingest(docs)
+        _progress(f"  {computed} computed, {len(docs) - computed} already cached")
+        generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
+        engine.answer(docs, questions[0]["question"], method="full", generation=generation)  # warm-up
+        rows = []
+        for i, item in enumerate(questions, 1):
+            _progress(f"Question {i}/{len(questions)}: {item['question']}")
+            full = engine.answer(docs, item["question"], method="full", generation=generation)
+            fast = engine.answer(docs, item["question"], method=args.method, ratio=args.ratio, generation=generation)
+            rows.append((item, full, fast))
+        context = rows[0][1].stats.context_tokens
+        print(f"\n{len(docs)} documents, {context} context tokens; {args.method} recomputes {args.ratio:.0%} of them.\n")
+        for item, full, fast in rows:
+            print(f"Q: {item['question']}   (expected: {item['answer']})")
+            print(f"  full     TTFT {full.stats.ttft_s * 1000:7.0f} ms  {full.text.strip()!r}")
+            print(f"  {args.method:<8} TTFT {fast.stats.ttft_s * 1000:7.0f} ms  {fast.text.strip()!r}"
+                  f"  ({full.stats.ttft_s / fast.stats.ttft_s:.1f}x faster)")
+        full_t = sum(r[1].stats.ttft_s for r in rows) / len(rows)
+        fast_t = sum(r[2].stats.ttft_s for r in rows) / len(rows)
+        hits = sum(r[0]["answer"].lower() in r[1].text.lower() for r in rows)
+        fast_hits = sum(r[0]["answer"].lower() in r[2].text.lower() for r in rows)
+        print(f"\nMean TTFT: full {full_t * 1000:.0f} ms, {args.method} {fast_t * 1000:.0f} ms "
+              f"({fast_t / full_t:.2f}x of full). Expected answer found: full {hits}/{len(rows)}, "
+              f"{args.method} {fast_hits}/{len(rows)}.")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    docs = _read_folder(Path(args.docs))
+    with _engine(args) as engine:
+        stream = engine.stream(docs, args.question, method=args.method, ratio=args.ratio,
+                               generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
+        for delta in stream:
+            print(delta, end="", flush=True)
+        stats = stream.answer.stats
+        print(f"\n[{stats.method} ratio {stats.ratio}: TTFT {stats.ttft_s * 1000:.0f} ms, "
+              f"{stats.recomputed_tokens}/{stats.context_tokens} context tokens recomputed]", file=sys.stderr)
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    if args.action == "ingest":
+        docs = _read_folder(Path(args.folder))
+        with _engine(args) as engine:
+            start = time.perf_counter()
+            computed = 0
+            for i, doc in enumerate(docs, 1):
+                computed += engine.ingest([doc])
+                _progress(f"  [{i}/{len(docs)}] cached")
+            print(f"{len(docs)} documents: {computed} computed, {len(docs) - computed} already cached "
+                  f"({time.perf_counter() - start:.1f} s).")
+        return 0
+    from prophet_rag.store import KVStore
+
+    with KVStore(_store_config(args)) as store:
+        if args.action == "stats":
+            print(f"store: {store.directory}\nentries: {len(store)}\nbytes: {store.volume()}")
+        elif args.action == "verify":
+            report = store.verify()
+            print(f"checked {report.checked}: {report.ok} ok, {report.removed} corrupt entries removed")
+        elif args.action == "clear":
+            print(f"removed {store.clear()} entries from {store.directory}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from prophet_rag.bench.cli import run_bench_command
+
+    return run_bench_command(args, lambda: _engine(args))
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model folder or hub id (default: embedded SmolLM2-135M)")
+    parser.add_argument("--store", default=None, help=f"KV store folder (default: {default_store_dir()})")
+
+
+def _add_selection(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--method", default="prophet", choices=METHODS)
+    parser.add_argument("--ratio", type=float, default=0.2, help="share of context tokens to recompute")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prophet-rag", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="answer bundled questions with full prefill and with KV reuse")
+    _add_common(demo)
+    _add_selection(demo, 32)
+    demo.add_argument("--questions", type=int, default=6)
+    demo.set_defaults(run=cmd_demo)
+
+    ask = commands.add_parser("ask", help="answer a question over a folder of text files")
+    _add_common(ask)
+    _add_selection(ask, 128)
+    ask.add_argument("--docs", required=True, help="folder of .txt/.md files, one document each")
+    ask.add_argument("question")
+    ask.set_defaults(run=cmd_ask)
+
+    cache = commands.add_parser("cache", help="manage the chunk KV store")
+    cache_actions = cache.add_subparsers(dest="action", required=True)
+    for action, text in (("stats", "entries and size"), ("verify", "check every entry, drop corrupt ones"),
+                         ("clear", "remove every entry")):
+        sub = cache_actions.add_parser(action, help=text)
+        _add_common(sub)
+    ingest = cache_actions.add_parser("ingest", help="compute and store the KV of every file in a folder")
+    _add_common(ingest)
+    ingest.add_argument("folder")
+    cache.set_defaults(run=cmd_cache)
+
+    bench = commands.add_parser("bench", help="accuracy and TTFT of every method across ratios")
+    _add_common(bench)
+    try:
+        from prophet_rag.bench.cli import add_bench_arguments
+
+        add_bench_arguments(bench)
+    except ImportError:
+        pass
+    bench.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ProphetRAGError as exc:
+        print(f"prophet-rag: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Typed, frozen configuration, validated where it is built.
+
+`SelectionConfig` says which context tokens are recomputed, `GenerationConfig` how the answer is decoded,
+`PromptConfig` how a request is laid out and `StoreConfig` where chunk KV caches live.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prophet_rag.errors import InvalidRequestError
+
+METHODS = ("full", "reuse", "cacheblend", "epic", "random", "prophet", "infoflow")
+"""Selection methods, by name. `full` is plain full prefill (the reference); `reuse` recomputes nothing."""
+
+DEFAULT_INSTRUCTION = (
+    "Answer the question using the documents below. Only give the answer and do not output any other words."
+)
+
+
+def _check_ratio(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise InvalidRequestError(f"{name} must be a number in [0, 1], got {value!r}; 0.2 recomputes 20% of the context.")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Which context tokens are recomputed for a request.
+
+    `ratio` is the share of eligible context tokens (chunks only; the exact prefix and the fresh suffix never count)
+    that is recomputed: the budget is `floor(ratio * eligible)`.
+    """
+
+    method: str = "prophet"
+    ratio: float = 0.2
+    cacheblend_check_layer: int = 1
+    infoflow_layers: tuple[int, ...] | None = None
+    reorder_chunks: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidRequestError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        _check_ratio("ratio", self.ratio)
+        if self.cacheblend_check_layer < 1:
+            raise InvalidRequestError(
+                f"cacheblend_check_layer must be >= 1 (layer 0 is always recomputed), got {self.cacheblend_check_layer}."
+            )
+        if self.infoflow_layers is not None and (
+            not self.infoflow_layers or any(layer < 0 for layer in self.infoflow_layers)
+        ):
+            raise InvalidRequestError(
+                f"infoflow_layers must be a non-empty tuple of layer indices >= 0, got {self.infoflow_layers!r}."
+            )
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How the answer is decoded. `temperature=0` is greedy decoding."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    eos_token_ids: tuple[int, ...] | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidRequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}.")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty; remove the empty string from `stop`.")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """How a request `prefix | chunk_1 ... chunk_m | suffix` is laid out.
+
+    The prefix is the chat template's start, the system prompt and `instruction`; each chunk is a document followed
+    by `chunk_separator`; the suffix is `question_template` filled with the query, the template's end and the
+    assistant start. `system_prompt=None` keeps the chat template's own default.
+    """
+
+    system_prompt: str | None = None
+    instruction: str = DEFAULT_INSTRUCTION
+    chunk_separator: str = "\n\n"
+    question_template: str = "Question: {query}"
+
+    def __post_init__(self) -> None:
+        if "{query}" not in self.question_template:
+            raise InvalidRequestError(
+                f"question_template must contain '{{query}}', got {self.question_template!r}."
+            )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where chunk KV caches are kept: a diskcache directory bounded by `size_limit_bytes` (LRU eviction)."""
+
+    directory: Path = field(default_factory=lambda: default_store_dir())
+    size_limit_bytes: int = 8 * 2**30
+    max_entry_bytes: int = 2 * 2**30
+    eviction_policy: str = "least-recently-used"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "directory", Path(self.directory).expanduser())
+        if self.size_limit_bytes <= 0:
+            raise InvalidRequestError(f"size_limit_bytes must be > 0, got {self.size_limit_bytes}.")
+        if not 0 < self.max_entry_bytes <= self.size_limit_bytes:
+            raise InvalidRequestError(
+                f"max_entry_bytes must be in (0, size_limit_bytes={self.size_limit_bytes}], got {self.max_entry_bytes}."
+            )
+        policies = ("least-recently-used", "least-recently-stored", "least-frequently-used")
+        if self.eviction_policy not in policies:
+            raise InvalidRequestError(f"eviction_policy must be one of {policies}, got {self.eviction_policy!r}.")
+
+
+def cache_home() -> Path:
+    """Root of prophet-rag's local caches: `$PROPHET_RAG_HOME`, else `~/.cache/prophet_rag`."""
+    import os
+
+    return Path(os.environ.get("PROPHET_RAG_HOME", Path.home() / ".cache" / "prophet_rag")).expanduser()
+
+
+def default_store_dir() -> Path:
+    return cache_home() / "kv"

@@ -1,0 +1,70 @@
+"""Token sampling and incremental detokenization with stop strings.
+
+`TextAssembler` turns generated ids into text deltas safe to show: it holds back a trailing partial UTF-8 character
+and any tail that could still grow into a stop string, and cuts the text at the first stop string.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prophet_rag.config import GenerationConfig
+
+
+def sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> int:
+    """Next token id from `[vocab]` fp32 logits: argmax when temperature is 0, else top-k / top-p sampling."""
+    if config.temperature == 0.0:
+        return int(torch.argmax(logits))
+    scores = logits / config.temperature
+    if config.top_k > 0:
+        kth = torch.topk(scores, min(config.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        # Drop a token once the tokens before it already cover top_p; the most likely token always stays.
+        drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= config.top_p
+        scores = scores.scatter(0, order[drop], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class TextAssembler:
+    """Accumulates generated token ids and yields the text that is final."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the newly final text (possibly empty). Sets `stopped` at a stop string."""
+        self.ids.append(token_id)
+        text = self._text()
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._emit(text[:cut])
+        safe = len(text)
+        if text.endswith("\ufffd"):
+            safe -= 1  # an incomplete multi-byte character: wait for its other bytes
+        head = text[:safe]
+        hold = max((k for s in self.stop for k in range(1, min(len(s), safe + 1)) if head.endswith(s[:k])), default=0)
+        return self._emit(head[: safe - hold])
+
+    def finish(self) -> str:
+        """Flush what was held back when generation ends without a stop string."""
+        if self.stopped:
+            return ""
+        return self._emit(self._text())
+
+    def _emit(self, final: str) -> str:
+        if not final.startswith(self.emitted) or len(final) <= len(self.emitted):
+            return ""
+        delta, self.emitted = final[len(self.emitted) :], final
+        return delta

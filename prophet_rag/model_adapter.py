@@ -1,0 +1,147 @@
+"""Run a Hugging Face decoder's own modules layer by layer, for any subset of token rows.
+
+The engine needs Q/K/V and attention for arbitrary rows (recomputed tokens, the suffix, one decoded token), so it
+drives the model's embedding, attention projections, norms and MLPs itself instead of calling `model.forward`.
+Supported: the Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm) families with GQA, and RoPE `default`,
+`linear` and `llama3` scaling. Anything the engine would run wrongly is refused at construction with
+`UnsupportedModelError`.
+
+Row tensors are token-major: hidden `[rows, hidden]`, q `[rows, q_heads, head_dim]`, k/v `[rows, kv_heads, head_dim]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prophet_rag.errors import UnsupportedModelError
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# RoPE variants whose rotation angle is exactly position * inv_freq, so a cached key moves by one delta rotation.
+# dynamic scaling changes inv_freq with sequence length; yarn and longrope fold a magnitude factor into cos/sin.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    dtype: torch.dtype
+
+
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default")) or "default"
+
+
+def _check_supported(model) -> None:
+    config = model.config
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"model_type {family!r} is not supported; prophet-rag runs {', '.join(SUPPORTED_FAMILIES)} models. "
+            "Use one of those families or open an issue for this architecture."
+        )
+    rope_type = _rope_type(config)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"RoPE scaling {rope_type!r} is not supported (cached keys cannot be re-positioned exactly under it); "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}."
+        )
+    partial = getattr(config, "partial_rotary_factor", 1.0) or 1.0
+    rope_params = getattr(config, "rope_parameters", None) or {}
+    partial = rope_params.get("partial_rotary_factor", partial)
+    if partial != 1.0:
+        raise UnsupportedModelError(f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported.")
+    window = getattr(config, "sliding_window", None)
+    uses_window = getattr(config, "use_sliding_window", family == "mistral")
+    layer_types = getattr(config, "layer_types", None) or ()
+    if (window is not None and uses_window and window < config.max_position_embeddings) or (
+        "sliding_attention" in layer_types
+    ):
+        raise UnsupportedModelError(
+            f"sliding-window attention (sliding_window={window}) is not supported: the engine attends over the "
+            "whole stitched cache. Use a checkpoint without a sliding window."
+        )
+    rotary = model.model.rotary_emb
+    if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+        raise UnsupportedModelError("RoPE with an attention scaling factor (YaRN-style) is not supported.")
+
+
+class ModelAdapter:
+    """Explicit per-layer computation over a causal LM of a supported family."""
+
+    def __init__(self, model) -> None:
+        _check_supported(model)
+        self.model = model.eval()
+        self.body = model.model
+        self.layers = list(self.body.layers)
+        config = model.config
+        attn = self.layers[0].self_attn
+        head_dim = attn.head_dim
+        self.spec = ModelSpec(
+            family=config.model_type,
+            num_layers=len(self.layers),
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            hidden_size=config.hidden_size,
+            vocab_size=config.vocab_size,
+            max_positions=config.max_position_embeddings,
+            dtype=next(model.parameters()).dtype,
+        )
+        self.scale = float(attn.scaling)
+        inv_freq = self.body.rotary_emb.inv_freq.to(torch.float32)
+        if inv_freq.numel() * 2 != head_dim:
+            raise UnsupportedModelError(
+                f"RoPE covers {inv_freq.numel() * 2} of {head_dim} head channels; partial rotary is not supported."
+            )
+        self.inv_freq = inv_freq
+        self.has_qk_norm = hasattr(attn, "q_norm")
+
+    @property
+    def device(self) -> torch.device:
+        return self.inv_freq.device
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """`[..., rows]` ids -> `[..., rows, hidden]`."""
+        return self.body.embed_tokens(token_ids)
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate `[..., rows, heads, head_dim]` to `positions` `[..., rows]`, exactly as transformers does."""
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def qkv(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor):
+        """Post-RoPE q `[..., rows, Hq, D]` and k, v `[..., rows, Hkv, D]` of `layer` for `hidden` `[..., rows, hidden]`."""
+        block = self.layers[layer]
+        attn = block.self_attn
+        h = block.input_layernorm(hidden)
+        lead = h.shape[:-1]
+        q = attn.q_proj(h).view(*lead, -1, self.spec.head_dim)
+        k = attn.k_proj(h).view(*lead, -1, self.spec.head_dim)
+        v = attn.v_proj(h).view(*lead, -1, self.spec.head_dim)
+        if self.has_qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return self.rope(q, positions), self.rope(k, positions), v
+
+    def finish_layer(self, layer: int, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Residual stream after `layer`, given its input `hidden` and attention output `[..., rows, Hq, D]`."""
+        block = self.layers[layer]
+        hidden = hidden + block.self_attn.o_proj(attn_out.flatten(-2))
+        return hidden + block.mlp(block.post_attention_layernorm(hidden))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[..., rows, hidden]` last-layer states -> `[..., rows, vocab]` fp32 logits."""
+        return self.model.lm_head(self.body.norm(hidden)).to(torch.float32)

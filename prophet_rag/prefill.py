@@ -1,0 +1,74 @@
+"""Isolated chunk prefill: each chunk's KV computed on its own, behind the sink tokens, several chunks per batch.
+
+Chunks of one batch are right-padded to a common length; under the causal mask padding after a token cannot change
+it, so each chunk's KV equals a batch-of-one prefill. The sink's own KV is dropped; the chunk keeps the positions it
+was computed at (`sink_len ... sink_len + n - 1`) so it can be re-positioned by one delta rotation later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from prophet_rag.chunk_kv import ChunkKV
+from prophet_rag.model_adapter import ModelAdapter
+
+# Rows per batch (batch size x padded length): bounds the peak activation memory of one batch.
+_MAX_BATCH_TOKENS = 8192
+
+
+@torch.inference_mode()
+def _prefill_batch(adapter: ModelAdapter, ids: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
+    """Causal prefill of `ids` `[B, T]` at positions `0..T-1`; returns K/V `[L, 2, B, T, Hkv, D]`."""
+    spec = adapter.spec
+    batch, length = ids.shape
+    positions = torch.arange(length, device=ids.device)
+    kv = torch.empty(spec.num_layers, 2, batch, length, spec.num_kv_heads, spec.head_dim, dtype=kv_dtype,
+                     device=ids.device)
+    hidden = adapter.embed(ids)
+    for layer in range(spec.num_layers):
+        q, k, v = adapter.qkv(layer, hidden, positions)
+        kv[layer, 0], kv[layer, 1] = k, v
+        if layer == spec.num_layers - 1:
+            break  # the last layer's output is not needed, only its K/V
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=adapter.scale,
+            enable_gqa=True,
+        )
+        hidden = adapter.finish_layer(layer, hidden, out.transpose(1, 2))
+    return kv
+
+
+def prefill_isolated(
+    adapter: ModelAdapter, sink_ids: torch.Tensor, chunks: Sequence[torch.Tensor], kv_dtype: torch.dtype
+) -> list[ChunkKV]:
+    """KV of each chunk `[n_i]` computed alone behind `sink_ids` `[s]`, in the order given."""
+    sink = sink_ids.to(adapter.device)
+    s = int(sink.numel())
+    order = sorted(range(len(chunks)), key=lambda i: int(chunks[i].numel()))
+    results: dict[int, ChunkKV] = {}
+    start = 0
+    while start < len(order):
+        end = start + 1
+        # Sorted by length, so the last chunk of a batch sets its padded length.
+        while end < len(order) and (end + 1 - start) * (s + int(chunks[order[end]].numel())) <= _MAX_BATCH_TOKENS:
+            end += 1
+        batch = order[start:end]
+        length = s + int(chunks[batch[-1]].numel())
+        ids = torch.zeros(len(batch), length, dtype=torch.long, device=adapter.device)
+        for row, i in enumerate(batch):
+            n = int(chunks[i].numel())
+            ids[row, :s] = sink
+            ids[row, s : s + n] = chunks[i].to(adapter.device)
+        kv = _prefill_batch(adapter, ids, kv_dtype)
+        for row, i in enumerate(batch):
+            n = int(chunks[i].numel())
+            results[i] = ChunkKV(
+                token_ids=chunks[i].to(adapter.device),
+                positions=torch.arange(s, s + n, device=adapter.device),
+                kv=kv[:, :, row, s : s + n].clone(),
+            )
+        start = end
+    return [results[i] for i in range(len(chunks))]

@@ -1,0 +1,53 @@
+"""What a request returns: the answer text and the statistics of how it was produced."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """Token counts and timings of one request. Times are seconds; TTFT is request start to first token.
+
+    TTFT splits into `load_s` (store reads and missing-chunk prefill), `rerotate_s` (RoPE re-positioning and the exact
+    layer-0 K/V), `select_s` (scoring, e.g. ProphetKV's Stage I) and `recompute_s` (the selective forward over the
+    selected tokens and the suffix, which yields the first token's logits).
+    """
+
+    method: str
+    ratio: float
+    prefix_tokens: int
+    context_tokens: int
+    suffix_tokens: int
+    recomputed_tokens: int
+    cache_hits: int
+    cache_misses: int
+    ttft_s: float
+    load_s: float
+    rerotate_s: float
+    select_s: float
+    recompute_s: float
+    new_tokens: int = 0
+    decode_s: float = 0.0
+
+    @property
+    def reused_tokens(self) -> int:
+        return self.context_tokens - self.recomputed_tokens
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "reused_tokens": self.reused_tokens}
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    token_ids: tuple[int, ...]
+    stats: RequestStats
+    recomputed_positions: torch.Tensor = field(repr=False)
+    """`[recomputed_tokens]` int64 global positions of the recomputed context tokens, sorted."""
+    first_token_logits: torch.Tensor | None = field(default=None, repr=False)
+    """`[vocab]` fp32 logits of the first generated token, when requested."""
+    chunk_order: tuple[int, ...] = ()
+    """The order the chunks were laid out in (indices into the request's chunks); reordering methods change it."""

@@ -1,0 +1,111 @@
+"""The stitched cache of one request and the selective forward pass over it.
+
+Slots are laid out `prefix | chunks (in layout order) | suffix | generated tokens`; slot i holds the token at RoPE
+position `positions[i]` (the global position i once the chunks are re-positioned). `kv` is
+`[layers, 2, capacity, kv_heads, head_dim]`; slots `[0, length)` hold valid K/V.
+
+`forward_rows` is the one code path for full prefill, ProphetKV's Stage I and Stage II, the baselines and decoding:
+it recomputes a set of rows through the layers, writes their fresh K/V into the cache before each layer's attention,
+and attends with the exact position mask (key position <= query position) over every valid slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from prophet_rag.kernels import sparse_attention
+from prophet_rag.model_adapter import ModelAdapter
+
+LayerHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""Called as hook(layer, rows, q) with the recomputed rows `[R]` and their post-RoPE queries `[R, Hq, D]`."""
+
+RowFilter = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""Called as filter(layer, rows, fresh_k, fresh_v) before the cache is updated; returns the row positions (indices
+into `rows`) that stay recomputed from this layer on. The fresh K/V of every row is still written at this layer."""
+
+
+@dataclass
+class StitchedCache:
+    kv: torch.Tensor
+    token_ids: torch.Tensor
+    """`[capacity]` int64."""
+    positions: torch.Tensor
+    """`[capacity]` int64 RoPE positions."""
+    length: int
+    prefix_len: int
+    chunk_spans: tuple[tuple[int, int], ...]
+    """Slot range `[start, end)` of each chunk, in layout order."""
+
+    @classmethod
+    def empty(cls, adapter: ModelAdapter, capacity: int, dtype: torch.dtype) -> StitchedCache:
+        spec = adapter.spec
+        kv = torch.empty(spec.num_layers, 2, capacity, spec.num_kv_heads, spec.head_dim, dtype=dtype,
+                         device=adapter.device)
+        return cls(
+            kv=kv,
+            token_ids=torch.zeros(capacity, dtype=torch.long, device=adapter.device),
+            positions=torch.arange(capacity, device=adapter.device),
+            length=0,
+            prefix_len=0,
+            chunk_spans=(),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return int(self.kv.shape[2])
+
+    @property
+    def context_end(self) -> int:
+        """First slot after the last chunk."""
+        return self.chunk_spans[-1][1] if self.chunk_spans else self.prefix_len
+
+    def eligible_slots(self) -> torch.Tensor:
+        """`[C]` the chunk slots: the only ones a selector may choose."""
+        return torch.arange(self.prefix_len, self.context_end, device=self.kv.device)
+
+    def append_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Reserve slots for `token_ids` at the end; returns their slot indices `[n]`."""
+        start, end = self.length, self.length + int(token_ids.numel())
+        assert end <= self.capacity, f"stitched cache overflow: {end} > {self.capacity}"
+        self.token_ids[start:end] = token_ids
+        self.length = end
+        return torch.arange(start, end, device=self.kv.device)
+
+
+@torch.inference_mode()
+def forward_rows(
+    adapter: ModelAdapter,
+    cache: StitchedCache,
+    rows: torch.Tensor,
+    *,
+    hook: LayerHook | None = None,
+    row_filter: tuple[int, RowFilter] | None = None,
+    last_layer: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recompute `rows` (slot indices `[R]`, sorted) through the layers.
+
+    Returns the final hidden states of the rows still recomputed at the end and those rows. `last_layer` stops after
+    that layer (the hidden states are then that layer's output), for scoring passes that need no more.
+    """
+    n = cache.length
+    keys_k, positions = cache.kv[:, 0, :n], cache.positions[:n]
+    keys_v = cache.kv[:, 1, :n]
+    hidden = adapter.embed(cache.token_ids[rows])
+    row_pos = positions[rows]
+    stop = adapter.spec.num_layers - 1 if last_layer is None else last_layer
+    for layer in range(stop + 1):
+        q, k, v = adapter.qkv(layer, hidden, row_pos)
+        if row_filter is not None and row_filter[0] == layer:
+            keep = row_filter[1](layer, rows, k, v)
+            cache.kv[layer, 0, rows], cache.kv[layer, 1, rows] = k, v
+            rows, row_pos, hidden, q = rows[keep], row_pos[keep], hidden[keep], q[keep]
+        else:
+            cache.kv[layer, 0, rows], cache.kv[layer, 1, rows] = k, v
+        if hook is not None:
+            hook(layer, rows, q)
+        out = sparse_attention(q, keys_k[layer], keys_v[layer], row_pos, positions, adapter.scale)
+        hidden = adapter.finish_layer(layer, hidden, out)
+    return hidden, rows

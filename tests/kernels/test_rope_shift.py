@@ -1,0 +1,113 @@
+"""rope_shift_triton against rope_shift_ref: layouts, dtypes, strided KV-cache views, head counts, ragged deltas."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from prophet_rag.kernels import rope_shift, use_backend
+from prophet_rag.kernels.rope_shift import rope_shift_ref, rope_shift_triton
+
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes run only on CUDA (slow interpreter)")
+
+
+def inv_freq(head_dim: int, base: float = 500000.0) -> torch.Tensor:
+    return 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
+def ragged_delta(chunk_lengths: list[int], generator: torch.Generator) -> torch.Tensor:
+    """One shift per chunk, repeated over its tokens: chunks move by up to +-30K positions, like stitched documents."""
+    shifts = torch.randint(-30000, 30000, (len(chunk_lengths),), generator=generator)
+    return torch.repeat_interleave(shifts, torch.tensor(chunk_lengths))
+
+
+def make_keys(layout: str, tokens: int, heads: int, dim: int, dtype: torch.dtype, device, generator):
+    """(base tensor, keys view into it). The view is what gets rotated; the rest of `base` must stay untouched."""
+    randn = lambda *shape: torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)  # noqa: E731
+    if layout == "contiguous":
+        base = randn(tokens, heads, dim)
+        return base, base
+    if layout == "kv-view":  # keys of a [layers, 2, T, H, D] cache: kv[:, 0]
+        base = randn(3, 2, tokens, heads, dim)
+        return base, base[:, 0]
+    if layout == "hf-transposed":  # a transformers cache [batch, heads, T, D] seen as [batch, T, heads, D]
+        base = randn(2, heads, tokens, dim)
+        return base, base.transpose(1, 2)
+    if layout == "unmergeable":  # two leading dims that share no stride: one launch per outer index
+        base = randn(2, 4, tokens, heads, dim)
+        return base, base[:, :2]
+    raise ValueError(layout)
+
+
+def make_keys_like(other: torch.Tensor, base: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The view of `other` that `keys` is of `base` (same offset, sizes and strides)."""
+    return other.as_strided(keys.shape, keys.stride(), keys.storage_offset() - base.storage_offset())
+
+
+SHAPES = [  # (layout, chunk lengths, kv heads, head dim)
+    pytest.param("contiguous", [63], 3, 128, id="T63-H3-D128"),
+    pytest.param("kv-view", [17, 1, 45], 8, 64, id="kvview-T63ragged-H8-D64"),
+    pytest.param("contiguous", [200, 300], 1, 16, id="T500ragged-H1-D16"),
+    pytest.param("hf-transposed", [5, 32], 4, 64, id="hf-T37-H4-D64"),
+    pytest.param("unmergeable", [20], 2, 16, id="unmergeable-T20-H2-D16"),
+    pytest.param("kv-view", [1024, 3000, 96], 8, 128, id="kvview-T4120-H8-D128", marks=CUDA_ONLY),
+]
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
+INTERLEAVED = [pytest.param(False, id="half"), pytest.param(True, id="interleaved")]
+
+
+@pytest.mark.parametrize("interleaved", INTERLEAVED)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout,chunks,heads,dim", SHAPES)
+def test_matches_reference(layout, chunks, heads, dim, dtype, interleaved, device, assert_close):
+    gen = torch.Generator().manual_seed(0)
+    base, keys = make_keys(layout, sum(chunks), heads, dim, dtype, device, gen)
+    delta, freq = ragged_delta(chunks, gen).to(device), inv_freq(dim).to(device)
+    expected_base = base.clone()
+    rope_shift_ref(make_keys_like(expected_base, base, keys), delta, freq, interleaved)
+
+    rope_shift_triton(keys, delta, freq, interleaved)
+
+    # The whole base is compared: rotated rows must match, and rows outside the view must be bit-identical.
+    outside = torch.ones_like(base, dtype=torch.bool)
+    make_keys_like(outside, base, keys).fill_(False)
+    assert torch.equal(base[outside], expected_base[outside])
+    assert_close(keys, make_keys_like(expected_base, base, keys), dtype)
+
+
+@pytest.mark.parametrize("interleaved", INTERLEAVED)
+def test_dispatch_runs_triton_when_forced(interleaved, device, assert_close, monkeypatch):
+    module = importlib.import_module("prophet_rag.kernels.rope_shift")  # package attribute = dispatch function
+    calls = []
+    monkeypatch.setattr(module, "rope_shift_triton", lambda *a: calls.append(1) or rope_shift_triton(*a))
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(63, 4, 64, generator=gen).to(device)
+    delta, freq = ragged_delta([30, 33], gen).to(device), inv_freq(64).to(device)
+    expected = keys.clone()
+    rope_shift_ref(expected, delta, freq, interleaved)
+    with use_backend("triton"):
+        rope_shift(keys, delta, freq, interleaved)
+    assert calls == [1]
+    assert_close(keys, expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", INTERLEAVED)
+def test_round_trip_restores_keys(backend, dtype, interleaved, device, assert_close):
+    """Shifting by +delta then -delta is the identity (up to two roundings to the storage dtype)."""
+    gen = torch.Generator().manual_seed(2)
+    original = torch.randn(2, 63, 2, 64, generator=gen).to(device=device, dtype=dtype)
+    delta, freq = ragged_delta([40, 23], gen).to(device), inv_freq(64).to(device)
+    keys = original.clone()
+    with use_backend(backend):
+        rope_shift(keys, delta, freq, interleaved)
+        assert not torch.equal(keys, original)
+        rope_shift(keys, -delta, freq, interleaved)
+    assert_close(keys, original, dtype, scale=2.0)

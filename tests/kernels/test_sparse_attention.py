@@ -1,0 +1,109 @@
+"""sparse_attention_triton against sparse_attention_ref: unsorted rows, key orders, GQA, stitched layouts."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from prophet_rag.kernels import sparse_attention, use_backend
+from prophet_rag.kernels.sparse_attention import sparse_attention_ref, sparse_attention_triton
+
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes run only on CUDA (slow interpreter)")
+# The interpreter multiplies bf16 operands of tl.dot as raw uint16 bits (triton 3.9), so bf16 is checked on CUDA only.
+BF16_CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="interpreter tl.dot mishandles bf16")
+
+
+def positions(kind: str, rows: int, keys: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_pos `[rows]`, k_pos `[keys]`) for a layout.
+
+    stitched: keys are three chunks at ascending positions with gaps; rows are a random, unsorted subset of the keys
+    (the recomputed tokens). unsorted-keys: the same but keys shuffled. descending-keys: keys in reverse order and
+    rows from the first half (a kernel that assumed ascending keys would cut every row off). prefill: every key is a
+    row, in order.
+    """
+    if kind == "prefill":
+        assert rows == keys
+        return torch.arange(keys), torch.arange(keys)
+    if kind == "descending-keys":
+        return torch.randperm(keys // 2, generator=gen)[:rows], torch.arange(keys).flip(0)
+    lengths = torch.tensor([keys // 3, keys // 2, keys - keys // 3 - keys // 2])
+    gaps = torch.tensor([0, 7, 100])
+    starts = torch.cumsum(lengths + gaps, 0) - lengths
+    k_pos = torch.cat([torch.arange(int(s), int(s + n)) for s, n in zip(starts, lengths)])
+    q_pos = k_pos[torch.randperm(keys, generator=gen)[:rows]]
+    if kind == "unsorted-keys":
+        k_pos = k_pos[torch.randperm(keys, generator=gen)]
+    return q_pos, k_pos
+
+
+SHAPES = [  # (layout, rows, q heads, kv heads, keys, head dim); row tiles are 64 (rows <= 64) or 128
+    pytest.param("stitched", 37, 2, 2, 500, 64, id="stitched-R37-G1-N500-D64"),
+    pytest.param("unsorted-keys", 10, 3, 1, 63, 16, id="unsortedk-R10-G3-N63-D16"),
+    pytest.param("stitched", 130, 4, 1, 200, 128, id="stitched-R130-G4-N200-D128"),
+    pytest.param("unsorted-keys", 100, 4, 1, 150, 16, id="unsortedk-R100-G4-N150-D16"),
+    pytest.param("descending-keys", 20, 2, 1, 100, 16, id="descendingk-R20-G2-N100-D16"),
+    pytest.param("prefill", 63, 3, 1, 63, 64, id="prefill-R63-G3-N63-D64"),
+    pytest.param("stitched", 3277, 32, 8, 16384, 128, id="stitched-R3277-G4-N16K-D128", marks=CUDA_ONLY),
+    pytest.param("unsorted-keys", 700, 8, 8, 3000, 64, id="unsortedk-R700-G1-N3000-D64", marks=CUDA_ONLY),
+]
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16", marks=BF16_CUDA_ONLY),
+]
+
+
+def make_inputs(layout, rows, q_heads, kv_heads, keys, dim, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q_pos, k_pos = positions(layout, rows, keys, gen)
+    q = torch.randn(rows, q_heads, dim, generator=gen).to(device=device, dtype=dtype)
+    kv = torch.randn(keys, 2, kv_heads, dim, generator=gen).to(device=device, dtype=dtype)
+    return q, kv[:, 0], kv[:, 1], q_pos.to(device), k_pos.to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout,rows,q_heads,kv_heads,keys,dim", SHAPES)
+def test_matches_reference(layout, rows, q_heads, kv_heads, keys, dim, dtype, device, nan_empty, assert_close):
+    q, k, v, q_pos, k_pos = make_inputs(layout, rows, q_heads, kv_heads, keys, dim, dtype, device)
+    expected = sparse_attention_ref(q, k, v, q_pos, k_pos, dim**-0.5)
+    out = sparse_attention_triton(q, k, v, q_pos, k_pos, dim**-0.5)
+    assert out.dtype == q.dtype
+    assert_close(out, expected, dtype)
+
+
+def test_skips_keys_after_the_last_row(device, nan_empty, assert_close):
+    """With ascending k_pos, keys past the latest row position are never read: NaN there must not reach the output."""
+    q, k, v, q_pos, k_pos = make_inputs("stitched", 40, 2, 1, 300, 32, torch.float32, device, seed=1)
+    q_pos = q_pos.clamp(max=int(k_pos[150]))
+    expected = sparse_attention_ref(q, k, v, q_pos, k_pos, 0.2)
+    v = v.clone()
+    v[151:] = float("nan")
+    assert_close(sparse_attention_triton(q, k, v, q_pos, k_pos, 0.2), expected, torch.float32)
+
+
+def test_duplicate_positions_and_int32(device, nan_empty, assert_close):
+    """Rows sharing a position and int32 positions (q_pos int32, k_pos int64) behave like the reference."""
+    q, k, v, q_pos, k_pos = make_inputs("stitched", 50, 2, 1, 120, 16, torch.float16, device, seed=2)
+    q_pos = q_pos[torch.arange(50) % 7].to(torch.int32)
+    expected = sparse_attention_ref(q, k, v, q_pos.long(), k_pos, 0.25)
+    assert_close(sparse_attention_triton(q, k, v, q_pos, k_pos, 0.25), expected, torch.float16)
+
+
+def test_no_rows(device):
+    q, k, v, _, k_pos = make_inputs("stitched", 0, 2, 1, 30, 16, torch.float16, device)
+    out = sparse_attention_triton(q, k, v, torch.zeros(0, dtype=torch.long, device=device), k_pos, 0.25)
+    assert out.shape == (0, 2, 16)
+
+
+def test_dispatch_runs_triton_when_forced(device, monkeypatch, assert_close):
+    module = importlib.import_module("prophet_rag.kernels.sparse_attention")  # package attribute = dispatch function
+    calls = []
+    monkeypatch.setattr(module, "sparse_attention_triton", lambda *a: calls.append(1) or sparse_attention_triton(*a))
+    q, k, v, q_pos, k_pos = make_inputs("stitched", 20, 4, 2, 90, 32, torch.float32, device, seed=3)
+    expected = sparse_attention_ref(q, k, v, q_pos, k_pos, 0.2)
+    with use_backend("triton"):
+        out = sparse_attention(q, k, v, q_pos, k_pos, 0.2)
+    assert calls == [1]
+    assert_close(out, expected, torch.float32)

@@ -1,0 +1,80 @@
+"""Several processes writing one directory, and threads sharing one store, leave only valid entries."""
+
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
+
+from kvstore_helpers import assert_same_chunk, file_chunk, key_for, meta_for
+
+from prophet_rag.config import StoreConfig
+from prophet_rag.store import KVStore
+
+WORKERS = 4
+SHARED_SEED = 100
+OWN_PER_WORKER = 3
+
+
+def _config(directory) -> StoreConfig:
+    return StoreConfig(directory=directory, size_limit_bytes=2**26, max_entry_bytes=2**20)
+
+
+def _seeds(worker: int) -> list[int]:
+    return [SHARED_SEED] + [1000 * worker + i for i in range(OWN_PER_WORKER)]
+
+
+def _writer(directory, worker, barrier, results):
+    """Runs in a spawned process: store the shared chunk and this worker's own chunks, read them all back."""
+    with KVStore(_config(directory)) as store:
+        barrier.wait(timeout=60)
+        stored = []
+        for seed in _seeds(worker):
+            chunk = file_chunk(seed=seed)
+            meta = meta_for(chunk)
+            stored.append(store.put(key_for(chunk, meta), chunk, meta))
+        read = [store.get(key_for(c, meta_for(c)), meta_for(c)) is not None for c in map(file_chunk, _seeds(worker))]
+        stats = store.stats()
+        results.put((worker, stored, read, stats.timeouts, stats.corrupt))
+
+
+def test_concurrent_writers_leave_every_entry_valid(store_dir):
+    store_dir.mkdir(mode=0o700)
+    ctx = multiprocessing.get_context("spawn")  # fork after torch has run threads can deadlock
+    barrier, results = ctx.Barrier(WORKERS), ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(store_dir, w, barrier, results)) for w in range(WORKERS)]
+    for proc in procs:
+        proc.start()
+    outcomes = sorted(results.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+
+    for worker, stored, read, timeouts, corrupt in outcomes:
+        assert all(stored) and all(read), (worker, stored, read)
+        assert (timeouts, corrupt) == (0, 0)
+    with KVStore(_config(store_dir)) as store:
+        seeds = sorted({seed for w in range(WORKERS) for seed in _seeds(w)})
+        assert len(store) == len(seeds) == 1 + WORKERS * OWN_PER_WORKER
+        for seed in seeds:
+            chunk = file_chunk(seed=seed)
+            meta = meta_for(chunk)
+            assert_same_chunk(store.get(key_for(chunk, meta), meta, token_ids=chunk.token_ids), chunk)
+        report = store.verify()
+        assert (report.checked, report.ok, report.removed) == (len(seeds), len(seeds), 0)
+        # Losing `add`s discard their value files: exactly one file per entry remains.
+        assert len(list(store_dir.rglob("*.val"))) == len(seeds)
+
+
+def test_threads_share_one_store(store):
+    chunks = [file_chunk(seed=seed) for seed in range(6)]
+
+    def put_then_get(chunk):
+        meta = meta_for(chunk)
+        key = key_for(chunk, meta)
+        assert store.put(key, chunk, meta)
+        return [store.get(key, meta) for _ in range(5)]
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        for chunk, got in zip(chunks * 2, pool.map(put_then_get, chunks * 2), strict=True):
+            for item in got:
+                assert_same_chunk(item, chunk)
+    stats = store.stats()
+    assert (stats.hits, stats.entries, stats.corrupt, stats.timeouts) == (60, 6, 0, 0)

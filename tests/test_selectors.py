@@ -1,0 +1,93 @@
+"""Selection invariants: sorted, unique, inside the chunk range, exactly floor(ratio * eligible)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CHUNKS, QUERY
+
+from prophet_rag.config import SelectionConfig
+from prophet_rag.selectors import budget_for, default_infoflow_layers, plan, top_slots
+
+METHODS = ("reuse", "random", "epic", "prophet", "infoflow", "cacheblend")
+
+
+def _stitched(engine):
+    layout = engine.builder.layout(CHUNKS, QUERY)
+    loaded = engine._load(layout)
+    cache = engine._assemble(layout, loaded, [0, 1, 2], layout.total_tokens, global_positions=True)
+    suffix = cache.append_tokens(layout.suffix_ids)
+    return cache, suffix
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.2, 0.37, 1.0])
+def test_selection_is_sorted_unique_in_range_and_exact(make_engine, method, ratio):
+    engine = make_engine("llama")
+    answer = engine.answer(CHUNKS, QUERY, method=method, ratio=ratio)
+    positions = answer.recomputed_positions
+    stats = answer.stats
+    expected = 0 if method == "reuse" else int(ratio * stats.context_tokens)
+    assert positions.numel() == stats.recomputed_tokens == expected
+    assert torch.equal(positions, torch.unique(positions))  # unique and sorted
+    if positions.numel():
+        assert positions.min() >= stats.prefix_tokens
+        assert positions.max() < stats.prefix_tokens + stats.context_tokens
+
+
+def test_plan_rows_end_with_the_whole_suffix(make_engine):
+    engine = make_engine("llama")
+    cache, suffix = _stitched(engine)
+    result = plan(engine.adapter, cache, suffix, SelectionConfig(method="prophet", ratio=0.2))
+    assert torch.equal(result.rows[-suffix.numel():], suffix)
+    assert result.selected.numel() == budget_for(0.2, int(cache.eligible_slots().numel()))
+
+
+def test_budget_is_floor_of_ratio_times_eligible():
+    assert budget_for(0.2, 99) == 19
+    assert budget_for(0.2, 100) == 20
+    assert budget_for(0.0, 1000) == 0
+    assert budget_for(1.0, 7) == 7
+
+
+def test_top_slots_breaks_ties_by_position():
+    scores = torch.tensor([1.0, 3.0, 3.0, 0.5, 3.0])
+    assert top_slots(scores, 2, 10).tolist() == [11, 12]
+
+
+def test_epic_takes_the_first_tokens_of_every_chunk(make_engine):
+    engine = make_engine("llama")
+    cache, suffix = _stitched(engine)
+    chosen = plan(engine.adapter, cache, suffix, SelectionConfig(method="epic", ratio=0.3)).selected
+    for start, end in cache.chunk_spans:
+        mine = chosen[(chosen >= start) & (chosen < end)]
+        assert mine.numel() > 0
+        assert torch.equal(mine, torch.arange(start, start + mine.numel()))
+
+
+def test_random_selection_depends_on_seed_only(make_engine):
+    engine = make_engine("llama")
+    a = engine.answer(CHUNKS, QUERY, selection=SelectionConfig(method="random", ratio=0.3, seed=1))
+    b = engine.answer(CHUNKS, QUERY, selection=SelectionConfig(method="random", ratio=0.3, seed=1))
+    c = engine.answer(CHUNKS, QUERY, selection=SelectionConfig(method="random", ratio=0.3, seed=2))
+    assert torch.equal(a.recomputed_positions, b.recomputed_positions)
+    assert not torch.equal(a.recomputed_positions, c.recomputed_positions)
+
+
+def test_prophet_scores_are_bounded_attention_mass(make_engine):
+    from prophet_rag.selectors import query_relevance
+
+    engine = make_engine("llama")
+    cache, suffix = _stitched(engine)
+    scores = query_relevance(engine.adapter, cache, suffix, "prophet", None)
+    assert scores.shape == (int(cache.eligible_slots().numel()),)
+    assert torch.all(scores >= 0)
+    # Each layer contributes softmax mass summed over heads and query rows: at most heads * rows per layer.
+    layers, heads = engine.adapter.spec.num_layers, engine.adapter.spec.num_heads
+    assert scores.sum() <= layers * heads * suffix.numel() + 1e-3
+
+
+def test_default_infoflow_layers_fit_the_model():
+    assert default_infoflow_layers(32) == (22, 23, 24, 25)
+    assert default_infoflow_layers(30) == (21, 22, 23, 24)
+    assert default_infoflow_layers(2) == (0, 1)
