@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
-
-CHUNKS = (
-    "The vault code of Alpha is 4821.",
-    "Paris is the capital of France. Berlin is the capital of Germany.",
-    "The quick brown fox jumps over the lazy dog 0123456789.",
-)
-QUERY = "what is the vault code of Alpha?"
+from tiny import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CHUNKS, QUERY
-from tiny import FAMILIES
+from tiny import CHUNKS, FAMILIES, QUERY
 
 from prophet_rag.config import GenerationConfig
 

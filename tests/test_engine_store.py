@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import torch
-from conftest import CHUNKS, QUERY
+from tiny import CHUNKS, QUERY
 
 from prophet_rag.config import GenerationConfig
 

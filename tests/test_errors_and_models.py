@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import CHUNKS, QUERY
-from tiny import tiny_model, tiny_tokenizer
+from tiny import CHUNKS, QUERY, tiny_model, tiny_tokenizer
 
 from prophet_rag import (
     ContextWindowError,

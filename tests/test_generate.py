@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CHUNKS, QUERY
-from tiny import tiny_tokenizer
+from tiny import CHUNKS, QUERY, tiny_tokenizer
 
 from prophet_rag.config import GenerationConfig
 from prophet_rag.generate import TextAssembler, sample

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CHUNKS, QUERY
+from tiny import CHUNKS, QUERY
 
 from prophet_rag.config import SelectionConfig
 from prophet_rag.selectors import budget_for, default_infoflow_layers, plan, top_slots

@@ -8,6 +8,13 @@ import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
+CHUNKS = (
+    "The vault code of Alpha is 4821.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "The quick brown fox jumps over the lazy dog 0123456789.",
+)
+QUERY = "what is the vault code of Alpha?"
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
