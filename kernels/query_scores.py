@@ -68,29 +68,33 @@ def _stats_kernel(
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    qt = tl.load(q + offs_s[:, None] * stride_qs + head * stride_qh + offs_d[None, :],
-                 mask=(offs_s < queries)[:, None] & d_mask[None, :], other=0.0)
+    qt = tl.load(
+        q + offs_s[:, None] * stride_qs + head * stride_qh + offs_d[None, :],
+        mask=(offs_s < queries)[:, None] & d_mask[None, :],
+        other=0.0,
+    )
     k_head = k + (head // GROUP) * stride_kh
 
     # Online max and sum in base 2 over this split's keys (every split holds at least one key, so m stays finite).
     m = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_S], tl.float32)
+    row_sum = tl.zeros([BLOCK_S], tl.float32)
     lo = split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, context)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
-        kt = tl.load(k_head + offs_n[None, :] * stride_kn + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None],
-                     other=0.0)
+        kt = tl.load(
+            k_head + offs_n[None, :] * stride_kn + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0
+        )
         logits = tl.dot(qt, kt, input_precision="ieee") * scale_log2
         logits = tl.where(n_mask[None, :], logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, 1))
-        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(logits - m_new[:, None]), 1)
+        row_sum = row_sum * tl.exp2(m - m_new) + tl.sum(tl.exp2(logits - m_new[:, None]), 1)
         m = m_new
 
     ln2: tl.constexpr = 0.6931471805599453
     dst = lse + (split * tl.num_programs(1) + head) * queries + offs_s
-    tl.store(dst, (m + tl.log2(l)) * ln2, mask=offs_s < queries)
+    tl.store(dst, (m + tl.log2(row_sum)) * ln2, mask=offs_s < queries)
 
 
 def _scores_kernel(
@@ -134,12 +138,18 @@ def _scores_kernel(
         # K tile loaded once per KV head and reused by its GROUP query heads. A runtime loop over the group: unrolled,
         # the software pipeliner keeps every head's Q tile in shared memory at once (~160 KiB at D=128, GROUP=4).
         for kv_head in range(0, q_heads // GROUP):
-            kt = tl.load(k + kv_head * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
-                         mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+            kt = tl.load(
+                k + kv_head * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
+                mask=n_mask[None, :] & d_mask[:, None],
+                other=0.0,
+            )
             for g in range(GROUP):
                 head = kv_head * GROUP + g
-                qt = tl.load(q + offs_s[:, None] * stride_qs + head * stride_qh + offs_d[None, :],
-                             mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+                qt = tl.load(
+                    q + offs_s[:, None] * stride_qs + head * stride_qh + offs_d[None, :],
+                    mask=s_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )
                 # Padded query rows get lse = +inf, hence probability 0.
                 row_lse = tl.load(lse + head * queries + offs_s, mask=s_mask, other=float("inf")) * log2e
                 logits = tl.dot(qt, kt, input_precision="ieee") * scale_log2

@@ -92,24 +92,29 @@ def _sparse_attention_kernel(
     # Gather this block's rows through the permutation. Padded rows alias row 0 (zero queries, never stored).
     idx = tl.load(order + offs_m, mask=m_mask, other=0)
     pos = tl.load(q_pos + idx)
-    qt = tl.load(q + idx[:, None] * stride_qr + head * stride_qh + offs_d[None, :],
-                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    qt = tl.load(
+        q + idx[:, None] * stride_qr + head * stride_qh + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
     k_head = k + (head // GROUP) * stride_kh
     v_head = v + (head // GROUP) * stride_vh
 
     # Online softmax in fp32, base 2. m starts finite so that a block with no visible key for a row (possible when
     # k_pos is unsorted) gives p = 0 and alpha = 1 instead of NaN.
     m = tl.full([BLOCK_M], -1.0e38, tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end = tl.load(key_end + block)
     for start in range(0, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        kt = tl.load(k_head + offs_n[None, :] * stride_kn + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None],
-                     other=0.0)
-        vt = tl.load(v_head + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
-                     other=0.0)
+        kt = tl.load(
+            k_head + offs_n[None, :] * stride_kn + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0
+        )
+        vt = tl.load(
+            v_head + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0
+        )
         kp = tl.load(k_pos + offs_n, mask=n_mask, other=0)
         # The exact mask, always applied: sortedness only shortens `end`, it is never assumed inside a block.
         visible = (kp[None, :] <= pos[:, None]) & n_mask[None, :]
@@ -117,13 +122,16 @@ def _sparse_attention_kernel(
         m_new = tl.maximum(m, tl.max(logits, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(logits - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        row_sum = row_sum * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
         m = m_new
 
     # A row with no visible key at all divides 0 by 0 and reads NaN, as the reference does.
-    tl.store(out + idx[:, None] * stride_or + head * stride_oh + offs_d[None, :],
-             (acc / l[:, None]).to(out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(
+        out + idx[:, None] * stride_or + head * stride_oh + offs_d[None, :],
+        (acc / row_sum[:, None]).to(out.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
 
 
 def sparse_attention_triton(

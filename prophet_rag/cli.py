@@ -156,12 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="accuracy and TTFT of every method across ratios")
     _add_common(bench)
-    try:
-        from prophet_rag.bench.cli import add_bench_arguments
+    from prophet_rag.bench.cli import add_bench_arguments
 
-        add_bench_arguments(bench)
-    except ImportError:
-        pass
+    add_bench_arguments(bench)
     bench.set_defaults(run=cmd_bench)
     return parser
 

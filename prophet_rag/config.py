@@ -12,8 +12,9 @@ from pathlib import Path
 
 from prophet_rag.errors import InvalidRequestError
 
-METHODS = ("full", "reuse", "cacheblend", "epic", "random", "prophet", "infoflow")
-"""Selection methods, by name. `full` is plain full prefill (the reference); `reuse` recomputes nothing."""
+METHODS = ("full", "reuse", "cacheblend", "epic", "random", "prophet", "infoflow", "prophet_plus")
+"""Selection methods, by name. `full` is plain full prefill (the reference); `reuse` recomputes nothing;
+`prophet_plus` is ProphetKV with a lexical chunk prior (see `selectors.lexical_relevance`)."""
 
 DEFAULT_INSTRUCTION = (
     "Answer the question using the documents below. Only give the answer and do not output any other words."

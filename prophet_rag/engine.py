@@ -25,7 +25,15 @@ from prophet_rag.layout import PromptBuilder, RequestLayout
 from prophet_rag.model_adapter import ModelAdapter
 from prophet_rag.prefill import prefill_isolated
 from prophet_rag.results import Answer, RequestStats
-from prophet_rag.selectors import Plan, budget_for, default_infoflow_layers, plan, query_relevance, top_slots
+from prophet_rag.selectors import (
+    Plan,
+    budget_for,
+    default_infoflow_layers,
+    lexical_relevance,
+    plan,
+    query_relevance,
+    top_slots,
+)
 from prophet_rag.stitched import StitchedCache, forward_rows
 from prophet_rag.store import KVStore
 
@@ -293,7 +301,11 @@ class ProphetEngine:
             return cache, hidden, timings, counts, order, context
         loaded = self._load(layout)
         t1 = time.perf_counter()
-        if selection.reorder_chunks:
+        if selection.method == "prophet_plus":
+            # The chunks sharing the query's rare tokens go last, next to the question (see selectors.prophet_plus).
+            relevance = lexical_relevance(list(layout.chunk_ids), layout.suffix_ids)
+            order = sorted(order, key=lambda i: float(relevance[i]))
+        elif selection.reorder_chunks:
             order = self._density_order(layout, loaded, selection, capacity)
         cache = self._assemble(layout, loaded, order, capacity, global_positions=True)
         suffix_rows = cache.append_tokens(layout.suffix_ids.to(self.adapter.device))

@@ -65,6 +65,46 @@ def query_relevance(
     return scores[cache.prefix_len :]
 
 
+def lexical_relevance(chunks: list[torch.Tensor], query_ids: torch.Tensor) -> torch.Tensor:
+    """`[m]` how strongly each chunk shares the query's rare tokens: sum of the query tokens' in-request IDF.
+
+    IDF is taken over the request's own chunks, so tokens every chunk has (template words, shared phrasing) count
+    for almost nothing and a name or number found in one chunk counts most.
+    """
+    m = len(chunks)
+    present = [torch.isin(query_ids.unique(), chunk) for chunk in chunks]
+    df = torch.stack(present).sum(dim=0).to(torch.float32)
+    idf = torch.log((m + 1) / (df + 0.5))
+    return torch.stack([(idf * hit).sum() for hit in present])
+
+
+def _prophet_plus_slots(
+    adapter: ModelAdapter, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int
+) -> torch.Tensor:
+    """ProphetKV with a lexical chunk prior (the engine has already laid the chunks out by that prior, most
+    relevant last, next to the question).
+
+    On small models the query's attention over a stale (reused) cache mostly follows recency, not content: on
+    look-alike documents its per-chunk attention mass picks the answer's chunk no better than chance, so token scores
+    alone spread the budget over look-alike tokens of every chunk. The chunks that share the query's rare tokens are
+    recomputed whole, most relevant first, while they fit in half the budget; ProphetKV's token scores spend the rest.
+    """
+    chunks = [cache.token_ids[s:e] for s, e in cache.chunk_spans]
+    relevance = lexical_relevance(chunks, cache.token_ids[suffix_rows])
+    whole: list[torch.Tensor] = []
+    used = 0
+    for i in torch.sort(relevance, descending=True, stable=True).indices.tolist():
+        start, end = cache.chunk_spans[i]
+        if relevance[i] <= 0 or used + (end - start) > budget // 2:
+            break
+        whole.append(torch.arange(start, end, device=cache.kv.device))
+        used += end - start
+    scores = query_relevance(adapter, cache, suffix_rows, "prophet", None)
+    chosen = torch.cat(whole) if whole else cache.eligible_slots()[:0]
+    scores[chosen - cache.prefix_len] = float("inf")
+    return top_slots(scores, budget, cache.prefix_len)
+
+
 def _cacheblend_filter(cache: StitchedCache, num_context: int, budget: int) -> RowFilter:
     """Keep the `budget` context rows whose fresh V deviates most from the reused V, plus every suffix row."""
 
@@ -110,6 +150,8 @@ def plan(
         selected = torch.sort(picks).values.to(eligible.device) + offset
     elif method == "epic":
         selected = _epic_slots(cache, budget)
+    elif method == "prophet_plus":
+        selected = _prophet_plus_slots(adapter, cache, suffix_rows, budget)
     elif method in ("prophet", "infoflow"):
         layers = None
         if method == "infoflow":

@@ -7,9 +7,9 @@ import torch
 from tiny import CHUNKS, QUERY
 
 from prophet_rag.config import SelectionConfig
-from prophet_rag.selectors import budget_for, default_infoflow_layers, plan, top_slots
+from prophet_rag.selectors import budget_for, default_infoflow_layers, lexical_relevance, plan, top_slots
 
-METHODS = ("reuse", "random", "epic", "prophet", "infoflow", "cacheblend")
+METHODS = ("reuse", "random", "epic", "prophet", "infoflow", "cacheblend", "prophet_plus")
 
 
 def _stitched(engine):
@@ -91,3 +91,21 @@ def test_default_infoflow_layers_fit_the_model():
     assert default_infoflow_layers(32) == (22, 23, 24, 25)
     assert default_infoflow_layers(30) == (21, 22, 23, 24)
     assert default_infoflow_layers(2) == (0, 1)
+
+
+def test_lexical_relevance_weights_rare_query_tokens():
+    chunks = [torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4]), torch.tensor([1, 5, 6])]
+    relevance = lexical_relevance(chunks, torch.tensor([1, 4, 9]))
+    assert relevance.argmax() == 1  # token 4 is in one chunk only; token 1 is everywhere and barely counts
+    assert relevance[0] == relevance[2]
+
+
+def test_prophet_plus_puts_the_matching_chunk_last_and_recomputes_it_whole(make_engine):
+    engine = make_engine("llama")
+    chunks = [CHUNKS[1], CHUNKS[0], CHUNKS[2]]
+    answer = engine.answer(chunks, "What is the vault code of Alpha?", method="prophet_plus", ratio=0.9)
+    assert answer.chunk_order[-1] == 1
+    layout = engine.builder.layout(chunks, QUERY)
+    prefix, alpha = int(layout.prefix_ids.numel()), int(layout.chunk_ids[1].numel())
+    end = prefix + answer.stats.context_tokens
+    assert set(range(end - alpha, end)) <= set(answer.recomputed_positions.tolist())

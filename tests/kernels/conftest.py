@@ -37,8 +37,8 @@ TOLERANCES = {
 def interpreter_usable():
     if TRITON_IMPORTED_TOO_EARLY:
         pytest.fail(
-            "triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1, so Triton's library functions "
-            "cannot be interpreted on CPU; set TRITON_INTERPRET=1 in the environment or in tests/conftest.py."
+            "triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1, so Triton's library "
+            "functions cannot be interpreted on CPU; set TRITON_INTERPRET=1 in the environment or in tests/conftest.py."
         )
 
 

@@ -31,7 +31,7 @@ def positions(kind: str, rows: int, keys: int, gen: torch.Generator) -> tuple[to
     lengths = torch.tensor([keys // 3, keys // 2, keys - keys // 3 - keys // 2])
     gaps = torch.tensor([0, 7, 100])
     starts = torch.cumsum(lengths + gaps, 0) - lengths
-    k_pos = torch.cat([torch.arange(int(s), int(s + n)) for s, n in zip(starts, lengths)])
+    k_pos = torch.cat([torch.arange(int(s), int(s + n)) for s, n in zip(starts, lengths, strict=True)])
     q_pos = k_pos[torch.randperm(keys, generator=gen)[:rows]]
     if kind == "unsorted-keys":
         k_pos = k_pos[torch.randperm(keys, generator=gen)]
@@ -87,7 +87,7 @@ def test_duplicate_positions_and_int32(device, nan_empty, assert_close):
     """Rows sharing a position and int32 positions (q_pos int32, k_pos int64) behave like the reference."""
     q, k, v, q_pos, k_pos = make_inputs("stitched", 50, 2, 1, 120, 16, torch.float16, device, seed=2)
     q_pos = q_pos[torch.arange(50) % 7].to(torch.int32)
-    expected = sparse_attention_ref(q, k, v, q_pos.long(), k_pos, 0.25)
+    expected = sparse_attention_ref(q, k, v, q_pos, k_pos, 0.25)
     assert_close(sparse_attention_triton(q, k, v, q_pos, k_pos, 0.25), expected, torch.float16)
 
 

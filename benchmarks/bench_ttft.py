@@ -1,0 +1,98 @@
+"""TTFT of KV-reuse methods against full prefill on one long context, with a warm store.
+
+    python benchmarks/bench_ttft.py                       # embedded SmolLM2-135M, ~4K-token context, CPU
+    python benchmarks/bench_ttft.py --model PATH --device cuda --tokens 16000
+
+Prints, per method, the median TTFT over `--repeats` runs, its phase breakdown and the ratio to full prefill.
+The store is warmed (every chunk ingested) before timing, so "load" is a store read, not a chunk prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from prophet_rag import GenerationConfig, ProphetEngine, SelectionConfig, StoreConfig
+
+_SENTENCES = (
+    "The committee met on a grey morning to review the harbour accounts and the ledger of ship repairs.",
+    "Several merchants argued that the tariff on imported timber had slowed the building of new warehouses.",
+    "A clerk named {name} kept the keys to archive room {num} and recorded every visitor in a blue notebook.",
+    "Rain fell for most of the week, and the road to the northern quarry was closed twice by flooding.",
+    "The library received a donation of {num} old maps, most of them showing the coast before the new canal.",
+)
+_NAMES = ("Ada", "Bram", "Cora", "Dax", "Elin", "Finn", "Greta", "Hugo", "Ines", "Jonas")
+
+
+def make_documents(tokenizer, total_tokens: int, doc_tokens: int) -> list[str]:
+    """Deterministic filler documents of about `doc_tokens` tokens each, `total_tokens` in all."""
+    docs, i = [], 0
+    while sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs) < total_tokens:
+        parts, n = [], 0
+        while n < doc_tokens:
+            sentence = _SENTENCES[i % len(_SENTENCES)].format(name=_NAMES[i % len(_NAMES)], num=100 + 7 * i)
+            parts.append(sentence)
+            n += len(tokenizer(sentence, add_special_tokens=False)["input_ids"])
+            i += 1
+        docs.append(" ".join(parts))
+    return docs
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model folder (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=4000, help="context tokens (documents only)")
+    parser.add_argument("--doc-tokens", type=int, default=250)
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--methods", default="full,reuse,prophet,cacheblend,infoflow,epic")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as store_dir:
+        engine = ProphetEngine.from_pretrained(args.model, device=args.device,
+                                               store=StoreConfig(directory=store_dir))
+        docs = make_documents(engine.tokenizer, args.tokens, args.doc_tokens)
+        query = "Which clerk kept the keys to archive room 121?"
+        engine.ingest(docs)
+        generation = GenerationConfig(max_new_tokens=1)
+        engine.answer(docs, query, method="full", generation=generation)  # warm-up
+        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+        print(f"model {engine.model_name} on {device}; {len(docs)} documents")
+        results = {}
+        for method in args.methods.split(","):
+            runs = []
+            for _ in range(args.repeats):
+                _sync(args.device)
+                start = time.perf_counter()
+                answer = engine.answer(docs, query, selection=SelectionConfig(method=method, ratio=args.ratio),
+                                       generation=generation)
+                _sync(args.device)
+                runs.append((time.perf_counter() - start, answer.stats))
+            wall, stats = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+            results[method] = (wall, stats)
+        context = next(iter(results.values()))[1].context_tokens
+        print(f"context {context} tokens (+ prefix/suffix), ratio {args.ratio}, median of {args.repeats}\n")
+        print(f"{'method':<11}{'TTFT s':>8}{'x full':>8}{'load':>8}{'rerot':>8}{'select':>8}{'recomp':>8}"
+              f"{'recomputed':>12}")
+        full = results.get("full", (None,))[0]
+        for method, (wall, s) in results.items():
+            rel = f"{s.ttft_s / results['full'][1].ttft_s:.2f}" if full else "-"
+            print(f"{method:<11}{s.ttft_s:>8.3f}{rel:>8}{s.load_s:>8.3f}{s.rerotate_s:>8.3f}{s.select_s:>8.3f}"
+                  f"{s.recompute_s:>8.3f}{s.recomputed_tokens:>12}")
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()

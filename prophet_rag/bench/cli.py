@@ -1,0 +1,44 @@
+"""`prophet-rag bench`: arguments and the command, kept beside the harness so the main CLI only delegates."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from prophet_rag.bench.report import write_reports
+from prophet_rag.bench.runner import BenchConfig, run_bench
+from prophet_rag.bench.tasks import TASKS
+from prophet_rag.config import METHODS
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", type=_names, default=tuple(TASKS), help=f"comma list of {', '.join(TASKS)}")
+    parser.add_argument("--methods", type=_names, default=METHODS, help="comma list of methods (must include full)")
+    parser.add_argument("--ratios", type=lambda s: tuple(float(x) for x in _names(s)), default=(0.1, 0.2, 0.3))
+    parser.add_argument("--cases", type=int, default=4, help="cases per task")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunks", type=int, default=6, help="chunks per case")
+    parser.add_argument("--chunk-tokens", type=int, default=120)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--jsonl", type=Path, default=None, help="your own cases: {chunks, query, answers} per line")
+    parser.add_argument("--no-resume", dest="resume", action="store_false", help="start over instead of resuming")
+    parser.add_argument("--no-plot", dest="plot", action="store_false")
+
+
+def run_bench_command(args: argparse.Namespace, engine_factory: Callable) -> int:
+    config = BenchConfig(tasks=args.tasks, methods=args.methods, ratios=args.ratios, num_cases=args.cases,
+                         seed=args.seed, num_chunks=args.chunks, chunk_tokens=args.chunk_tokens,
+                         max_new_tokens=args.max_new_tokens, output_dir=args.out, jsonl=args.jsonl)
+    with engine_factory() as engine:
+        results = run_bench(engine, config, resume=args.resume)
+    write_reports(results, config.output_dir, with_plot=args.plot)
+    print((config.output_dir / "results.md").read_text(encoding="utf-8"))
+    print(f"Wrote {results}, summary.json, results.md" + (" and plot.png" if args.plot else "") +
+          f" in {config.output_dir}")
+    return 0
