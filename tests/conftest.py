@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
-from tiny import tiny_model, tiny_tokenizer
+
+# Triton reads TRITON_INTERPRET when it is first imported, so it must be set before any test module imports it:
+# without CUDA the kernels run through the interpreter on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

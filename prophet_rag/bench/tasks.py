@@ -84,6 +84,12 @@ def _chunk(rng: random.Random, needles: list[str], chunk_tokens: int, tokenizer)
     return " ".join(sentences)
 
 
+def _document(rng: random.Random, lines: list[str], chunk_tokens: int, tokenizer) -> str:
+    """The planted lines as one paragraph, in order, padded with filler after it to about `chunk_tokens`."""
+    padding = _chunk(rng, [], chunk_tokens - _count(" ".join(lines), tokenizer), tokenizer)
+    return " ".join(lines + [padding]).strip()
+
+
 def _number(rng: random.Random, used: set[str]) -> str:
     while True:
         value = str(rng.randint(10000, 99999))
@@ -100,7 +106,8 @@ def _build(task, seed, num_chunks, chunk_tokens, tokenizer, index, plant) -> Cas
     rng = random.Random(f"{task}:{seed}:{index}")
     needles: list[list[str]] = [[] for _ in range(num_chunks)]
     query, answers, evidence = plant(rng, needles, num_chunks)
-    chunks = tuple(_chunk(rng, n, chunk_tokens, tokenizer) for n in needles)
+    make = _document if task == "multi_key" else _chunk
+    chunks = tuple(make(rng, n, chunk_tokens, tokenizer) for n in needles)
     return Case(task, f"{task}-{seed}-{index}", chunks, query, tuple(answers), tuple(sorted(set(evidence))))
 
 
@@ -111,12 +118,19 @@ def _single_needle(rng, needles, m):
 
 
 def _multi_key(rng, needles, m):
+    """Look-alike documents: every chunk describes a different vault in the same words, so only the key tells
+    them apart (the case where isolated caches confuse which document holds which value)."""
     keys, used = rng.sample(_KEYS, m), set()
     values = [_number(rng, used) for _ in keys]
     for i, (key, value) in enumerate(zip(keys, values)):
-        needles[i].append(_magic(key, value))
+        needles[i].extend([
+            f"This record describes the {key} vault.",
+            f"The {key} vault is kept in a quiet building near the old harbour.",
+            f"The access code of the {key} vault is {value}.",
+            f"Only two clerks may open the {key} vault.",
+        ])
     target = rng.randrange(m)
-    return f"What is the special magic number for {keys[target]}?", [values[target]], [target]
+    return f"What is the access code of the {keys[target]} vault?", [values[target]], [target]
 
 
 def _multi_value(rng, needles, m):

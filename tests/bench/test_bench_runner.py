@@ -33,8 +33,10 @@ class FakeEngine:
         method = method or selection.method
         ratio = 1.0 if method == "full" else selection.ratio
         right = method == "full" or (method != "reuse" and ratio >= 0.2)
-        key = re.search(r"number for (\w+)\?", query).group(1)
-        gold = next(m.group(1) for c in chunks for m in [re.search(rf"number for {key} is (\d+)", c)] if m)
+        # Reads the planted value the way a perfect reader would, for the single-needle and vault phrasings.
+        key = re.search(r"(?:number for|code of the) (\w+)", query).group(1)
+        pattern = rf"(?:number for|code of the) {key}(?: vault)? is (\d+)"
+        gold = next(m.group(1) for c in chunks for m in [re.search(pattern, c)] if m)
         text = f"It is {gold}." if right else "It is 0."
         stats = RequestStats(method, ratio, 5, 100, 10, int(ratio * 100), 5, 0, ttft_s=1.0 if method == "full" else
                              0.25, load_s=0.05, rerotate_s=0.05, select_s=0.05, recompute_s=0.1)
