@@ -14,7 +14,7 @@ from .rope_shift import lazy_jit, next_pow2
 tl = None  # triton.language, bound by lazy_jit at the first launch (see rope_shift)
 
 
-_QUERY_BLOCK = 512
+_QUERY_BLOCK = 64
 
 
 def sparse_attention_ref(

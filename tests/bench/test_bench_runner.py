@@ -115,3 +115,20 @@ def test_end_to_end_tiny_model(make_engine, tmp_path):
     assert len(records) == len(config.runs()) == 2 + (len(METHODS) - 2)
     assert summary["overall"]["full"]["first_token_agree"] == 1.0
     assert (config.output_dir / "plot.png").exists()
+
+
+def _row(task, case, method, ratio, score):
+    return {"task": task, "case_id": case, "method": method, "ratio": ratio, "score": score, "f1": score,
+            "first_token_agree": 1.0, "kl": 0.0, "ttft_s": 1.0, "load_s": 0.0, "rerotate_s": 0.0, "select_s": 0.0,
+            "recompute_s": 1.0, "recomputed_tokens": 0, "context_tokens": 10, "text": ""}
+
+
+def test_overall_relative_accuracy_is_a_ratio_of_task_means():
+    # Task a: full 1, prophet 1. Task b: full solves one case in four, prophet another one of them.
+    rows = [_row("a", "a-0", "full", 1.0, 1.0), _row("a", "a-0", "prophet", 0.2, 1.0)]
+    for i in range(4):
+        rows += [_row("b", f"b-{i}", "full", 1.0, float(i == 0)), _row("b", f"b-{i}", "prophet", 0.2, float(i < 2))]
+    summary = summarize(rows)
+    assert summary["tasks"]["b"]["prophet@0.2"]["relative_accuracy"] == 2.0
+    # (1 + 0.5) / 2 over (1 + 0.25) / 2, not the mean of the per-task ratios 1 and 2.
+    assert summary["overall"]["prophet@0.2"]["relative_accuracy"] == 1.5 / 1.25
