@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ttft.py                       # embedded SmolLM2-135M, ~4K-token context, CPU
     python benchmarks/bench_ttft.py --model PATH --device cuda --tokens 16000
+    python benchmarks/bench_ttft.py --random-llama3-8b --device cuda --tokens 16000   # timing shape of an 8B model
 
 Prints, per method, the median TTFT over `--repeats` runs, its phase breakdown and the ratio to full prefill.
 The store is warmed (every chunk ingested) before timing, so "load" is a store read, not a chunk prefill.
@@ -42,6 +43,30 @@ def make_documents(tokenizer, total_tokens: int, doc_tokens: int) -> list[str]:
     return docs
 
 
+def random_llama3_8b(device: str, tokenizer_dir: str | None):
+    """A Llama-3-8B-shaped model with random bf16 weights (timing needs no trained weights), and a tokenizer.
+
+    The tokenizer only has to produce ids inside the vocabulary: the embedded model's (49K tokens) is used unless
+    `tokenizer_dir` names another.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from prophet_rag.embedded import embedded_model_dir
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=32768,
+                         rope_theta=500000.0, tie_word_embeddings=False)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or embedded_model_dir())
+    return model.eval(), tokenizer
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -57,19 +82,32 @@ def main() -> None:
     parser.add_argument("--methods", default="full,reuse,prophet,cacheblend,infoflow,epic")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--random-llama3-8b", action="store_true",
+                        help="time a Llama-3-8B-shaped model with random bf16 weights instead of --model")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --random-llama3-8b")
+    parser.add_argument("--hot-cache-gb", type=float, default=0.0,
+                        help="keep this much chunk KV on the device in front of the disk store (0: disk only)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as store_dir:
-        engine = ProphetEngine.from_pretrained(args.model, device=args.device,
-                                               store=StoreConfig(directory=store_dir))
+        # Large enough for every chunk of a 16K-token context of an 8B model (~130 KB of KV per token in bf16).
+        store = StoreConfig(directory=store_dir, size_limit_bytes=64 * 2**30, max_entry_bytes=8 * 2**30)
+        hot = int(args.hot_cache_gb * 2**30)
+        if args.random_llama3_8b:
+            model, tokenizer = random_llama3_8b(args.device, args.tokenizer)
+            engine = ProphetEngine(model, tokenizer, store=store, model_name="random Llama-3-8B shape (bf16)",
+                                   hot_cache_bytes=hot)
+        else:
+            engine = ProphetEngine.from_pretrained(args.model, device=args.device, store=store, hot_cache_bytes=hot)
         docs = make_documents(engine.tokenizer, args.tokens, args.doc_tokens)
         query = "Which clerk kept the keys to archive room 121?"
         engine.ingest(docs)
         generation = GenerationConfig(max_new_tokens=1)
         engine.answer(docs, query, method="full", generation=generation)  # warm-up
         device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-        print(f"model {engine.model_name} on {device}; {len(docs)} documents")
+        tier = f"in-memory tier {args.hot_cache_gb:g} GiB" if hot else "disk store only"
+        print(f"model {engine.model_name} on {device}; {len(docs)} documents; {tier}")
         results = {}
         for method in args.methods.split(","):
             runs = []

@@ -19,6 +19,7 @@ from prophet_rag.codec import EntryMeta
 from prophet_rag.config import GenerationConfig, PromptConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import ContextWindowError, InvalidRequestError
 from prophet_rag.generate import TextAssembler, sample
+from prophet_rag.hot_cache import HotCache
 from prophet_rag.kernels import rope_shift
 from prophet_rag.keys import chunk_key, kv_spec, model_fingerprint, tokenizer_fingerprint
 from prophet_rag.layout import PromptBuilder, RequestLayout
@@ -64,7 +65,9 @@ class ProphetEngine:
 
     `ProphetEngine(model=..., tokenizer=...)` wraps a loaded model; `ProphetEngine.from_pretrained()` loads one (the
     embedded SmolLM2-135M-Instruct by default). `store` is a `StoreConfig`, an open `KVStore`, or None for the
-    default store directory. Defaults for `answer` come from `selection` and `generation`.
+    default store directory. Defaults for `answer` come from `selection` and `generation`. `hot_cache_bytes` keeps
+    that many bytes of recently used chunk KV on the model's device in front of the store (see `hot_cache`): set it
+    when serving on a GPU, where a disk read costs more than recomputing the chunk.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class ProphetEngine:
         generation: GenerationConfig | None = None,
         kv_dtype: torch.dtype | None = None,
         model_name: str | None = None,
+        hot_cache_bytes: int = 0,
     ) -> None:
         self.adapter = ModelAdapter(model)
         self.tokenizer = tokenizer
@@ -89,6 +93,7 @@ class ProphetEngine:
         self.sink_ids = self.builder.sink_ids()
         self.meta = EntryMeta(model_fingerprint(model), tokenizer_fingerprint(tokenizer), kv_spec(self.kv_dtype))
         self.store = store if isinstance(store, KVStore) else KVStore(store or StoreConfig())
+        self.hot = HotCache(hot_cache_bytes)
         self._check_selection(self.selection)
 
     @classmethod
@@ -210,11 +215,17 @@ class ProphetEngine:
                 for ids, sink in wanted]
         found: dict[str, ChunkKV] = {}
         for key, (ids, _) in zip(keys, wanted):
-            if key not in found:
+            if key in found:
+                continue
+            kv = self.hot.get(key)
+            if kv is None:
                 kv = self.store.get(key, self.meta, ids)
                 if kv is not None:
                     device = self.adapter.device
-                    found[key] = ChunkKV(kv.token_ids.to(device), kv.positions.to(device), kv.kv.to(device))
+                    kv = ChunkKV(kv.token_ids.to(device), kv.positions.to(device), kv.kv.to(device))
+                    self.hot.put(key, kv)
+            if kv is not None:
+                found[key] = kv
         misses = 0
         for sink_group in (empty, self.sink_ids):
             missing = {key: ids for key, (ids, sink) in zip(keys, wanted)
@@ -224,6 +235,7 @@ class ProphetEngine:
                 for key, kv in zip(missing, computed):
                     found[key] = kv
                     self.store.put(key, kv, self.meta)
+                    self.hot.put(key, kv)
                 misses += sum(1 for key in missing if key != keys[0])
         chunks = [found[key] for key in keys[1:]]
         return _Loaded(found[keys[0]], chunks, len(set(keys[1:])) - misses, misses)
