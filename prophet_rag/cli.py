@@ -60,7 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"Q: {item['question']}   (expected: {item['answer']})")
             print(f"  full     TTFT {full.stats.ttft_s * 1000:7.0f} ms  {full.text.strip()!r}")
             print(f"  {args.method:<8} TTFT {fast.stats.ttft_s * 1000:7.0f} ms  {fast.text.strip()!r}"
-                  f"  ({full.stats.ttft_s / fast.stats.ttft_s:.1f}x faster)")
+                  f"  ({fast.stats.ttft_s / full.stats.ttft_s:.2f}x of full's TTFT)")
         full_t = sum(r[1].stats.ttft_s for r in rows) / len(rows)
         fast_t = sum(r[2].stats.ttft_s for r in rows) / len(rows)
         hits = sum(r[0]["answer"].lower() in r[1].text.lower() for r in rows)
