@@ -106,7 +106,7 @@ def _build(task, seed, num_chunks, chunk_tokens, tokenizer, index, plant) -> Cas
     rng = random.Random(f"{task}:{seed}:{index}")
     needles: list[list[str]] = [[] for _ in range(num_chunks)]
     query, answers, evidence = plant(rng, needles, num_chunks)
-    make = _document if task == "multi_key" else _chunk
+    make = _LAYOUTS.get(task, _chunk)
     chunks = tuple(make(rng, n, chunk_tokens, tokenizer) for n in needles)
     return Case(task, f"{task}-{seed}-{index}", chunks, query, tuple(answers), tuple(sorted(set(evidence))))
 
@@ -184,6 +184,8 @@ _PLANTERS = {
     "two_hop": _two_hop,
 }
 _MIN_CHUNKS = {"multi_value": 2, "multi_query": 2, "variable_tracking": 3, "two_hop": 2}
+# How a chunk is written from its planted lines: needles scattered in filler unless the task says otherwise.
+_LAYOUTS = {"multi_key": _document}
 
 
 def _generator(task: str) -> Callable[..., list[Case]]:
