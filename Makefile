@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 install: $(STAMP)
 
@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/prophet-rag demo
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
 	$(BIN)/pytest -q -ra
 
 test-fast: install

@@ -11,7 +11,6 @@ The store is warmed (every chunk ingested) before timing, so "load" is a store r
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
@@ -105,7 +104,8 @@ def main() -> None:
         engine.ingest(docs)
         generation = GenerationConfig(max_new_tokens=1)
         engine.answer(docs, query, method="full", generation=generation)  # warm-up
-        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+        cpu = f"CPU, {torch.get_num_threads()} threads"
+        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
         tier = f"in-memory tier {args.hot_cache_gb:g} GiB" if hot else "disk store only"
         print(f"model {engine.model_name} on {device}; {len(docs)} documents; {tier}")
         results = {}
@@ -125,7 +125,7 @@ def main() -> None:
         print(f"{'method':<11}{'TTFT s':>8}{'x full':>8}{'load':>8}{'rerot':>8}{'select':>8}{'recomp':>8}"
               f"{'recomputed':>12}")
         full = results.get("full", (None,))[0]
-        for method, (wall, s) in results.items():
+        for method, (_, s) in results.items():
             rel = f"{s.ttft_s / results['full'][1].ttft_s:.2f}" if full else "-"
             print(f"{method:<11}{s.ttft_s:>8.3f}{rel:>8}{s.load_s:>8.3f}{s.rerotate_s:>8.3f}{s.select_s:>8.3f}"
                   f"{s.recompute_s:>8.3f}{s.recomputed_tokens:>12}")

@@ -79,7 +79,7 @@ def query_scores(
     prophet_out: torch.Tensor | None,
     norm_out: torch.Tensor | None,
 ) -> None:
-    """Accumulate one layer's ProphetKV and InfoFlow scores into `[context_tokens]` fp32 buffers (see query_scores_ref)."""
+    """Accumulate one layer's ProphetKV and InfoFlow scores into `[context_tokens]` fp32 buffers (query_scores_ref)."""
     if backend_for(k) == "triton":
         from .query_scores import query_scores_triton
 

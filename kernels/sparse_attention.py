@@ -33,7 +33,8 @@ def sparse_attention_ref(
     rows, keys = q.shape[0], k.shape[0]
     kt, vt = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if rows == keys and torch.equal(q_pos, k_pos) and torch.equal(k_pos, torch.arange(keys, device=k_pos.device)):
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kt, vt, is_causal=True, scale=scale,
+                                             enable_gqa=True)
         return out[0].transpose(0, 1).contiguous()
     out = torch.empty_like(q)
     keys_sorted = keys < 2 or bool((k_pos[1:] >= k_pos[:-1]).all())

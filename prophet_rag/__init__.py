@@ -21,9 +21,11 @@ from prophet_rag.errors import (
 )
 
 if TYPE_CHECKING:
-    from prophet_rag.engine import AnswerStream, ProphetEngine
-    from prophet_rag.results import Answer, RequestStats
-    from prophet_rag.store import KVStore
+    from prophet_rag.engine import AnswerStream as AnswerStream
+    from prophet_rag.engine import ProphetEngine as ProphetEngine
+    from prophet_rag.results import Answer as Answer
+    from prophet_rag.results import RequestStats as RequestStats
+    from prophet_rag.store import KVStore as KVStore
 
 __version__ = "0.1.0"
 

@@ -22,9 +22,11 @@ class ChunkKV:
     """`[layers, 2, tokens, kv_heads, head_dim]`."""
 
     def __post_init__(self) -> None:
-        assert self.kv.dim() == 5 and self.kv.shape[1] == 2, f"kv must be [L, 2, T, H_kv, D], got {tuple(self.kv.shape)}"
+        shape = tuple(self.kv.shape)
+        assert self.kv.dim() == 5 and shape[1] == 2, f"kv must be [L, 2, T, H_kv, D], got {shape}"
         assert self.token_ids.shape == self.positions.shape == (self.kv.shape[2],), (
-            f"token_ids {tuple(self.token_ids.shape)} and positions {tuple(self.positions.shape)} must be [T={self.kv.shape[2]}]"
+            f"token_ids {tuple(self.token_ids.shape)} and positions {tuple(self.positions.shape)} "
+            f"must be [T={shape[2]}]"
         )
 
     @property

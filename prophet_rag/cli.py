@@ -1,4 +1,4 @@
-"""`prophet-rag`: the demo (the main job), a question over a folder of documents, the chunk-cache tools and the bench."""
+"""`prophet-rag`: the demo (the main job), a question over a folder of documents, the chunk-cache tools, the bench."""
 
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             fast = engine.answer(docs, item["question"], method=args.method, ratio=args.ratio, generation=generation)
             rows.append((item, full, fast))
         context = rows[0][1].stats.context_tokens
-        print(f"\n{len(docs)} documents, {context} context tokens; {args.method} recomputes {args.ratio:.0%} of them.\n")
+        print(f"\n{len(docs)} documents, {context} context tokens; "
+              f"{args.method} recomputes {args.ratio:.0%} of them.\n")
         for item, full, fast in rows:
             print(f"Q: {item['question']}   (expected: {item['answer']})")
             print(f"  full     TTFT {full.stats.ttft_s * 1000:7.0f} ms  {full.text.strip()!r}")

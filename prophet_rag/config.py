@@ -23,7 +23,9 @@ DEFAULT_INSTRUCTION = (
 
 def _check_ratio(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise InvalidRequestError(f"{name} must be a number in [0, 1], got {value!r}; 0.2 recomputes 20% of the context.")
+        raise InvalidRequestError(
+            f"{name} must be a number in [0, 1], got {value!r}; 0.2 recomputes 20% of the context."
+        )
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ class SelectionConfig:
         _check_ratio("ratio", self.ratio)
         if self.cacheblend_check_layer < 1:
             raise InvalidRequestError(
-                f"cacheblend_check_layer must be >= 1 (layer 0 is always recomputed), got {self.cacheblend_check_layer}."
+                "cacheblend_check_layer must be >= 1 (layer 0 is always recomputed), "
+                f"got {self.cacheblend_check_layer}."
             )
         if self.infoflow_layers is not None and (
             not self.infoflow_layers or any(layer < 0 for layer in self.infoflow_layers)

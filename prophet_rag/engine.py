@@ -214,7 +214,7 @@ class ProphetEngine:
         keys = [chunk_key(self.meta.model_fp, self.meta.tokenizer_fp, self.meta.kv_spec, ids.tolist(), sink.tolist())
                 for ids, sink in wanted]
         found: dict[str, ChunkKV] = {}
-        for key, (ids, _) in zip(keys, wanted):
+        for key, (ids, _) in zip(keys, wanted, strict=True):
             if key in found:
                 continue
             kv = self.hot.get(key)
@@ -228,11 +228,11 @@ class ProphetEngine:
                 found[key] = kv
         misses = 0
         for sink_group in (empty, self.sink_ids):
-            missing = {key: ids for key, (ids, sink) in zip(keys, wanted)
+            missing = {key: ids for key, (ids, sink) in zip(keys, wanted, strict=True)
                        if key not in found and sink.numel() == sink_group.numel()}
             if missing:
                 computed = prefill_isolated(self.adapter, sink_group, list(missing.values()), self.kv_dtype)
-                for key, kv in zip(missing, computed):
+                for key, kv in zip(missing, computed, strict=True):
                     found[key] = kv
                     self.store.put(key, kv, self.meta)
                     self.hot.put(key, kv)

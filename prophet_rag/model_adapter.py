@@ -124,7 +124,8 @@ class ModelAdapter:
         return x * cos + rotated * sin
 
     def qkv(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor):
-        """Post-RoPE q `[..., rows, Hq, D]` and k, v `[..., rows, Hkv, D]` of `layer` for `hidden` `[..., rows, hidden]`."""
+        """Post-RoPE q `[..., rows, Hq, D]` and k, v `[..., rows, Hkv, D]` of `layer` for `hidden`
+        `[..., rows, hidden]`."""
         block = self.layers[layer]
         attn = block.self_attn
         h = block.input_layernorm(hidden)

@@ -126,7 +126,7 @@ def _epic_slots(cache: StitchedCache, budget: int) -> torch.Tensor:
     spare = budget - int(quota.sum())
     for i in torch.sort(lengths - quota, descending=True, stable=True).indices[:spare]:
         quota[i] += 1
-    slots = [torch.arange(start, start + int(q)) for (start, _), q in zip(cache.chunk_spans, quota)]
+    slots = [torch.arange(start, start + int(q)) for (start, _), q in zip(cache.chunk_spans, quota, strict=True)]
     return torch.cat(slots).to(cache.kv.device)
 
 

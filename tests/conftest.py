@@ -11,8 +11,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+import pytest
+
+from tiny import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import CHUNKS, FAMILIES, QUERY
 
 from prophet_rag.config import GenerationConfig
+from tiny import CHUNKS, FAMILIES, QUERY
 
 GREEDY = GenerationConfig(max_new_tokens=6, eos_token_ids=(10**6,))
 SCORED = ("prophet", "infoflow", "cacheblend", "epic", "random")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sqlite3
 
 import torch
-from tiny import CHUNKS, QUERY
 
 from prophet_rag.config import GenerationConfig
+from tiny import CHUNKS, QUERY
 
 GEN = GenerationConfig(max_new_tokens=4, eos_token_ids=(10**6,))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-from tiny import CHUNKS, QUERY, tiny_model, tiny_tokenizer
 
 from prophet_rag import (
     ContextWindowError,
@@ -17,6 +16,7 @@ from prophet_rag import (
     UnsupportedModelError,
 )
 from prophet_rag.engine import ProphetEngine
+from tiny import CHUNKS, QUERY, tiny_model, tiny_tokenizer
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.5, float("nan")])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import CHUNKS, QUERY, tiny_tokenizer
 
 from prophet_rag.config import GenerationConfig
 from prophet_rag.generate import TextAssembler, sample
+from tiny import CHUNKS, QUERY, tiny_tokenizer
 
 
 def test_greedy_is_argmax():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import CHUNKS, QUERY, tiny_tokenizer
 
 from prophet_rag.config import PromptConfig
 from prophet_rag.errors import InvalidRequestError
 from prophet_rag.layout import PromptBuilder
+from tiny import CHUNKS, QUERY, tiny_tokenizer
 
 
 @pytest.fixture

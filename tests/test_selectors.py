@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import CHUNKS, QUERY
 
 from prophet_rag.config import SelectionConfig
 from prophet_rag.selectors import budget_for, default_infoflow_layers, lexical_relevance, plan, top_slots
+from tiny import CHUNKS, QUERY
 
 METHODS = ("reuse", "random", "epic", "prophet", "infoflow", "cacheblend", "prophet_plus")
 

@@ -84,11 +84,13 @@ def markdown(summary: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, e in summary["overall"].items():
         lines.append(f"| {label} | {_fmt(e['score'])} | {_fmt(e['relative_accuracy'])} | "
-                     f"{_fmt(e['discriminative_score'])} ({e['discriminative_cases']}) | {_fmt(e['first_token_agree'])} | "
+                     f"{_fmt(e['discriminative_score'])} ({e['discriminative_cases']}) | "
+                     f"{_fmt(e['first_token_agree'])} | "
                      f"{_fmt(e['kl'], 3)} | {_fmt(e['ttft_s'], 3)} | {_fmt(e['relative_ttft'])} |")
     for task, rows in summary["tasks"].items():
         lines += ["", f"## {task}", "",
-                  "| method | cases | accuracy | rel. to full | discriminative | agree | KL | recomputed/context | TTFT s |",
+                  "| method | cases | accuracy | rel. to full | discriminative | agree | KL | recomputed/context "
+                  "| TTFT s |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for label, e in rows.items():
             lines.append(f"| {label} | {e['cases']} | {_fmt(e['score'])} | {_fmt(e['relative_accuracy'])} | "
@@ -127,7 +129,7 @@ def plot(summary: dict, path: Path) -> None:
     for phase in _PHASES:
         heights = [e[phase] for _, e in bars]
         right.bar([label for label, _ in bars], heights, bottom=bottom, label=phase.removesuffix("_s"))
-        bottom = [b + h for b, h in zip(bottom, heights)]
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     right.set(ylabel="TTFT (s)", title=f"TTFT by phase (ratio {nearest:g})")
     right.tick_params(axis="x", rotation=45)
     right.legend(fontsize=8)

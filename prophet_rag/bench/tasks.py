@@ -122,7 +122,7 @@ def _multi_key(rng, needles, m):
     them apart (the case where isolated caches confuse which document holds which value)."""
     keys, used = rng.sample(_KEYS, m), set()
     values = [_number(rng, used) for _ in keys]
-    for i, (key, value) in enumerate(zip(keys, values)):
+    for i, (key, value) in enumerate(zip(keys, values, strict=False)):
         needles[i].extend([
             f"This record describes the {key} vault.",
             f"The {key} vault is kept in a quiet building near the old harbour.",
@@ -137,10 +137,10 @@ def _multi_value(rng, needles, m):
     keys, used = rng.sample(_KEYS, m), set()
     where = rng.sample(range(m), 2)
     values = [_number(rng, used) for _ in where]
-    for i, value in zip(where, values):
+    for i, value in zip(where, values, strict=False):
         needles[i].append(f"One of the special magic numbers for {keys[0]} is {value}.")
     others = [i for i in range(m) if i not in where]
-    for i, key in zip(others, keys[1:]):
+    for i, key in zip(others, keys[1:], strict=False):
         needles[i].append(_magic(key, _number(rng, used)))
     return f"What are all the special magic numbers for {keys[0]}?", values, where
 
@@ -148,7 +148,7 @@ def _multi_value(rng, needles, m):
 def _multi_query(rng, needles, m):
     keys, used = rng.sample(_KEYS, m), set()
     values = [_number(rng, used) for _ in keys]
-    for i, (key, value) in enumerate(zip(keys, values)):
+    for i, (key, value) in enumerate(zip(keys, values, strict=False)):
         needles[i].append(_magic(key, value))
     a, b = rng.sample(range(m), 2)
     return (f"What are the special magic numbers for {keys[a]} and {keys[b]}?", [values[a], values[b]], [a, b])

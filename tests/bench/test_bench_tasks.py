@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny import tiny_tokenizer
 
 from prophet_rag.bench.tasks import TASKS, load_jsonl
 from prophet_rag.errors import InvalidRequestError
+from tiny import tiny_tokenizer
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -54,7 +54,10 @@ def test_too_few_chunks_is_a_clear_error():
 
 def test_jsonl_loader_reads_cases(tmp_path):
     path = tmp_path / "cases.jsonl"
-    rows = [{"chunks": ["a b", "c d"], "query": "q?", "answers": ["b"]}, {"chunks": ["x"], "query": "y", "answers": [1]}]
+    rows = [
+        {"chunks": ["a b", "c d"], "query": "q?", "answers": ["b"]},
+        {"chunks": ["x"], "query": "y", "answers": [1]},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     cases = load_jsonl(path)
     assert [c.chunks for c in cases] == [("a b", "c d"), ("x",)]

@@ -12,15 +12,15 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
-from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
-from langchain_core.documents import Document  # noqa: E402
-from langchain_core.embeddings import DeterministicFakeEmbedding  # noqa: E402
-from langchain_core.output_parsers import StrOutputParser  # noqa: E402
-from langchain_core.runnables import RunnablePassthrough  # noqa: E402
-from langchain_core.vectorstores import InMemoryVectorStore  # noqa: E402
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.documents import Document
+from langchain_core.embeddings import DeterministicFakeEmbedding
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.runnables import RunnablePassthrough
+from langchain_core.vectorstores import InMemoryVectorStore
 
-from prophet_rag import GenerationConfig, InvalidRequestError  # noqa: E402
-from prophet_rag.integrations.langchain import PLAIN_QUERY, ProphetLangChainLLM, ProphetRAG  # noqa: E402
+from prophet_rag import GenerationConfig, InvalidRequestError
+from prophet_rag.integrations.langchain import PLAIN_QUERY, ProphetLangChainLLM, ProphetRAG
 
 QUESTION = "How heavy is widget 2?"
 NEW_TOKENS = 8

@@ -12,13 +12,13 @@ import pytest
 
 pytest.importorskip("llama_index.core")
 
-from llama_index.core import Document, Settings, VectorStoreIndex  # noqa: E402
-from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler  # noqa: E402
-from llama_index.core.embeddings import MockEmbedding  # noqa: E402
-from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode  # noqa: E402
+from llama_index.core import Document, Settings, VectorStoreIndex
+from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
+from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
 
-from prophet_rag import GenerationConfig, InvalidRequestError  # noqa: E402
-from prophet_rag.integrations.llama_index import (  # noqa: E402
+from prophet_rag import GenerationConfig, InvalidRequestError
+from prophet_rag.integrations.llama_index import (
     PLAIN_QUERY,
     ChunkRegistry,
     ProphetKVPostprocessor,
@@ -228,7 +228,7 @@ def test_refine_mode_answers_each_node_with_the_answer_so_far(llm, index, calls)
     texts = node_texts(response)
     assert [c["chunks"][-1] for c in calls] == texts
     assert calls[0]["chunks"] == texts[:1]
-    for previous, call in zip(calls, calls[1:]):
+    for previous, call in zip(calls, calls[1:], strict=False):
         assert call["chunks"][:-1] == [f"Existing answer: {previous['stream'].answer.text}"]
 
 

@@ -5,8 +5,8 @@ import pickle
 import pytest
 import safetensors.torch
 import torch
-from kvstore_helpers import assert_same_chunk, frame, make_chunk, meta_for
 
+from kvstore_helpers import assert_same_chunk, frame, make_chunk, meta_for
 from prophet_rag.codec import EntryMeta, decode, encode, read_meta
 from prophet_rag.errors import CacheCorruptionError, IncompatibleCacheError, InvalidRequestError
 from prophet_rag.keys import FORMAT_VERSION, kv_spec

@@ -4,7 +4,6 @@ import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
 
 from kvstore_helpers import assert_same_chunk, file_chunk, key_for, meta_for
-
 from prophet_rag.config import StoreConfig
 from prophet_rag.store import KVStore
 

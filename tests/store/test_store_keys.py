@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tiny import tiny_model, tiny_tokenizer
 
 from prophet_rag.keys import FORMAT_VERSION, chunk_key, kv_spec, model_fingerprint, tokenizer_fingerprint
+from tiny import tiny_model, tiny_tokenizer
 
 MODEL_FP = "m" * 64
 TOKENIZER_FP = "t" * 64

@@ -7,6 +7,7 @@ import stat
 import diskcache
 import pytest
 import torch
+
 from kvstore_helpers import (
     assert_same_chunk,
     db_row,
@@ -18,7 +19,6 @@ from kvstore_helpers import (
     update_row,
     value_path,
 )
-
 from prophet_rag import store as store_module
 from prophet_rag.codec import EntryMeta
 from prophet_rag.config import StoreConfig

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import diskcache
 import pytest
-from kvstore_helpers import db_row, file_chunk, key_for, make_chunk, meta_for, update_row, value_path
 
+from kvstore_helpers import db_row, file_chunk, key_for, make_chunk, meta_for, update_row, value_path
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import CacheCorruptionError, StoreError
 from prophet_rag.store import KVStore, SafeDisk
