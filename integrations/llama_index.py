@@ -182,7 +182,7 @@ class ProphetLLM(CustomLLM):
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
-            context_window=self.context_window or self._engine.adapter.spec.max_positions,
+            context_window=self.context_window or self._engine.context_window,
             num_output=self.max_new_tokens,
             model_name=self._engine.model_name,
         )

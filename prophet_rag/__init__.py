@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prophet_rag.config import METHODS, GenerationConfig, PromptConfig, SelectionConfig, StoreConfig
+from prophet_rag.config import GenerationConfig, PromptConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import (
     CacheCorruptionError,
     ContextWindowError,
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from prophet_rag.engine import ProphetEngine as ProphetEngine
     from prophet_rag.results import Answer as Answer
     from prophet_rag.results import RequestStats as RequestStats
+    from prophet_rag.selectors import METHODS as METHODS
     from prophet_rag.store import KVStore as KVStore
 
 __version__ = "0.1.0"
@@ -36,10 +37,11 @@ _LAZY = {
     "Answer": "prophet_rag.results",
     "RequestStats": "prophet_rag.results",
     "KVStore": "prophet_rag.store",
+    "METHODS": "prophet_rag.selectors",
 }
 
 __all__ = [
-    "METHODS", "GenerationConfig", "PromptConfig", "SelectionConfig", "StoreConfig", "CacheCorruptionError",
+    "GenerationConfig", "PromptConfig", "SelectionConfig", "StoreConfig", "CacheCorruptionError",
     "ContextWindowError", "IncompatibleCacheError", "InvalidRequestError", "ProphetRAGError", "StoreError",
     "UnsupportedModelError", *_LAZY,
 ]

@@ -33,6 +33,12 @@ class ChunkKV:
     def num_tokens(self) -> int:
         return int(self.kv.shape[2])
 
+    def to(self, device: torch.device | str) -> ChunkKV:
+        """This chunk with its tensors on `device` (itself when they already are)."""
+        if self.kv.device == torch.device(device):
+            return self
+        return ChunkKV(self.token_ids.to(device), self.positions.to(device), self.kv.to(device))
+
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()

@@ -9,7 +9,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from prophet_rag.config import METHODS, GenerationConfig, StoreConfig, default_store_dir
+from prophet_rag.config import METHODS, GenerationConfig, SelectionConfig, StoreConfig, default_store_dir
 from prophet_rag.errors import ProphetRAGError
 
 
@@ -122,8 +122,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_selection(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    parser.add_argument("--method", default="prophet", choices=METHODS)
-    parser.add_argument("--ratio", type=float, default=0.2, help="share of context tokens to recompute")
+    parser.add_argument("--method", default=SelectionConfig.method, choices=METHODS)
+    parser.add_argument("--ratio", type=float, default=SelectionConfig.ratio,
+                        help="share of context tokens to recompute")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
 
 

@@ -12,13 +12,18 @@ from pathlib import Path
 
 from prophet_rag.errors import InvalidRequestError
 
-METHODS = ("full", "reuse", "cacheblend", "epic", "random", "prophet", "infoflow", "prophet_plus")
-"""Selection methods, by name. `full` is plain full prefill (the reference); `reuse` recomputes nothing;
-`prophet_plus` is ProphetKV with a lexical chunk prior (see `selectors.lexical_relevance`)."""
-
 DEFAULT_INSTRUCTION = (
     "Answer the question using the documents below. Only give the answer and do not output any other words."
 )
+
+
+def __getattr__(name: str):
+    # The method names live in the selector registry, which imports torch; `import prophet_rag` must stay light.
+    if name == "METHODS":
+        from prophet_rag.selectors import METHODS
+
+        return METHODS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_ratio(name: str, value: float) -> None:
@@ -44,8 +49,10 @@ class SelectionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InvalidRequestError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        from prophet_rag.selectors import REGISTRY
+
+        if self.method not in REGISTRY:
+            raise InvalidRequestError(f"unknown method {self.method!r}; choose one of {', '.join(REGISTRY)}.")
         _check_ratio("ratio", self.ratio)
         if self.cacheblend_check_layer < 1:
             raise InvalidRequestError(

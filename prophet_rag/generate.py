@@ -1,14 +1,42 @@
-"""Token sampling and incremental detokenization with stop strings.
+"""Decoding after the first token: one step, n steps (gpt-fast style), sampling, and incremental detokenization.
 
-`TextAssembler` turns generated ids into text deltas safe to show: it holds back a trailing partial UTF-8 character
-and any tail that could still grow into a stop string, and cuts the text at the first stop string.
+`decode` yields token ids lazily: a consumer that stops iterating (a stop string was found) costs no further forward
+pass. `TextAssembler` turns generated ids into text deltas safe to show: it holds back a trailing partial UTF-8
+character and any tail that could still grow into a stop string, and cuts the text at the first stop string.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator
+
 import torch
 
 from prophet_rag.config import GenerationConfig
+from prophet_rag.model_adapter import ModelAdapter
+from prophet_rag.stitched import StitchedCache, forward_rows
+
+
+@torch.inference_mode()
+def decode_one(adapter: ModelAdapter, cache: StitchedCache, token: int) -> torch.Tensor:
+    """Append `token` to the cache, run it through every layer; returns the next token's `[vocab]` fp32 logits."""
+    rows = cache.append_tokens(torch.tensor([token], device=adapter.device))
+    hidden, _ = forward_rows(adapter, cache, rows)
+    return adapter.logits(hidden)[-1]
+
+
+def decode(adapter: ModelAdapter, cache: StitchedCache, logits: torch.Tensor, config: GenerationConfig,
+           eos: Collection[int]) -> Iterator[int]:
+    """Sample up to `config.max_new_tokens` tokens, starting from the first token's `logits`; ends at an EOS id
+    (not yielded)."""
+    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+    for step in range(config.max_new_tokens):
+        token = sample(logits, config, generator)
+        if token in eos:
+            return
+        yield token
+        if step == config.max_new_tokens - 1:
+            return
+        logits = decode_one(adapter, cache, token)
 
 
 def sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> int:

@@ -11,13 +11,32 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
 
 from prophet_rag.chunk_kv import ChunkKV
+from prophet_rag.codec import EntryMeta
 from prophet_rag.errors import InvalidRequestError
 
 
+@dataclass(frozen=True)
+class HotCacheStats:
+    hits: int
+    misses: int
+    entries: int
+    nbytes: int
+    limit_bytes: int
+
+
 class HotCache:
-    """Least-recently-used chunk KV, keyed by store key, bounded by `limit_bytes` of KV (0 disables it)."""
+    """Least-recently-used chunk KV, keyed by store key, bounded by `limit_bytes` of KV (0 disables it).
+
+    A `chunk_cache.KVTier`: its entries only ever come from this process's engine (computed, or read from a slower
+    tier that checked them), so `get` does not check them again.
+    """
+
+    name = "memory"
 
     def __init__(self, limit_bytes: int) -> None:
         if not isinstance(limit_bytes, int) or limit_bytes < 0:
@@ -28,6 +47,7 @@ class HotCache:
         self._entries: OrderedDict[str, ChunkKV] = OrderedDict()
         self._nbytes = 0
         self._lock = threading.Lock()
+        self._hits = self._misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -36,18 +56,21 @@ class HotCache:
     def nbytes(self) -> int:
         return self._nbytes
 
-    def get(self, key: str) -> ChunkKV | None:
+    def get(self, key: str, meta: EntryMeta | None = None, token_ids: torch.Tensor | None = None) -> ChunkKV | None:
         with self._lock:
             kv = self._entries.get(key)
-            if kv is not None:
+            if kv is None:
+                self._misses += 1
+            else:
+                self._hits += 1
                 self._entries.move_to_end(key)
             return kv
 
-    def put(self, key: str, kv: ChunkKV) -> None:
+    def put(self, key: str, kv: ChunkKV, meta: EntryMeta | None = None) -> bool:
         """Keep `kv`, evicting the least recently used entries to stay within the limit; an entry larger than the
         whole limit is not kept."""
         if kv.nbytes > self.limit_bytes:
-            return
+            return False
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
@@ -57,8 +80,20 @@ class HotCache:
             while self._nbytes > self.limit_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self._nbytes -= evicted.nbytes
+        return True
+
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def stats(self) -> HotCacheStats:
+        with self._lock:
+            return HotCacheStats(self._hits, self._misses, len(self._entries), self._nbytes, self.limit_bytes)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
             self._nbytes = 0
+
+    def close(self) -> None:
+        self.clear()

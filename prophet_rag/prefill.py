@@ -1,8 +1,9 @@
-"""Isolated chunk prefill: each chunk's KV computed on its own, behind the sink tokens, several chunks per batch.
+"""Prefill: full prefill of a whole prompt, and isolated chunk prefill (each chunk's KV on its own).
 
-Chunks of one batch are right-padded to a common length; under the causal mask padding after a token cannot change
-it, so each chunk's KV equals a batch-of-one prefill. The sink's own KV is dropped; the chunk keeps the positions it
-was computed at (`sink_len ... sink_len + n - 1`) so it can be re-positioned by one delta rotation later.
+Isolated: each chunk is computed behind the sink tokens, several chunks per batch. Chunks of one batch are
+right-padded to a common length; under the causal mask padding after a token cannot change it, so each chunk's KV
+equals a batch-of-one prefill. The sink's own KV is dropped; the chunk keeps the positions it was computed at
+(`sink_len ... sink_len + n - 1`) so it can be re-positioned by one delta rotation later.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from prophet_rag.chunk_kv import ChunkKV
 from prophet_rag.model_adapter import ModelAdapter
+from prophet_rag.stitched import StitchedCache, forward_rows
 
 # Rows per batch (batch size x padded length): bounds the peak activation memory of one batch.
 _MAX_BATCH_TOKENS = 8192
@@ -72,3 +74,15 @@ def prefill_isolated(
             )
         start = end
     return [results[i] for i in range(len(chunks))]
+
+
+@torch.inference_mode()
+def prefill_full(adapter: ModelAdapter, ids: torch.Tensor, prefix_len: int, capacity: int,
+                 kv_dtype: torch.dtype) -> tuple[StitchedCache, torch.Tensor]:
+    """Plain prefill of the prompt `ids` `[T]` into a fresh cache of `capacity` slots (its first `prefix_len` tokens
+    are the prefix); returns the cache and the last layer's hidden states `[T, hidden]`."""
+    cache = StitchedCache.empty(adapter, capacity, kv_dtype)
+    rows = cache.append_tokens(ids.to(adapter.device))
+    cache.prefix_len = prefix_len
+    hidden, _ = forward_rows(adapter, cache, rows)
+    return cache, hidden

@@ -1,14 +1,19 @@
-"""Which context tokens to recompute: every method behind one interface, chosen by name.
+"""Which context tokens to recompute: every selection method, registered once with everything about it.
 
-A selector turns the stitched cache into a `Plan`: the rows the selective forward starts with and, for methods that
-decide inside the forward (CacheBlend), a row filter applied at one layer. Budgets are `floor(ratio * eligible)`,
-where eligible is the chunk tokens only: the exact prefix is never recomputed and the fresh suffix is always
-computed and never counts. Selections are sorted, unique slot indices inside the chunk range.
+A method is a `Method` in `REGISTRY`: its plan (which rows the selective forward starts with), its chunk ordering if
+it moves chunks, and the flags the engine, the configuration, the CLI and the bench read (does it reuse cached KV at
+all, is it query-scored, does it take a ratio). Adding a method is one function and one `register` call here.
+
+Budgets are `floor(ratio * eligible)`, where eligible is the chunk tokens only: the exact prefix is never recomputed
+and the fresh suffix is always computed and never counts. Selections are sorted, unique slot indices inside the chunk
+range.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -25,6 +30,78 @@ class Plan:
     selected: torch.Tensor | None
     """`[k]` sorted context slots recomputed through all layers; None until a row filter decides (CacheBlend)."""
     row_filter: tuple[int, RowFilter] | None = None
+
+
+@dataclass
+class Selection:
+    """One request as the selectors see it: the model, the configuration, the chunks' and the suffix's token ids.
+
+    Derived signals are computed at most once per request, whichever of a method's steps asks first.
+    """
+
+    adapter: ModelAdapter
+    config: SelectionConfig
+    chunk_ids: Sequence[torch.Tensor]
+    """One `[n_i]` tensor per chunk, in request (retrieval) order."""
+    suffix_ids: torch.Tensor
+
+    @cached_property
+    def lexical(self) -> torch.Tensor:
+        """`[m]` `lexical_relevance` of each chunk, in request order."""
+        return lexical_relevance(list(self.chunk_ids), self.suffix_ids)
+
+    @cached_property
+    def infoflow_layers(self) -> tuple[int, ...]:
+        return self.config.infoflow_layers or default_infoflow_layers(self.adapter.spec.num_layers)
+
+    @classmethod
+    def of_cache(cls, adapter: ModelAdapter, cache: StitchedCache, suffix_rows: torch.Tensor,
+                 config: SelectionConfig) -> Selection:
+        """The request behind an assembled cache (its chunks put back in request order)."""
+        chunks: list[torch.Tensor] = [cache.token_ids[:0]] * len(cache.chunk_spans)
+        for (start, end), i in zip(cache.chunk_spans, cache.order, strict=True):
+            chunks[i] = cache.token_ids[start:end]
+        return cls(adapter, config, chunks, cache.token_ids[suffix_rows])
+
+
+Assemble = Callable[[Sequence[int], bool], StitchedCache]
+"""`assemble(order, global_positions)`: the request's stitched cache with its chunks in `order` (suffix not added)."""
+
+PlanFn = Callable[[Selection, StitchedCache, torch.Tensor, int], Plan]
+"""`plan(selection, cache, suffix_rows, budget)` for a budget of at least one token."""
+
+OrderFn = Callable[[Selection, Assemble], list[int] | None]
+"""`order(selection, assemble)`: the chunks' layout order, or None to keep the request order."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    plan: PlanFn | None
+    """None for a method that does not reuse cached KV (`full`)."""
+    order: OrderFn | None = None
+    query_scored: bool = False
+    """Scores tokens by the question's attention (so `reorder_chunks` can use its scores)."""
+    uses_ratio: bool = True
+
+    @property
+    def reuses_cache(self) -> bool:
+        return self.plan is not None
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    assert method.name not in REGISTRY, f"method {method.name!r} registered twice"
+    REGISTRY[method.name] = method
+    return method
+
+
+def get(name: str) -> Method:
+    """The registered method `name` (SelectionConfig has already checked the name)."""
+    return REGISTRY[name]
 
 
 def budget_for(ratio: float, eligible: int) -> int:
@@ -78,46 +155,36 @@ def lexical_relevance(chunks: list[torch.Tensor], query_ids: torch.Tensor) -> to
     return torch.stack([(idf * hit).sum() for hit in present])
 
 
-def _prophet_plus_slots(
-    adapter: ModelAdapter, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int
-) -> torch.Tensor:
-    """ProphetKV with a lexical chunk prior (the engine has already laid the chunks out by that prior, most
-    relevant last, next to the question).
-
-    On small models the query's attention over a stale (reused) cache mostly follows recency, not content: on
-    look-alike documents its per-chunk attention mass picks the answer's chunk no better than chance, so token scores
-    alone spread the budget over look-alike tokens of every chunk. The chunks that share the query's rare tokens are
-    recomputed whole, most relevant first, while they fit in half the budget; ProphetKV's token scores spend the rest.
-    """
-    chunks = [cache.token_ids[s:e] for s, e in cache.chunk_spans]
-    relevance = lexical_relevance(chunks, cache.token_ids[suffix_rows])
-    whole: list[torch.Tensor] = []
-    used = 0
-    for i in torch.sort(relevance, descending=True, stable=True).indices.tolist():
-        start, end = cache.chunk_spans[i]
-        if relevance[i] <= 0 or used + (end - start) > budget // 2:
-            break
-        whole.append(torch.arange(start, end, device=cache.kv.device))
-        used += end - start
-    scores = query_relevance(adapter, cache, suffix_rows, "prophet", None)
-    chosen = torch.cat(whole) if whole else cache.eligible_slots()[:0]
-    scores[chosen - cache.prefix_len] = float("inf")
-    return top_slots(scores, budget, cache.prefix_len)
+def plan(adapter: ModelAdapter, cache: StitchedCache, suffix_rows: torch.Tensor, config: SelectionConfig,
+         selection: Selection | None = None) -> Plan:
+    """The recomputation plan of `config.method` over an assembled cache (any method that reuses cached KV)."""
+    selection = selection or Selection.of_cache(adapter, cache, suffix_rows, config)
+    eligible = cache.eligible_slots()
+    budget = budget_for(config.ratio, int(eligible.numel()))
+    if budget == 0:
+        return Plan(suffix_rows, eligible[:0])
+    return get(config.method).plan(selection, cache, suffix_rows, budget)
 
 
-def _cacheblend_filter(cache: StitchedCache, num_context: int, budget: int) -> RowFilter:
-    """Keep the `budget` context rows whose fresh V deviates most from the reused V, plus every suffix row."""
-
-    def keep(layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        reused = cache.kv[layer, 1, rows[:num_context]].to(torch.float32)
-        deviation = (v[:num_context].to(torch.float32) - reused).square().sum(dim=(1, 2))
-        chosen = top_slots(deviation, budget, 0)
-        return torch.cat([chosen, torch.arange(num_context, rows.numel(), device=rows.device)])
-
-    return keep
+def _selected(slots: torch.Tensor, suffix_rows: torch.Tensor) -> Plan:
+    return Plan(torch.cat([slots, suffix_rows]), slots)
 
 
-def _epic_slots(cache: StitchedCache, budget: int) -> torch.Tensor:
+# ---- the methods --------------------------------------------------------------------------------------------------
+
+
+def _reuse_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int) -> Plan:
+    return _selected(cache.eligible_slots()[:0], suffix_rows)
+
+
+def _random_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int) -> Plan:
+    eligible = cache.eligible_slots()
+    generator = torch.Generator().manual_seed(selection.config.seed)
+    picks = torch.randperm(int(eligible.numel()), generator=generator)[:budget]
+    return _selected(torch.sort(picks).values.to(eligible.device) + cache.prefix_len, suffix_rows)
+
+
+def _epic_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int) -> Plan:
     """The first tokens of every chunk, `budget` in all, spread in proportion to chunk length (EPIC LegoLink)."""
     lengths = torch.tensor([end - start for start, end in cache.chunk_spans])
     eligible = int(lengths.sum())
@@ -127,37 +194,99 @@ def _epic_slots(cache: StitchedCache, budget: int) -> torch.Tensor:
     for i in torch.sort(lengths - quota, descending=True, stable=True).indices[:spare]:
         quota[i] += 1
     slots = [torch.arange(start, start + int(q)) for (start, _), q in zip(cache.chunk_spans, quota, strict=True)]
-    return torch.cat(slots).to(cache.kv.device)
+    return _selected(torch.cat(slots).to(cache.kv.device), suffix_rows)
 
 
-def plan(
-    adapter: ModelAdapter, cache: StitchedCache, suffix_rows: torch.Tensor, config: SelectionConfig
-) -> Plan:
-    """The recomputation plan of `config.method` (anything but `full`, which does not use the stitched cache)."""
+def _cacheblend_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int) -> Plan:
+    """Every context row runs to the check layer; there the `budget` rows whose fresh V deviates most from the
+    reused V stay recomputed, with every suffix row."""
     eligible = cache.eligible_slots()
-    budget = budget_for(config.ratio, int(eligible.numel()))
-    offset = cache.prefix_len
-    method = config.method
-    if method == "cacheblend" and budget > 0:
-        context_rows = torch.cat([eligible, suffix_rows])
-        layer = min(config.cacheblend_check_layer, adapter.spec.num_layers - 1)
-        return Plan(context_rows, None, (layer, _cacheblend_filter(cache, int(eligible.numel()), budget)))
-    if budget == 0 or method in ("reuse", "cacheblend"):
-        selected = eligible[:0]
-    elif method == "random":
-        generator = torch.Generator().manual_seed(config.seed)
-        picks = torch.randperm(int(eligible.numel()), generator=generator)[:budget]
-        selected = torch.sort(picks).values.to(eligible.device) + offset
-    elif method == "epic":
-        selected = _epic_slots(cache, budget)
-    elif method == "prophet_plus":
-        selected = _prophet_plus_slots(adapter, cache, suffix_rows, budget)
-    elif method in ("prophet", "infoflow"):
-        layers = None
-        if method == "infoflow":
-            layers = config.infoflow_layers or default_infoflow_layers(adapter.spec.num_layers)
-        scores = query_relevance(adapter, cache, suffix_rows, method, layers)
-        selected = top_slots(scores, budget, offset)
-    else:
-        raise AssertionError(f"plan() got method {method!r}")
-    return Plan(torch.cat([selected, suffix_rows]), selected)
+    num_context = int(eligible.numel())
+
+    def keep(layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        reused = cache.kv[layer, 1, rows[:num_context]].to(torch.float32)
+        deviation = (v[:num_context].to(torch.float32) - reused).square().sum(dim=(1, 2))
+        chosen = top_slots(deviation, budget, 0)
+        return torch.cat([chosen, torch.arange(num_context, rows.numel(), device=rows.device)])
+
+    layer = min(selection.config.cacheblend_check_layer, selection.adapter.spec.num_layers - 1)
+    return Plan(torch.cat([eligible, suffix_rows]), None, (layer, keep))
+
+
+def _prophet_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int) -> Plan:
+    scores = query_relevance(selection.adapter, cache, suffix_rows, "prophet", None)
+    return _selected(top_slots(scores, budget, cache.prefix_len), suffix_rows)
+
+
+def _infoflow_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int) -> Plan:
+    scores = query_relevance(selection.adapter, cache, suffix_rows, "infoflow", selection.infoflow_layers)
+    return _selected(top_slots(scores, budget, cache.prefix_len), suffix_rows)
+
+
+def _density_order(kind: str) -> OrderFn:
+    """With `reorder_chunks`: chunks by selected-token density, densest last (next to the question), InfoFlow's
+    reordering. Scores come from the parallel geometry, where no chunk is favoured for sitting near the question."""
+
+    def order(selection: Selection, assemble: Assemble) -> list[int] | None:
+        config = selection.config
+        if not config.reorder_chunks:
+            return None
+        identity = list(range(len(selection.chunk_ids)))
+        cache = assemble(identity, False)
+        suffix_rows = cache.append_tokens(selection.suffix_ids.to(cache.kv.device))
+        layers = selection.infoflow_layers if kind == "infoflow" else None
+        with torch.inference_mode():
+            scores = query_relevance(selection.adapter, cache, suffix_rows, kind, layers)
+        budget = budget_for(config.ratio, int(scores.numel()))
+        if budget == 0:
+            return identity
+        chosen = top_slots(scores, budget, cache.prefix_len)
+        density = [float(((chosen >= s) & (chosen < e)).sum()) / (e - s) for s, e in cache.chunk_spans]
+        return sorted(identity, key=lambda i: density[i])
+
+    return order
+
+
+def _lexical_order(selection: Selection, assemble: Assemble) -> list[int]:
+    """The chunks sharing the query's rare tokens go last, next to the question."""
+    relevance = selection.lexical
+    return sorted(range(len(selection.chunk_ids)), key=lambda i: float(relevance[i]))
+
+
+def _prophet_plus_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int) -> Plan:
+    """ProphetKV with a lexical chunk prior (the chunks are already laid out by that prior, most relevant last).
+
+    On small models the query's attention over a stale (reused) cache mostly follows recency, not content: on
+    look-alike documents its per-chunk attention mass picks the answer's chunk no better than chance, so token scores
+    alone spread the budget over look-alike tokens of every chunk. The chunks that share the query's rare tokens are
+    recomputed whole, most relevant first, while they fit in half the budget; ProphetKV's token scores spend the rest.
+    """
+    relevance = selection.lexical[list(cache.order)]  # in layout order
+    whole: list[torch.Tensor] = []
+    used = 0
+    for i in torch.sort(relevance, descending=True, stable=True).indices.tolist():
+        start, end = cache.chunk_spans[i]
+        if relevance[i] <= 0 or used + (end - start) > budget // 2:
+            break
+        whole.append(torch.arange(start, end, device=cache.kv.device))
+        used += end - start
+    scores = query_relevance(selection.adapter, cache, suffix_rows, "prophet", None)
+    chosen = torch.cat(whole) if whole else cache.eligible_slots()[:0]
+    scores[chosen - cache.prefix_len] = float("inf")
+    return _selected(top_slots(scores, budget, cache.prefix_len), suffix_rows)
+
+
+register(Method("full", "plain full prefill over the same ids (the reference)", None, uses_ratio=False))
+register(Method("reuse", "the stitched cached KV as it is, nothing recomputed", _reuse_plan, uses_ratio=False))
+register(Method("cacheblend", "CacheBlend: largest V deviation at the check layer", _cacheblend_plan))
+register(Method("epic", "EPIC LegoLink: the first tokens of every chunk", _epic_plan))
+register(Method("random", "uniformly random tokens (a control)", _random_plan))
+register(Method("prophet", "ProphetKV: the question's attention mass over all layers", _prophet_plan,
+                order=_density_order("prophet"), query_scored=True))
+register(Method("infoflow", "InfoFlow KV: attention norm on a layer subset", _infoflow_plan,
+                order=_density_order("infoflow"), query_scored=True))
+register(Method("prophet_plus", "ProphetKV plus a lexical chunk prior (chunks moved and recomputed whole)",
+                _prophet_plus_plan, order=_lexical_order))
+
+METHODS: tuple[str, ...] = tuple(REGISTRY)
+"""Selection methods, by name, in registration order."""

@@ -11,12 +11,13 @@ and attends with the exact position mask (key position <= query position) over e
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from prophet_rag.kernels import sparse_attention
+from prophet_rag.chunk_kv import ChunkKV
+from prophet_rag.kernels import rope_shift, sparse_attention
 from prophet_rag.model_adapter import ModelAdapter
 
 LayerHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -38,6 +39,8 @@ class StitchedCache:
     prefix_len: int
     chunk_spans: tuple[tuple[int, int], ...]
     """Slot range `[start, end)` of each chunk, in layout order."""
+    order: tuple[int, ...] = ()
+    """`order[i]` is the request index of the chunk at `chunk_spans[i]`."""
 
     @classmethod
     def empty(cls, adapter: ModelAdapter, capacity: int, dtype: torch.dtype) -> StitchedCache:
@@ -73,6 +76,42 @@ class StitchedCache:
         self.token_ids[start:end] = token_ids
         self.length = end
         return torch.arange(start, end, device=self.kv.device)
+
+
+def stitch(adapter: ModelAdapter, prefix: ChunkKV, chunks: Sequence[ChunkKV], order: Sequence[int], capacity: int,
+           dtype: torch.dtype, global_positions: bool = True) -> StitchedCache:
+    """Stitch the exact prefix's KV and the chunks' isolated KV in `order` into a cache of `capacity` slots; the
+    suffix and generated tokens are appended after.
+
+    With `global_positions`, chunk keys are delta-rotated to their slots' positions and layer 0's K/V is
+    recomputed for every chunk token (it depends only on token and position, so this is exact and cheap).
+    Without, each chunk keeps the positions it was computed at (the parallel geometry, where every chunk sits at
+    the same distance from the question: used to score chunks before reordering them).
+    """
+    cache = StitchedCache.empty(adapter, capacity, dtype)
+    cache.append_tokens(prefix.token_ids)
+    cache.kv[:, :, : prefix.num_tokens] = prefix.kv
+    cache.prefix_len = prefix.num_tokens
+    spans, stored = [], []
+    for i in order:
+        chunk = chunks[i]
+        slots = cache.append_tokens(chunk.token_ids)
+        start, end = int(slots[0]), int(slots[-1]) + 1
+        cache.kv[:, :, start:end] = chunk.kv
+        spans.append((start, end))
+        stored.append(chunk.positions)
+    cache.chunk_spans, cache.order = tuple(spans), tuple(order)
+    context = slice(cache.prefix_len, cache.context_end)
+    stored_positions = torch.cat(stored)
+    if global_positions:
+        rope_shift(cache.kv[:, 0, context], cache.positions[context] - stored_positions, adapter.inv_freq)
+        ids, positions = cache.token_ids[context], cache.positions[context]
+        with torch.no_grad():
+            _, k, v = adapter.qkv(0, adapter.embed(ids), positions)
+        cache.kv[0, 0, context], cache.kv[0, 1, context] = k, v
+    else:
+        cache.positions[context] = stored_positions
+    return cache
 
 
 @torch.inference_mode()

@@ -164,8 +164,10 @@ def _prepare_directory(directory: Path) -> Path:
 class KVStore:
     """Chunk KV caches on disk, keyed by `keys.chunk_key`, bounded by `StoreConfig.size_limit_bytes`.
 
-    Safe to share between threads, and between processes that open the same directory.
+    Safe to share between threads, and between processes that open the same directory. A `chunk_cache.KVTier`.
     """
+
+    name = "disk"
 
     def __init__(self, config: StoreConfig):
         self._config = config

@@ -7,6 +7,7 @@ import torch
 
 from prophet_rag.config import SelectionConfig
 from prophet_rag.selectors import budget_for, default_infoflow_layers, lexical_relevance, plan, top_slots
+from prophet_rag.stitched import stitch
 from tiny import CHUNKS, QUERY
 
 METHODS = ("reuse", "random", "epic", "prophet", "infoflow", "cacheblend", "prophet_plus")
@@ -14,8 +15,8 @@ METHODS = ("reuse", "random", "epic", "prophet", "infoflow", "cacheblend", "prop
 
 def _stitched(engine):
     layout = engine.builder.layout(CHUNKS, QUERY)
-    loaded = engine._load(layout)
-    cache = engine._assemble(layout, loaded, [0, 1, 2], layout.total_tokens, global_positions=True)
+    blocks = engine.cache.load(layout)
+    cache = stitch(engine.adapter, blocks.prefix, blocks.chunks, [0, 1, 2], layout.total_tokens, engine.kv_dtype)
     suffix = cache.append_tokens(layout.suffix_ids)
     return cache, suffix
 

@@ -8,13 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prophet_rag import selectors
 from prophet_rag.bench import scoring
 from prophet_rag.bench.tasks import TASKS, Case, load_jsonl
-from prophet_rag.config import METHODS, GenerationConfig, SelectionConfig
+from prophet_rag.config import GenerationConfig, SelectionConfig
 from prophet_rag.errors import InvalidRequestError
-
-RATIO_FREE = ("full", "reuse")
-"""Methods that ignore the ratio: run once per case."""
+from prophet_rag.selectors import METHODS
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,9 @@ class BenchConfig:
         """(method, ratio) pairs run for every case; ratio-free methods once, at ratio 1.0 (full) or 0.0 (reuse)."""
         pairs = []
         for method in self.methods:
-            if method in RATIO_FREE:
-                pairs.append((method, 1.0 if method == "full" else 0.0))
+            entry = selectors.get(method)
+            if not entry.uses_ratio:  # once per case, at ratio 1.0 (full prefill) or 0.0 (nothing recomputed)
+                pairs.append((method, 0.0 if entry.reuses_cache else 1.0))
             else:
                 pairs.extend((method, ratio) for ratio in self.ratios)
         return pairs

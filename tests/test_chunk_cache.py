@@ -1,0 +1,155 @@
+"""The chunk cache over its tiers: lookup order, write-back, compute on a miss, and a new tier as one class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from prophet_rag.chunk_cache import ChunkCache, KVTier, build_tiers
+from prophet_rag.chunk_kv import ChunkKV
+from prophet_rag.codec import EntryMeta
+from prophet_rag.config import GenerationConfig, StoreConfig
+from prophet_rag.hot_cache import HotCache
+from prophet_rag.layout import RequestLayout
+from prophet_rag.store import KVStore
+from tiny import CHUNKS, QUERY
+
+GEN = GenerationConfig(max_new_tokens=4, eos_token_ids=(10**6,))
+META = EntryMeta("model", "tokenizer", "spec")
+
+
+@dataclass(frozen=True)
+class DictStats:
+    gets: int
+    puts: int
+
+
+class DictTier:
+    """A minimal tier: what a third tier (pinned host memory, a remote server) has to provide."""
+
+    def __init__(self, name: str = "dict") -> None:
+        self.name = name
+        self.entries: dict[str, ChunkKV] = {}
+        self.gets = self.puts = 0
+
+    def get(self, key, meta, token_ids):
+        self.gets += 1
+        return self.entries.get(key)
+
+    def put(self, key, chunk, meta):
+        self.puts += 1
+        self.entries[key] = chunk
+        return True
+
+    def contains(self, key):
+        return key in self.entries
+
+    def stats(self):
+        return DictStats(self.gets, self.puts)
+
+    def close(self):
+        self.entries.clear()
+
+
+def _kv(ids: torch.Tensor) -> ChunkKV:
+    n = int(ids.numel())
+    return ChunkKV(ids, torch.arange(1, n + 1), torch.full((2, 2, n, 1, 4), float(ids.sum())))
+
+
+class Computer:
+    def __init__(self) -> None:
+        self.calls: list[list[list[int]]] = []
+
+    def __call__(self, sink, chunks):
+        self.calls.append([c.tolist() for c in chunks])
+        return [_kv(c) for c in chunks]
+
+
+def _layout(*chunks: list[int], prefix=(7, 8)) -> RequestLayout:
+    return RequestLayout(torch.tensor(prefix), tuple(torch.tensor(c) for c in chunks), torch.tensor([9]))
+
+
+def _cache(tiers, compute=None):
+    return ChunkCache(tiers, META, torch.tensor([1]), compute or Computer(), torch.device("cpu"))
+
+
+def test_memory_and_disk_tiers_follow_the_protocol(tmp_path):
+    tiers = build_tiers(StoreConfig(directory=tmp_path / "s"), 1024)
+    assert [tier.name for tier in tiers] == ["memory", "disk"]
+    assert all(isinstance(tier, KVTier) for tier in tiers)
+    assert isinstance(tiers[0], HotCache) and isinstance(tiers[1], KVStore)
+    assert isinstance(DictTier(), KVTier)
+    tiers[1].close()
+
+
+def test_an_open_store_is_used_as_the_disk_tier(tmp_path):
+    store = KVStore(StoreConfig(directory=tmp_path / "s"))
+    assert build_tiers(store, 0)[1] is store
+    store.close()
+
+
+def test_misses_are_computed_once_per_sink_group_and_written_to_every_tier():
+    fast, slow, compute = DictTier("fast"), DictTier("slow"), Computer()
+    cache = _cache([fast, slow], compute)
+    blocks = cache.load(_layout([2, 3], [4, 5, 6], [2, 3]))
+    assert (blocks.hits, blocks.misses) == (0, 2)  # the repeated chunk counts once; the prefix never counts
+    assert compute.calls == [[[7, 8]], [[2, 3], [4, 5, 6]]]  # the prefix behind nothing, then the chunks
+    assert len(fast.entries) == len(slow.entries) == 3
+    assert [c.token_ids.tolist() for c in blocks.chunks] == [[2, 3], [4, 5, 6], [2, 3]]
+
+
+def test_a_hit_in_a_slower_tier_is_written_back_to_the_faster_ones():
+    fast, slow, compute = DictTier("fast"), DictTier("slow"), Computer()
+    layout = _layout([2, 3])
+    _cache([slow], compute).load(layout)
+    cache = _cache([fast, slow], compute)
+    blocks = cache.load(layout)
+    assert (blocks.hits, blocks.misses) == (1, 0)
+    assert len(compute.calls) == 2  # only the first engine computed
+    assert set(fast.entries) == set(slow.entries)
+    fast_gets, slow_gets = fast.gets, slow.gets
+    cache.load(layout)
+    assert (fast.gets - fast_gets, slow.gets - slow_gets) == (2, 0)  # served by the fast tier alone
+
+
+def test_keys_depend_on_the_sink_and_the_tokens():
+    cache = _cache([DictTier()])
+    assert cache.key(torch.tensor([1, 2]), torch.tensor([1])) != cache.key(torch.tensor([1, 2]), torch.tensor([]))
+    assert cache.key(torch.tensor([1, 2]), torch.tensor([1])) != cache.key(torch.tensor([2, 1]), torch.tensor([1]))
+
+
+def test_stats_and_close_reach_every_tier():
+    first, second = DictTier("a"), DictTier("b")
+    cache = _cache([first, second])
+    cache.load(_layout([2]))
+    assert set(cache.stats()) == {"a", "b"}
+    assert cache.stats()["b"].puts == 2
+    cache.close()
+    assert not first.entries and not second.entries
+
+
+def test_tier_names_must_be_unique():
+    with pytest.raises(AssertionError):
+        _cache([DictTier("x"), DictTier("x")])
+
+
+def test_engine_with_a_third_tier_answers_identically(make_engine):
+    plain = make_engine("llama")
+    engine = make_engine("llama")
+    extra = DictTier()
+    engine.cache.tiers.insert(1, extra)
+    first = engine.answer(CHUNKS, QUERY, generation=GEN, return_logits=True)
+    assert len(extra.entries) == len(CHUNKS) + 1
+    engine.cache.tiers[0].clear()
+    second = engine.answer(CHUNKS, QUERY, generation=GEN, return_logits=True)
+    reference = plain.answer(CHUNKS, QUERY, generation=GEN, return_logits=True)
+    assert second.stats.cache_hits == len(CHUNKS)
+    assert first.token_ids == second.token_ids == reference.token_ids
+    torch.testing.assert_close(second.first_token_logits, reference.first_token_logits, rtol=0, atol=0)
+
+
+def test_engine_exposes_its_context_window(make_engine):
+    engine = make_engine("llama")
+    assert engine.context_window == engine.adapter.spec.max_positions == 512
