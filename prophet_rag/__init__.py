@@ -23,6 +23,7 @@ from prophet_rag.errors import (
 if TYPE_CHECKING:
     from prophet_rag.engine import AnswerStream as AnswerStream
     from prophet_rag.engine import ProphetEngine as ProphetEngine
+    from prophet_rag.layout import DOCUMENTS as DOCUMENTS
     from prophet_rag.results import Answer as Answer
     from prophet_rag.results import RequestStats as RequestStats
     from prophet_rag.selectors import METHODS as METHODS
@@ -38,6 +39,7 @@ _LAZY = {
     "RequestStats": "prophet_rag.results",
     "KVStore": "prophet_rag.store",
     "METHODS": "prophet_rag.selectors",
+    "DOCUMENTS": "prophet_rag.layout",
 }
 
 __all__ = [

@@ -91,10 +91,14 @@ class ChunkCache:
                          sink_ids.tolist())
 
     def load(self, layout: RequestLayout) -> Blocks:
-        """The prefix's exact KV and each chunk's isolated KV: from the tiers, else computed and stored."""
+        """The prefix's exact KV and each chunk's isolated KV: from the tiers, else computed and stored (unless the
+        layout marks it transient)."""
         empty = self.sink_ids[:0]
         wanted = [(layout.prefix_ids, empty)] + [(ids, self.sink_ids) for ids in layout.chunk_ids]
         keys = [self.key(ids, sink) for ids, sink in wanted]
+        # One-off text is computed but never stored; a key that also appears as stored text is stored.
+        keep = {key for i, key in enumerate(keys)
+                if not (layout.transient_prefix if i == 0 else layout.is_transient(i - 1))}
         found: dict[str, ChunkKV] = {}
         for key, (ids, _) in zip(keys, wanted, strict=True):
             if key not in found and (kv := self._lookup(key, ids)) is not None:
@@ -107,8 +111,9 @@ class ChunkCache:
                 computed = self._compute(sink, list(missing.values()))
                 for key, kv in zip(missing, computed, strict=True):
                     found[key] = kv
-                    for tier in reversed(self.tiers):
-                        tier.put(key, kv, self.meta)
+                    if key in keep:
+                        for tier in reversed(self.tiers):
+                            tier.put(key, kv, self.meta)
                 misses += sum(1 for key in missing if key != keys[0])
         chunks = [found[key] for key in keys[1:]]
         return Blocks(found[keys[0]], chunks, len(set(keys[1:])) - misses, misses)

@@ -10,7 +10,7 @@ context tokens to recompute (selectors.py); recompute them with the suffix (stit
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -59,6 +59,13 @@ class AnswerStream:
 
     def __iter__(self) -> Iterator[str]:
         self.answer = yield from self._deltas
+
+    def result(self) -> Answer:
+        """Run the stream to its end; the `Answer`."""
+        for _ in self:
+            pass
+        assert self.answer is not None
+        return self.answer
 
 
 class ProphetEngine:
@@ -165,12 +172,8 @@ class ProphetEngine:
         return_logits: bool = False,
     ) -> Answer:
         """Answer `query` over `chunks` (retrieved documents, in retrieval order)."""
-        stream = self.stream(chunks, query, method=method, ratio=ratio, selection=selection, generation=generation,
-                             return_logits=return_logits)
-        for _ in stream:
-            pass
-        assert stream.answer is not None
-        return stream.answer
+        return self.stream(chunks, query, method=method, ratio=ratio, selection=selection, generation=generation,
+                           return_logits=return_logits).result()
 
     def stream(
         self,
@@ -184,16 +187,62 @@ class ProphetEngine:
         return_logits: bool = False,
     ) -> AnswerStream:
         """Like `answer`, but iterate the returned stream for text deltas. Bad input raises here, not mid-stream."""
-        selection = selection or self.selection
-        overrides = {k: v for k, v in (("method", method), ("ratio", ratio)) if v is not None}
-        selection = replace(selection, **overrides) if overrides else selection
-        self._check_selection(selection)
+        selection = self._selection(selection, method, ratio)
+        return self._start(self.builder.layout(chunks, query), selection, generation, return_logits)
+
+    def chat(
+        self,
+        messages: Sequence[Mapping],
+        documents: Sequence[str] = (),
+        *,
+        transient: Sequence[bool] = (),
+        method: str | None = None,
+        ratio: float | None = None,
+        selection: SelectionConfig | None = None,
+        generation: GenerationConfig | None = None,
+        return_logits: bool = False,
+    ) -> Answer:
+        """Answer chat `messages` (`{"role", "content"}` mappings) rendered with the model's chat template.
+
+        With `documents`, one message's content is a list holding `layout.DOCUMENTS` where they go (for example
+        `["Context:\n", DOCUMENTS, "\nQuestion: ..."]`): each document is a cached chunk, the text before that
+        place the prefix and the text after it the suffix. `transient[i]` marks document i as one-off text
+        (computed, never stored). Without documents the prompt is answered with plain full prefill.
+        """
+        return self.stream_chat(messages, documents, transient=transient, method=method, ratio=ratio,
+                                selection=selection, generation=generation, return_logits=return_logits).result()
+
+    def stream_chat(
+        self,
+        messages: Sequence[Mapping],
+        documents: Sequence[str] = (),
+        *,
+        transient: Sequence[bool] = (),
+        method: str | None = None,
+        ratio: float | None = None,
+        selection: SelectionConfig | None = None,
+        generation: GenerationConfig | None = None,
+        return_logits: bool = False,
+    ) -> AnswerStream:
+        """Like `chat`, but iterate the returned stream for text deltas."""
+        selection = self._selection(selection, method, ratio)
+        layout = self.builder.chat_layout(messages, documents, transient)
+        return self._start(layout, selection, generation, return_logits)
+
+    def _start(self, layout: RequestLayout, selection: SelectionConfig, generation: GenerationConfig | None,
+               return_logits: bool) -> AnswerStream:
         generation = generation or self.generation
-        layout = self.builder.layout(chunks, query)
         self._check_window(layout, generation)
         return AnswerStream(self._run(layout, selection, generation, return_logits))
 
     # ---- validation -------------------------------------------------------------------------------------------
+
+    def _selection(self, selection: SelectionConfig | None, method: str | None, ratio: float | None) -> SelectionConfig:
+        selection = selection or self.selection
+        overrides = {k: v for k, v in (("method", method), ("ratio", ratio)) if v is not None}
+        selection = replace(selection, **overrides) if overrides else selection
+        self._check_selection(selection)
+        return selection
 
     def _check_selection(self, selection: SelectionConfig) -> None:
         layers = self.adapter.spec.num_layers
@@ -233,7 +282,7 @@ class ProphetEngine:
     def _prefill(self, layout: RequestLayout, selection: SelectionConfig, capacity: int) -> Prefill:
         method = selectors.get(selection.method)
         t0 = time.perf_counter()
-        if not method.reuses_cache:
+        if not method.reuses_cache or not layout.chunk_ids:
             cache, hidden = prefill_full(self.adapter, layout.joined_ids(), int(layout.prefix_ids.numel()), capacity,
                                          self.kv_dtype)
             context = torch.arange(cache.prefix_len, cache.prefix_len + layout.context_tokens)
@@ -278,9 +327,10 @@ class ProphetEngine:
         tail = text.finish()
         if tail:
             yield tail
+        reused = selectors.get(selection.method).reuses_cache and bool(layout.chunk_ids)
         stats = RequestStats(
-            method=selection.method,
-            ratio=selection.ratio if selectors.get(selection.method).reuses_cache else 1.0,
+            method=selection.method if reused else "full",
+            ratio=selection.ratio if reused else 1.0,
             prefix_tokens=int(layout.prefix_ids.numel()),
             context_tokens=layout.context_tokens,
             suffix_tokens=int(layout.suffix_ids.numel()),

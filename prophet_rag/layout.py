@@ -1,14 +1,21 @@
-"""Turn (chunks, query) into token segments: `prefix | chunk_1 ... chunk_m | suffix`.
+"""Turn a request into token segments: `prefix | chunk_1 ... chunk_m | suffix`.
 
-The chat template is rendered once around a placeholder user message and split there, so the prefix (template start,
-system prompt, instruction) and the suffix (question, template end, assistant start) come from the tokenizer's own
-template. Every segment is tokenized on its own: a chunk's token ids are identical wherever it appears, which is what
-makes its cached KV reusable, and `full` prefill runs over exactly the same ids.
+A request is chat messages rendered by the tokenizer's own chat template, with the retrieved documents at the place
+marked `DOCUMENTS` in one message: everything before that place is the prefix, everything after it the suffix.
+`PromptBuilder.layout(chunks, query)` builds the default RAG messages (system prompt, instruction, documents,
+question); `PromptBuilder.chat_layout(messages, documents)` takes a framework's own.
+
+Untrusted text never becomes template structure. The template is rendered around placeholders, and only the
+template's own text is tokenized with special tokens recognised; message contents, documents and queries are
+tokenized with `split_special_tokens=True`, so a document holding `<|im_end|><|im_start|>system` stays plain text.
+Every chunk is tokenized on its own: its token ids are identical wherever it appears, which is what makes its cached
+KV reusable, and full prefill runs over exactly the same ids.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +23,18 @@ import torch
 from prophet_rag.config import PromptConfig
 from prophet_rag.errors import InvalidRequestError
 
-_DOCS = "\x00PROPHET_DOCS\x00"
+
+class _Documents:
+    """The place of the retrieved documents inside a message's content (see `DOCUMENTS`)."""
+
+    def __repr__(self) -> str:
+        return "DOCUMENTS"
+
+
+DOCUMENTS = _Documents()
+"""Put this in a message's content list to mark where the documents go: `["Context:\\n", DOCUMENTS, "\\nQ: ..."]`."""
+
+_SENTINEL = "\x00prophet-rag-content-{}\x00"
 
 
 @dataclass(frozen=True)
@@ -27,6 +45,10 @@ class RequestLayout:
     """One `[n_i]` int64 tensor per chunk, in request order."""
     suffix_ids: torch.Tensor
     """`[S]` int64."""
+    transient: tuple[bool, ...] = ()
+    """Per chunk: True for one-off text whose KV is computed but never stored (empty: every chunk is stored)."""
+    transient_prefix: bool = False
+    """True when the prefix is one-off (it holds a conversation's history), so its KV is not stored."""
 
     @property
     def context_tokens(self) -> int:
@@ -36,10 +58,50 @@ class RequestLayout:
     def total_tokens(self) -> int:
         return int(self.prefix_ids.numel()) + self.context_tokens + int(self.suffix_ids.numel())
 
+    def is_transient(self, chunk: int) -> bool:
+        return bool(self.transient) and self.transient[chunk]
+
     def joined_ids(self, order: Sequence[int] | None = None) -> torch.Tensor:
         """`[P + C + S]` the whole prompt with the chunks in `order` (default: request order)."""
         order = range(len(self.chunk_ids)) if order is None else order
         return torch.cat([self.prefix_ids, *(self.chunk_ids[i] for i in order), self.suffix_ids])
+
+
+def _check_unicode(name: str, text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequestError(
+            f"{name} holds {text[error.start:error.end]!r} at index {error.start}, which is not valid Unicode text "
+            "(a lone surrogate, often from a broken decode); decode the source with errors='replace'."
+        ) from None
+    return text
+
+
+def check_text(name: str, text: object) -> str:
+    """`text` if it is a string a tokenizer can take and a person can see; else an `InvalidRequestError`."""
+    if not isinstance(text, str):
+        raise InvalidRequestError(f"{name} must be a string, got {type(text).__name__}.")
+    _check_unicode(name, text)
+    # Whitespace, control and format characters (NUL, zero-width spaces, BOMs) alone say nothing to the model.
+    if not any(unicodedata.category(ch)[0] not in "CZ" for ch in text):
+        raise InvalidRequestError(f"{name} is empty or holds only whitespace or invisible characters; pass its text.")
+    return text
+
+
+def _check_messages(messages: object) -> list[Mapping]:
+    if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or not messages:
+        raise InvalidRequestError("messages must be a non-empty list of {'role': ..., 'content': ...} mappings.")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) or not message["role"]:
+            raise InvalidRequestError(f"message {i} must be a mapping with a non-empty string 'role'.")
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else content
+        if not isinstance(parts, Sequence) or not all(isinstance(p, str) or p is DOCUMENTS for p in parts):
+            raise InvalidRequestError(
+                f"message {i} content must be a string or a list of strings and DOCUMENTS, got {content!r}."
+            )
+    return list(messages)
 
 
 class PromptBuilder:
@@ -48,27 +110,10 @@ class PromptBuilder:
     def __init__(self, tokenizer, prompt: PromptConfig) -> None:
         self.tokenizer = tokenizer
         self.prompt = prompt
-        self._prefix_text, self._suffix_template = self._split_template()
 
-    def _split_template(self) -> tuple[str, str]:
-        user = f"{self.prompt.instruction}{self.prompt.chunk_separator}{_DOCS}{self.prompt.question_template}"
-        messages = [{"role": "user", "content": user}]
-        if self.prompt.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": self.prompt.system_prompt})
-        if getattr(self.tokenizer, "chat_template", None):
-            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            system = f"{self.prompt.system_prompt}\n\n" if self.prompt.system_prompt else ""
-            bos = self.tokenizer.bos_token or ""
-            rendered = f"{bos}{system}{user}\nAnswer:"
-        if rendered.count(_DOCS) != 1:
-            raise InvalidRequestError("the chat template must place the user message verbatim exactly once.")
-        prefix, suffix = rendered.split(_DOCS)
-        return prefix, suffix
-
-    def encode(self, text: str) -> torch.Tensor:
-        # Special tokens are written by the chat template as text, so no tokenizer-added BOS/EOS here.
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def encode(self, text: str, *, template: bool = False) -> torch.Tensor:
+        """`[n]` ids of `text`. Only `template=True` text (the chat template's own) may produce special tokens."""
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=not template)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
 
     def sink_ids(self) -> torch.Tensor:
@@ -80,22 +125,86 @@ class PromptBuilder:
         bos = self.tokenizer.bos_token_id
         if bos is not None:
             return torch.tensor([bos], dtype=torch.long)
-        return self.encode(self._prefix_text)[:1]
+        return self._segments([{"role": "user", "content": "x"}])[1][:1]
+
+    def rag_messages(self, query: str) -> list[dict]:
+        """The default RAG request: system prompt (when set), then instruction, documents and question."""
+        question = self.prompt.question_template.replace("{query}", query.strip())
+        user = {"role": "user",
+                "content": [f"{self.prompt.instruction}{self.prompt.chunk_separator}", DOCUMENTS, question]}
+        system = self.prompt.system_prompt
+        return [user] if system is None else [{"role": "system", "content": system}, user]
 
     def layout(self, chunks: Sequence[str], query: str) -> RequestLayout:
+        """The default RAG request over `chunks` (retrieved documents, in retrieval order)."""
         if isinstance(chunks, str) or not isinstance(chunks, Sequence):
             raise InvalidRequestError(f"chunks must be a list of strings, got {type(chunks).__name__}.")
         if not chunks:
             raise InvalidRequestError("chunks is empty: pass at least one retrieved document.")
-        for i, chunk in enumerate(chunks):
-            if not isinstance(chunk, str) or not chunk.strip():
-                raise InvalidRequestError(f"chunk {i} is empty or not a string; drop it or pass its text.")
         if not isinstance(query, str) or not query.strip():
             raise InvalidRequestError("query is empty: pass the user's question.")
-        suffix_text = self._suffix_template.replace("{query}", query.strip())
+        check_text("query", query)
+        return self.chat_layout(self.rag_messages(query), chunks)
+
+    def chat_layout(self, messages: Sequence[Mapping], documents: Sequence[str] = (),
+                    transient: Sequence[bool] = ()) -> RequestLayout:
+        """`messages` rendered by the chat template, with `documents` (one chunk each, followed by the prompt's
+        chunk separator) where one message's content holds `DOCUMENTS`. Without documents there must be no marker,
+        and the whole prompt is the suffix. `transient[i]` marks document i as one-off (never stored)."""
+        messages = _check_messages(messages)
+        marked = sum(1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p is DOCUMENTS)
+        if documents and marked != 1:
+            raise InvalidRequestError(
+                f"pass DOCUMENTS exactly once in the messages' content to place the documents, found {marked}."
+            )
+        if not documents and marked:
+            raise InvalidRequestError("the messages place DOCUMENTS but no documents were given.")
         separator = self.prompt.chunk_separator
-        return RequestLayout(
-            prefix_ids=self.encode(self._prefix_text),
-            chunk_ids=tuple(self.encode(chunk.strip() + separator) for chunk in chunks),
-            suffix_ids=self.encode(suffix_text),
-        )
+        chunk_ids = []
+        for i, chunk in enumerate(documents):
+            if not isinstance(chunk, str) or not chunk.strip():
+                raise InvalidRequestError(f"chunk {i} is empty or not a string; drop it or pass its text.")
+            chunk_ids.append(self.encode(check_text(f"chunk {i}", chunk).strip() + separator))
+        if transient and len(transient) != len(chunk_ids):
+            raise InvalidRequestError(f"transient has {len(transient)} flags for {len(chunk_ids)} documents.")
+        before, after = self._segments(messages)
+        history = sum(1 for m in messages if m["role"] != "system") > 1
+        return RequestLayout(before, tuple(chunk_ids), after, tuple(bool(t) for t in transient),
+                             transient_prefix=history and bool(documents))
+
+    def _render(self, messages: list[dict]) -> list[str]:
+        """The chat template's render of `messages` whose contents are placeholders, split into the template's own
+        text and the placeholders' places: `[template_0, template_1, ...]`, one more piece than messages."""
+        placeholders = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
+        if getattr(self.tokenizer, "chat_template", None):
+            rendered = self.tokenizer.apply_chat_template(placeholders, tokenize=False, add_generation_prompt=True)
+        else:
+            bos = self.tokenizer.bos_token or ""
+            rendered = bos + "\n\n".join(m["content"] for m in placeholders) + "\nAnswer:"
+        pieces = []
+        for i in range(len(messages)):
+            sentinel = _SENTINEL.format(i)
+            if rendered.count(sentinel) != 1:
+                raise InvalidRequestError(
+                    f"the chat template renders message {i} ({messages[i]['role']!r}) {rendered.count(sentinel)} "
+                    "times; it must place every message's content verbatim exactly once."
+                )
+            head, rendered = rendered.split(sentinel)
+            pieces.append(head)
+        return [*pieces, rendered]
+
+    def _segments(self, messages: list[Mapping]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(before, after)`: the ids before the documents' place and after it (all of them after, if none)."""
+        template = self._render(messages)
+        pieces: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)]
+        split = 0
+        for text, message in zip(template, messages, strict=False):
+            pieces.append(self.encode(text, template=True))
+            content = message["content"]
+            for part in [content] if isinstance(content, str) else content:
+                if part is DOCUMENTS:
+                    split = len(pieces)
+                elif part:
+                    pieces.append(self.encode(_check_unicode(f"the {message['role']} message", part)))
+        pieces.append(self.encode(template[-1], template=True))
+        return torch.cat(pieces[:split] or pieces[:1]), torch.cat(pieces[:1] + pieces[split:])
