@@ -2,9 +2,10 @@
 
 A tier is one class behind the `KVTier` protocol; `build_tiers` is the one list of them, fastest first: the
 in-memory tier (`hot_cache.HotCache`, on the model's device) and the persistent disk store (`store.KVStore`). A
-lookup walks the tiers in order; a hit is copied to the model's device and written back into the faster tiers
-that missed it; a chunk no tier holds is computed (isolated prefill) and written to every tier. The cache owns the
-key derivation and the entry metadata, so a tier only stores and checks what it is handed.
+lookup walks the tiers in order and the tier that holds the chunk writes it straight into its slots of the request's
+stitched cache (or hands its tensors over to be copied there); the faster tiers that missed it get a copy; a chunk no
+tier holds is computed (isolated prefill), copied into its slots and written to every tier. The cache owns the key
+derivation and the entry metadata, so a tier only stores and checks what it is handed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,28 @@ from prophet_rag.codec import EntryMeta
 from prophet_rag.config import StoreConfig
 from prophet_rag.keys import chunk_key
 from prophet_rag.layout import RequestLayout
+from prophet_rag.stitched import StitchedCache
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """One segment's KV as a tier is asked for it: the store key and what the key was derived from."""
+
+    key: str
+    token_ids: torch.Tensor
+    """`[T]` int64 on the CPU: the segment's tokens."""
+    sink_ids: torch.Tensor
+    """`[s]` int64 on the CPU: the tokens it was computed behind (empty for the exact prefix)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.numel())
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """`[T]` the positions its keys were computed at: right after the sink."""
+        start = int(self.sink_ids.numel())
+        return torch.arange(start, start + self.num_tokens)
 
 
 @runtime_checkable
@@ -29,11 +52,17 @@ class KVTier(Protocol):
 
     name: str
 
-    def get(self, key: str, meta: EntryMeta, token_ids: torch.Tensor) -> ChunkKV | None:
-        """The chunk stored under `key`, checked against `meta` and `token_ids`, or None."""
+    def get(self, ref: ChunkRef, meta: EntryMeta, out: torch.Tensor | None = None) -> ChunkKV | None:
+        """The chunk `ref` names, checked against `ref` and `meta` (model, layout, shapes), or None.
 
-    def put(self, key: str, chunk: ChunkKV, meta: EntryMeta) -> bool:
-        """Keep `chunk` under `key`; True when the key now holds an entry."""
+        `out` is where the caller will put the KV, `[L, 2, T, H_kv, D]` in `meta`'s dtype on the model's device,
+        typically a view of the request's stitched cache. A tier that reads or converts the KV anyway writes it
+        there and returns a `ChunkKV` whose `kv` is `out`; a tier that holds the KV ready returns its own tensors.
+        """
+
+    def put(self, ref: ChunkRef, chunk: ChunkKV, meta: EntryMeta) -> bool:
+        """Keep `chunk` under `ref.key`; True when the key now holds an entry. `chunk` stays the caller's: a tier
+        that keeps tensors keeps copies of views it does not own."""
 
     def contains(self, key: str) -> bool: ...
 
@@ -57,14 +86,8 @@ def build_tiers(store: StoreConfig | KVTier | None, hot_cache_bytes: int) -> lis
     return [hot, disk]
 
 
-@dataclass
-class Blocks:
-    """The KV of a request's segments, on the model's device."""
-
-    prefix: ChunkKV
-    """The exact prefix, computed behind nothing."""
-    chunks: list[ChunkKV]
-    """Each chunk's isolated KV, in request order."""
+@dataclass(frozen=True)
+class LoadStats:
     hits: int
     misses: int
     """Distinct chunks found in a tier / computed (the prefix does not count)."""
@@ -73,59 +96,92 @@ class Blocks:
 class ChunkCache:
     """Chunk KV for the segments of request layouts, over `tiers` (fastest first)."""
 
-    def __init__(self, tiers: Sequence[KVTier], meta: EntryMeta, sink_ids: torch.Tensor, compute: Compute,
-                 device: torch.device) -> None:
+    def __init__(self, tiers: Sequence[KVTier], meta: EntryMeta, sink_ids: torch.Tensor, compute: Compute) -> None:
         names = [tier.name for tier in tiers]
         assert len(set(names)) == len(names), f"tier names must be unique, got {names}"
         self.tiers = list(tiers)
         self.meta = meta
         self.sink_ids = sink_ids
         self._compute = compute
-        self._device = device
 
     def tier(self, name: str) -> KVTier:
         return next(tier for tier in self.tiers if tier.name == name)
 
-    def key(self, token_ids: torch.Tensor, sink_ids: torch.Tensor) -> str:
-        return chunk_key(self.meta.model_fp, self.meta.tokenizer_fp, self.meta.kv_spec, token_ids.tolist(),
-                         sink_ids.tolist())
+    def ref(self, token_ids: torch.Tensor, sink_ids: torch.Tensor) -> ChunkRef:
+        key = chunk_key(self.meta.model_fp, self.meta.tokenizer_fp, self.meta.kv_spec, token_ids.tolist(),
+                        sink_ids.tolist())
+        return ChunkRef(key, token_ids.cpu(), sink_ids.cpu())
 
-    def load(self, layout: RequestLayout) -> Blocks:
-        """The prefix's exact KV and each chunk's isolated KV: from the tiers, else computed and stored (unless the
-        layout marks it transient)."""
+    def load(self, layout: RequestLayout, cache: StitchedCache) -> LoadStats:
+        """Fill `cache`'s prefix and chunk slots (laid out by `stitched_layout` for `layout`) with the prefix's
+        exact KV and each chunk's isolated KV: from the tiers, else computed and stored (unless the layout marks
+        it transient)."""
         empty = self.sink_ids[:0]
-        wanted = [(layout.prefix_ids, empty)] + [(ids, self.sink_ids) for ids in layout.chunk_ids]
-        keys = [self.key(ids, sink) for ids, sink in wanted]
-        # One-off text is computed but never stored; a key that also appears as stored text is stored.
-        keep = {key for i, key in enumerate(keys)
-                if not (layout.transient_prefix if i == 0 else layout.is_transient(i - 1))}
-        found: dict[str, ChunkKV] = {}
-        for key, (ids, _) in zip(keys, wanted, strict=True):
-            if key not in found and (kv := self._lookup(key, ids)) is not None:
-                found[key] = kv
-        misses = 0
+        slot_of = {i: span for span, i in zip(cache.chunk_spans, cache.order, strict=True)}
+        wanted = [(self.ref(layout.prefix_ids, empty), (0, cache.prefix_len), not layout.transient_prefix)]
+        wanted += [(self.ref(ids, self.sink_ids), slot_of[i], not layout.is_transient(i))
+                   for i, ids in enumerate(layout.chunk_ids)]
+        filled: dict[str, torch.Tensor] = {}
+        keep: set[str] = set()
+        missing: dict[str, tuple[ChunkRef, list[torch.Tensor]]] = {}
+        for ref, (start, end), store in wanted:
+            out = cache.kv[:, :, start:end]
+            if store:
+                keep.add(ref.key)  # a key that also appears as stored text is stored
+            if ref.key in filled:
+                out.copy_(filled[ref.key])
+            elif ref.key in missing:
+                missing[ref.key][1].append(out)
+            elif (kv := self._lookup(ref, out)) is not None:
+                if kv.kv is not out:
+                    out.copy_(kv.kv)
+                filled[ref.key] = out
+            else:
+                missing[ref.key] = (ref, [out])
+        prefix_key = wanted[0][0].key
         for sink in (empty, self.sink_ids):
-            missing = {key: ids for key, (ids, s) in zip(keys, wanted, strict=True)
-                       if key not in found and s.numel() == sink.numel()}
-            if missing:
-                computed = self._compute(sink, list(missing.values()))
-                for key, kv in zip(missing, computed, strict=True):
-                    found[key] = kv
-                    if key in keep:
-                        for tier in reversed(self.tiers):
-                            tier.put(key, kv, self.meta)
-                misses += sum(1 for key in missing if key != keys[0])
-        chunks = [found[key] for key in keys[1:]]
-        return Blocks(found[keys[0]], chunks, len(set(keys[1:])) - misses, misses)
+            group = [(ref, outs) for ref, outs in missing.values() if ref.sink_ids.numel() == sink.numel()]
+            if not group:
+                continue
+            computed = self._compute(sink, [ref.token_ids for ref, _ in group])
+            for (ref, outs), chunk in zip(group, computed, strict=True):
+                for out in outs:
+                    out.copy_(chunk.kv)
+                if ref.key in keep:
+                    for tier in reversed(self.tiers):
+                        tier.put(ref, chunk, self.meta)
+        chunk_keys = {ref.key for ref, _, _ in wanted[1:]}
+        misses = len(chunk_keys & (set(missing) - {prefix_key}))
+        return LoadStats(len(chunk_keys) - misses, misses)
 
-    def _lookup(self, key: str, token_ids: torch.Tensor) -> ChunkKV | None:
+    def ingest(self, chunk_ids: Sequence[torch.Tensor], batch_tokens: int = 32768) -> int:
+        """Compute and store every chunk no tier holds, `batch_tokens` tokens of chunks at a time (so a corpus
+        never sits in memory at once); returns how many were computed."""
+        refs = {ref.key: ref for ref in (self.ref(ids, self.sink_ids) for ids in chunk_ids)}
+        missing = [ref for ref in refs.values() if not any(tier.contains(ref.key) for tier in self.tiers)]
+        start = 0
+        while start < len(missing):
+            end, tokens = start, 0
+            while end < len(missing) and (end == start or tokens + missing[end].num_tokens <= batch_tokens):
+                tokens += missing[end].num_tokens
+                end += 1
+            batch = missing[start:end]
+            for ref, chunk in zip(batch, self._compute(self.sink_ids, [r.token_ids for r in batch]), strict=True):
+                for tier in reversed(self.tiers):
+                    tier.put(ref, chunk, self.meta)
+            start = end
+        return len(missing)
+
+    def _lookup(self, ref: ChunkRef, out: torch.Tensor) -> ChunkKV | None:
         for depth, tier in enumerate(self.tiers):
-            kv = tier.get(key, self.meta, token_ids)
+            kv = tier.get(ref, self.meta, out)
             if kv is None:
                 continue
-            kv = kv.to(self._device)
-            for faster in self.tiers[:depth]:
-                faster.put(key, kv, self.meta)
+            if depth:
+                # The faster tiers keep what they are given: never a view of the request's cache.
+                kept = kv if kv.kv is not out else ChunkKV(kv.token_ids, kv.positions, out.clone())
+                for faster in self.tiers[:depth]:
+                    faster.put(ref, kept, self.meta)
             return kv
         return None
 

@@ -17,7 +17,7 @@ from functools import partial
 import torch
 
 from prophet_rag import selectors
-from prophet_rag.chunk_cache import ChunkCache, build_tiers
+from prophet_rag.chunk_cache import ChunkCache, LoadStats, build_tiers
 from prophet_rag.codec import EntryMeta
 from prophet_rag.config import GenerationConfig, PromptConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import ContextWindowError, InvalidRequestError
@@ -28,7 +28,7 @@ from prophet_rag.layout import PromptBuilder, RequestLayout
 from prophet_rag.model_adapter import ModelAdapter
 from prophet_rag.prefill import prefill_full, prefill_isolated
 from prophet_rag.results import Answer, RequestStats
-from prophet_rag.stitched import StitchedCache, forward_rows, stitch
+from prophet_rag.stitched import StitchedCache, forward_rows, reposition, stitched_layout
 from prophet_rag.store import KVStore
 
 
@@ -101,8 +101,7 @@ class ProphetEngine:
         self.sink_ids = self.builder.sink_ids()
         meta = EntryMeta(model_fingerprint(model), tokenizer_fingerprint(tokenizer), kv_spec(self.kv_dtype))
         compute = partial(prefill_isolated, self.adapter, kv_dtype=self.kv_dtype)
-        self.cache = ChunkCache(build_tiers(store, hot_cache_bytes), meta, self.sink_ids, compute,
-                                self.adapter.device)
+        self.cache = ChunkCache(build_tiers(store, hot_cache_bytes), meta, self.sink_ids, compute)
         self._check_selection(self.selection)
 
     @classmethod
@@ -158,7 +157,8 @@ class ProphetEngine:
         """Compute and store the KV of every chunk not stored yet; returns how many were computed."""
         layout = self.builder.layout(chunks, "ingest")
         self._check_chunk_lengths(layout)
-        return self.cache.load(layout).misses
+        with torch.inference_mode():
+            return self.cache.ingest(layout.chunk_ids)
 
     def answer(
         self,
@@ -278,6 +278,15 @@ class ProphetEngine:
 
     # ---- the request pipeline ---------------------------------------------------------------------------------
 
+    def _assemble(self, layout: RequestLayout, order: Sequence[int], capacity: int,
+                  global_positions: bool = True) -> tuple[StitchedCache, LoadStats]:
+        """The request's stitched cache with its chunks in `order`, every block filled from the chunk cache and
+        placed (see `stitched.reposition`); the suffix is not added yet."""
+        cache = stitched_layout(self.adapter, layout.prefix_ids, layout.chunk_ids, order, capacity, self.kv_dtype)
+        loaded = self.cache.load(layout, cache)
+        reposition(self.adapter, cache, int(self.sink_ids.numel()), global_positions)
+        return cache, loaded
+
     @torch.inference_mode()
     def _prefill(self, layout: RequestLayout, selection: SelectionConfig, capacity: int) -> Prefill:
         method = selectors.get(selection.method)
@@ -288,24 +297,32 @@ class ProphetEngine:
             context = torch.arange(cache.prefix_len, cache.prefix_len + layout.context_tokens)
             return Prefill(cache, hidden, context, tuple(range(len(layout.chunk_ids))), 0.0, 0.0, 0.0,
                            time.perf_counter() - t0, 0, 0)
-        blocks = self.cache.load(layout)
-        t1 = time.perf_counter()
         request = selectors.Selection(self.adapter, selection, layout.chunk_ids, layout.suffix_ids)
+        first_load: list[LoadStats] = []
 
         def assemble(order: Sequence[int], global_positions: bool) -> StitchedCache:
-            return stitch(self.adapter, blocks.prefix, blocks.chunks, order, capacity, self.kv_dtype, global_positions)
+            cache, loaded = self._assemble(layout, order, capacity, global_positions)
+            first_load.append(loaded)
+            return cache
 
         order = method.order(request, assemble) if method.order else None
-        cache = assemble(range(len(layout.chunk_ids)) if order is None else order, True)
-        suffix_rows = cache.append_tokens(layout.suffix_ids.to(self.adapter.device))
+        t1 = time.perf_counter()
+        cache = stitched_layout(self.adapter, layout.prefix_ids, layout.chunk_ids,
+                                range(len(layout.chunk_ids)) if order is None else order, capacity, self.kv_dtype)
+        loaded = (first_load or [self.cache.load(layout, cache)])[0]
+        if first_load:  # an ordering step assembled the blocks once already; these reads are all hits
+            self.cache.load(layout, cache)
         t2 = time.perf_counter()
-        plan = selectors.plan(self.adapter, cache, suffix_rows, selection, request)
+        reposition(self.adapter, cache, int(self.sink_ids.numel()))
+        suffix_rows = cache.append_tokens(layout.suffix_ids.to(self.adapter.device))
         t3 = time.perf_counter()
-        hidden, rows = forward_rows(self.adapter, cache, plan.rows, row_filter=plan.row_filter)
+        plan = selectors.plan(self.adapter, cache, suffix_rows, selection, request)
         t4 = time.perf_counter()
+        hidden, rows = forward_rows(self.adapter, cache, plan.rows, row_filter=plan.row_filter)
+        t5 = time.perf_counter()
         selected = plan.selected if plan.selected is not None else rows[rows < cache.context_end]
-        return Prefill(cache, hidden, selected, cache.order, t1 - t0, t2 - t1, t3 - t2, t4 - t3, blocks.hits,
-                       blocks.misses)
+        return Prefill(cache, hidden, selected, cache.order, t2 - t1, (t1 - t0) + (t3 - t2), t4 - t3, t5 - t4,
+                       loaded.hits, loaded.misses)
 
     def _run(self, layout: RequestLayout, selection: SelectionConfig, generation: GenerationConfig,
              return_logits: bool) -> Iterator[str]:

@@ -12,11 +12,15 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from prophet_rag.chunk_kv import ChunkKV
 from prophet_rag.codec import EntryMeta
+
+if TYPE_CHECKING:
+    from prophet_rag.chunk_cache import ChunkRef
 from prophet_rag.errors import InvalidRequestError
 
 
@@ -56,26 +60,27 @@ class HotCache:
     def nbytes(self) -> int:
         return self._nbytes
 
-    def get(self, key: str, meta: EntryMeta | None = None, token_ids: torch.Tensor | None = None) -> ChunkKV | None:
+    def get(self, ref: ChunkRef, meta: EntryMeta | None = None, out: torch.Tensor | None = None) -> ChunkKV | None:
+        """The entry itself (the caller copies it where it needs it), or None."""
         with self._lock:
-            kv = self._entries.get(key)
+            kv = self._entries.get(ref.key)
             if kv is None:
                 self._misses += 1
             else:
                 self._hits += 1
-                self._entries.move_to_end(key)
+                self._entries.move_to_end(ref.key)
             return kv
 
-    def put(self, key: str, kv: ChunkKV, meta: EntryMeta | None = None) -> bool:
+    def put(self, ref: ChunkRef, kv: ChunkKV, meta: EntryMeta | None = None) -> bool:
         """Keep `kv`, evicting the least recently used entries to stay within the limit; an entry larger than the
         whole limit is not kept."""
         if kv.nbytes > self.limit_bytes:
             return False
         with self._lock:
-            old = self._entries.pop(key, None)
+            old = self._entries.pop(ref.key, None)
             if old is not None:
                 self._nbytes -= old.nbytes
-            self._entries[key] = kv
+            self._entries[ref.key] = kv
             self._nbytes += kv.nbytes
             while self._nbytes > self.limit_bytes:
                 _, evicted = self._entries.popitem(last=False)

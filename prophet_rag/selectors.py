@@ -65,7 +65,8 @@ class Selection:
 
 
 Assemble = Callable[[Sequence[int], bool], StitchedCache]
-"""`assemble(order, global_positions)`: the request's stitched cache with its chunks in `order` (suffix not added)."""
+"""`assemble(order, global_positions)`: the request's stitched cache with its chunks in `order`, filled and placed
+(suffix not added)."""
 
 PlanFn = Callable[[Selection, StitchedCache, torch.Tensor, int], Plan]
 """`plan(selection, cache, suffix_rows, budget)` for a budget of at least one token."""

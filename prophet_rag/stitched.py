@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from prophet_rag.chunk_kv import ChunkKV
 from prophet_rag.kernels import rope_shift, sparse_attention
 from prophet_rag.model_adapter import ModelAdapter
 
@@ -78,40 +77,40 @@ class StitchedCache:
         return torch.arange(start, end, device=self.kv.device)
 
 
-def stitch(adapter: ModelAdapter, prefix: ChunkKV, chunks: Sequence[ChunkKV], order: Sequence[int], capacity: int,
-           dtype: torch.dtype, global_positions: bool = True) -> StitchedCache:
-    """Stitch the exact prefix's KV and the chunks' isolated KV in `order` into a cache of `capacity` slots; the
-    suffix and generated tokens are appended after.
+def stitched_layout(adapter: ModelAdapter, prefix_ids: torch.Tensor, chunk_ids: Sequence[torch.Tensor],
+                    order: Sequence[int], capacity: int, dtype: torch.dtype) -> StitchedCache:
+    """A cache of `capacity` slots holding the prefix and the chunks in `order`, tokens and spans set, KV not yet
+    filled (the chunk cache writes each block into its slots); the suffix and generated tokens are appended after."""
+    cache = StitchedCache.empty(adapter, capacity, dtype)
+    cache.append_tokens(prefix_ids.to(adapter.device))
+    cache.prefix_len = int(prefix_ids.numel())
+    spans = []
+    for i in order:
+        slots = cache.append_tokens(chunk_ids[i].to(adapter.device))
+        spans.append((int(slots[0]), int(slots[-1]) + 1))
+    cache.chunk_spans, cache.order = tuple(spans), tuple(order)
+    return cache
+
+
+def reposition(adapter: ModelAdapter, cache: StitchedCache, sink_len: int, global_positions: bool = True) -> None:
+    """Place filled chunk blocks, each computed at positions `sink_len ... sink_len + n - 1`, in the request.
 
     With `global_positions`, chunk keys are delta-rotated to their slots' positions and layer 0's K/V is
     recomputed for every chunk token (it depends only on token and position, so this is exact and cheap).
     Without, each chunk keeps the positions it was computed at (the parallel geometry, where every chunk sits at
     the same distance from the question: used to score chunks before reordering them).
     """
-    cache = StitchedCache.empty(adapter, capacity, dtype)
-    cache.append_tokens(prefix.token_ids)
-    cache.kv[:, :, : prefix.num_tokens] = prefix.kv
-    cache.prefix_len = prefix.num_tokens
-    spans, stored = [], []
-    for i in order:
-        chunk = chunks[i]
-        slots = cache.append_tokens(chunk.token_ids)
-        start, end = int(slots[0]), int(slots[-1]) + 1
-        cache.kv[:, :, start:end] = chunk.kv
-        spans.append((start, end))
-        stored.append(chunk.positions)
-    cache.chunk_spans, cache.order = tuple(spans), tuple(order)
     context = slice(cache.prefix_len, cache.context_end)
-    stored_positions = torch.cat(stored)
-    if global_positions:
-        rope_shift(cache.kv[:, 0, context], cache.positions[context] - stored_positions, adapter.inv_freq)
-        ids, positions = cache.token_ids[context], cache.positions[context]
-        with torch.no_grad():
-            _, k, v = adapter.qkv(0, adapter.embed(ids), positions)
-        cache.kv[0, 0, context], cache.kv[0, 1, context] = k, v
-    else:
-        cache.positions[context] = stored_positions
-    return cache
+    stored = torch.cat([torch.arange(sink_len, sink_len + end - start, device=cache.positions.device)
+                        for start, end in cache.chunk_spans])
+    if not global_positions:
+        cache.positions[context] = stored
+        return
+    rope_shift(cache.kv[:, 0, context], cache.positions[context] - stored, adapter.inv_freq)
+    ids, positions = cache.token_ids[context], cache.positions[context]
+    with torch.no_grad():
+        _, k, v = adapter.qkv(0, adapter.embed(ids), positions)
+    cache.kv[0, 0, context], cache.kv[0, 1, context] = k, v
 
 
 @torch.inference_mode()

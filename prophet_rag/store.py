@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import diskcache
 import torch
@@ -33,6 +34,9 @@ from diskcache.core import EVICTION_POLICY, MODE_BINARY, MODE_RAW, MODE_TEXT, UN
 
 from prophet_rag import codec
 from prophet_rag.chunk_kv import ChunkKV
+
+if TYPE_CHECKING:
+    from prophet_rag.chunk_cache import ChunkRef
 from prophet_rag.codec import EntryMeta
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import CacheCorruptionError, IncompatibleCacheError, StoreError
@@ -197,11 +201,15 @@ class KVStore:
     def directory(self) -> Path:
         return self._directory
 
-    def get(self, key: str, meta: EntryMeta, token_ids: torch.Tensor | None = None) -> ChunkKV | None:
-        """The chunk stored under `key`, checked against `meta` (and `token_ids`, when given), or None.
+    def get(self, key: str | ChunkRef, meta: EntryMeta, token_ids: torch.Tensor | None = None,
+            out: torch.Tensor | None = None) -> ChunkKV | None:
+        """The chunk stored under `key`, checked against `meta` (and `token_ids`, when given), or None; with `out`,
+        its KV is copied there. A `ChunkRef` gives the key and the token ids to check.
 
         A damaged or incompatible entry is deleted so the recomputed chunk can be stored again.
         """
+        if hasattr(key, "key"):
+            key, token_ids = key.key, key.token_ids
         try:
             data = self._read(key)
             chunk = None if data is None else codec.decode(data, meta, token_ids)
@@ -221,10 +229,14 @@ class KVStore:
             self._count(misses=1)
             return None
         self._count(hits=1, bytes_read=len(data))
+        if out is not None:
+            out.copy_(chunk.kv)
+            chunk = ChunkKV(chunk.token_ids, chunk.positions, out)
         return chunk
 
-    def put(self, key: str, chunk: ChunkKV, meta: EntryMeta) -> bool:
+    def put(self, key: str | ChunkRef, chunk: ChunkKV, meta: EntryMeta) -> bool:
         """Store `chunk` under `key` unless an entry is already there. True when the key now holds an entry."""
+        key = getattr(key, "key", key)
         try:
             # Content-addressed: an existing entry is this chunk. Checking first saves encoding and writing
             # a large value file that `add` would throw away.

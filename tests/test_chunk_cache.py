@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from prophet_rag.chunk_cache import ChunkCache, KVTier, build_tiers
+from prophet_rag.chunk_cache import ChunkCache, ChunkRef, KVTier, build_tiers
 from prophet_rag.chunk_kv import ChunkKV
 from prophet_rag.codec import EntryMeta
 from prophet_rag.config import GenerationConfig, StoreConfig
 from prophet_rag.hot_cache import HotCache
 from prophet_rag.layout import RequestLayout
+from prophet_rag.stitched import StitchedCache
 from prophet_rag.store import KVStore
 from tiny import CHUNKS, QUERY
 
@@ -34,13 +35,13 @@ class DictTier:
         self.entries: dict[str, ChunkKV] = {}
         self.gets = self.puts = 0
 
-    def get(self, key, meta, token_ids):
+    def get(self, ref, meta, out=None):
         self.gets += 1
-        return self.entries.get(key)
+        return self.entries.get(ref.key)
 
-    def put(self, key, chunk, meta):
+    def put(self, ref, chunk, meta):
         self.puts += 1
-        self.entries[key] = chunk
+        self.entries[ref.key] = chunk
         return True
 
     def contains(self, key):
@@ -53,9 +54,9 @@ class DictTier:
         self.entries.clear()
 
 
-def _kv(ids: torch.Tensor) -> ChunkKV:
+def _kv(ids: torch.Tensor, start: int = 1) -> ChunkKV:
     n = int(ids.numel())
-    return ChunkKV(ids, torch.arange(1, n + 1), torch.full((2, 2, n, 1, 4), float(ids.sum())))
+    return ChunkKV(ids, torch.arange(start, start + n), torch.full((2, 2, n, 1, 4), float(ids.sum())))
 
 
 class Computer:
@@ -64,7 +65,7 @@ class Computer:
 
     def __call__(self, sink, chunks):
         self.calls.append([c.tolist() for c in chunks])
-        return [_kv(c) for c in chunks]
+        return [_kv(c, int(sink.numel())) for c in chunks]
 
 
 def _layout(*chunks: list[int], prefix=(7, 8)) -> RequestLayout:
@@ -72,7 +73,22 @@ def _layout(*chunks: list[int], prefix=(7, 8)) -> RequestLayout:
 
 
 def _cache(tiers, compute=None):
-    return ChunkCache(tiers, META, torch.tensor([1]), compute or Computer(), torch.device("cpu"))
+    return ChunkCache(tiers, META, torch.tensor([1]), compute or Computer())
+
+
+def _load(cache: ChunkCache, layout: RequestLayout):
+    """Fill a stand-in stitched cache (2 layers, 1 KV head, head_dim 4) and return it with the load counts."""
+    stitched = StitchedCache(torch.full((2, 2, layout.total_tokens, 1, 4), float("nan")),
+                             torch.zeros(layout.total_tokens, dtype=torch.long), torch.arange(layout.total_tokens),
+                             0, 0, ())
+    stitched.append_tokens(layout.prefix_ids)
+    stitched.prefix_len = int(layout.prefix_ids.numel())
+    spans = []
+    for ids in layout.chunk_ids:
+        slots = stitched.append_tokens(ids)
+        spans.append((int(slots[0]), int(slots[-1]) + 1))
+    stitched.chunk_spans, stitched.order = tuple(spans), tuple(range(len(spans)))
+    return stitched, cache.load(layout, stitched)
 
 
 def test_memory_and_disk_tiers_follow_the_protocol(tmp_path):
@@ -93,37 +109,69 @@ def test_an_open_store_is_used_as_the_disk_tier(tmp_path):
 def test_misses_are_computed_once_per_sink_group_and_written_to_every_tier():
     fast, slow, compute = DictTier("fast"), DictTier("slow"), Computer()
     cache = _cache([fast, slow], compute)
-    blocks = cache.load(_layout([2, 3], [4, 5, 6], [2, 3]))
-    assert (blocks.hits, blocks.misses) == (0, 2)  # the repeated chunk counts once; the prefix never counts
+    stitched, loaded = _load(cache, _layout([2, 3], [4, 5, 6], [2, 3]))
+    assert (loaded.hits, loaded.misses) == (0, 2)  # the repeated chunk counts once; the prefix never counts
     assert compute.calls == [[[7, 8]], [[2, 3], [4, 5, 6]]]  # the prefix behind nothing, then the chunks
     assert len(fast.entries) == len(slow.entries) == 3
-    assert [c.token_ids.tolist() for c in blocks.chunks] == [[2, 3], [4, 5, 6], [2, 3]]
+    # Every slot is filled with its block: prefix (sum 15), chunks (5, 15, 5), nothing left unset.
+    assert stitched.kv[0, 0, :9, 0, 0].tolist() == [15, 15, 5, 5, 15, 15, 15, 5, 5]
 
 
 def test_a_hit_in_a_slower_tier_is_written_back_to_the_faster_ones():
     fast, slow, compute = DictTier("fast"), DictTier("slow"), Computer()
     layout = _layout([2, 3])
-    _cache([slow], compute).load(layout)
+    _load(_cache([slow], compute), layout)
     cache = _cache([fast, slow], compute)
-    blocks = cache.load(layout)
-    assert (blocks.hits, blocks.misses) == (1, 0)
-    assert len(compute.calls) == 2  # only the first engine computed
+    _, loaded = _load(cache, layout)
+    assert (loaded.hits, loaded.misses) == (1, 0)
+    assert len(compute.calls) == 2  # only the first load computed
     assert set(fast.entries) == set(slow.entries)
     fast_gets, slow_gets = fast.gets, slow.gets
-    cache.load(layout)
+    _load(cache, layout)
     assert (fast.gets - fast_gets, slow.gets - slow_gets) == (2, 0)  # served by the fast tier alone
 
 
-def test_keys_depend_on_the_sink_and_the_tokens():
+class OutTier(DictTier):
+    """A tier that writes into the caller's slots, as the disk store does."""
+
+    def get(self, ref, meta, out=None):
+        chunk = super().get(ref, meta)
+        if chunk is None or out is None:
+            return chunk
+        out.copy_(chunk.kv)
+        return ChunkKV(chunk.token_ids, chunk.positions, out)
+
+
+def test_write_back_from_a_tier_that_filled_the_slots_is_a_copy():
+    fast, slow = DictTier("fast"), OutTier("slow")
+    layout = _layout([2, 3])
+    _load(_cache([slow]), layout)
+    stitched, _ = _load(_cache([fast, slow]), layout)
+    kept = next(iter(fast.entries.values()))
+    stitched.kv.fill_(-1.0)  # the request goes on to change its cache (re-rotation)
+    assert bool((kept.kv >= 0).all())
+
+
+def test_refs_carry_what_the_key_was_derived_from():
     cache = _cache([DictTier()])
-    assert cache.key(torch.tensor([1, 2]), torch.tensor([1])) != cache.key(torch.tensor([1, 2]), torch.tensor([]))
-    assert cache.key(torch.tensor([1, 2]), torch.tensor([1])) != cache.key(torch.tensor([2, 1]), torch.tensor([1]))
+    ref = cache.ref(torch.tensor([4, 5, 6]), torch.tensor([1]))
+    assert isinstance(ref, ChunkRef) and ref.positions.tolist() == [1, 2, 3] and ref.num_tokens == 3
+    assert ref.key != cache.ref(torch.tensor([4, 5, 6]), torch.tensor([], dtype=torch.long)).key
+    assert ref.key != cache.ref(torch.tensor([6, 5, 4]), torch.tensor([1])).key
+
+
+def test_ingest_computes_only_what_no_tier_holds_in_bounded_batches():
+    tier, compute = DictTier(), Computer()
+    cache = _cache([tier], compute)
+    assert cache.ingest([torch.tensor([2, 3]), torch.tensor([4, 5]), torch.tensor([2, 3])], batch_tokens=2) == 2
+    assert compute.calls == [[[2, 3]], [[4, 5]]]
+    assert cache.ingest([torch.tensor([2, 3]), torch.tensor([6])]) == 1
 
 
 def test_stats_and_close_reach_every_tier():
     first, second = DictTier("a"), DictTier("b")
     cache = _cache([first, second])
-    cache.load(_layout([2]))
+    _load(cache, _layout([2]))
     assert set(cache.stats()) == {"a", "b"}
     assert cache.stats()["b"].puts == 2
     cache.close()

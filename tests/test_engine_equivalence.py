@@ -71,14 +71,13 @@ def test_prophet_partial_recompute_moves_towards_full(make_engine):
 
 def test_recomputed_token_ignores_later_tokens(make_engine):
     """A recomputed token's K/V must not depend on anything after it (exact position mask)."""
-    from prophet_rag.stitched import forward_rows, stitch
+    from prophet_rag.stitched import forward_rows
 
     engine = make_engine("llama")
 
     def first_chunk_kv(last_chunk: str) -> torch.Tensor:
         layout = engine.builder.layout([CHUNKS[0], CHUNKS[1], last_chunk], QUERY)
-        blocks = engine.cache.load(layout)
-        cache = stitch(engine.adapter, blocks.prefix, blocks.chunks, [0, 1, 2], layout.total_tokens, engine.kv_dtype)
+        cache, _ = engine._assemble(layout, [0, 1, 2], layout.total_tokens)
         cache.append_tokens(layout.suffix_ids)
         start, end = cache.chunk_spans[0]
         rows = torch.arange(start, end)  # recompute the first chunk only; later chunks stay in the cache

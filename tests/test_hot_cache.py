@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prophet_rag.chunk_cache import ChunkRef
 from prophet_rag.chunk_kv import ChunkKV
 from prophet_rag.config import GenerationConfig
 from prophet_rag.errors import InvalidRequestError
@@ -12,6 +13,10 @@ from prophet_rag.hot_cache import HotCache
 from tiny import CHUNKS, QUERY
 
 GEN = GenerationConfig(max_new_tokens=4, eos_token_ids=(10**6,))
+
+
+def _ref(key: str) -> ChunkRef:
+    return ChunkRef(key, torch.arange(1), torch.arange(0))
 
 
 def _kv(tokens: int) -> ChunkKV:
@@ -26,49 +31,49 @@ def test_entry_size_is_what_the_bound_counts():
 def test_get_returns_what_was_put():
     cache = HotCache(1000)
     kv = _kv(2)
-    cache.put("a", kv)
-    assert cache.get("a") is kv
-    assert cache.get("b") is None
+    cache.put(_ref("a"), kv)
+    assert cache.get(_ref("a")) is kv
+    assert cache.get(_ref("b")) is None
 
 
 def test_least_recently_used_entry_is_evicted_first():
     cache = HotCache(500)
-    cache.put("a", _kv(2))
-    cache.put("b", _kv(2))
-    cache.get("a")  # "b" is now the least recently used
-    cache.put("c", _kv(2))
-    assert cache.get("b") is None
-    assert cache.get("a") is not None and cache.get("c") is not None
+    cache.put(_ref("a"), _kv(2))
+    cache.put(_ref("b"), _kv(2))
+    cache.get(_ref("a"))  # "b" is now the least recently used
+    cache.put(_ref("c"), _kv(2))
+    assert cache.get(_ref("b")) is None
+    assert cache.get(_ref("a")) is not None and cache.get(_ref("c")) is not None
     assert cache.nbytes == 400 and len(cache) == 2
 
 
 def test_bytes_never_exceed_the_limit():
     cache = HotCache(1000)
     for i in range(20):
-        cache.put(str(i), _kv(1 + i % 4))
+        cache.put(_ref(str(i)), _kv(1 + i % 4))
         assert cache.nbytes <= 1000
-    assert cache.nbytes == sum(cache.get(k).nbytes for k in list(cache._entries))
+    assert cache.nbytes == sum(cache.get(_ref(k)).nbytes for k in list(cache._entries))
 
 
 def test_an_entry_larger_than_the_limit_is_not_kept():
     cache = HotCache(250)
-    cache.put("small", _kv(1))
-    cache.put("big", _kv(3))
-    assert cache.get("big") is None
-    assert cache.get("small") is not None
+    cache.put(_ref("small"), _kv(1))
+    cache.put(_ref("big"), _kv(3))
+    assert cache.get(_ref("big")) is None
+    assert cache.get(_ref("small")) is not None
 
 
 def test_putting_a_key_again_replaces_it_without_double_counting():
     cache = HotCache(1000)
-    cache.put("a", _kv(2))
-    cache.put("a", _kv(3))
+    cache.put(_ref("a"), _kv(2))
+    cache.put(_ref("a"), _kv(3))
     assert cache.nbytes == 300 and len(cache) == 1
 
 
 def test_zero_limit_keeps_nothing():
     cache = HotCache(0)
-    cache.put("a", _kv(1))
-    assert len(cache) == 0 and cache.get("a") is None
+    cache.put(_ref("a"), _kv(1))
+    assert len(cache) == 0 and cache.get(_ref("a")) is None
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "1GB"])
@@ -111,4 +116,4 @@ def test_memory_tier_entries_are_not_changed_by_requests(make_engine):
     before = {key: kv.kv.clone() for key, kv in engine.hot._entries.items()}
     engine.answer(list(reversed(CHUNKS)), QUERY, generation=GEN)  # other positions: keys are re-rotated
     for key, kv in before.items():
-        assert torch.equal(engine.hot.get(key).kv, kv)
+        assert torch.equal(engine.hot.get(_ref(key)).kv, kv)

@@ -7,7 +7,6 @@ import torch
 
 from prophet_rag.config import SelectionConfig
 from prophet_rag.selectors import budget_for, default_infoflow_layers, lexical_relevance, plan, top_slots
-from prophet_rag.stitched import stitch
 from tiny import CHUNKS, QUERY
 
 METHODS = ("reuse", "random", "epic", "prophet", "infoflow", "cacheblend", "prophet_plus")
@@ -15,8 +14,7 @@ METHODS = ("reuse", "random", "epic", "prophet", "infoflow", "cacheblend", "prop
 
 def _stitched(engine):
     layout = engine.builder.layout(CHUNKS, QUERY)
-    blocks = engine.cache.load(layout)
-    cache = stitch(engine.adapter, blocks.prefix, blocks.chunks, [0, 1, 2], layout.total_tokens, engine.kv_dtype)
+    cache, _ = engine._assemble(layout, [0, 1, 2], layout.total_tokens)
     suffix = cache.append_tokens(layout.suffix_ids)
     return cache, suffix
 
