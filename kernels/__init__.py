@@ -20,7 +20,7 @@ import torch
 
 from .query_scores import query_scores_ref
 from .rope_shift import rope_shift_ref
-from .sparse_attention import sparse_attention_ref
+from .sparse_attention import AttentionPlan, plan_attention, sparse_attention_ref
 
 BACKENDS = ("torch", "triton")
 _forced: str | None = None
@@ -87,6 +87,14 @@ def query_scores(
     return query_scores_ref(q, k, scale, prophet_out, norm_out)
 
 
+def attention_plan(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> AttentionPlan | None:
+    """What `sparse_attention` can work out once for rows and keys that stay the same across layers (the torch
+    path's blocks and masks); None when the backend needs nothing."""
+    if backend_for(q_pos) == "triton":
+        return None
+    return plan_attention(q_pos, k_pos, dtype)
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -94,10 +102,12 @@ def sparse_attention(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
     scale: float,
+    plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
-    """Attention of rows `[R, Hq, D]` at positions `q_pos` over keys `[N, Hkv, D]`, key_pos <= query_pos."""
+    """Attention of rows `[R, Hq, D]` at positions `q_pos` over keys `[N, Hkv, D]`, key_pos <= query_pos.
+    `plan` is `attention_plan(q_pos, k_pos, q.dtype)`, for callers that attend the same rows in every layer."""
     if backend_for(q) == "triton":
         from .sparse_attention import sparse_attention_triton
 
         return sparse_attention_triton(q, k, v, q_pos, k_pos, scale)
-    return sparse_attention_ref(q, k, v, q_pos, k_pos, scale)
+    return sparse_attention_ref(q, k, v, q_pos, k_pos, scale, plan)

@@ -6,6 +6,8 @@ and LMCache use a bottom-right aligned causal mask here, which lets recomputed t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +16,57 @@ from .rope_shift import lazy_jit, next_pow2
 tl = None  # triton.language, bound by lazy_jit at the first launch (see rope_shift)
 
 
-_QUERY_BLOCK = 64
+_QUERY_BLOCK = 256
+"""Rows per attention call of the torch path: larger blocks mean fewer calls, smaller ones less masked-out work.
+256 was fastest on a 2-core CPU for ProphetKV's rows at 4K tokens (0.18 s against 0.26 s at 64)."""
+
+
+@dataclass(frozen=True)
+class _Block:
+    rows: slice | torch.Tensor
+    """The block's rows: a slice when the rows are already in position order, else their indices."""
+    keys: int
+    """The block attends over keys `[:keys]`."""
+    mask: torch.Tensor | None
+    """Additive `[rows, keys]` mask (0 where visible, -inf where not), or None when every row sees every key."""
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How `sparse_attention_ref` attends a fixed set of rows over fixed keys.
+
+    Positions do not change between layers, so the blocks, their key ranges and their masks are worked out once per
+    forward pass and reused by every layer.
+    """
+
+    causal: bool
+    """Rows are every key, in order at positions `0..N-1`: one plain causal attention."""
+    blocks: tuple[_Block, ...] = ()
+
+
+def plan_attention(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype,
+                   block_rows: int = _QUERY_BLOCK) -> AttentionPlan:
+    """The plan for rows at `q_pos` `[rows]` over keys at `k_pos` `[keys]`, masks in `dtype` (the queries'),
+    `block_rows` rows per attention call."""
+    rows, keys = q_pos.numel(), k_pos.numel()
+    if rows == keys and torch.equal(q_pos, k_pos) and torch.equal(k_pos, torch.arange(keys, device=k_pos.device)):
+        return AttentionPlan(causal=True)
+    keys_sorted = keys < 2 or bool((k_pos[1:] >= k_pos[:-1]).all())
+    rows_sorted = rows < 2 or bool((q_pos[1:] >= q_pos[:-1]).all())
+    order = None if rows_sorted else torch.argsort(q_pos, stable=True)
+    blocks = []
+    for start in range(0, rows, block_rows):
+        end = min(start + block_rows, rows)
+        selection = slice(start, end) if order is None else order[start:end]
+        pos = q_pos[selection]
+        # With keys sorted by position, a block of rows only needs the keys up to its last position.
+        n = int(torch.searchsorted(k_pos, pos.max(), right=True)) if keys_sorted else keys
+        visible = k_pos[None, :n] <= pos[:, None]
+        mask = None
+        if not bool(visible.all()):
+            mask = torch.zeros(visible.shape, dtype=dtype, device=q_pos.device).masked_fill_(~visible, float("-inf"))
+        blocks.append(_Block(selection, n, mask))
+    return AttentionPlan(causal=False, blocks=tuple(blocks))
 
 
 def sparse_attention_ref(
@@ -24,32 +76,27 @@ def sparse_attention_ref(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
     scale: float,
+    plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
     """Masked attention output.
 
     q: `[rows, q_heads, head_dim]`; k, v: `[keys, kv_heads, head_dim]`; q_pos: `[rows]`; k_pos: `[keys]` (integers).
-    Returns `[rows, q_heads, head_dim]` in q's dtype. Every row must see at least one key.
+    Returns `[rows, q_heads, head_dim]` in q's dtype. Every row must see at least one key. `plan` is
+    `plan_attention(q_pos, k_pos, q.dtype)`, made here when not given.
     """
-    rows, keys = q.shape[0], k.shape[0]
-    kt, vt = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-    if rows == keys and torch.equal(q_pos, k_pos) and torch.equal(k_pos, torch.arange(keys, device=k_pos.device)):
+    plan = plan or plan_attention(q_pos, k_pos, q.dtype)
+    # [1, heads, tokens, head_dim], contiguous once per call rather than once per block.
+    kt, vt = k.transpose(0, 1).contiguous()[None], v.transpose(0, 1).contiguous()[None]
+    if plan.causal:
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kt, vt, is_causal=True, scale=scale,
                                              enable_gqa=True)
         return out[0].transpose(0, 1).contiguous()
     out = torch.empty_like(q)
-    keys_sorted = keys < 2 or bool((k_pos[1:] >= k_pos[:-1]).all())
-    order = torch.argsort(q_pos, stable=True)
-    for start in range(0, rows, _QUERY_BLOCK):
-        idx = order[start : start + _QUERY_BLOCK]
-        pos = q_pos[idx]
-        # With keys sorted by position, a block of rows only needs the keys up to its last position.
-        n = int(torch.searchsorted(k_pos, pos.max(), right=True)) if keys_sorted else keys
-        mask = k_pos[None, :n] <= pos[:, None]
-        qb = q[idx].transpose(0, 1)[None]
-        ob = F.scaled_dot_product_attention(
-            qb, kt[:, :, :n], vt[:, :, :n], attn_mask=mask, scale=scale, enable_gqa=True
-        )
-        out[idx] = ob[0].transpose(0, 1)
+    for block in plan.blocks:
+        qb = q[block.rows].transpose(0, 1)[None]
+        ob = F.scaled_dot_product_attention(qb, kt[:, :, : block.keys], vt[:, :, : block.keys], attn_mask=block.mask,
+                                            scale=scale, enable_gqa=True)
+        out[block.rows] = ob[0].transpose(0, 1)
     return out
 
 

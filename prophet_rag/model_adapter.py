@@ -114,28 +114,42 @@ class ModelAdapter:
         """`[..., rows]` ids -> `[..., rows, hidden]`."""
         return self.body.embed_tokens(token_ids)
 
-    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate `[..., rows, heads, head_dim]` to `positions` `[..., rows]`, exactly as transformers does."""
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(cos, sin)` `[..., rows, 1, head_dim]` in `dtype` for `positions` `[..., rows]`, as transformers makes
+        them; the same for every layer, so a pass over the layers makes them once."""
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @staticmethod
+    def rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate `[..., rows, heads, head_dim]` by `rope_tables`, exactly as transformers does."""
+        cos, sin = tables
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def qkv(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor):
-        """Post-RoPE q `[..., rows, Hq, D]` and k, v `[..., rows, Hkv, D]` of `layer` for `hidden`
-        `[..., rows, hidden]`."""
+    def _projected(self, layer: int, hidden: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
         block = self.layers[layer]
-        attn = block.self_attn
         h = block.input_layernorm(hidden)
         lead = h.shape[:-1]
-        q = attn.q_proj(h).view(*lead, -1, self.spec.head_dim)
-        k = attn.k_proj(h).view(*lead, -1, self.spec.head_dim)
-        v = attn.v_proj(h).view(*lead, -1, self.spec.head_dim)
+        return [getattr(block.self_attn, name)(h).view(*lead, -1, self.spec.head_dim) for name in names]
+
+    def qkv(self, layer: int, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """Post-RoPE q `[..., rows, Hq, D]` and k, v `[..., rows, Hkv, D]` of `layer` for `hidden`
+        `[..., rows, hidden]`; `rope` is `rope_tables` of the rows' positions."""
+        q, k, v = self._projected(layer, hidden, ("q_proj", "k_proj", "v_proj"))
         if self.has_qk_norm:
+            attn = self.layers[layer].self_attn
             q, k = attn.q_norm(q), attn.k_norm(k)
-        return self.rope(q, positions), self.rope(k, positions), v
+        return self.rope(q, rope), self.rope(k, rope), v
+
+    def kv(self, layer: int, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """Post-RoPE k and v of `layer` alone, for rows whose queries are not needed (the layer-0 repair)."""
+        k, v = self._projected(layer, hidden, ("k_proj", "v_proj"))
+        if self.has_qk_norm:
+            k = self.layers[layer].self_attn.k_norm(k)
+        return self.rope(k, rope), v
 
     def finish_layer(self, layer: int, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Residual stream after `layer`, given its input `hidden` and attention output `[..., rows, Hq, D]`."""

@@ -30,8 +30,9 @@ def _prefill_batch(adapter: ModelAdapter, ids: torch.Tensor, kv_dtype: torch.dty
     kv = torch.empty(spec.num_layers, 2, batch, length, spec.num_kv_heads, spec.head_dim, dtype=kv_dtype,
                      device=ids.device)
     hidden = adapter.embed(ids)
+    rope = adapter.rope_tables(positions, hidden.dtype)
     for layer in range(spec.num_layers):
-        q, k, v = adapter.qkv(layer, hidden, positions)
+        q, k, v = adapter.qkv(layer, hidden, rope)
         kv[layer, 0], kv[layer, 1] = k, v
         if layer == spec.num_layers - 1:
             break  # the last layer's output is not needed, only its K/V

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prophet_rag.kernels import rope_shift, sparse_attention
+from prophet_rag.kernels import attention_plan, rope_shift, sparse_attention
 from prophet_rag.model_adapter import ModelAdapter
 
 LayerHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -109,7 +109,8 @@ def reposition(adapter: ModelAdapter, cache: StitchedCache, sink_len: int, globa
     rope_shift(cache.kv[:, 0, context], cache.positions[context] - stored, adapter.inv_freq)
     ids, positions = cache.token_ids[context], cache.positions[context]
     with torch.no_grad():
-        _, k, v = adapter.qkv(0, adapter.embed(ids), positions)
+        hidden = adapter.embed(ids)
+        k, v = adapter.kv(0, hidden, adapter.rope_tables(positions, hidden.dtype))
     cache.kv[0, 0, context], cache.kv[0, 1, context] = k, v
 
 
@@ -133,17 +134,22 @@ def forward_rows(
     keys_v = cache.kv[:, 1, :n]
     hidden = adapter.embed(cache.token_ids[rows])
     row_pos = positions[rows]
+    # Positions are the same in every layer: RoPE tables and the attention plan are worked out once.
+    rope = adapter.rope_tables(row_pos, hidden.dtype)
+    plan = attention_plan(row_pos, positions, hidden.dtype)
     stop = adapter.spec.num_layers - 1 if last_layer is None else last_layer
     for layer in range(stop + 1):
-        q, k, v = adapter.qkv(layer, hidden, row_pos)
+        q, k, v = adapter.qkv(layer, hidden, rope)
         if row_filter is not None and row_filter[0] == layer:
             keep = row_filter[1](layer, rows, k, v)
             cache.kv[layer, 0, rows], cache.kv[layer, 1, rows] = k, v
             rows, row_pos, hidden, q = rows[keep], row_pos[keep], hidden[keep], q[keep]
+            rope = adapter.rope_tables(row_pos, hidden.dtype)
+            plan = attention_plan(row_pos, positions, hidden.dtype)
         else:
             cache.kv[layer, 0, rows], cache.kv[layer, 1, rows] = k, v
         if hook is not None:
             hook(layer, rows, q)
-        out = sparse_attention(q, keys_k[layer], keys_v[layer], row_pos, positions, adapter.scale)
+        out = sparse_attention(q, keys_k[layer], keys_v[layer], row_pos, positions, adapter.scale, plan)
         hidden = adapter.finish_layer(layer, hidden, out)
     return hidden, rows

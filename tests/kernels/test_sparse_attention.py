@@ -107,3 +107,57 @@ def test_dispatch_runs_triton_when_forced(device, monkeypatch, assert_close):
         out = sparse_attention(q, k, v, q_pos, k_pos, 0.2)
     assert calls == [1]
     assert_close(out, expected, torch.float32)
+
+
+def naive_attention(q, k, v, q_pos, k_pos, scale):
+    """Masked softmax attention spelled out in fp32: the definition the reference must meet."""
+    group = q.shape[1] // k.shape[1]
+    kf, vf = k.float().repeat_interleave(group, dim=1), v.float().repeat_interleave(group, dim=1)
+    logits = torch.einsum("rhd,nhd->hrn", q.float(), kf) * scale
+    logits = logits.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    return torch.einsum("hrn,nhd->rhd", logits.softmax(dim=-1), vf).to(q.dtype)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64, 256])
+@pytest.mark.parametrize("layout", ["stitched", "unsorted-keys", "descending-keys", "sorted-rows"])
+def test_reference_meets_the_definition_for_any_block_size(layout, block_rows):
+    from prophet_rag.kernels.sparse_attention import plan_attention
+
+    gen = torch.Generator().manual_seed(4)
+    q_pos, k_pos = positions("stitched" if layout == "sorted-rows" else layout, 45, 120, gen)
+    if layout == "sorted-rows":
+        q_pos = q_pos.sort().values
+    q = torch.randn(45, 4, 16, generator=gen)
+    k, v = torch.randn(120, 2, 16, generator=gen), torch.randn(120, 2, 16, generator=gen)
+    plan = plan_attention(q_pos, k_pos, q.dtype, block_rows=block_rows)
+    out = sparse_attention_ref(q, k, v, q_pos, k_pos, 0.25, plan)
+    torch.testing.assert_close(out, naive_attention(q, k, v, q_pos, k_pos, 0.25), atol=1e-5, rtol=1e-5)
+
+
+def test_a_plan_is_reused_across_layers():
+    """The plan depends on positions only: one plan serves every layer's different q/k/v."""
+    from prophet_rag.kernels.sparse_attention import plan_attention
+
+    gen = torch.Generator().manual_seed(5)
+    q_pos, k_pos = positions("stitched", 30, 90, gen)
+    plan = plan_attention(q_pos, k_pos, torch.float32, block_rows=8)
+    for _ in range(3):
+        q, k, v = torch.randn(30, 2, 8, generator=gen), torch.randn(90, 1, 8, generator=gen), torch.randn(90, 1, 8)
+        torch.testing.assert_close(sparse_attention_ref(q, k, v, q_pos, k_pos, 0.3, plan),
+                                   naive_attention(q, k, v, q_pos, k_pos, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_rows_use_one_causal_call():
+    from prophet_rag.kernels.sparse_attention import plan_attention
+
+    assert plan_attention(torch.arange(10), torch.arange(10), torch.float32).causal
+    assert not plan_attention(torch.arange(1, 11), torch.arange(1, 11), torch.float32).causal
+
+
+def test_blocks_that_see_every_key_carry_no_mask():
+    from prophet_rag.kernels.sparse_attention import plan_attention
+
+    plan = plan_attention(torch.tensor([20, 21]), torch.arange(20), torch.float32)
+    assert [b.mask for b in plan.blocks] == [None]
+    plan = plan_attention(torch.tensor([5, 19]), torch.arange(20), torch.float32)
+    assert plan.blocks[0].keys == 20 and plan.blocks[0].mask is not None
