@@ -17,6 +17,11 @@ import torch
 tl = None
 
 
+def _complex_view_ok(keys: torch.Tensor) -> bool:
+    """Whether `torch.view_as_complex` can view `keys`' channel pairs (pairs contiguous, every stride even)."""
+    return keys.stride(-1) == 1 and keys.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in keys.stride()[:-1])
+
+
 def rope_shift_ref(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool = False) -> None:
     """Rotate `keys` in place by `delta` positions.
 
@@ -26,6 +31,11 @@ def rope_shift_ref(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tens
     """
     half = keys.shape[-1] // 2
     angle = delta.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
+    if interleaved and keys.dtype == torch.float32 and _complex_view_ok(keys):
+        # One pass in place: each channel pair is a complex number, rotated by multiplying with e^(i * angle).
+        phase = torch.polar(torch.ones_like(angle), angle)[:, None, :]
+        torch.view_as_complex(keys.unflatten(-1, (half, 2))).mul_(phase)
+        return
     cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
     k = keys.to(torch.float32)
     x1, x2 = (k[..., 0::2], k[..., 1::2]) if interleaved else (k[..., :half], k[..., half:])

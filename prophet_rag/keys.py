@@ -138,10 +138,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def kv_spec(dtype: torch.dtype) -> str:
     """The layout, RoPE convention and dtype of stored KV, e.g.
-    `"layout=L,2,T,Hkv,D;rope=rotated-at-positions;dtype=float32"`."""
+    `"layout=L,2,T,Hkv,D;rope=rotated-at-positions;channels=interleaved;dtype=float32"` (keys' rotated channel
+    pairs side by side, see `model_adapter`)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"kv_spec needs a floating-point torch.dtype such as torch.float16, got {dtype!r}.")
-    return f"layout=L,2,T,Hkv,D;rope=rotated-at-positions;dtype={str(dtype).removeprefix('torch.')}"
+    name = str(dtype).removeprefix("torch.")
+    return f"layout=L,2,T,Hkv,D;rope=rotated-at-positions;channels=interleaved;dtype={name}"
 
 
 def _ids_bytes(ids: Sequence[int] | torch.Tensor, name: str) -> bytes:

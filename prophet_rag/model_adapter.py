@@ -7,6 +7,11 @@ Supported: the Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm) famili
 `UnsupportedModelError`.
 
 Row tensors are token-major: hidden `[rows, hidden]`, q `[rows, q_heads, head_dim]`, k/v `[rows, kv_heads, head_dim]`.
+
+Queries and keys leave the adapter with their channels interleaved: transformers rotates channel i with channel
+i + head_dim/2, and the adapter reorders them as (0, D/2, 1, D/2 + 1, ...) after RoPE, so each rotated pair sits
+side by side. Every q.k product is the same sum in another order; in exchange a cached key moves to a new position
+with one complex multiplication per pair (see `kernels.rope_shift`), which is what re-positioning chunks costs.
 """
 
 from __future__ import annotations
@@ -129,6 +134,11 @@ class ModelAdapter:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
+    @staticmethod
+    def interleave(x: torch.Tensor) -> torch.Tensor:
+        """`[..., D]` channels in transformers' order (i paired with i + D/2) -> pairs side by side."""
+        return x.unflatten(-1, (2, x.shape[-1] // 2)).transpose(-1, -2).flatten(-2)
+
     def _projected(self, layer: int, hidden: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
         block = self.layers[layer]
         h = block.input_layernorm(hidden)
@@ -137,19 +147,19 @@ class ModelAdapter:
 
     def qkv(self, layer: int, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Post-RoPE q `[..., rows, Hq, D]` and k, v `[..., rows, Hkv, D]` of `layer` for `hidden`
-        `[..., rows, hidden]`; `rope` is `rope_tables` of the rows' positions."""
+        `[..., rows, hidden]` (q and k channels interleaved); `rope` is `rope_tables` of the rows' positions."""
         q, k, v = self._projected(layer, hidden, ("q_proj", "k_proj", "v_proj"))
         if self.has_qk_norm:
             attn = self.layers[layer].self_attn
             q, k = attn.q_norm(q), attn.k_norm(k)
-        return self.rope(q, rope), self.rope(k, rope), v
+        return self.interleave(self.rope(q, rope)), self.interleave(self.rope(k, rope)), v
 
     def kv(self, layer: int, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Post-RoPE k and v of `layer` alone, for rows whose queries are not needed (the layer-0 repair)."""
         k, v = self._projected(layer, hidden, ("k_proj", "v_proj"))
         if self.has_qk_norm:
             k = self.layers[layer].self_attn.k_norm(k)
-        return self.rope(k, rope), v
+        return self.interleave(self.rope(k, rope)), v
 
     def finish_layer(self, layer: int, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Residual stream after `layer`, given its input `hidden` and attention output `[..., rows, Hq, D]`."""

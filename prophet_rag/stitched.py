@@ -106,7 +106,7 @@ def reposition(adapter: ModelAdapter, cache: StitchedCache, sink_len: int, globa
     if not global_positions:
         cache.positions[context] = stored
         return
-    rope_shift(cache.kv[:, 0, context], cache.positions[context] - stored, adapter.inv_freq)
+    rope_shift(cache.kv[:, 0, context], cache.positions[context] - stored, adapter.inv_freq, interleaved=True)
     ids, positions = cache.token_ids[context], cache.positions[context]
     with torch.no_grad():
         hidden = adapter.embed(ids)

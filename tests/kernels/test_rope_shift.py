@@ -111,3 +111,30 @@ def test_round_trip_restores_keys(backend, dtype, interleaved, device, assert_cl
         assert not torch.equal(keys, original)
         rope_shift(keys, -delta, freq, interleaved)
     assert_close(keys, original, dtype, scale=2.0)
+
+
+def rotate_pairs_naive(keys: torch.Tensor, delta: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE shift written as 2x2 rotations of each adjacent channel pair, in fp64 from the fp32 angle
+    (the rotation is specified in fp32: the angle of a 30K-position shift is itself only fp32-exact)."""
+    x = keys.double().unflatten(-1, (-1, 2))
+    angle = (delta.float()[:, None] * freq.float()[None, :]).double()
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+    a, b = x[..., 0], x[..., 1]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "kv-view", "hf-transposed", "unmergeable"])
+def test_interleaved_fp32_reference_is_a_rotation_of_each_pair(layout):
+    """The fp32 interleaved reference (complex multiplication in place when the view allows it) meets the
+    definition on every layout, and leaves the rest of the base tensor alone."""
+    gen = torch.Generator().manual_seed(7)
+    base, keys = make_keys(layout, 37, 2, 16, torch.float32, "cpu", gen)
+    delta = ragged_delta([20, 17], gen)
+    freq = inv_freq(16)
+    expected = rotate_pairs_naive(keys, delta, freq)
+    untouched = base.clone()
+    rope_shift_ref(keys, delta, freq, interleaved=True)
+    torch.testing.assert_close(keys.double(), expected, atol=1e-4, rtol=1e-5)
+    mask = torch.ones_like(base, dtype=torch.bool)
+    make_keys_like(mask, base, keys).fill_(False)
+    assert torch.equal(base[mask], untouched[mask])

@@ -29,7 +29,7 @@ def test_format_version_is_one():
 
 
 def test_kv_spec_names_layout_rope_and_dtype():
-    assert kv_spec(torch.float32) == "layout=L,2,T,Hkv,D;rope=rotated-at-positions;dtype=float32"
+    assert kv_spec(torch.float32) == "layout=L,2,T,Hkv,D;rope=rotated-at-positions;channels=interleaved;dtype=float32"
     assert kv_spec(torch.bfloat16).endswith(";dtype=bfloat16")
     assert len({kv_spec(d) for d in (torch.float32, torch.float16, torch.bfloat16)}) == 3
 
