@@ -206,6 +206,7 @@ def _scores_combine_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
 ):
     """Pass 2: programs `[0, score_programs)` score `BLOCK_N` context keys each; the rest combine the split outputs
     of `BLOCK_S` rows of one head into out `[S, Hq, D]`.
@@ -218,7 +219,8 @@ def _scores_combine_kernel(
         scored = tl.load(bounds)
         context = tl.load(bounds + 1)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
+    offs_sp = tl.arange(0, BLOCK_SPLITS)
+    d_mask, sp_mask = offs_d < HEAD_DIM, offs_sp < splits
     if pid < score_programs:
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < context
@@ -237,16 +239,15 @@ def _scores_combine_kernel(
                 )
                 for g in range(GROUP):
                     head = kv_head * GROUP + g
-                    # The context log-sum-exp of these rows: merge the splits' partial ones (a few floats each).
-                    m = tl.full([BLOCK_S], -1.0e38, tl.float32)
-                    total = tl.zeros([BLOCK_S], tl.float32)
-                    for split in range(0, splits):
-                        part = tl.load(
-                            part_lse_ctx + (split * Q_HEADS + head) * rows + offs_s, mask=s_mask, other=float("-inf")
-                        )
-                        m_new = tl.maximum(m, part)
-                        total = total * tl.exp2(m - m_new) + tl.exp2(part - m_new)
-                        m = m_new
+                    # The context log-sum-exp of these rows, merged from all splits at once: one [splits, rows] load
+                    # rather than a chain of dependent loads.
+                    parts = tl.load(
+                        part_lse_ctx + (offs_sp[:, None] * Q_HEADS + head) * rows + offs_s[None, :],
+                        mask=sp_mask[:, None] & s_mask[None, :],
+                        other=float("-inf"),
+                    )
+                    m = tl.maximum(tl.max(parts, 0), -1.0e38)
+                    total = tl.sum(tl.exp2(parts - m[None, :]), 0)
                     # Rows past the scored ones get lse = +inf, hence probability 0.
                     lse = tl.where(s_mask, m + tl.log2(total), float("inf"))
                     qt = tl.load(
@@ -269,10 +270,16 @@ def _scores_combine_kernel(
         head = idx % Q_HEADS
         offs_s = (idx // Q_HEADS) * BLOCK_S + tl.arange(0, BLOCK_S)
         s_mask = offs_s < rows
-        # Weighted mean of the split outputs, weights exp2(lse_split - lse). A split that saw no key has lse -inf
-        # (weight 0, output 0); a row that saw no key at all ends 0 / 0 = NaN, as the reference does.
-        m = tl.full([BLOCK_S], -1.0e38, tl.float32)
-        total = tl.zeros([BLOCK_S], tl.float32)
+        # Weighted mean of the split outputs, weights exp2(lse_split - lse). The final lse first, from one
+        # [splits, rows] load; then the loop's loads do not depend on each other. A split that saw no key has lse
+        # -inf (weight 0, output 0); a row that saw no key at all ends 0 / 0 = NaN, as the reference does.
+        parts = tl.load(
+            part_lse + (offs_sp[:, None] * Q_HEADS + head) * rows + offs_s[None, :],
+            mask=sp_mask[:, None] & s_mask[None, :],
+            other=float("-inf"),
+        )
+        m = tl.maximum(tl.max(parts, 0), -1.0e38)
+        lse = m + tl.log2(tl.sum(tl.exp2(parts - m[None, :]), 0))
         acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
         for split in range(0, splits):
             part = tl.load(part_lse + (split * Q_HEADS + head) * rows + offs_s, mask=s_mask, other=float("-inf"))
@@ -281,14 +288,10 @@ def _scores_combine_kernel(
                 mask=s_mask[:, None] & d_mask[None, :],
                 other=0.0,
             )
-            m_new = tl.maximum(m, part)
-            alpha, w = tl.exp2(m - m_new), tl.exp2(part - m_new)
-            total = total * alpha + w
-            acc = acc * alpha[:, None] + w[:, None] * o
-            m = m_new
+            acc += tl.exp2(part - lse)[:, None] * o
         tl.store(
             out + offs_s[:, None] * stride_os + head * stride_oh + offs_d[None, :],
-            (acc / total[:, None]).to(out.dtype.element_ty),
+            acc.to(out.dtype.element_ty),
             mask=s_mask[:, None] & d_mask[None, :],
         )
 
@@ -388,6 +391,7 @@ def stage1_attention_triton(
         HAS_PROPHET=prophet_out is not None,
         HAS_NORM=norm_out is not None,
         BLOCK_S=block_s,
+        BLOCK_SPLITS=next_pow2(splits),
         **common,
         num_warps=4,
         num_stages=2,
