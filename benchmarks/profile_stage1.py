@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from bench_ttft import make_documents, random_llama3_8b  # the sibling script (run from benchmarks/ or the root)
+from bench_ttft import make_documents, random_llama3_8b  # sibling script: python puts this folder on sys.path
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -106,7 +106,7 @@ def main() -> None:
         forward_rows(adapter, cache, suffix)
         row = cache.append_tokens(torch.tensor([int(layout.suffix_ids[-1])], device=adapter.device))
         for name, fn in (("decode step", lambda: forward_rows(adapter, cache, row)),
-                         ("decode graphed", lambda: passes.decode(row))):
+                         ("decode graphed", lambda: passes.forward(row))):
             fn()
             results[name] = (timed(fn, args.repeats, cuda), *counts(fn, cuda))
 

@@ -1,4 +1,4 @@
-"""The question's pass (Stage I) and the decode step as CUDA graphs, on bucketed shapes.
+"""The question's pass (Stage I), the decode step and other few-row passes as CUDA graphs, on bucketed shapes.
 
 Why: both run a few rows through every layer, so on a GPU they are bound by Python and kernel launches, not by the
 kernels (~2 ms per layer per pass for Llama-3-8B on an H100, benchmarks/RESULTS.md). A captured graph replays the
@@ -81,7 +81,7 @@ class _Pass:
 
 
 class GraphedPasses:
-    """Stage I and decode steps over one persistent cache, one graph per bucket."""
+    """Stage I and few-row forward passes over one persistent cache, one graph per bucket."""
 
     def __init__(self, adapter: ModelAdapter, cache: StitchedCache, row_buckets: tuple[int, ...] = ROW_BUCKETS,
                  key_granule: int = KEY_GRANULE) -> None:
@@ -128,16 +128,24 @@ class GraphedPasses:
         out = step.run()
         return out["scores"][cache.prefix_len : cache.context_end].clone(), out["hidden"][:rows].clone()
 
-    def decode(self, row: torch.Tensor) -> torch.Tensor:
-        """`forward_rows(adapter, cache, row)` for one new token's slot `[1]`: its last hidden state `[1, hidden]`."""
+    @torch.inference_mode()
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """`forward_rows(adapter, cache, rows)` for a few rows (slots `[R]`): their last hidden states `[R, hidden]`.
+
+        The decode step (one row) and a pass of the question alone (`reuse`, or Stage II with nothing selected).
+        """
         cache = self.cache
-        keys_b = self._keys(cache.length, cache.capacity)
+        count = int(rows.numel())
+        rows_b = bucket(count, self.row_buckets)
         last = self.adapter.spec.num_layers - 1
+        if rows_b is None:
+            return run_rows(self.adapter, cache, rows, cache.length, last)
+        keys_b = self._keys(cache.length, cache.capacity)
 
         def make():
-            static_row = torch.zeros(1, dtype=torch.long, device=cache.kv.device)
-            return {"row": static_row}, lambda: {"hidden": run_rows(self.adapter, cache, static_row, keys_b, last)}
+            static_rows = torch.zeros(rows_b, dtype=torch.long, device=cache.kv.device)
+            return {"rows": static_rows}, lambda: {"hidden": run_rows(self.adapter, cache, static_rows, keys_b, last)}
 
-        step = self._get(("decode", keys_b), make)
-        step.inputs["row"].copy_(row)
-        return step.run()["hidden"].clone()
+        step = self._get(("forward", rows_b, keys_b), make)
+        step.inputs["rows"].copy_(pad_rows(rows, rows_b))
+        return step.run()["hidden"][:count].clone()

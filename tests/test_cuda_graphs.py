@@ -93,16 +93,28 @@ def test_stage1_beyond_the_buckets_runs_eagerly(make_engine):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_padded_decode_equals_forward_rows(make_engine, backend):
+def test_padded_forward_equals_forward_rows(make_engine, backend):
+    """The question alone (18 rows padded to 32), then two decode steps (1 row padded to 8)."""
     engine = make_engine("llama")
     cache, suffix = stitched(engine, "cpu")
-    forward_rows(engine.adapter, cache, suffix)
-    passes = GraphedPasses(engine.adapter, cache, key_granule=32)
+    passes = GraphedPasses(engine.adapter, cache, row_buckets=(8, 32), key_granule=32)
     with use_backend(backend):
+        expected, _ = forward_rows(engine.adapter, move(cache, "cpu"), suffix)
+        torch.testing.assert_close(passes.forward(suffix), expected, rtol=1e-4, atol=1e-4)
         for token in (7, 11):
             row = cache.append_tokens(torch.tensor([token]))
             expected, _ = forward_rows(engine.adapter, move(cache, "cpu"), row)
-            torch.testing.assert_close(passes.decode(row), expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(passes.forward(row), expected, rtol=1e-4, atol=1e-4)
+    assert {key[1] for key in passes.passes} == {8, 32}
+
+
+def test_forward_beyond_the_buckets_runs_eagerly(make_engine):
+    engine = make_engine("llama")
+    cache, suffix = stitched(engine, "cpu")
+    passes = GraphedPasses(engine.adapter, cache, row_buckets=(8,))
+    expected, _ = forward_rows(engine.adapter, move(cache, "cpu"), suffix)
+    torch.testing.assert_close(passes.forward(suffix), expected, rtol=1e-4, atol=1e-4)
+    assert not passes.passes
 
 
 @pytest.mark.gpu
@@ -131,4 +143,5 @@ def test_captured_decode_matches_forward_rows(make_engine):
     for token in range(3):
         row = cache.append_tokens(torch.tensor([token + 5], device="cuda"))
         expected, _ = forward_rows(engine.adapter, move(cache, "cuda"), row)
-        torch.testing.assert_close(passes.decode(row), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(passes.forward(row), expected, rtol=1e-4, atol=1e-4)
+        assert next(iter(passes.passes.values())).graph is not None
