@@ -6,9 +6,10 @@
 Stage I three ways on the same stitched cache: today's path (`selectors.query_relevance`: forward_rows with a
 query_scores hook), `stage1.stage1_forward` (the fused stage1_attention kernel) and `cuda_graphs.GraphedPasses`
 (the same pass captured as a CUDA graph; eager on CPU). Then Stage II (forward_rows over the top `--ratio` of the
-context plus the question) and one decode step, eager and graphed. Per phase: median wall time over `--repeats` (CUDA
-synchronised), then one run under torch.profiler: GPU kernels executed, host launch calls (cudaLaunchKernel,
-cuLaunchKernel, cudaGraphLaunch: what a graph saves) and top-level aten ops.
+context plus the question), the question alone (what `reuse` runs) and one decode step, eager and graphed.
+Per phase: median wall time over `--repeats` (CUDA synchronised), then one run under torch.profiler: GPU kernels
+executed, host launch calls (cudaLaunchKernel, cuLaunchKernel, cudaGraphLaunch: what a graph saves) and top-level
+aten ops.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def main() -> None:
             "stage1 fused kernel": lambda: stage1_forward(adapter, cache, suffix, "prophet", None),
             "stage1 graphed": lambda: passes.stage1(suffix, "prophet", None),
             "stage2 recompute": lambda: forward_rows(adapter, cache, stage2_rows),
+            "question only (reuse)": lambda: forward_rows(adapter, cache, suffix),
+            "question only graphed": lambda: passes.forward(suffix),
         }
         results = {}
         for name, fn in phases.items():
@@ -113,9 +116,9 @@ def main() -> None:
         device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
         print(f"{engine.model_name} on {device}; context {layout.context_tokens} tokens, question "
               f"{suffix.numel()} tokens, ratio {args.ratio} ({selected.numel()} rows); median of {args.repeats}\n")
-        print(f"{'phase':<22}{'ms':>10}{'GPU kernels':>13}{'launch calls':>14}{'aten ops':>10}")
+        print(f"{'phase':<24}{'ms':>10}{'GPU kernels':>13}{'launch calls':>14}{'aten ops':>10}")
         for name, (seconds, kernels, launches, ops) in results.items():
-            print(f"{name:<22}{1e3 * seconds:>10.2f}{kernels:>13}{launches:>14}{ops:>10}")
+            print(f"{name:<24}{1e3 * seconds:>10.2f}{kernels:>13}{launches:>14}{ops:>10}")
         engine.close()
 
 
