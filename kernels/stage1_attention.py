@@ -21,9 +21,9 @@ two launches and never materialises `[H, S, N]`:
 Compared with `sparse_attention` + `query_scores` this saves query_scores' statistics pass (one Q.K^T over the
 context), its log-sum-exp merge and the host-side set-up ops of sparse_attention (argsort, searchsorted).
 
-For CUDA-graph replay with bucketed shapes, `bounds` (int32 `[2]` on the device: rows to score, context_end) makes
-both counts device-side: the tensors are then sized to the bucket maxima, and the padding rows (after the scored
-rows) still get an output but add nothing to the scores.
+For CUDA-graph replay with bucketed shapes, `bounds` (int32 `[3]` on the device: rows to score, context_end, keys)
+makes the counts device-side: the tensors are then sized to the bucket maxima, the padding rows (after the scored
+rows) still get an output but add nothing to the scores, and the keys past the count are never read.
 """
 
 from __future__ import annotations
@@ -53,12 +53,13 @@ def stage1_attention_ref(
 
     q: `[rows, q_heads, head_dim]` post-RoPE; k, v: `[keys, kv_heads, head_dim]`, the context keys first
     (slots `[0, context_end)`); q_pos `[rows]`, k_pos `[keys]` integer positions. prophet_out, norm_out:
-    `[>= context_end]` fp32 accumulators or None (see `query_scores_ref`). bounds: None, or int32 `[2]`
-    (rows to score, context_end) overriding `rows` and `context_end` for the scores.
+    `[>= context_end]` fp32 accumulators or None (see `query_scores_ref`). bounds: None, or int32 `[3]` on q's
+    device (rows, context_end, keys): only the first `rows` rows are scored (all get an output), context_end
+    replaces the argument, and only the first `keys` keys are attended.
     Returns `[rows, q_heads, head_dim]` in q's dtype, as `sparse_attention_ref` does.
     """
-    scored, context = (q.shape[0], context_end) if bounds is None else bounds.tolist()
-    out = sparse_attention_ref(q, k, v, q_pos, k_pos, scale)
+    scored, context, keys = (q.shape[0], context_end, k.shape[0]) if bounds is None else bounds.tolist()
+    out = sparse_attention_ref(q, k[:keys], v[:keys], q_pos, k_pos[:keys], scale)
     if context > 0 and (prophet_out is not None or norm_out is not None):
         prophet = None if prophet_out is None else prophet_out[:context]
         norm = None if norm_out is None else norm_out[:context]
@@ -104,6 +105,7 @@ def _attention_kernel(
     pid_m, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if HAS_BOUNDS:
         context = tl.load(bounds + 1)
+        keys = tl.load(bounds + 2)
     # Packed index i = row * GROUP + g: the GROUP query heads of this KV head share every K/V tile.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -112,7 +114,6 @@ def _attention_kernel(
     head = kv_head * GROUP + offs_m % GROUP
     # Padding entries get position -1: they see no key (positions are >= 0) and are never stored.
     pos = tl.load(q_pos + row, mask=m_mask, other=-1)
-    last_pos = tl.max(pos, 0)
     qt = tl.load(
         q + row[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :],
         mask=m_mask[:, None] & d_mask[None, :],
@@ -134,20 +135,19 @@ def _attention_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
         kp = tl.load(k_pos + offs_n, mask=n_mask, other=0)
-        in_ctx = offs_n < context
-        # Keys that no row of the block can see and that are not context keys are never read: with bucketed shapes
-        # they are slots past the request's length, whose contents are arbitrary.
-        seen = n_mask & (kp <= last_pos)
         kt = tl.load(
-            k_head + offs_n[None, :] * stride_kn + offs_d[:, None],
-            mask=(seen | (n_mask & in_ctx))[None, :] & d_mask[:, None],
-            other=0.0,
+            k_head + offs_n[None, :] * stride_kn + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0
         )
         vt = tl.load(
-            v_head + offs_n[:, None] * stride_vn + offs_d[None, :], mask=seen[:, None] & d_mask[None, :], other=0.0
+            v_head + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0
         )
         logits = tl.dot(qt, kt, input_precision="ieee") * scale_log2
-
+        # The scores' softmax: context keys only, no position mask. Tiles past context_end skip it.
+        if start < context:
+            ctx_logits = tl.where((offs_n < context)[None, :], logits, float("-inf"))
+            m_ctx_new = tl.maximum(m_ctx, tl.max(ctx_logits, 1))
+            sum_ctx = sum_ctx * tl.exp2(m_ctx - m_ctx_new) + tl.sum(tl.exp2(ctx_logits - m_ctx_new[:, None]), 1)
+            m_ctx = m_ctx_new
         visible = (kp[None, :] <= pos[:, None]) & n_mask[None, :]
         masked = tl.where(visible, logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(masked, 1))
@@ -156,12 +156,6 @@ def _attention_kernel(
         row_sum = row_sum * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
         m = m_new
-
-        if start < context:
-            ctx_logits = tl.where((n_mask & in_ctx)[None, :], logits, float("-inf"))
-            m_ctx_new = tl.maximum(m_ctx, tl.max(ctx_logits, 1))
-            sum_ctx = sum_ctx * tl.exp2(m_ctx - m_ctx_new) + tl.sum(tl.exp2(ctx_logits - m_ctx_new[:, None]), 1)
-            m_ctx = m_ctx_new
 
     lse_at = (split * Q_HEADS + head) * rows + row
     # log2(0) = -inf: an empty split gets weight 0 in the merges.
@@ -308,10 +302,7 @@ def stage1_attention_triton(
     norm_out: torch.Tensor | None,
     bounds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton version of `stage1_attention_ref`, same contract; two launches, no host synchronisation.
-
-    K/V of keys that are not context keys and that no row can see are never read (they may hold anything).
-    """
+    """Triton version of `stage1_attention_ref`, same contract; two launches, no host synchronisation."""
     (rows, q_heads, dim), (keys, kv_heads) = q.shape, k.shape[:2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if rows == 0:

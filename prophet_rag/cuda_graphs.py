@@ -8,9 +8,9 @@ A graph freezes shapes and addresses, hence:
 - one persistent `StitchedCache`, allocated once at the largest capacity, that every request is assembled into;
 - row counts rounded up to a bucket, the padding rows repeating the last row: same token, slot and position, so they
   recompute that row and write the same K/V; `bounds` keeps them out of the scores;
-- key counts (the cache length, context_end) rounded up to a granule; slots past the length keep positions later
-  than every row's (`StitchedCache` leaves slot i at position i), so they are masked out, and the real context_end
-  reaches the kernel through `bounds`.
+- key counts (the cache length, context_end) rounded up to a granule; the real counts reach stage1_attention through
+  `bounds`, and sparse_attention skips the slots past the length by position (`StitchedCache` leaves slot i at
+  position i, later than every row's).
 One graph per (pass, row bucket, key bucket, context bucket, scoring): a handful per deployment.
 
 Without CUDA the same padded steps run eagerly, which is what the CPU tests check; only the capture itself needs
@@ -110,7 +110,7 @@ class GraphedPasses:
 
         def make():
             static_rows = torch.zeros(rows_b, dtype=torch.long, device=device)
-            bounds = torch.zeros(2, dtype=torch.int32, device=device)
+            bounds = torch.zeros(3, dtype=torch.int32, device=device)
             scores = torch.zeros(context_b, dtype=torch.float32, device=device)
             prophet, norm = (scores, None) if kind == "prophet" else (None, scores)
             scoring = Scoring(wanted, prophet, norm, context_b, bounds)
@@ -124,7 +124,7 @@ class GraphedPasses:
 
         step = self._get(("stage1", rows_b, keys_b, context_b, kind, wanted), make)
         step.inputs["rows"].copy_(pad_rows(suffix_rows, rows_b))
-        step.inputs["bounds"].copy_(torch.tensor([rows, cache.context_end], dtype=torch.int32))
+        step.inputs["bounds"].copy_(torch.tensor([rows, cache.context_end, cache.length], dtype=torch.int32))
         out = step.run()
         return out["scores"][cache.prefix_len : cache.context_end].clone(), out["hidden"][:rows].clone()
 

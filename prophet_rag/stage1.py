@@ -34,7 +34,7 @@ class Scoring:
     context_end: int
     """Context slots scored; under graph replay the bucket maximum, the real count being in `bounds`."""
     bounds: torch.Tensor | None = None
-    """None, or int32 `[2]` on the device: (rows to score, context_end)."""
+    """None, or int32 `[3]` on the device: (rows to score, context_end, keys) (see `stage1_attention`)."""
 
 
 def run_rows(

@@ -151,8 +151,8 @@ def test_peaked_logits_on_question_keys(device, nan_empty, assert_close):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bounds_make_bucketed_shapes_exact(backend, device, nan_empty, assert_close):
     """Graph replay with bucketed shapes: 13 question rows padded to 16 by repeating the last row, 213 keys padded to
-    256 with NaN K/V at later positions, accumulators padded past context_end. With bounds = (13, context_end) the
-    real rows, the scores and the accumulators' padding come out as in the unpadded call."""
+    256 with NaN K/V, accumulators padded past context_end. With bounds = (13, context_end, 213) the real rows, the
+    scores and the accumulators' padding come out as in the unpadded call."""
     rows, keys, context = 13, 213, 200
     q, k, v, q_pos, k_pos = make_inputs("stage1", rows, 8, 2, keys, 32, torch.float32, device, seed=5)
     start = start_scores(context, device)
@@ -164,7 +164,7 @@ def test_bounds_make_bucketed_shapes_exact(backend, device, nan_empty, assert_cl
     kv[:keys, 0], kv[:keys, 1] = k, v
     k_pos_padded = torch.cat([k_pos, int(k_pos[-1]) + 1 + torch.arange(256 - keys, device=device)])
     padded = {name: torch.cat([t, torch.full((56,), 7.0, device=device)]) for name, t in start.items()}
-    bounds = torch.tensor([rows, context], dtype=torch.int32, device=device)
+    bounds = torch.tensor([rows, context, keys], dtype=torch.int32, device=device)
     with use_backend(backend):
         out = stage1_attention(q[pad_rows], kv[:, 0], kv[:, 1], q_pos[pad_rows], k_pos_padded, 0.2, 256,
                                padded["prophet"], padded["norm"], bounds)
