@@ -4,7 +4,10 @@ Sizes default to Llama-3-8B (32 layers, 32 query heads, 8 KV heads, head_dim 128
 64 question tokens and 20% of the context recomputed. Each measurement is the median of `--repeats` runs timed with
 CUDA events after `--warmup` runs, with the L2 cache flushed before every run. Without CUDA it says so and exits 0.
 
-    python benchmarks/bench_kernels.py [--contexts 8192 16384] [--dtype bf16] [--peak-gbs 3350]
+    python benchmarks/bench_kernels.py [--contexts 8192 16384] [--dtype bf16] [--peak-gbs 3350] [--queries 21]
+
+stage1_attention also times `separate`: the two kernels it fuses (sparse_attention + query_scores), one after the
+other on the same inputs.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch
 from prophet_rag.kernels.query_scores import query_scores_ref, query_scores_triton
 from prophet_rag.kernels.rope_shift import rope_shift_ref, rope_shift_triton
 from prophet_rag.kernels.sparse_attention import sparse_attention_ref, sparse_attention_triton
+from prophet_rag.kernels.stage1_attention import stage1_attention_ref, stage1_attention_triton
 
-KERNELS = ("rope_shift", "query_scores", "sparse_attention")
+KERNELS = ("rope_shift", "query_scores", "sparse_attention", "stage1_attention")
 
 
 def median_ms(fn: Callable[[], object], warmup: int, repeats: int, flush: torch.Tensor) -> float:
@@ -98,6 +102,41 @@ def bench_sparse_attention(args, n: int, timer) -> list[tuple]:
     return rows
 
 
+def bench_stage1_attention(args, n: int, timer) -> list[tuple]:
+    """One Stage I layer: S question tokens after N context keys; output over all N + S keys and both scores.
+
+    `triton` is the fused kernel; `separate` is what it replaces, sparse_attention_triton then query_scores_triton.
+    TFLOP/s counts the attention (Q.K^T + P.V over N + S keys) plus one Q.K^T over the context.
+    """
+    s, keys = args.queries, n + args.queries
+    q = torch.randn(s, args.q_heads, args.head_dim, device="cuda", dtype=args.dtype)
+    k, v = (torch.randn(keys, args.kv_heads, args.head_dim, device="cuda", dtype=args.dtype) for _ in range(2))
+    k_pos = torch.arange(keys, device="cuda")
+    q_pos = k_pos[n:]
+    scale = args.head_dim**-0.5
+    outs = {name: (torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda")) for name in ("triton", "torch")}
+
+    def separate(prophet, norm):
+        out = sparse_attention_triton(q, k, v, q_pos, k_pos, scale)
+        query_scores_triton(q, k[:n], scale, prophet, norm)
+        return out
+
+    def fused(prophet, norm):
+        return stage1_attention_triton(q, k, v, q_pos, k_pos, scale, n, prophet, norm)
+
+    def reference(prophet, norm):
+        return stage1_attention_ref(q, k, v, q_pos, k_pos, scale, n, prophet, norm)
+
+    got, expected = fused(*outs["triton"]), reference(*outs["torch"])
+    err = max(rel_err(a, e) for a, e in zip((got, *outs["triton"]), (expected, *outs["torch"]), strict=True))
+    flops = 2 * s * args.q_heads * args.head_dim * (2 * keys + n)
+    rows = []
+    for name, fn in (("triton", fused), ("separate", separate), ("torch", reference)):
+        ms = timer(lambda fn=fn: fn(*outs["triton"]))
+        rows.append((name, ms, f"{flops / ms / 1e9:8.1f} TFLOP/s", err))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
@@ -106,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--queries", type=int, default=64, help="question tokens for query_scores")
+    parser.add_argument("--queries", type=int, default=64, help="question tokens for query_scores, stage1_attention")
     parser.add_argument("--recompute", type=float, default=0.2, help="fraction of rows for sparse_attention")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--warmup", type=int, default=5)
@@ -125,15 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         "rope_shift": bench_rope_shift,
         "query_scores": bench_query_scores,
         "sparse_attention": bench_sparse_attention,
+        "stage1_attention": bench_stage1_attention,
     }
     print(f"device: {torch.cuda.get_device_name()}  dtype: {args.dtype}  median of {args.repeats} (L2 flushed)")
-    print(f"{'kernel':<17} {'context':>7} {'impl':<7} {'ms':>9} {'throughput':<28} {'speedup':>8} {'rel err':>9}")
+    print(f"{'kernel':<17} {'context':>7} {'impl':<8} {'ms':>9} {'throughput':<28} {'speedup':>8} {'rel err':>9}")
     for kernel in args.kernels:
         for n in args.contexts:
             rows = benches[kernel](args, n, timer)
             ref_ms = next(ms for name, ms, _, _ in rows if name == "torch")
             for name, ms, throughput, err in rows:
-                print(f"{kernel:<17} {n:>7} {name:<7} {ms:9.3f} {throughput:<28} {ref_ms / ms:7.2f}x {err:9.2e}")
+                print(f"{kernel:<17} {n:>7} {name:<8} {ms:9.3f} {throughput:<28} {ref_ms / ms:7.2f}x {err:9.2e}")
             torch.cuda.empty_cache()
     return 0
 

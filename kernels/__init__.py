@@ -21,6 +21,7 @@ import torch
 from .query_scores import query_scores_ref
 from .rope_shift import rope_shift_ref
 from .sparse_attention import AttentionPlan, plan_attention, sparse_attention_ref
+from .stage1_attention import stage1_attention_ref
 
 BACKENDS = ("torch", "triton")
 _forced: str | None = None
@@ -111,3 +112,25 @@ def sparse_attention(
 
         return sparse_attention_triton(q, k, v, q_pos, k_pos, scale)
     return sparse_attention_ref(q, k, v, q_pos, k_pos, scale, plan)
+
+
+def stage1_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+    context_end: int,
+    prophet_out: torch.Tensor | None,
+    norm_out: torch.Tensor | None,
+    bounds: torch.Tensor | None = None,
+    plan: AttentionPlan | None = None,
+) -> torch.Tensor:
+    """sparse_attention of the question rows, plus query_scores of the context keys `[0, context_end)` into the
+    accumulators, from the same logits (see stage1_attention_ref). `plan` as for `sparse_attention`."""
+    if backend_for(q) == "triton":
+        from .stage1_attention import stage1_attention_triton
+
+        return stage1_attention_triton(q, k, v, q_pos, k_pos, scale, context_end, prophet_out, norm_out, bounds)
+    return stage1_attention_ref(q, k, v, q_pos, k_pos, scale, context_end, prophet_out, norm_out, bounds, plan)

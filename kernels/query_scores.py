@@ -9,13 +9,11 @@ h // (q_heads // kv_heads)).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .rope_shift import lazy_jit, next_pow2
+from .triton_util import LOG2E, cdiv, lazy_jit, next_pow2, num_sms
 
-tl = None  # triton.language, bound by lazy_jit at the first launch (see rope_shift)
+tl = None  # triton.language, bound by lazy_jit at the first launch (see triton_util)
 
 
 def query_scores_ref(
@@ -183,17 +181,17 @@ def query_scores_triton(
         q, k = q.contiguous(), k.contiguous()
     block_s, block_n, block_d = 64, 64, max(16, next_pow2(dim))
     # Pass 1 splits the context so that (query blocks x heads x splits) fills the GPU about twice over.
-    row_programs = -(-queries // block_s) * q_heads
-    key_blocks = -(-context // block_n)
-    splits = max(1, min(key_blocks, -(-2 * _num_sms(q.device) // row_programs)))
-    tokens_per_split = -(-key_blocks // splits) * block_n
-    splits = -(-context // tokens_per_split)
+    row_programs = cdiv(queries, block_s) * q_heads
+    key_blocks = cdiv(context, block_n)
+    splits = max(1, min(key_blocks, cdiv(2 * num_sms(q.device), row_programs)))
+    tokens_per_split = cdiv(key_blocks, splits) * block_n
+    splits = cdiv(context, tokens_per_split)
 
     common = dict(GROUP=q_heads // kv_heads, HEAD_DIM=dim, BLOCK_S=block_s, BLOCK_N=block_n, BLOCK_D=block_d)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1))
-    scale_log2 = scale * 1.4426950408889634
+    scale_log2 = scale * LOG2E
     lse = torch.empty(splits, q_heads, queries, device=q.device, dtype=torch.float32)
-    lazy_jit(_stats_kernel)[(-(-queries // block_s), q_heads, splits)](
+    lazy_jit(_stats_kernel)[(cdiv(queries, block_s), q_heads, splits)](
         q, k, lse, queries, context, tokens_per_split, *strides, scale_log2, **common, num_warps=4, num_stages=3
     )
     # Merge the per-split lse (a few KiB): one small op instead of a third kernel.
@@ -216,14 +214,3 @@ def query_scores_triton(
         num_warps=4,
         num_stages=3,
     )
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter (CPU tensors): a handful of splits still exercises the merge
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

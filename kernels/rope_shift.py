@@ -7,14 +7,11 @@ i + D/2 (Llama, Mistral, Qwen in transformers); `interleaved` pairs 2i with 2i +
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-# `triton.language`, bound by `lazy_jit` at the first launch. Importing Triton here would be too early: Triton decides
-# at import whether its own library functions (tl.max, tl.sum, ...) are interpretable, so importing this package must
-# not import Triton before a test harness has set TRITON_INTERPRET. Triton is also optional.
-tl = None
+from .triton_util import lazy_jit, next_pow2
+
+tl = None  # triton.language, bound by lazy_jit at the first launch (see triton_util)
 
 
 def _complex_view_ok(keys: torch.Tensor) -> bool:
@@ -42,25 +39,6 @@ def rope_shift_ref(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tens
     r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     out = torch.stack((r1, r2), dim=-1).flatten(-2) if interleaved else torch.cat((r1, r2), dim=-1)
     keys.copy_(out)
-
-
-@functools.cache
-def lazy_jit(fn):
-    """`triton.jit(fn)`, decorated at its first launch (shared by the sibling kernel modules).
-
-    Deferred so that TRITON_INTERPRET, which Triton reads at import and at decoration, can still be set after this
-    package was imported (the kernel tests' conftest on a machine without CUDA). Binds the kernel module's `tl`.
-    """
-    import triton
-    import triton.language
-
-    fn.__globals__["tl"] = triton.language
-    return triton.jit(fn)
-
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= n (tile extents must be powers of two)."""
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _rope_shift_kernel(

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .rope_shift import lazy_jit, next_pow2
+from .triton_util import LOG2E, lazy_jit, next_pow2
 
-tl = None  # triton.language, bound by lazy_jit at the first launch (see rope_shift)
+tl = None  # triton.language, bound by lazy_jit at the first launch (see triton_util)
 
 
 _QUERY_BLOCK = 256
@@ -229,7 +229,7 @@ def sparse_attention_triton(
         *k.stride()[:2],
         *v.stride()[:2],
         *out.stride()[:2],
-        scale * 1.4426950408889634,
+        scale * LOG2E,
         GROUP=q_heads // kv_heads,
         HEAD_DIM=dim,
         BLOCK_M=block_m,

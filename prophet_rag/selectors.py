@@ -18,9 +18,8 @@ from functools import cached_property
 import torch
 
 from prophet_rag.config import SelectionConfig
-from prophet_rag.kernels import query_scores
 from prophet_rag.model_adapter import ModelAdapter
-from prophet_rag.stitched import RowFilter, StitchedCache, forward_rows
+from prophet_rag.stitched import RowFilter, Scoring, StitchedCache, forward_rows
 
 
 @dataclass
@@ -128,18 +127,14 @@ def query_relevance(
 
     kind "prophet": attention mass summed over heads, query tokens and all layers (uniform fusion), softmax over the
     context keys only. kind "infoflow": L2 norm over query tokens of the head-mean attention, averaged over `layers`.
-    The suffix runs over the cache as it is (reused, not yet repaired), so this costs one |suffix|-row forward.
+    The suffix runs over the cache as it is (reused, not yet repaired), so this costs one |suffix|-row forward, up
+    to the last scoring layer; each scoring layer's attention and scores come from one `stage1_attention` call.
     """
     end = cache.context_end
     scores = torch.zeros(end, dtype=torch.float32, device=cache.kv.device)
-    wanted = set(range(adapter.spec.num_layers)) if layers is None else set(layers)
-
-    def hook(layer: int, rows: torch.Tensor, q: torch.Tensor) -> None:
-        if layer in wanted:
-            prophet, norm = (scores, None) if kind == "prophet" else (None, scores)
-            query_scores(q, cache.kv[layer, 0, :end], adapter.scale, prophet, norm)
-
-    forward_rows(adapter, cache, suffix_rows, hook=hook, last_layer=max(wanted))
+    wanted = frozenset(range(adapter.spec.num_layers) if layers is None else layers)
+    prophet, norm = (scores, None) if kind == "prophet" else (None, scores)
+    forward_rows(adapter, cache, suffix_rows, scoring=Scoring(wanted, prophet, norm, end), last_layer=max(wanted))
     return scores[cache.prefix_len :]
 
 

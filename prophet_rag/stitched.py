@@ -16,11 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prophet_rag.kernels import attention_plan, rope_shift, sparse_attention
+from prophet_rag.kernels import attention_plan, rope_shift, sparse_attention, stage1_attention
 from prophet_rag.model_adapter import ModelAdapter
-
-LayerHook = Callable[[int, torch.Tensor, torch.Tensor], None]
-"""Called as hook(layer, rows, q) with the recomputed rows `[R]` and their post-RoPE queries `[R, Hq, D]`."""
 
 RowFilter = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """Called as filter(layer, rows, fresh_k, fresh_v) before the cache is updated; returns the row positions (indices
@@ -114,22 +111,40 @@ def reposition(adapter: ModelAdapter, cache: StitchedCache, sink_len: int, globa
     cache.kv[0, 0, context], cache.kv[0, 1, context] = k, v
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """Scores a pass accumulates on the way (ProphetKV's Stage I): on `layers`, the rows' attention over the context
+    keys `[0, context_end)` is added into `prophet` and/or `norm` (see `kernels.stage1_attention`)."""
+
+    layers: frozenset[int]
+    prophet: torch.Tensor | None
+    """`[>= context_end]` fp32 accumulator, or None."""
+    norm: torch.Tensor | None
+    context_end: int
+    """Context slots scored; under CUDA-graph replay the bucket's maximum, the real count being in `bounds`."""
+    bounds: torch.Tensor | None = None
+    """None, or int32 `[3]` on the device: (rows to score, context_end, keys) (see `kernels.stage1_attention`)."""
+
+
 @torch.inference_mode()
 def forward_rows(
     adapter: ModelAdapter,
     cache: StitchedCache,
     rows: torch.Tensor,
     *,
-    hook: LayerHook | None = None,
+    scoring: Scoring | None = None,
     row_filter: tuple[int, RowFilter] | None = None,
     last_layer: int | None = None,
+    keys: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute `rows` (slot indices `[R]`, sorted) through the layers.
 
     Returns the final hidden states of the rows still recomputed at the end and those rows. `last_layer` stops after
-    that layer (the hidden states are then that layer's output), for scoring passes that need no more.
+    that layer (the hidden states are then that layer's output), for scoring passes that need no more. The rows
+    attend over the first `keys` slots (default: the cache's length); slots past the length keep their own
+    positions, later than any row's, so a larger `keys` (a CUDA graph's bucket) changes nothing.
     """
-    n = cache.length
+    n = cache.length if keys is None else keys
     keys_k, positions = cache.kv[:, 0, :n], cache.positions[:n]
     keys_v = cache.kv[:, 1, :n]
     hidden = adapter.embed(cache.token_ids[rows])
@@ -148,8 +163,10 @@ def forward_rows(
             plan = attention_plan(row_pos, positions, hidden.dtype)
         else:
             cache.kv[layer, 0, rows], cache.kv[layer, 1, rows] = k, v
-        if hook is not None:
-            hook(layer, rows, q)
-        out = sparse_attention(q, keys_k[layer], keys_v[layer], row_pos, positions, adapter.scale, plan)
+        if scoring is not None and layer in scoring.layers:
+            out = stage1_attention(q, keys_k[layer], keys_v[layer], row_pos, positions, adapter.scale,
+                                   scoring.context_end, scoring.prophet, scoring.norm, scoring.bounds, plan)
+        else:
+            out = sparse_attention(q, keys_k[layer], keys_v[layer], row_pos, positions, adapter.scale, plan)
         hidden = adapter.finish_layer(layer, hidden, out)
     return hidden, rows

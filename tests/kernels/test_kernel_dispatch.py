@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from prophet_rag.kernels import backend_for, use_backend
-from prophet_rag.kernels.rope_shift import _rope_shift_kernel, lazy_jit
+from prophet_rag.kernels.rope_shift import _rope_shift_kernel
+from prophet_rag.kernels.triton_util import lazy_jit
 
 
 @pytest.fixture(autouse=True)
