@@ -151,7 +151,8 @@ def forward_rows(
     row_pos = positions[rows]
     # Positions are the same in every layer: RoPE tables and the attention plan are worked out once.
     rope = adapter.rope_tables(row_pos, hidden.dtype)
-    plan = attention_plan(row_pos, positions, hidden.dtype)
+    group = adapter.spec.num_heads // adapter.spec.num_kv_heads
+    plan = attention_plan(row_pos, positions, hidden.dtype, group)
     stop = adapter.spec.num_layers - 1 if last_layer is None else last_layer
     for layer in range(stop + 1):
         q, k, v = adapter.qkv(layer, hidden, rope)
@@ -160,7 +161,7 @@ def forward_rows(
             cache.kv[layer, 0, rows], cache.kv[layer, 1, rows] = k, v
             rows, row_pos, hidden, q = rows[keep], row_pos[keep], hidden[keep], q[keep]
             rope = adapter.rope_tables(row_pos, hidden.dtype)
-            plan = attention_plan(row_pos, positions, hidden.dtype)
+            plan = attention_plan(row_pos, positions, hidden.dtype, group)
         else:
             cache.kv[layer, 0, rows], cache.kv[layer, 1, rows] = k, v
         if scoring is not None and layer in scoring.layers:

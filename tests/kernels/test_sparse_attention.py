@@ -129,7 +129,7 @@ def test_reference_meets_the_definition_for_any_block_size(layout, block_rows):
         q_pos = q_pos.sort().values
     q = torch.randn(45, 4, 16, generator=gen)
     k, v = torch.randn(120, 2, 16, generator=gen), torch.randn(120, 2, 16, generator=gen)
-    plan = plan_attention(q_pos, k_pos, q.dtype, block_rows=block_rows)
+    plan = plan_attention(q_pos, k_pos, q.dtype, group=2, block_rows=block_rows)
     out = sparse_attention_ref(q, k, v, q_pos, k_pos, 0.25, plan)
     torch.testing.assert_close(out, naive_attention(q, k, v, q_pos, k_pos, 0.25), atol=1e-5, rtol=1e-5)
 
@@ -140,7 +140,7 @@ def test_a_plan_is_reused_across_layers():
 
     gen = torch.Generator().manual_seed(5)
     q_pos, k_pos = positions("stitched", 30, 90, gen)
-    plan = plan_attention(q_pos, k_pos, torch.float32, block_rows=8)
+    plan = plan_attention(q_pos, k_pos, torch.float32, group=2, block_rows=8)
     for _ in range(3):
         q, k, v = torch.randn(30, 2, 8, generator=gen), torch.randn(90, 1, 8, generator=gen), torch.randn(90, 1, 8)
         torch.testing.assert_close(sparse_attention_ref(q, k, v, q_pos, k_pos, 0.3, plan),
