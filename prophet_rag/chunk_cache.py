@@ -76,14 +76,16 @@ Compute = Callable[[torch.Tensor, list[torch.Tensor]], list[ChunkKV]]
 """`compute(sink_ids, chunks)`: the isolated KV of each chunk `[n_i]` behind `sink_ids` (see prefill.py)."""
 
 
-def build_tiers(store: StoreConfig | KVTier | None, hot_cache_bytes: int) -> list[KVTier]:
-    """The tier list, fastest first. `store` is a `StoreConfig` (None: the default directory) or an open store."""
+def build_tiers(store: StoreConfig | KVTier | None, hot_cache_bytes: int = 0, host_cache_bytes: int = 0
+                ) -> list[KVTier]:
+    """The tier list, fastest first: device memory, host memory, the disk store. `store` is a `StoreConfig` (None:
+    the default directory) or an open store."""
     from prophet_rag.hot_cache import HotCache
     from prophet_rag.store import KVStore
 
-    hot = HotCache(hot_cache_bytes)
+    memory, host = HotCache(hot_cache_bytes), HotCache(host_cache_bytes, host=True)
     disk = store if isinstance(store, KVTier) else KVStore(store or StoreConfig())
-    return [hot, disk]
+    return [memory, host, disk]
 
 
 @dataclass(frozen=True)

@@ -74,8 +74,8 @@ class ProphetEngine:
     `ProphetEngine(model=..., tokenizer=...)` wraps a loaded model; `ProphetEngine.from_pretrained()` loads one (the
     embedded SmolLM2-135M-Instruct by default). `store` is a `StoreConfig`, an open `KVStore`, or None for the
     default store directory. Defaults for `answer` come from `selection` and `generation`. `hot_cache_bytes` keeps
-    that many bytes of recently used chunk KV on the model's device in front of the store (see `hot_cache`): set it
-    when serving on a GPU, where a disk read costs more than recomputing the chunk.
+    that many bytes of recently used chunk KV on the model's device in front of the store, and `host_cache_bytes`
+    that many in (pinned) host memory behind it (see `hot_cache`): set them when serving on a GPU.
     """
 
     def __init__(
@@ -90,6 +90,7 @@ class ProphetEngine:
         kv_dtype: torch.dtype | None = None,
         model_name: str | None = None,
         hot_cache_bytes: int = 0,
+        host_cache_bytes: int = 0,
     ) -> None:
         self.adapter = ModelAdapter(model)
         self.tokenizer = tokenizer
@@ -101,7 +102,8 @@ class ProphetEngine:
         self.sink_ids = self.builder.sink_ids()
         meta = EntryMeta(model_fingerprint(model), tokenizer_fingerprint(tokenizer), kv_spec(self.kv_dtype))
         compute = partial(prefill_isolated, self.adapter, kv_dtype=self.kv_dtype)
-        self.cache = ChunkCache(build_tiers(store, hot_cache_bytes), meta, self.sink_ids, compute)
+        tiers = build_tiers(store, hot_cache_bytes, host_cache_bytes)
+        self.cache = ChunkCache(tiers, meta, self.sink_ids, compute)
         self._check_selection(self.selection)
 
     @classmethod

@@ -91,18 +91,19 @@ def _load(cache: ChunkCache, layout: RequestLayout):
     return stitched, cache.load(layout, stitched)
 
 
-def test_memory_and_disk_tiers_follow_the_protocol(tmp_path):
-    tiers = build_tiers(StoreConfig(directory=tmp_path / "s"), 1024)
-    assert [tier.name for tier in tiers] == ["memory", "disk"]
+def test_memory_host_and_disk_tiers_follow_the_protocol(tmp_path):
+    tiers = build_tiers(StoreConfig(directory=tmp_path / "s"), 1024, 2048)
+    assert [tier.name for tier in tiers] == ["memory", "host", "disk"]
     assert all(isinstance(tier, KVTier) for tier in tiers)
-    assert isinstance(tiers[0], HotCache) and isinstance(tiers[1], KVStore)
+    assert isinstance(tiers[0], HotCache) and isinstance(tiers[2], KVStore)
+    assert (tiers[0].limit_bytes, tiers[1].limit_bytes) == (1024, 2048)
     assert isinstance(DictTier(), KVTier)
-    tiers[1].close()
+    tiers[2].close()
 
 
 def test_an_open_store_is_used_as_the_disk_tier(tmp_path):
     store = KVStore(StoreConfig(directory=tmp_path / "s"))
-    assert build_tiers(store, 0)[1] is store
+    assert build_tiers(store)[-1] is store
     store.close()
 
 

@@ -117,3 +117,44 @@ def test_memory_tier_entries_are_not_changed_by_requests(make_engine):
     engine.answer(list(reversed(CHUNKS)), QUERY, generation=GEN)  # other positions: keys are re-rotated
     for key, kv in before.items():
         assert torch.equal(engine.hot.get(_ref(key)).kv, kv)
+
+
+def test_host_tier_keeps_a_host_copy_and_fills_the_slots():
+    """The host tier stores device entries in host memory and copies them into `out` on a get (on CPU-only
+    machines the device is the host, so this checks the bookkeeping; the pinned copy needs CUDA)."""
+    tier = HotCache(1000, host=True)
+    assert tier.name == "host"
+    kv = _kv(2)
+    tier.put(_ref("a"), kv)
+    out = torch.empty_like(kv.kv)
+    got = tier.get(_ref("a"), None, out)
+    assert torch.equal(got.kv, kv.kv)
+
+
+def test_host_tier_error_names_its_option():
+    with pytest.raises(InvalidRequestError, match="host_cache_bytes must be an integer >= 0"):
+        HotCache(-1, host=True)
+
+
+def test_engine_has_memory_host_and_disk_tiers(make_engine):
+    engine = make_engine("llama", hot_cache_bytes=2**20, host_cache_bytes=2**20)
+    assert [tier.name for tier in engine.cache.tiers] == ["memory", "host", "disk"]
+    first = engine.answer(CHUNKS, QUERY, generation=GEN, return_logits=True)
+    engine.hot.clear()
+    second = engine.answer(CHUNKS, QUERY, generation=GEN, return_logits=True)
+    assert engine.cache.tier("host").stats().hits == len(CHUNKS) + 1  # the chunks and the prefix
+    torch.testing.assert_close(second.first_token_logits, first.first_token_logits, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_tier_pins_device_entries_and_copies_back_to_the_device():
+    tier = HotCache(2**20, host=True)
+    kv = ChunkKV(torch.arange(2), torch.arange(2), torch.randn(1, 2, 2, 1, 8, device="cuda"))
+    tier.put(_ref("a"), kv)
+    stored = tier._entries["a"].kv
+    assert stored.device.type == "cpu" and stored.is_pinned()
+    out = torch.empty_like(kv.kv)
+    assert tier.get(_ref("a"), None, out).kv is out
+    torch.cuda.synchronize()
+    assert torch.equal(out, kv.kv)
