@@ -15,6 +15,7 @@ from prophet_rag.errors import (
     ContextWindowError,
     IncompatibleCacheError,
     InvalidRequestError,
+    ModelLoadError,
     ProphetRAGError,
     StoreError,
     UnsupportedModelError,
@@ -44,7 +45,8 @@ _LAZY = {
 
 __all__ = [
     "GenerationConfig", "PromptConfig", "SelectionConfig", "StoreConfig", "CacheCorruptionError",
-    "ContextWindowError", "IncompatibleCacheError", "InvalidRequestError", "ProphetRAGError", "StoreError",
+    "ContextWindowError", "IncompatibleCacheError", "InvalidRequestError", "ModelLoadError", "ProphetRAGError",
+    "StoreError",
     "UnsupportedModelError", *_LAZY,
 ]
 

@@ -32,8 +32,17 @@ def _read_folder(folder: Path) -> list[str]:
     if not folder.is_dir():
         raise ProphetRAGError(f"{folder} is not a folder; pass a folder of .txt/.md files.")
     files = sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
-    texts = [p.read_text(encoding="utf-8").strip() for p in files]
-    texts = [t for t in texts if t]
+    texts = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise ProphetRAGError(
+                f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); convert it to UTF-8 "
+                "(e.g. `iconv -t utf-8`) or move it out of the folder."
+            ) from None
+        if text:
+            texts.append(text)
     if not texts:
         raise ProphetRAGError(f"{folder} has no non-empty .txt or .md files.")
     return texts

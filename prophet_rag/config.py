@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +27,29 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _is_number(value: object) -> bool:
+    # bool is an int to Python, never a sensible count or ratio here.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise InvalidRequestError(f"{name} must be an integer >= {minimum}{hint}, got {value!r}.")
+
+
 def _check_ratio(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+    if not _is_number(value) or not 0.0 <= value <= 1.0:
         raise InvalidRequestError(
             f"{name} must be a number in [0, 1], got {value!r}; 0.2 recomputes 20% of the context."
         )
+
+
+def _strings(name: str, value: object) -> tuple[str, ...]:
+    """`value` as a tuple of non-empty strings; a single string is one string, not its characters."""
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, (tuple, list)) or not all(isinstance(s, str) and s for s in items):
+        raise InvalidRequestError(f"{name} must be a string or a list of non-empty strings, got {value!r}.")
+    return tuple(items)
 
 
 @dataclass(frozen=True)
@@ -54,17 +73,18 @@ class SelectionConfig:
         if self.method not in REGISTRY:
             raise InvalidRequestError(f"unknown method {self.method!r}; choose one of {', '.join(REGISTRY)}.")
         _check_ratio("ratio", self.ratio)
-        if self.cacheblend_check_layer < 1:
-            raise InvalidRequestError(
-                "cacheblend_check_layer must be >= 1 (layer 0 is always recomputed), "
-                f"got {self.cacheblend_check_layer}."
-            )
-        if self.infoflow_layers is not None and (
-            not self.infoflow_layers or any(layer < 0 for layer in self.infoflow_layers)
-        ):
-            raise InvalidRequestError(
-                f"infoflow_layers must be a non-empty tuple of layer indices >= 0, got {self.infoflow_layers!r}."
-            )
+        _check_int("cacheblend_check_layer", self.cacheblend_check_layer, 1, " (layer 0 is always recomputed)")
+        layers = self.infoflow_layers
+        if layers is not None:
+            if not isinstance(layers, (tuple, list)) or not layers or not all(
+                    isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0 for x in layers):
+                raise InvalidRequestError(
+                    f"infoflow_layers must be a non-empty tuple of layer indices >= 0, got {layers!r}."
+                )
+            object.__setattr__(self, "infoflow_layers", tuple(int(x) for x in layers))
+        if not isinstance(self.reorder_chunks, bool):
+            raise InvalidRequestError(f"reorder_chunks must be True or False, got {self.reorder_chunks!r}.")
+        _check_int("seed", self.seed, 0, "")
 
 
 @dataclass(frozen=True)
@@ -80,16 +100,21 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InvalidRequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}.")
-        if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if any(not s for s in self.stop):
-            raise InvalidRequestError("stop strings must be non-empty; remove the empty string from `stop`.")
+        _check_int("max_new_tokens", self.max_new_tokens, 1, "")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}.")
+        _check_int("top_k", self.top_k, 0, " (0 disables it)")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be a number in (0, 1], got {self.top_p!r}.")
+        object.__setattr__(self, "stop", _strings("stop", self.stop))
+        if self.eos_token_ids is not None:
+            ids = self.eos_token_ids
+            if not isinstance(ids, (tuple, list)) or not all(
+                    isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
+                raise InvalidRequestError(f"eos_token_ids must be a tuple of token ids, got {ids!r}.")
+            object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in ids))
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, " (or None)")
 
 
 @dataclass(frozen=True)
@@ -107,6 +132,11 @@ class PromptConfig:
     question_template: str = "Question: {query}"
 
     def __post_init__(self) -> None:
+        for name in ("instruction", "chunk_separator", "question_template"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidRequestError(f"{name} must be a string, got {getattr(self, name)!r}.")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise InvalidRequestError(f"system_prompt must be a string or None, got {self.system_prompt!r}.")
         if "{query}" not in self.question_template:
             raise InvalidRequestError(
                 f"question_template must contain '{{query}}', got {self.question_template!r}."

@@ -9,10 +9,12 @@ context tokens to recompute (selectors.py); recompute them with the suffix (stit
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -20,7 +22,7 @@ from prophet_rag import selectors
 from prophet_rag.chunk_cache import ChunkCache, LoadStats, build_tiers
 from prophet_rag.codec import EntryMeta
 from prophet_rag.config import GenerationConfig, PromptConfig, SelectionConfig, StoreConfig
-from prophet_rag.errors import ContextWindowError, InvalidRequestError
+from prophet_rag.errors import ContextWindowError, InvalidRequestError, ModelLoadError
 from prophet_rag.generate import TextAssembler, decode
 from prophet_rag.hot_cache import HotCache
 from prophet_rag.keys import kv_spec, model_fingerprint, tokenizer_fingerprint
@@ -30,6 +32,19 @@ from prophet_rag.prefill import prefill_full, prefill_isolated
 from prophet_rag.results import Answer, RequestStats
 from prophet_rag.stitched import StitchedCache, forward_rows, reposition, stitched_layout
 from prophet_rag.store import KVStore
+
+
+def _model_location(name_or_path: str | os.PathLike) -> str:
+    """A local folder, or a hub id. Something written as a path (absolute, relative, home) must exist: it is never
+    looked up on a model hub, where it could only fail slowly."""
+    text = os.fspath(name_or_path)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        return str(local)
+    hub_id = not text.startswith(("/", ".", "~")) and text.count("/") <= 1  # "name" or "org/name"
+    if not hub_id or local.exists():
+        raise ModelLoadError(f"{text!r} is not a model folder; pass a folder with config.json and the weights.")
+    return text
 
 
 @dataclass
@@ -119,10 +134,16 @@ class ProphetEngine:
         if name_or_path in (None, "embedded", EMBEDDED_NAME):
             path, name = embedded_model_dir(), EMBEDDED_NAME
         else:
-            path, name = name_or_path, str(name_or_path)
+            path, name = _model_location(name_or_path), str(name_or_path)
         dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(
+                f"cannot load a causal LM and its tokenizer from {name!r}: {error}. Pass a model folder with "
+                "config.json, the weights and the tokenizer files, or no model for the embedded SmolLM2-135M."
+            ) from None
         return cls(model, tokenizer, model_name=kwargs.pop("model_name", name), **kwargs)
 
     @property

@@ -12,6 +12,10 @@ class UnsupportedModelError(ProphetRAGError):
     """The model cannot be run correctly by the engine (raised when the engine is built)."""
 
 
+class ModelLoadError(ProphetRAGError):
+    """A model or its tokenizer cannot be loaded from where it was named."""
+
+
 class InvalidRequestError(ProphetRAGError, ValueError):
     """A request or configuration value is malformed (empty chunk list, bad ratio, unknown method, ...)."""
 
