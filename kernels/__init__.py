@@ -80,7 +80,10 @@ def query_scores(
     prophet_out: torch.Tensor | None,
     norm_out: torch.Tensor | None,
 ) -> None:
-    """Accumulate one layer's ProphetKV and InfoFlow scores into `[context_tokens]` fp32 buffers (query_scores_ref)."""
+    """Accumulate one layer's ProphetKV and InfoFlow scores into `[context_tokens]` fp32 buffers (query_scores_ref).
+
+    The engine scores inside `stage1_attention`; this stand-alone op stays as the unfused baseline that the fused
+    kernel is tested and benchmarked against (tests/kernels, benchmarks/bench_kernels.py)."""
     if backend_for(k) == "triton":
         from .query_scores import query_scores_triton
 
