@@ -10,6 +10,7 @@ derivation and the entry metadata, so a tier only stores and checks what it is h
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -19,6 +20,7 @@ import torch
 from prophet_rag.chunk_kv import ChunkKV
 from prophet_rag.codec import EntryMeta
 from prophet_rag.config import StoreConfig
+from prophet_rag.errors import CacheCorruptionError
 from prophet_rag.keys import chunk_key
 from prophet_rag.layout import RequestLayout
 from prophet_rag.stitched import StitchedCache
@@ -72,6 +74,92 @@ class KVTier(Protocol):
     def close(self) -> None: ...
 
 
+class LayeredEntry(Protocol):
+    """A stored chunk opened for reading layer by layer (`store.StoredEntry`)."""
+
+    num_layers: int
+
+    def read_layers(self, start: int, stop: int, out: torch.Tensor) -> None:
+        """Read and check layers `[start, stop)` into `out[start:stop]`; raises CacheCorruptionError (the entry is
+        then discarded and counted by its tier)."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class LayeredTier(KVTier, Protocol):
+    """A tier that can also hand out an entry to be read layer by layer, so a request can start on layer 0 while
+    later layers are still being read (the disk store)."""
+
+    def open(self, ref: ChunkRef, meta: EntryMeta) -> LayeredEntry | None: ...
+
+
+class StaleBlocksError(Exception):
+    """A block being read layer by layer failed its check after the request started using it: the request is
+    assembled again (its tier has dropped the entry, so the chunk is recomputed). Never leaves the engine."""
+
+
+@dataclass
+class _Read:
+    entry: LayeredEntry
+    out: torch.Tensor
+    """The block's slots `[L, 2, T, H_kv, D]`."""
+    ref: ChunkRef
+    faster: list[KVTier]
+    """Tiers in front of the one the entry came from: they get a copy once every layer is read."""
+    copies: list[torch.Tensor]
+    """Other slots of the same chunk in the request."""
+
+
+class PendingLayers:
+    """Stored blocks arriving in a request's cache: a thread reads them layer by layer, in layer order.
+
+    `wait(layer)` returns once that layer of every block is in; it raises `StaleBlocksError` when any read failed.
+    The faster tiers' copies are taken per layer before the request changes the slots (re-rotation), and put once
+    the last layer is in.
+    """
+
+    def __init__(self, reads: list[_Read], meta: EntryMeta, num_layers: int) -> None:
+        self._reads, self._meta = reads, meta
+        self._events = [threading.Event() for _ in range(num_layers)]
+        self._failed: list[str] = []
+        self._thread = threading.Thread(target=self._run, name="prophet-rag-layer-loader", daemon=True)
+        self._thread.start()
+
+    def wait(self, layer: int) -> None:
+        self._events[layer].wait()
+        if self._failed:
+            raise StaleBlocksError(f"stored blocks {self._failed} failed their check while being read")
+
+    @torch.inference_mode()  # thread-local: the request's cache is an inference tensor
+    def _run(self) -> None:
+        kept = [torch.empty_like(read.out) if read.faster else None for read in self._reads]
+        try:
+            for layer, ready in enumerate(self._events):
+                for read, copy in zip(self._reads, kept, strict=True):
+                    try:
+                        read.entry.read_layers(layer, layer + 1, read.out)
+                    except CacheCorruptionError:
+                        self._failed.append(read.ref.key)
+                        continue
+                    for other in read.copies:
+                        other[layer].copy_(read.out[layer])
+                    if copy is not None:
+                        copy[layer].copy_(read.out[layer])
+                if self._failed:
+                    break
+                ready.set()
+            if not self._failed:
+                for read, copy in zip(self._reads, kept, strict=True):
+                    for tier in read.faster:
+                        tier.put(read.ref, ChunkKV(read.ref.token_ids, read.ref.positions, copy), self._meta)
+        finally:
+            for read in self._reads:
+                read.entry.close()
+            for event in self._events:
+                event.set()
+
+
 Compute = Callable[[torch.Tensor, list[torch.Tensor]], list[ChunkKV]]
 """`compute(sink_ids, chunks)`: the isolated KV of each chunk `[n_i]` behind `sink_ids` (see prefill.py)."""
 
@@ -93,6 +181,8 @@ class LoadStats:
     hits: int
     misses: int
     """Distinct chunks found in a tier / computed (the prefix does not count)."""
+    pending: PendingLayers | None = None
+    """Blocks still arriving layer by layer (a pipelined load), or None when every slot is filled."""
 
 
 class ChunkCache:
@@ -114,16 +204,21 @@ class ChunkCache:
                         sink_ids.tolist())
         return ChunkRef(key, token_ids.cpu(), sink_ids.cpu())
 
-    def load(self, layout: RequestLayout, cache: StitchedCache) -> LoadStats:
+    def load(self, layout: RequestLayout, cache: StitchedCache, pipeline: bool = False) -> LoadStats:
         """Fill `cache`'s prefix and chunk slots (laid out by `stitched_layout` for `layout`) with the prefix's
         exact KV and each chunk's isolated KV: from the tiers, else computed and stored (unless the layout marks
-        it transient)."""
+        it transient).
+
+        With `pipeline`, blocks held by a layered tier (the disk store) are opened here and read layer by layer in
+        the background: `LoadStats.pending` then says when each layer is in.
+        """
         empty = self.sink_ids[:0]
         slot_of = {i: span for span, i in zip(cache.chunk_spans, cache.order, strict=True)}
         wanted = [(self.ref(layout.prefix_ids, empty), (0, cache.prefix_len), not layout.transient_prefix)]
         wanted += [(self.ref(ids, self.sink_ids), slot_of[i], not layout.is_transient(i))
                    for i, ids in enumerate(layout.chunk_ids)]
         filled: dict[str, torch.Tensor] = {}
+        reads: dict[str, _Read] = {}
         keep: set[str] = set()
         missing: dict[str, tuple[ChunkRef, list[torch.Tensor]]] = {}
         for ref, (start, end), store in wanted:
@@ -132,11 +227,15 @@ class ChunkCache:
                 keep.add(ref.key)  # a key that also appears as stored text is stored
             if ref.key in filled:
                 out.copy_(filled[ref.key])
+            elif ref.key in reads:
+                reads[ref.key].copies.append(out)
             elif ref.key in missing:
                 missing[ref.key][1].append(out)
-            elif (kv := self._lookup(ref, out)) is not None:
-                if kv.kv is not out:
-                    out.copy_(kv.kv)
+            elif isinstance(found := self._lookup(ref, out, pipeline), _Read):
+                reads[ref.key] = found
+            elif found is not None:
+                if found.kv is not out:
+                    out.copy_(found.kv)
                 filled[ref.key] = out
             else:
                 missing[ref.key] = (ref, [out])
@@ -154,7 +253,8 @@ class ChunkCache:
                         tier.put(ref, chunk, self.meta)
         chunk_keys = {ref.key for ref, _, _ in wanted[1:]}
         misses = len(chunk_keys & (set(missing) - {prefix_key}))
-        return LoadStats(len(chunk_keys) - misses, misses)
+        pending = PendingLayers(list(reads.values()), self.meta, int(cache.kv.shape[0])) if reads else None
+        return LoadStats(len(chunk_keys) - misses, misses, pending)
 
     def ingest(self, chunk_ids: Sequence[torch.Tensor], batch_tokens: int = 32768) -> int:
         """Compute and store every chunk no tier holds, `batch_tokens` tokens of chunks at a time (so a corpus
@@ -174,8 +274,13 @@ class ChunkCache:
             start = end
         return len(missing)
 
-    def _lookup(self, ref: ChunkRef, out: torch.Tensor) -> ChunkKV | None:
+    def _lookup(self, ref: ChunkRef, out: torch.Tensor, pipeline: bool) -> ChunkKV | _Read | None:
         for depth, tier in enumerate(self.tiers):
+            if pipeline and isinstance(tier, LayeredTier):
+                entry = tier.open(ref, self.meta)
+                if entry is not None:
+                    return _Read(entry, out, ref, self.tiers[:depth], [])
+                continue
             kv = tier.get(ref, self.meta, out)
             if kv is None:
                 continue

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from prophet_rag import selectors
-from prophet_rag.chunk_cache import ChunkCache, LoadStats, build_tiers
+from prophet_rag.chunk_cache import ChunkCache, LoadStats, StaleBlocksError, build_tiers
 from prophet_rag.codec import EntryMeta
 from prophet_rag.config import GenerationConfig, PromptConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import ContextWindowError, InvalidRequestError, ModelLoadError
@@ -30,7 +30,7 @@ from prophet_rag.layout import PromptBuilder, RequestLayout
 from prophet_rag.model_adapter import ModelAdapter
 from prophet_rag.prefill import prefill_full, prefill_isolated
 from prophet_rag.results import Answer, RequestStats
-from prophet_rag.stitched import StitchedCache, forward_rows, reposition, stitched_layout
+from prophet_rag.stitched import LayerGate, StitchedCache, forward_rows, reposition, stitched_layout
 from prophet_rag.store import KVStore
 
 
@@ -312,6 +312,15 @@ class ProphetEngine:
 
     @torch.inference_mode()
     def _prefill(self, layout: RequestLayout, selection: SelectionConfig, capacity: int) -> Prefill:
+        try:
+            return self._prefill_once(layout, selection, capacity, pipeline=True)
+        except StaleBlocksError:
+            # A stored block failed its check after the request had started on it. Its tier has dropped it, and a
+            # second assembly reads every block whole before use, so a failing one is recomputed on the spot.
+            return self._prefill_once(layout, selection, capacity, pipeline=False)
+
+    def _prefill_once(self, layout: RequestLayout, selection: SelectionConfig, capacity: int,
+                      pipeline: bool) -> Prefill:
         method = selectors.get(selection.method)
         t0 = time.perf_counter()
         if not method.reuses_cache or not layout.chunk_ids:
@@ -332,11 +341,15 @@ class ProphetEngine:
         t1 = time.perf_counter()
         cache = stitched_layout(self.adapter, layout.prefix_ids, layout.chunk_ids,
                                 range(len(layout.chunk_ids)) if order is None else order, capacity, self.kv_dtype)
-        loaded = (first_load or [self.cache.load(layout, cache)])[0]
-        if first_load:  # an ordering step assembled the blocks once already; these reads are all hits
-            self.cache.load(layout, cache)
+        # With an ordering step the blocks were assembled once already, and these reads are all hits.
+        loaded = self.cache.load(layout, cache, pipeline)
+        counted = first_load[0] if first_load else loaded
         t2 = time.perf_counter()
-        reposition(self.adapter, cache, int(self.sink_ids.numel()))
+        place = partial(reposition, self.adapter, cache, int(self.sink_ids.numel()), True)
+        if loaded.pending is None:
+            place()
+        else:  # stored blocks arrive layer by layer: each pass waits for, and places, the layers it reaches
+            cache.layer_ready = LayerGate(loaded.pending.wait, place)
         suffix_rows = cache.append_tokens(layout.suffix_ids.to(self.adapter.device))
         t3 = time.perf_counter()
         plan = selectors.plan(self.adapter, cache, suffix_rows, selection, request)
@@ -345,7 +358,7 @@ class ProphetEngine:
         t5 = time.perf_counter()
         selected = plan.selected if plan.selected is not None else rows[rows < cache.context_end]
         return Prefill(cache, hidden, selected, cache.order, t2 - t1, (t1 - t0) + (t3 - t2), t4 - t3, t5 - t4,
-                       loaded.hits, loaded.misses)
+                       counted.hits, counted.misses)
 
     def _run(self, layout: RequestLayout, selection: SelectionConfig, generation: GenerationConfig,
              return_logits: bool) -> Iterator[str]:

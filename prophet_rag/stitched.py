@@ -37,6 +37,9 @@ class StitchedCache:
     """Slot range `[start, end)` of each chunk, in layout order."""
     order: tuple[int, ...] = ()
     """`order[i]` is the request index of the chunk at `chunk_spans[i]`."""
+    layer_ready: Callable[[int], None] | None = None
+    """While blocks are still arriving layer by layer: called before a pass reads or writes a layer, it returns once
+    that layer's blocks are in place (see `chunk_cache.PendingLayers`)."""
 
     @classmethod
     def empty(cls, adapter: ModelAdapter, capacity: int, dtype: torch.dtype) -> StitchedCache:
@@ -89,26 +92,49 @@ def stitched_layout(adapter: ModelAdapter, prefix_ids: torch.Tensor, chunk_ids: 
     return cache
 
 
-def reposition(adapter: ModelAdapter, cache: StitchedCache, sink_len: int, global_positions: bool = True) -> None:
+def reposition(adapter: ModelAdapter, cache: StitchedCache, sink_len: int, global_positions: bool = True,
+               layers: range | None = None) -> None:
     """Place filled chunk blocks, each computed at positions `sink_len ... sink_len + n - 1`, in the request.
 
     With `global_positions`, chunk keys are delta-rotated to their slots' positions and layer 0's K/V is
     recomputed for every chunk token (it depends only on token and position, so this is exact and cheap).
     Without, each chunk keeps the positions it was computed at (the parallel geometry, where every chunk sits at
-    the same distance from the question: used to score chunks before reordering them).
+    the same distance from the question: used to score chunks before reordering them). `layers` (default: all)
+    places only those layers, for blocks that arrive layer by layer.
     """
     context = slice(cache.prefix_len, cache.context_end)
-    stored = torch.cat([torch.arange(sink_len, sink_len + end - start, device=cache.positions.device)
-                        for start, end in cache.chunk_spans])
     if not global_positions:
-        cache.positions[context] = stored
+        cache.positions[context] = _stored_positions(cache, sink_len)
         return
-    rope_shift(cache.kv[:, 0, context], cache.positions[context] - stored, adapter.inv_freq, interleaved=True)
-    ids, positions = cache.token_ids[context], cache.positions[context]
-    with torch.no_grad():
-        hidden = adapter.embed(ids)
-        k, v = adapter.kv(0, hidden, adapter.rope_tables(positions, hidden.dtype))
-    cache.kv[0, 0, context], cache.kv[0, 1, context] = k, v
+    layers = range(adapter.spec.num_layers) if layers is None else layers
+    delta = cache.positions[context] - _stored_positions(cache, sink_len)
+    rope_shift(cache.kv[layers.start : layers.stop, 0, context], delta, adapter.inv_freq, interleaved=True)
+    if 0 in layers:
+        ids, positions = cache.token_ids[context], cache.positions[context]
+        with torch.no_grad():
+            hidden = adapter.embed(ids)
+            k, v = adapter.kv(0, hidden, adapter.rope_tables(positions, hidden.dtype))
+        cache.kv[0, 0, context], cache.kv[0, 1, context] = k, v
+
+
+class LayerGate:
+    """`StitchedCache.layer_ready` for blocks arriving layer by layer: waits for each layer in turn (`arrived`) and
+    places it (`place(range)`, the re-rotation and layer-0 repair of `reposition`) before any pass touches it."""
+
+    def __init__(self, arrived: Callable[[int], None], place: Callable[[range], None]) -> None:
+        self._arrived, self._place = arrived, place
+        self._next = 0
+
+    def __call__(self, layer: int) -> None:
+        while self._next <= layer:
+            self._arrived(self._next)
+            self._place(range(self._next, self._next + 1))
+            self._next += 1
+
+
+def _stored_positions(cache: StitchedCache, sink_len: int) -> torch.Tensor:
+    return torch.cat([torch.arange(sink_len, sink_len + end - start, device=cache.positions.device)
+                      for start, end in cache.chunk_spans])
 
 
 @dataclass(frozen=True)
@@ -155,6 +181,8 @@ def forward_rows(
     plan = attention_plan(row_pos, positions, hidden.dtype, group)
     stop = adapter.spec.num_layers - 1 if last_layer is None else last_layer
     for layer in range(stop + 1):
+        if cache.layer_ready is not None:
+            cache.layer_ready(layer)
         q, k, v = adapter.qkv(layer, hidden, rope)
         if row_filter is not None and row_filter[0] == layer:
             keep = row_filter[1](layer, rows, k, v)

@@ -11,6 +11,7 @@ from prophet_rag.chunk_cache import ChunkCache, ChunkRef, KVTier, build_tiers
 from prophet_rag.chunk_kv import ChunkKV
 from prophet_rag.codec import EntryMeta
 from prophet_rag.config import GenerationConfig, StoreConfig
+from prophet_rag.errors import CacheCorruptionError
 from prophet_rag.hot_cache import HotCache
 from prophet_rag.layout import RequestLayout
 from prophet_rag.stitched import StitchedCache
@@ -202,3 +203,117 @@ def test_engine_with_a_third_tier_answers_identically(make_engine):
 def test_engine_exposes_its_context_window(make_engine):
     engine = make_engine("llama")
     assert engine.context_window == engine.adapter.spec.max_positions == 512
+
+
+# ---- layer-by-layer loading (pipelined store reads) ----------------------------------------------------------------
+
+
+class LayeredDictTier(DictTier):
+    """A tier read layer by layer, as the disk store is; `fail_at` makes one layer's check fail."""
+
+    def __init__(self, name: str = "layered", fail_at: int | None = None) -> None:
+        super().__init__(name)
+        self.fail_at, self.opened, self.discarded, self.layers_read = fail_at, 0, [], []
+
+    def open(self, ref, meta):
+        chunk = self.entries.get(ref.key)
+        if chunk is None:
+            return None
+        self.opened += 1
+        tier = self
+
+        class Entry:
+            num_layers = chunk.kv.shape[0]
+
+            def read_layers(self, start, stop, out):
+                for layer in range(start, stop):
+                    if layer == tier.fail_at:
+                        tier.discarded.append(ref.key)
+                        del tier.entries[ref.key]
+                        raise CacheCorruptionError("planted failure")
+                    out[layer].copy_(chunk.kv[layer])
+                    tier.layers_read.append(layer)
+
+            def close(self):
+                pass
+
+        return Entry()
+
+
+def test_a_pipelined_load_fills_each_layer_in_the_background():
+    tier = LayeredDictTier()
+    layout = _layout([2, 3], [4, 5], [2, 3])
+    reference, _ = _load(_cache([tier]), layout)
+    cache = _cache([tier])
+    stitched, loaded = _load_pipelined(cache, layout)
+    assert loaded.pending is not None and (loaded.hits, loaded.misses) == (2, 0)
+    for layer in range(2):
+        loaded.pending.wait(layer)
+    assert torch.equal(stitched.kv[:, :, :8], reference.kv[:, :, :8])  # repeated chunk copied too
+
+
+def test_a_failing_layer_makes_the_request_start_over():
+    from prophet_rag.chunk_cache import StaleBlocksError
+
+    tier = LayeredDictTier()
+    layout = _layout([2, 3])
+    _load(_cache([tier]), layout)
+    tier.fail_at = 1
+    _, loaded = _load_pipelined(_cache([tier]), layout)
+    with pytest.raises(StaleBlocksError):  # at layer 1, or already at layer 0 if the thread got there first
+        for layer in range(2):
+            loaded.pending.wait(layer)
+    assert tier.discarded  # the tier dropped the entry: the next assembly recomputes it
+
+
+def test_pipelined_write_back_keeps_the_stored_values():
+    fast, slow = DictTier("fast"), LayeredDictTier()
+    layout = _layout([2, 3])
+    _load(_cache([slow]), layout)
+    stitched, loaded = _load_pipelined(_cache([fast, slow]), layout)
+    loaded.pending.wait(1)
+    stitched.kv.fill_(-1.0)  # the request re-rotates its slots as layers arrive
+    loaded.pending._thread.join()
+    assert all(bool((chunk.kv >= 0).all()) for chunk in fast.entries.values()) and len(fast.entries) == 2
+
+
+def _load_pipelined(cache: ChunkCache, layout: RequestLayout):
+    stitched = StitchedCache(torch.full((2, 2, layout.total_tokens, 1, 4), float("nan")),
+                             torch.zeros(layout.total_tokens, dtype=torch.long), torch.arange(layout.total_tokens),
+                             0, 0, ())
+    stitched.append_tokens(layout.prefix_ids)
+    stitched.prefix_len = int(layout.prefix_ids.numel())
+    spans = []
+    for ids in layout.chunk_ids:
+        slots = stitched.append_tokens(ids)
+        spans.append((int(slots[0]), int(slots[-1]) + 1))
+    stitched.chunk_spans, stitched.order = tuple(spans), tuple(range(len(spans)))
+    return stitched, cache.load(layout, stitched, pipeline=True)
+
+
+@pytest.mark.parametrize("method", ["reuse", "prophet", "cacheblend", "epic", "prophet_plus"])
+def test_engine_answers_identically_with_blocks_arriving_layer_by_layer(make_engine, method):
+    plain, piped = make_engine("qwen2"), make_engine("qwen2")
+    layered = LayeredDictTier()
+    piped.cache.tiers.insert(0, layered)
+    piped.answer(CHUNKS, QUERY, method=method, ratio=0.3, generation=GEN)  # computes and stores everywhere
+    expected = plain.answer(CHUNKS, QUERY, method=method, ratio=0.3, generation=GEN, return_logits=True)
+    got = piped.answer(CHUNKS, QUERY, method=method, ratio=0.3, generation=GEN, return_logits=True)
+    assert layered.opened == len(CHUNKS) + 1
+    assert got.token_ids == expected.token_ids
+    torch.testing.assert_close(got.first_token_logits, expected.first_token_logits, rtol=0, atol=0)
+
+
+def test_engine_recomputes_a_block_that_fails_mid_request(make_engine):
+    plain, piped = make_engine("llama"), make_engine("llama")
+    layered = LayeredDictTier()
+    piped.cache.tiers.insert(0, layered)
+    piped.answer(CHUNKS, QUERY, generation=GEN)
+    for tier in piped.cache.tiers[1:]:
+        tier.clear() if hasattr(tier, "clear") else None
+    layered.fail_at = 1
+    got = piped.answer(CHUNKS, QUERY, generation=GEN, return_logits=True)
+    expected = plain.answer(CHUNKS, QUERY, generation=GEN, return_logits=True)
+    assert layered.discarded
+    assert got.token_ids == expected.token_ids
+    torch.testing.assert_close(got.first_token_logits, expected.first_token_logits, rtol=0, atol=0)
