@@ -68,8 +68,8 @@ class ChunkRegistry:
         i = 0
         while i < len(lines):
             for count in counts:
-                run = "\n".join(lines[i:i + count]).strip()
-                if i + count <= len(lines) and run and run in self:
+                run = "\n".join(lines[i:i + count]).strip() if i + count <= len(lines) else ""
+                if run and run in self:
                     flush()
                     pieces.append((run, True))
                     i += count

@@ -34,7 +34,7 @@ class _Params:
     @property
     def chat_model_params(self) -> dict:
         # Few new tokens keep the suite quick on a CPU; every answer is still non-empty text.
-        return {"engine": _ENGINE["engine"], "max_new_tokens": 12}
+        return {"engine": _ENGINE["engine"], "max_new_tokens": 8}
 
     @property
     def returns_usage_metadata(self) -> bool:
