@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-fast bench clean
+.PHONY: install demo lint test test-fast bench notebooks clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test-fast: install
 
 bench: install
 	$(BIN)/prophet-rag bench
+
+# Re-run the tutorials and save their outputs (the test suite executes them too, without saving).
+notebooks: install
+	$(BIN)/python notebooks/execute.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,22 +1,201 @@
-"""What both framework adapters share: loading an engine, the question asked of a plain prompt, thread streaming."""
+"""What every framework adapter shares: its settings, the engine configs built from them, and how a call runs.
+
+`ProphetSettings` is a pydantic mixin: LlamaIndex's `ProphetLLM` and LangChain's `ChatProphet` and
+`ProphetLangChainLLM` list it as a base, so the fields, their checks and the per-call options are declared once.
+A call becomes a `ChatRequest`: chat messages for the model's own chat template and, when the call carries retrieved
+documents, those documents and the place they go in one message (placement.py finds it in a framework's prompt).
+A call with no documents is a plain chat: full prefill over the rendered template, nothing stored.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
-from prophet_rag import ProphetEngine, StoreConfig
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-PLAIN_QUERY = "Follow the instructions in the document above."
-"""The question asked of a plain prompt: the engine answers a question over documents, so a prompt with no
-retrieved documents is passed as the only document."""
+from prophet_rag import GenerationConfig, InvalidRequestError, ProphetEngine, SelectionConfig, StoreConfig
+from prophet_rag.engine import AnswerStream
+from prophet_rag.results import Answer
+
+OPTIONS = ("method", "ratio", "max_new_tokens", "temperature", "stop", "top_k", "top_p", "seed", "eos_token_ids")
+"""What one call may override (`llm.invoke(..., max_new_tokens=8)`, `llm.complete(..., stop=["\\n"])`)."""
+
+DECODING = ("top_k", "top_p", "seed", "eos_token_ids")
+"""The `GenerationConfig` fields with no field of their own on an adapter: set them in `generate_kwargs`."""
+
+_ALIASES = {"max_tokens": "max_new_tokens"}  # the name LangChain's and LlamaIndex's remote models use
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One call for `engine.stream_chat`: messages (one content may hold `DOCUMENTS`), documents and one-off flags."""
+
+    messages: tuple[dict[str, Any], ...]
+    documents: tuple[str, ...] = ()
+    transient: tuple[bool, ...] = ()
+    """Per document: True for one-off text (a fragment that matches no retrieved node), computed but not stored."""
+    transient_prefix: bool = False
+    """True when per-call text (the question, an answer so far) comes before the documents: not stored."""
 
 
 def load_engine(model: str | None, device: str, store_dir: str | None) -> ProphetEngine:
-    """`ProphetEngine.from_pretrained(model, device=device)` (`model=None`: the embedded SmolLM2-135M), its store in
-    `store_dir` (None: the default store)."""
+    """`ProphetEngine.from_pretrained(model)` (None: the embedded SmolLM2-135M) on `device` ("auto": CUDA when
+    available), its store in `store_dir` (None: the default store)."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     store = StoreConfig(directory=store_dir) if store_dir is not None else None
     return ProphetEngine.from_pretrained(model, device=device, store=store)
+
+
+class Call:
+    """One running answer: iterate for text deltas; then `answer`, `usage` and `report` describe it."""
+
+    def __init__(self, stream: AnswerStream, generation: GenerationConfig, model_name: str) -> None:
+        self._stream = stream
+        self._max_new_tokens = generation.max_new_tokens
+        self.model_name = model_name
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stream)
+
+    @property
+    def answer(self) -> Answer:
+        if self._stream.answer is None:
+            raise RuntimeError("the answer is known once its text has been iterated to the end")
+        return self._stream.answer
+
+    def text(self) -> str:
+        """Run to the end; the whole text."""
+        return "".join(self)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """Token counts in the frameworks' common shape: the whole prompt in, the generated tokens out."""
+        stats = self.answer.stats
+        prompt = stats.prefix_tokens + stats.context_tokens + stats.suffix_tokens
+        return {"input_tokens": prompt, "output_tokens": stats.new_tokens, "total_tokens": prompt + stats.new_tokens}
+
+    @property
+    def finish_reason(self) -> str:
+        return "length" if self.answer.stats.new_tokens >= self._max_new_tokens else "stop"
+
+    def report(self) -> dict[str, Any]:
+        """What a framework response carries beside the text: model, finish reason and the request's statistics
+        (`RequestStats.to_dict()`: cache hits and misses, recomputed tokens, TTFT...) under "prophet_rag"."""
+        return {"model_name": self.model_name, "finish_reason": self.finish_reason,
+                "prophet_rag": self.answer.stats.to_dict()}
+
+
+class ProphetSettings(BaseModel):
+    """The settings every adapter shares. Pass `engine=` to share a loaded engine (and its store) between adapters;
+    without one, `model` is loaded on `device` with its store in `store_dir`. Every setting is checked when the
+    adapter is built, and `OPTIONS` may be overridden per call."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    # A field rather than a private attribute, so that copies a framework makes (LangChain's configurable_fields,
+    # model_copy) keep the loaded engine instead of loading the model again.
+    engine: ProphetEngine | None = Field(default=None, exclude=True, repr=False,
+                                         description="The engine to answer with; None: load `model`.")
+    model: str | None = Field(default=None, description="Checkpoint to load when no engine is passed; None: the "
+                                                        "embedded SmolLM2-135M-Instruct.")
+    store_dir: str | None = Field(default=None, description="KV store directory when no engine is passed; None: "
+                                                            "the default store.")
+    device: str = Field(default="auto", validation_alias=AliasChoices("device", "device_map"),
+                        description="Where to load the model when no engine is passed: 'auto' (CUDA when "
+                                    "available), 'cpu', 'cuda' or 'cuda:N'; also accepted as `device_map`.")
+    method: str = Field(default="prophet", description="Selection method for calls with retrieved documents.")
+    ratio: float = Field(default=0.2, description="Share of the context tokens recomputed.")
+    max_new_tokens: int = Field(default=256, validation_alias=AliasChoices("max_new_tokens", "max_tokens"),
+                                description="Most tokens generated per answer; also accepted as `max_tokens`.")
+    temperature: float = Field(default=0.0, description="Sampling temperature; 0 is greedy.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end generation (not included).")
+    generate_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                            description=f"Further decoding options: {', '.join(DECODING)}.")
+    system_prompt: str | None = Field(default=None, description="System message put first in calls whose "
+                                                                "messages bring none of their own.")
+
+    @classmethod
+    def accepted(cls, kwargs: Mapping[str, Any], ignored: Sequence[str] = ()) -> dict[str, Any]:
+        """`kwargs` less the `ignored` names; any other name the adapter has no field for is refused, rather than
+        dropped as pydantic would."""
+        names = set()
+        for name, field in cls.model_fields.items():
+            alias = field.validation_alias
+            names.update([name, *(alias.choices if isinstance(alias, AliasChoices) else [])])
+        unknown = sorted(set(kwargs) - names - set(ignored))
+        if unknown:
+            raise InvalidRequestError(
+                f"{cls.__name__} got unknown argument(s) {', '.join(unknown)}; its prophet-rag settings are "
+                f"{', '.join(ProphetSettings.model_fields)}."
+            )
+        return {key: value for key, value in kwargs.items() if key not in ignored}
+
+    def _setup(self) -> None:
+        """Load the engine when none was passed, and check every setting now rather than at the first call."""
+        if self.engine is None:
+            self.engine = load_engine(self.model, self.device, self.store_dir)
+        self.configs({})
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def configs(self, options: Mapping[str, Any]) -> tuple[SelectionConfig, GenerationConfig]:
+        """The engine configs of one call: the adapter's settings with `options` (see `OPTIONS`) on top."""
+        options = {_ALIASES.get(key, key): value for key, value in options.items()}
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise InvalidRequestError(
+                f"{type(self).__name__} got unknown option(s) {', '.join(unknown)}; the options of a call are "
+                f"{', '.join(OPTIONS)}."
+            )
+        unknown = sorted(set(self.generate_kwargs) - set(DECODING))
+        if unknown:
+            raise InvalidRequestError(
+                f"generate_kwargs holds {', '.join(unknown)}; it takes {', '.join(DECODING)} (the other decoding "
+                "options are fields of their own)."
+            )
+        setting = {name: options.get(name, getattr(self, name, None)) for name in OPTIONS}
+        stop = self.stop if setting["stop"] is None else setting["stop"]
+        decoding = {**self.generate_kwargs, **{name: options[name] for name in DECODING if name in options}}
+        # The configs check every value's type and range themselves, with messages that name the fix.
+        selection = replace(self.engine.selection, method=setting["method"], ratio=setting["ratio"])
+        generation = replace(self.engine.generation, max_new_tokens=setting["max_new_tokens"],
+                             temperature=setting["temperature"], stop=stop, **decoding)
+        return selection, generation
+
+    def with_system_prompt(self, request: ChatRequest) -> ChatRequest:
+        """`request` behind `system_prompt` when its messages open with no system message of their own."""
+        if not self.system_prompt or (request.messages and request.messages[0].get("role") == "system"):
+            return request
+        return replace(request, messages=({"role": "system", "content": self.system_prompt}, *request.messages))
+
+    def plain_request(self, messages: Sequence[Mapping[str, Any]], *, system_prompt: bool = True) -> ChatRequest:
+        """A call with no retrieved documents: `messages`, behind `system_prompt` unless told otherwise."""
+        request = ChatRequest(tuple(dict(message) for message in messages))
+        return self.with_system_prompt(request) if system_prompt else request
+
+    def start(self, request: ChatRequest, options: Mapping[str, Any]) -> Call:
+        """Start answering `request`; bad input raises here, before any token is generated."""
+        selection, generation = self.configs(options)
+        stream = self.engine.stream_chat(list(request.messages), request.documents, transient=request.transient,
+                                         transient_prefix=request.transient_prefix, selection=selection,
+                                         generation=generation)
+        return Call(stream, generation, self.model_name)
+
+    def token_ids(self, text: str) -> list[int]:
+        """`text`'s ids in the model's own tokenizer, as the engine tokenizes message contents."""
+        return self.engine.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def count_chat_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
+        """How many tokens `messages` take once rendered with the chat template, generation prompt included."""
+        return self.engine.builder.chat_layout(list(messages)).total_tokens
 
 
 async def iterate_in_thread(deltas: Iterable[str]) -> AsyncIterator[str]:

@@ -1,129 +1,206 @@
-"""LangChain integration: an LLM over a `ProphetEngine`, and a runnable that keeps retrieved documents apart.
+"""LangChain integration: `ChatProphet` (a chat model), `ProphetLangChainLLM` (a text LLM) and `ProphetRAG`, the
+runnable that keeps retrieved documents apart.
 
-In the usual chain `{"context": retriever | format_docs, "question": ...} | prompt | llm` the LLM only ever sees one
-formatted string, so the documents (and their cached KV) are lost. `ProphetRAG` takes the place of `prompt | llm`:
+Both models render calls with the model's own chat template (a text prompt is one user message, behind
+`system_prompt`) and answer a call with no retrieved documents by full prefill, storing nothing. In the usual chain
+`{"context": retriever | format_docs, "question": ...} | prompt | llm` a model sees one formatted prompt, so the
+documents, and their cached KV, are lost. `ProphetRAG` takes the place of `prompt | llm`:
 
-    chain = {"context": retriever, "question": RunnablePassthrough()} | ProphetRAG(llm=llm) | StrOutputParser()
+    rag = ProphetRAG(llm=ChatProphet(), prompt=prompt)   # prompt: any template with {context} and {question}
+    chain = {"context": retriever, "question": RunnablePassthrough()} | rag | StrOutputParser()
 
-It renders a readable prompt (what callbacks and traces see) and passes the question and the document texts beside
-it as the `rag_query`/`rag_chunks` keyword arguments of `llm.invoke`/`stream`/`ainvoke`/`astream`, which
-`ProphetLangChainLLM` answers over each document's cached KV. Callbacks, token streaming, `batch` and async work as
-for any LLM run. Without those arguments `ProphetLangChainLLM` answers a plain prompt.
+It renders its prompt template with the context's place marked (placement.py) and passes that request beside the
+readable prompt, as the `prophet_request` keyword of `llm.invoke`/`stream`/`ainvoke`/`astream`: each document is a
+cached chunk, and the system prompt, instructions, history and question stay where the template puts them.
+Callbacks, token streaming, batch and async work as for any model run. Usage (`usage_metadata`, `llm_output`) and the
+request's statistics (`response_metadata["prophet_rag"]`, `generation_info`) come with every answer.
 """
 
 from __future__ import annotations
 
-import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.documents import Document
-from langchain_core.language_models.llms import LLM
-from langchain_core.outputs import GenerationChunk
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models.llms import BaseLLM
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.outputs import (
+    ChatGeneration,
+    ChatGenerationChunk,
+    ChatResult,
+    Generation,
+    GenerationChunk,
+    LLMResult,
+)
+from langchain_core.prompts import BasePromptTemplate, ChatPromptTemplate, PromptTemplate
 from langchain_core.runnables import RunnableConfig, RunnableSerializable
-from pydantic import Field, PrivateAttr
+from pydantic import Field, field_validator
 
-from prophet_rag import GenerationConfig, InvalidRequestError, ProphetEngine, SelectionConfig
-from prophet_rag.engine import AnswerStream
-from prophet_rag.integrations.common import PLAIN_QUERY, iterate_in_thread, load_engine
+from prophet_rag import InvalidRequestError
+from prophet_rag.config import DEFAULT_INSTRUCTION
+from prophet_rag.integrations.common import Call, ChatRequest, ProphetSettings
+from prophet_rag.integrations.placement import Marks
 
-DEFAULT_PROMPT = "Answer the question using the documents below.\n\n{context}\n\nQuestion: {question}"
+REMOTE_ONLY = ("timeout", "max_retries", "api_key", "base_url")
+"""LangChain's standard model parameters that only a remote API has: accepted, as LangChain's own tests pass them,
+and unused by a local model."""
+
+DEFAULT_PROMPT = ChatPromptTemplate.from_messages(
+    [("human", DEFAULT_INSTRUCTION + "\n\n{context}\n\nQuestion: {question}")]
+)
+"""`ProphetRAG`'s default: the same request `engine.answer(documents, question)` makes."""
+
+_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "function"}
 
 
-class ProphetLangChainLLM(LLM):
-    """A LangChain LLM over a `ProphetEngine`.
+def _text(content: str | list, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    texts = []
+    for block in content:
+        if isinstance(block, str):
+            texts.append(block)
+        elif isinstance(block, Mapping) and block.get("type") == "text":
+            texts.append(block.get("text", ""))
+        else:
+            kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__
+            raise InvalidRequestError(f"message {index} holds a {kind!r} block; prophet-rag models read text only.")
+    return "".join(texts)
 
-    `ProphetLangChainLLM(engine=engine)` wraps an engine; without one, `ProphetEngine.from_pretrained(model,
-    device=device)` is loaded (`model=None`: the embedded SmolLM2-135M) with its store in `store_dir` (None: the
-    default store). Called with `rag_query=str, rag_chunks=list[str]` (as `ProphetRAG` does) it answers the query
-    over the chunks' cached KV with `method`/`ratio`; called with a prompt alone it answers that prompt with full
-    prefill. `stop` strings end generation.
-    """
 
-    model: str | None = Field(default=None, description="Checkpoint to load when no engine is passed.")
-    store_dir: str | None = Field(default=None, description="KV store directory when no engine is passed.")
-    device: str = Field(default="cpu", description="Device to load the model on when no engine is passed.")
-    method: str = Field(default="prophet", description="Selection method for RAG requests.")
-    ratio: float = Field(default=0.2, description="Share of the context tokens recomputed.")
-    max_new_tokens: int = Field(default=256, description="Most tokens generated per answer.")
-    temperature: float = Field(default=0.0, description="Sampling temperature; 0 is greedy.")
+def _message(message: BaseMessage, index: int) -> dict[str, str]:
+    """A LangChain message as the engine takes it."""
+    role = message.role if isinstance(message, ChatMessage) else _ROLES.get(message.type)
+    if role is None:
+        raise InvalidRequestError(f"message {index} is a {type(message).__name__}, which has no chat template role.")
+    return {"role": role, "content": _text(message.content, index)}
 
-    _engine: ProphetEngine = PrivateAttr()
 
-    def __init__(self, engine: ProphetEngine | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if engine is None:
-            engine = load_engine(self.model, self.device, self.store_dir)
-        self._engine = engine
-        # Bad settings fail here rather than at the first call.
-        self._selection()
-        self._generation(None)
+class _LangChainModel(ProphetSettings):
+    """What both LangChain models add to the shared settings; listed first among their bases, so these win."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**self.accepted(kwargs, ignored=REMOTE_ONLY))
+        self._setup()
 
     @property
-    def engine(self) -> ProphetEngine:
-        return self._engine
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "method": self.method, "ratio": self.ratio,
+                "max_new_tokens": self.max_new_tokens, "temperature": self.temperature}
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids from the model's own tokenizer (LangChain's default would fetch GPT-2's from the hub)."""
+        return self.token_ids(text)
+
+    def _call_start(self, request: ChatRequest, stop: list[str] | None, kwargs: Mapping[str, Any]) -> Call:
+        # `stream` is LangChain's own flag for whether a call streams; every other keyword is a per-call option.
+        options = {key: value for key, value in kwargs.items() if key != "stream"}
+        if stop is not None:
+            options["stop"] = stop
+        return self.start(self.with_system_prompt(request), options)
+
+
+class ChatProphet(_LangChainModel, BaseChatModel):
+    """A LangChain chat model over a `ProphetEngine`.
+
+    `ChatProphet(engine=engine)` wraps an engine; without one `model` is loaded (None: the embedded SmolLM2-135M)
+    on `device`, its store in `store_dir`. Messages are rendered with the model's chat template; `stop`, `streaming`,
+    async, callbacks and batch work as for any chat model. Per call, `invoke(..., max_new_tokens=8, temperature=0.7,
+    method="full", ratio=0.5, stop=[...])` overrides the settings (`max_tokens` is accepted for `max_new_tokens`);
+    other keywords are refused. Answers carry `usage_metadata` and, in `response_metadata`, the model name, finish
+    reason and the request's statistics (`"prophet_rag"`). Tool calling and structured output are not supported.
+    """
+
+    streaming: bool = Field(default=False, description="Stream tokens, and their callbacks, from invoke too.")
+
+    @property
+    def _llm_type(self) -> str:
+        return "prophet-rag-chat"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        model = kwargs.get("model")
+        params = LangSmithParams(
+            ls_provider="prophet_rag",
+            ls_model_name=model if isinstance(model, str) else self.model_name,
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens)),
+        )
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence | None = None) -> int:
+        """The tokens `messages` take once rendered with the chat template, generation prompt included."""
+        if tools:
+            raise InvalidRequestError("ChatProphet does not support tool calling, so it cannot count tool tokens.")
+        return self.count_chat_tokens([_message(m, i) for i, m in enumerate(messages)])
+
+    def _open(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> Call:
+        request = kwargs.pop("prophet_request", None) or ChatRequest(
+            tuple(_message(m, i) for i, m in enumerate(messages)))
+        return self._call_start(request, stop, kwargs)
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        call = self._open(messages, stop, kwargs)
+        text = call.text()
+        message = AIMessage(content=text, usage_metadata=call.usage, response_metadata=call.report())
+        return ChatResult(generations=[ChatGeneration(message=message)],
+                          llm_output={"model_name": self.model_name, "token_usage": call.usage})
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        # BaseChatModel reports each chunk to the callbacks; async streaming runs this in a worker thread.
+        call = self._open(messages, stop, kwargs)
+        for delta in call:
+            yield ChatGenerationChunk(message=AIMessageChunk(content=delta))
+        yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=call.usage,
+                                                         response_metadata=call.report(), chunk_position="last"))
+
+
+class ProphetLangChainLLM(_LangChainModel, BaseLLM):
+    """A LangChain text LLM over a `ProphetEngine`: a prompt string is one user message (behind `system_prompt`),
+    rendered with the model's chat template. Prefer `ChatProphet` for chat prompts: a text LLM receives a
+    `ChatPromptTemplate` as one "System: ...\\nHuman: ..." string, as every LangChain text LLM does. Settings,
+    per-call options and `ProphetRAG` work as for `ChatProphet`; each `Generation.generation_info` carries the
+    finish reason and the request's statistics, and `llm_output["token_usage"]` the token counts."""
 
     @property
     def _llm_type(self) -> str:
         return "prophet-rag"
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model_name": self._engine.model_name,
-            "method": self.method,
-            "ratio": self.ratio,
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-        }
+    def _open(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any],
+              request: ChatRequest | None = None) -> Call:
+        return self._call_start(request or ChatRequest(({"role": "user", "content": prompt},)), stop, kwargs)
 
-    def _selection(self) -> SelectionConfig:
-        return replace(self._engine.selection, method=self.method, ratio=self.ratio)
-
-    def _generation(self, stop: list[str] | None) -> GenerationConfig:
-        stop = tuple(stop) if stop else self._engine.generation.stop
-        return replace(self._engine.generation, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                       stop=stop)
-
-    def _open(self, prompt: str, stop: list[str] | None, rag_query: str | None,
-              rag_chunks: Sequence[str] | None) -> AnswerStream:
-        """Start answering; bad input raises here, before any token is generated."""
-        if (rag_query is None) != (rag_chunks is None):
-            raise InvalidRequestError("pass rag_query and rag_chunks together (the question and the document texts).")
-        if rag_query is not None:
-            return self._engine.stream(list(rag_chunks), rag_query, selection=self._selection(),
-                                       generation=self._generation(stop))
-        # A plain prompt has no documents to reuse; full prefill also keeps one-off prompts out of the store.
-        return self._engine.stream([prompt], PLAIN_QUERY, method="full", generation=self._generation(stop))
-
-    def _call(self, prompt: str, stop: list[str] | None = None, run_manager: CallbackManagerForLLMRun | None = None,
-              *, rag_query: str | None = None, rag_chunks: Sequence[str] | None = None) -> str:
-        return "".join(self._open(prompt, stop, rag_query, rag_chunks))
-
-    async def _acall(self, prompt: str, stop: list[str] | None = None,
-                     run_manager: AsyncCallbackManagerForLLMRun | None = None, *, rag_query: str | None = None,
-                     rag_chunks: Sequence[str] | None = None) -> str:
-        return await asyncio.to_thread(self._call, prompt, stop, rag_query=rag_query, rag_chunks=rag_chunks)
+    def _generate(self, prompts: list[str], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
+        request = kwargs.pop("prophet_request", None)
+        if request is not None and len(prompts) != 1:
+            raise InvalidRequestError("prophet_request belongs to one prompt; pass one prompt with it.")
+        generations, usage = [], Counter()
+        for prompt in prompts:
+            call = self._open(prompt, stop, kwargs, request)
+            generations.append([Generation(text=call.text(), generation_info=call.report())])
+            usage.update(call.usage)
+        return LLMResult(generations=generations, llm_output={"model_name": self.model_name,
+                                                              "token_usage": dict(usage)})
 
     def _stream(self, prompt: str, stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None, *, rag_query: str | None = None,
-                rag_chunks: Sequence[str] | None = None) -> Iterator[GenerationChunk]:
-        for delta in self._open(prompt, stop, rag_query, rag_chunks):
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
+        # BaseLLM leaves the callbacks to `_stream`; async streaming runs this in a worker thread.
+        request = kwargs.pop("prophet_request", None)
+        call = self._open(prompt, stop, kwargs, request)
+        for delta in call:
             chunk = GenerationChunk(text=delta)
             if run_manager is not None:
                 run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-
-    async def _astream(self, prompt: str, stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None, *, rag_query: str | None = None,
-                       rag_chunks: Sequence[str] | None = None) -> AsyncIterator[GenerationChunk]:
-        async for delta in iterate_in_thread(self._open(prompt, stop, rag_query, rag_chunks)):
-            chunk = GenerationChunk(text=delta)
-            if run_manager is not None:
-                await run_manager.on_llm_new_token(delta, chunk=chunk)
-            yield chunk
+        yield GenerationChunk(text="", generation_info=call.report())
 
 
 def _parse_input(value: Any) -> tuple[str, list[str]]:
@@ -159,56 +236,84 @@ def _parse_input(value: Any) -> tuple[str, list[str]]:
     return question, texts
 
 
-class ProphetRAG(RunnableSerializable[dict, str]):
+class ProphetRAG(RunnableSerializable[dict, Any]):
     """Answers `{"context": list[Document | str], "question": str}` with each document as its own cached chunk.
 
     `"input"` is accepted for `"question"` (the `create_retrieval_chain` convention) and `"documents"` for
-    `"context"`. `prompt` (with `{context}` and `{question}`; documents joined by `document_separator`) renders the
-    prompt that callbacks and traces see; the engine lays out the request with its own template. Bad input raises
-    `InvalidRequestError` (a `ValueError`) naming the problem.
+    `"context"`; other keys fill the prompt's other variables (a `MessagesPlaceholder` history, say). `prompt` is a
+    prompt template (or a string) with `{context}`, usually `{question}` too; its messages are what the model
+    answers, with the documents at `{context}`. The output is the model's: a string from `ProphetLangChainLLM`, an
+    `AIMessage` from `ChatProphet` (pipe into `StrOutputParser`). Bad input raises `InvalidRequestError` naming the
+    problem.
     """
 
-    llm: ProphetLangChainLLM
-    prompt: str = DEFAULT_PROMPT
-    document_separator: str = "\n\n"
+    llm: ChatProphet | ProphetLangChainLLM
+    prompt: BasePromptTemplate = DEFAULT_PROMPT
 
-    def _request(self, value: Any) -> tuple[str, dict[str, Any]]:
-        """(rendered prompt, the `rag_*` keyword arguments for the LLM)."""
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _template(cls, prompt: Any) -> Any:
+        return PromptTemplate.from_template(prompt) if isinstance(prompt, str) else prompt
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if "context" not in self.prompt.input_variables:
+            raise InvalidRequestError(
+                f"ProphetRAG's prompt must have a {{context}} variable, where the documents go; it has "
+                f"{self.prompt.input_variables}."
+            )
+
+    def _request(self, value: Any) -> tuple[Any, dict[str, Any]]:
+        """(the rendered prompt callbacks and traces see, the keyword that carries the request to the model)."""
         question, texts = _parse_input(value)
-        rendered = self.prompt.format(context=self.document_separator.join(texts), question=question)
-        return rendered, {"rag_query": question, "rag_chunks": texts}
+        args = {}
+        for name in self.prompt.input_variables:
+            if name in ("question", "input"):
+                args[name] = question
+            elif name != "context" and name not in value:
+                raise InvalidRequestError(f"ProphetRAG's prompt needs {{{name}}}: pass it in the input dict.")
+            else:
+                args[name] = value.get(name)
+        marks = Marks(args, "context")
+        marked = self.prompt.invoke(marks.args).to_messages()
+        request = marks.request([_message(m, i) for i, m in enumerate(marked)], texts)
+        if request is None:
+            raise InvalidRequestError("ProphetRAG's prompt must render {context} exactly once, where the documents go.")
+        readable = self.prompt.invoke({**args, "context": "\n\n".join(texts)})
+        readable = readable.to_messages() if isinstance(self.llm, BaseChatModel) else readable.to_string()
+        return readable, {"prophet_request": request}
 
-    def invoke(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> str:
+    def invoke(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return self._call_with_config(self._invoke, input, config, **kwargs)
 
-    def _invoke(self, value: dict, config: RunnableConfig) -> str:
-        rendered, rag = self._request(value)
-        return self.llm.invoke(rendered, config=config, **rag)
+    def _invoke(self, value: dict, config: RunnableConfig) -> Any:
+        readable, request = self._request(value)
+        return self.llm.invoke(readable, config=config, **request)
 
-    async def ainvoke(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> str:
+    async def ainvoke(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return await self._acall_with_config(self._ainvoke, input, config, **kwargs)
 
-    async def _ainvoke(self, value: dict, config: RunnableConfig) -> str:
-        rendered, rag = self._request(value)
-        return await self.llm.ainvoke(rendered, config=config, **rag)
+    async def _ainvoke(self, value: dict, config: RunnableConfig) -> Any:
+        readable, request = self._request(value)
+        return await self.llm.ainvoke(readable, config=config, **request)
 
-    def stream(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[str]:
+    def stream(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
         yield from self._transform_stream_with_config(iter([input]), self._transform, config, **kwargs)
 
-    def _transform(self, values: Iterator[dict], config: RunnableConfig) -> Iterator[str]:
+    def _transform(self, values: Iterator[dict], config: RunnableConfig) -> Iterator[Any]:
         for value in values:
-            rendered, rag = self._request(value)
-            yield from self.llm.stream(rendered, config=config, **rag)
+            readable, request = self._request(value)
+            yield from self.llm.stream(readable, config=config, **request)
 
-    async def astream(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[str]:
+    async def astream(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
         async def values() -> AsyncIterator[dict]:
             yield input
 
         async for delta in self._atransform_stream_with_config(values(), self._atransform, config, **kwargs):
             yield delta
 
-    async def _atransform(self, values: AsyncIterator[dict], config: RunnableConfig) -> AsyncIterator[str]:
+    async def _atransform(self, values: AsyncIterator[dict], config: RunnableConfig) -> AsyncIterator[Any]:
         async for value in values:
-            rendered, rag = self._request(value)
-            async for delta in self.llm.astream(rendered, config=config, **rag):
+            readable, request = self._request(value)
+            async for delta in self.llm.astream(readable, config=config, **request):
                 yield delta

@@ -1,69 +1,99 @@
-"""LlamaIndex integration: `Settings.llm = ProphetLLM(...)`, with chunk-KV reuse for the retrieved nodes.
+"""LlamaIndex integration: `Settings.llm = ProphetLLM(...)`, a chat LLM that answers retrieved nodes over their KV.
 
-- `ProphetLLM` is a `CustomLLM`. Every built-in response synthesizer calls one of its template-level methods
-  (`predict`, `stream`, `apredict`, `astream`) with the query (`query_str`) and the retrieved text (`context_str`, or
-  `context_msg` in refine steps) still apart. Those methods put a scoped `RAGRequest(query, chunks)` in a ContextVar
-  around the normal call path, so every event, callback and template rule upstream still runs; `complete` and
-  `stream_complete` then answer the request over the chunks' cached KV. Any other call (chat engines, agents, a plain
-  `complete`) carries no request and is answered as a plain prompt.
-- `ProphetKVPostprocessor` stores each retrieved node's KV (computed on a miss) and registers the node's text, so
-  the LLM can cut the synthesizer's joined `context_str` back into exactly those nodes.
-- `ProphetSynthesizer` is the strict mode: the query engine hands it one text per node and it makes one call over
-  exactly those chunks, with no repacking and no refine steps.
+- `ProphetLLM` is a chat model (`is_chat_model=True`): messages are rendered with the model's own chat template,
+  system prompt included. Every built-in response synthesizer calls one of its template-level methods (`predict`,
+  `stream`, `apredict`, `astream`) with the retrieved text still a separate argument (`context_str`, or
+  `context_msg` in refine steps). Those methods render the synthesizer's own template with a mark in place of the
+  context (placement.py), cut the context back into the retrieved nodes (registry.py), and put that request in a
+  ContextVar around the normal call path, so every event, callback and template rule upstream still runs; `chat`
+  and `stream_chat` then answer it, each node a cached chunk. Any other call (a plain `complete` or `chat`, an
+  agent) carries no request and is a plain chat: full prefill, nothing stored.
+- `ProphetKVPostprocessor` stores each retrieved node's KV (computed on a miss) and registers its text, so the LLM
+  finds the nodes in the synthesizer's joined context. Without it the context is one-off text: no reuse (warned once).
+- `ProphetSynthesizer` is the strict mode: one call over exactly the retrieved nodes, one chunk per node.
 
-Guard-rail: leave `context_window` at the model's true maximum (the default). Compact mode repacks the context into
-pieces of the window's size when the nodes look too long for it, and then the pieces no longer match any node.
+Errors: the engine's request errors are ValueErrors, and LlamaIndex's refine synthesizers (compact included) turn a
+ValueError into "Empty Response"; on the synthesizers' path they are re-raised as `SynthesisError`, which is not one.
+Statistics: a query's `Response.metadata["prophet_rag"]` lists the report of each LLM call (cache hits, TTFT...).
+Token counts: building a ProphetLLM sets `Settings.tokenizer` to the model's tokenizer (`set_global_tokenizer=False`
+keeps yours), so LlamaIndex packs contexts by the model's own counts. Leave `context_window` at the model's true
+maximum (the default): a smaller one makes compact mode repack the nodes into pieces that match no node.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import inspect
 import threading
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
 from typing import Any
 
 from llama_index.core import Settings
 from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
     CompletionResponse,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
+    MessageRole,
+    TextBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.synthesis import SynthesizeEndEvent, SynthesizeStartEvent
 from llama_index.core.llms import CustomLLM
-from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.prompts import BasePromptTemplate
-from llama_index.core.prompts.default_prompts import DEFAULT_TEXT_QA_PROMPT
+from llama_index.core.prompts.default_prompt_selectors import DEFAULT_TEXT_QA_PROMPT_SEL
 from llama_index.core.response_synthesizers import BaseSynthesizer
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from llama_index.core.types import TokenAsyncGen, TokenGen
 
-from prophet_rag import GenerationConfig, InvalidRequestError, ProphetEngine, SelectionConfig
-from prophet_rag.engine import AnswerStream
-from prophet_rag.integrations.common import PLAIN_QUERY, iterate_in_thread, load_engine
+from prophet_rag import InvalidRequestError, ProphetRAGError
+from prophet_rag.integrations.common import Call, ChatRequest, ProphetSettings, iterate_in_thread
+from prophet_rag.integrations.placement import Marks
+from prophet_rag.integrations.registry import ChunkRegistry
+
+CONTEXT_KEYS = ("context_str", "context_msg")
+"""The template variables LlamaIndex's synthesizers put the retrieved text in (context_msg: refine steps)."""
 
 SEPARATOR = "\n\n"
-"""How LlamaIndex's synthesizers join node texts into one `context_str`."""
+"""How LlamaIndex joins node texts into one context (what traces and callbacks see of a strict-mode call)."""
 
-@dataclass(frozen=True)
-class RAGRequest:
-    """The question and the retrieved chunks (in retrieval order) of one synthesizer call."""
+_ROLES = {MessageRole.CHATBOT: "assistant", MessageRole.MODEL: "assistant", MessageRole.DEVELOPER: "system"}
 
-    query: str
-    chunks: tuple[str, ...]
+_REQUEST: ContextVar[ChatRequest | None] = ContextVar("prophet_rag_request", default=None)
+_STATS: ContextVar[list[dict[str, Any]] | None] = ContextVar("prophet_rag_synthesis_stats", default=None)
 
 
-_REQUEST: ContextVar[RAGRequest | None] = ContextVar("prophet_rag_request", default=None)
+class SynthesisError(ProphetRAGError):
+    """A prophet-rag request error raised inside a LlamaIndex synthesizer call; the original is its `__cause__`.
+
+    The engine's request errors (`InvalidRequestError`, `ContextWindowError`) are ValueErrors, which LlamaIndex's
+    refine synthesizers catch and answer with "Empty Response"; this class is not one, so the error reaches you.
+    """
 
 
 @contextmanager
-def _scoped(request: RAGRequest | None) -> Iterator[None]:
+def _surfaced() -> Iterator[None]:
+    try:
+        yield
+    except ProphetRAGError as error:
+        if isinstance(error, (ValueError, TypeError)):
+            raise SynthesisError(f"{type(error).__name__}: {error}") from error
+        raise
+
+
+@contextmanager
+def _scoped(request: ChatRequest | None) -> Iterator[None]:
     token = _REQUEST.set(request)
     try:
         yield
@@ -71,203 +101,291 @@ def _scoped(request: RAGRequest | None) -> Iterator[None]:
         _REQUEST.reset(token)
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+class _StatsCollector(BaseEventHandler):
+    """Gathers the reports of the ProphetLLM calls a synthesizer makes into its response's metadata.
+
+    Events are dispatched synchronously in the synthesizer's own context, so the list set at its start is the one
+    its LLM calls append to (worker threads copy the context). A streamed response may start its LLM call lazily, at
+    its first token, so its token generator is wrapped to iterate with the list in place; each call's entry is
+    filled when its answer ends."""
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "ProphetStatsCollector"
+
+    def handle(self, event: Any, **kwargs: Any) -> None:
+        if isinstance(event, SynthesizeStartEvent):
+            _STATS.set([])
+        elif isinstance(event, SynthesizeEndEvent):
+            reports = _STATS.get()
+            _STATS.set(None)
+            response = event.response
+            if reports is None or not hasattr(response, "metadata"):
+                return
+            tokens = getattr(response, "response_gen", None)
+            if tokens is not None:
+                wrap = _collect_async if inspect.isasyncgen(tokens) else _collect
+                response.response_gen = wrap(tokens, reports, response)
+            if reports or tokens is not None:
+                response.metadata = {**(response.metadata or {}), "prophet_rag": reports}
 
 
-class ChunkRegistry:
-    """The stripped texts of retrieved nodes, kept as hashes, so `segment` can cut a joined context back into them.
+def _drop_if_empty(response: Any, reports: list[dict[str, Any]]) -> None:
+    if not reports:  # the stream made no ProphetLLM call
+        response.metadata.pop("prophet_rag", None)
 
-    Thread-safe and bounded: past `max_entries` the oldest text is forgotten, which only loses its boundary (its KV
-    stays in the engine's store, and the text is re-registered the next time it is retrieved).
+
+def _collect(tokens: Iterator[str], reports: list[dict[str, Any]], response: Any) -> Iterator[str]:
+    while True:
+        scope = _STATS.set(reports)
+        try:
+            token = next(tokens)
+        except StopIteration:
+            break
+        finally:
+            _STATS.reset(scope)
+        yield token
+    _drop_if_empty(response, reports)
+
+
+async def _collect_async(tokens: AsyncIterator[str], reports: list[dict[str, Any]],
+                         response: Any) -> AsyncIterator[str]:
+    while True:
+        scope = _STATS.set(reports)
+        try:
+            token = await anext(tokens)
+        except StopAsyncIteration:
+            break
+        finally:
+            _STATS.reset(scope)
+        yield token
+    _drop_if_empty(response, reports)
+
+
+_collector_lock = threading.Lock()
+
+
+def _install_collector() -> None:
+    with _collector_lock:
+        root = get_dispatcher()
+        if not any(isinstance(handler, _StatsCollector) for handler in root.event_handlers):
+            root.add_event_handler(_StatsCollector())
+
+
+def _message(message: ChatMessage, index: int) -> dict[str, str]:
+    """A LlamaIndex message as the engine takes it; only text can be read."""
+    for block in message.blocks:
+        if not isinstance(block, TextBlock):
+            raise InvalidRequestError(
+                f"message {index} holds a {type(block).__name__}; ProphetLLM reads text only, so pass text blocks."
+            )
+    return {"role": _ROLES.get(message.role, message.role.value), "content": message.content or ""}
+
+
+def _chat_response(text: str, delta: str | None = None, **details: Any) -> ChatResponse:
+    return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta, **details)
+
+
+def _completion_response(text: str, delta: str | None = None, **details: Any) -> CompletionResponse:
+    return CompletionResponse(text=text, delta=delta, **details)
+
+
+class ProphetLLM(CustomLLM, ProphetSettings):
+    """A LlamaIndex chat LLM over a `ProphetEngine`; retrieved nodes are answered over their cached KV.
+
+    `ProphetLLM(engine=engine)` wraps an engine; without one `model` is loaded (None: the embedded SmolLM2-135M) on
+    `device`, its store in `store_dir`. `method`/`ratio` choose the recomputation (see `prophet_rag.SelectionConfig`)
+    and `max_new_tokens` is also `metadata.num_output`. `complete`, `chat` and their stream and async forms take the
+    per-call options of `prophet_rag.integrations.common.OPTIONS` (`max_new_tokens`, `stop`, ...); any other keyword
+    is refused. Responses carry usage in `raw["usage"]` (read by TokenCountingHandler) and the request's statistics
+    in `additional_kwargs["prophet_rag"]`; a stream's last response, whose delta is empty, carries them.
     """
 
-    def __init__(self, max_entries: int = 100_000) -> None:
-        self._pieces: OrderedDict[str, int] = OrderedDict()  # text hash -> how many SEPARATOR pieces it has
-        self._max_entries = max_entries
-        self._longest = 1
-        self._lock = threading.Lock()
-
-    def add(self, text: str) -> None:
-        text = text.strip()
-        key, pieces = _digest(text), len(text.split(SEPARATOR))
-        with self._lock:
-            self._pieces[key] = pieces
-            self._pieces.move_to_end(key)
-            if len(self._pieces) > self._max_entries:
-                self._pieces.popitem(last=False)
-            self._longest = max(self._longest, pieces)
-
-    def __contains__(self, text: str) -> bool:
-        with self._lock:
-            return _digest(text.strip()) in self._pieces
-
-    def __len__(self) -> int:
-        return len(self._pieces)
-
-    def segment(self, context: str) -> list[str]:
-        """Cut `context` into chunks: split at SEPARATOR, then at each point take the longest run of pieces whose
-        join is a registered text. A piece in no registered run is a chunk of its own; blank pieces are dropped."""
-        pieces = context.split(SEPARATOR)
-        chunks, i = [], 0
-        while i < len(pieces):
-            # Runs of two or more pieces, longest first; a single piece is its own chunk either way.
-            for j in range(min(len(pieces), i + self._longest), i + 1, -1):
-                run = SEPARATOR.join(pieces[i:j])
-                if run in self:
-                    chunks.append(run.strip())
-                    i = j
-                    break
-            else:
-                if pieces[i].strip():
-                    chunks.append(pieces[i].strip())
-                i += 1
-        return chunks
-
-
-def _text_responses(deltas: Iterable[str]) -> CompletionResponseGen:
-    text = ""
-    for delta in deltas:
-        text += delta
-        yield CompletionResponse(text=text, delta=delta)
-
-
-class ProphetLLM(CustomLLM):
-    """A LlamaIndex LLM over a `ProphetEngine`; retrieved nodes are answered over their cached KV.
-
-    `ProphetLLM(engine=engine)` wraps an engine; without one, `ProphetEngine.from_pretrained(model, device=device)`
-    is loaded (`model=None`: the embedded SmolLM2-135M) with its store in `store_dir` (None: the default store).
-    `method`/`ratio` choose the recomputation (see `prophet_rag.SelectionConfig`); `max_new_tokens` is also
-    `metadata.num_output`. Keyword arguments of `complete` beyond `formatted` are accepted, as the interface
-    requires, and ignored.
-    """
-
-    model: str | None = Field(default=None, description="Checkpoint to load when no engine is passed.")
-    store_dir: str | None = Field(default=None, description="KV store directory when no engine is passed.")
-    device: str = Field(default="cpu", description="Device to load the model on when no engine is passed.")
-    method: str = Field(default="prophet", description="Selection method for RAG requests.")
-    ratio: float = Field(default=0.2, description="Share of the context tokens recomputed.")
-    max_new_tokens: int = Field(default=256, description="Most tokens generated per answer.")
-    temperature: float = Field(default=0.0, description="Sampling temperature; 0 is greedy.")
     context_window: int | None = Field(
         default=None, description="Context window reported to LlamaIndex; None: the model's true maximum."
     )
+    set_global_tokenizer: bool = Field(
+        default=True, description="Set Settings.tokenizer to the model's tokenizer, so LlamaIndex counts its tokens."
+    )
 
-    _engine: ProphetEngine = PrivateAttr()
-    _registry: ChunkRegistry = PrivateAttr()
+    _registry: ChunkRegistry = PrivateAttr(default_factory=ChunkRegistry)
+    _warned: set[str] = PrivateAttr(default_factory=set)
 
-    def __init__(self, engine: ProphetEngine | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if engine is None:
-            engine = load_engine(self.model, self.device, self.store_dir)
-        self._engine = engine
-        self._registry = ChunkRegistry()
-        # Bad settings fail here rather than at the first query.
-        self._selection()
-        self._generation()
+    def __init__(self, **kwargs: Any) -> None:
+        given = sorted(name for name in ("messages_to_prompt", "completion_to_prompt", "query_wrapper_prompt")
+                       if kwargs.get(name) is not None)
+        if given:
+            raise InvalidRequestError(
+                f"ProphetLLM renders prompts with the model's own chat template, so {', '.join(given)} would not be "
+                "used; drop it, and set system_prompt=... or pass chat messages instead."
+            )
+        super().__init__(**self.accepted(kwargs))
+        self._setup()
+        _install_collector()
+        if self.set_global_tokenizer:
+            Settings.tokenizer = self.token_ids
 
     @classmethod
     def class_name(cls) -> str:
         return "ProphetLLM"
 
     @property
-    def engine(self) -> ProphetEngine:
-        return self._engine
-
-    @property
     def registry(self) -> ChunkRegistry:
-        """The node texts `ProphetKVPostprocessor` registered; the LLM segments `context_str` by them."""
+        """The node texts `ProphetKVPostprocessor` registered; the LLM finds them in a synthesizer's context."""
         return self._registry
 
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
-            context_window=self.context_window or self._engine.context_window,
+            context_window=self.context_window or self.engine.context_window,
             num_output=self.max_new_tokens,
-            model_name=self._engine.model_name,
+            is_chat_model=True,
+            model_name=self.model_name,
         )
 
-    def _selection(self) -> SelectionConfig:
-        return replace(self._engine.selection, method=self.method, ratio=self.ratio)
-
-    def _generation(self) -> GenerationConfig:
-        return replace(self._engine.generation, max_new_tokens=self.max_new_tokens, temperature=self.temperature)
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, UserWarning, stacklevel=4)
 
     # ---- template level: find the request --------------------------------------------------------------------
 
-    def _request(self, prompt: BasePromptTemplate, prompt_args: dict[str, Any]) -> RAGRequest | None:
-        """The query and chunks a synthesizer's template call carries, or None when it carries no retrieved text."""
+    def template_request(self, prompt: BasePromptTemplate, prompt_args: Mapping[str, Any],
+                         documents: Sequence[str] | None = None) -> ChatRequest | None:
+        """The request a synthesizer's template call makes: the template's messages with the retrieved text's
+        place marked, and that text cut into the registered nodes (or `documents`, exactly). None when the call
+        carries no retrieved text."""
         args = {**prompt.kwargs, **prompt_args}
-        query, context = args.get("query_str"), args.get("context_str", args.get("context_msg"))
-        if not isinstance(query, str) or not query.strip() or context is None:
+        key = next((key for key in CONTEXT_KEYS if args.get(key) is not None), None)
+        if key is None:
             return None
-        if not isinstance(context, str):  # simple_summarize passes the list of node texts
-            context = SEPARATOR.join(map(str, context))
-        chunks = self._registry.segment(context)
-        if args.get("existing_answer"):  # a refine step: the answer so far is context for this step
-            chunks.insert(0, f"Existing answer: {args['existing_answer']}")
-        return RAGRequest(query.strip(), tuple(chunks)) if chunks else None
+        transient: Sequence[bool] = ()
+        if documents is None:
+            documents, transient = self._segment(args[key])
+        if not documents:
+            return None
+        marks = Marks(args, key)
+        messages = self._get_messages(prompt, **marks.args)
+        request = marks.request([_message(m, i) for i, m in enumerate(messages)], documents, transient)
+        if request is None:
+            self._warn_once("placement", f"the prompt template renders {{{key}}} more or less than once, so its "
+                                         "documents cannot be placed; answering the prompt as plain text.")
+        return request
+
+    def _segment(self, context: str | Sequence[str]) -> tuple[list[str], list[bool]]:
+        if not len(self._registry):
+            self._warn_once(
+                "postprocessor",
+                "ProphetLLM got retrieved context but no node was registered, so it is answered as one-off text "
+                "with no KV reuse; add node_postprocessors=[ProphetKVPostprocessor(llm=...)] to the query engine.",
+            )
+        texts = [context] if isinstance(context, str) else [str(text) for text in context]  # simple_summarize: a list
+        pieces = [piece for text in texts for piece in self._registry.segment(text)]
+        return [text for text, _ in pieces], [not registered for _, registered in pieces]
+
+    @contextmanager
+    def _template_scope(self, prompt: BasePromptTemplate, prompt_args: Mapping[str, Any]) -> Iterator[None]:
+        with _surfaced(), _scoped(self.template_request(prompt, prompt_args)):
+            yield
 
     def predict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
-        with _scoped(self._request(prompt, prompt_args)):
+        with self._template_scope(prompt, prompt_args):
             return super().predict(prompt, **prompt_args)
 
     def stream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenGen:
-        # stream_complete reads the request eagerly, so it is set for as long as the generator is built.
-        with _scoped(self._request(prompt, prompt_args)):
+        # stream_chat starts the answer eagerly, so the request is read while it is set and bad input raises here.
+        with self._template_scope(prompt, prompt_args):
             return super().stream(prompt, **prompt_args)
 
     async def apredict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
-        with _scoped(self._request(prompt, prompt_args)):
+        with self._template_scope(prompt, prompt_args):
             return await super().apredict(prompt, **prompt_args)
 
     async def astream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenAsyncGen:
-        with _scoped(self._request(prompt, prompt_args)):
+        with self._template_scope(prompt, prompt_args):
             return await super().astream(prompt, **prompt_args)
 
-    # ---- string level: answer ---------------------------------------------------------------------------------
+    # ---- message level: answer --------------------------------------------------------------------------------
 
-    def _open(self, prompt: str, formatted: bool) -> AnswerStream:
-        """Start answering the current request, or `prompt` itself when there is none. Bad input raises here."""
-        request = _REQUEST.get()
-        if request is not None:
-            return self._engine.stream(list(request.chunks), request.query, selection=self._selection(),
-                                       generation=self._generation())
-        prompt = prompt if formatted else self.completion_to_prompt(prompt)
-        # A plain prompt has no retrieved documents to reuse; full prefill also keeps one-off prompts out of the store.
-        return self._engine.stream([prompt], PLAIN_QUERY, method="full", generation=self._generation())
+    def _start(self, messages: Sequence[ChatMessage], options: Mapping[str, Any],
+               system_prompt: bool = True) -> tuple[Call, dict[str, Any]]:
+        """Start answering the scoped request, else `messages` as a plain chat; bad input raises here. The second
+        value is this call's entry in the current synthesis's statistics, filled by `_details` at the end."""
+        request = _REQUEST.get() or self.plain_request([_message(m, i) for i, m in enumerate(messages)],
+                                                       system_prompt=system_prompt)
+        call = self.start(request, options)
+        entry: dict[str, Any] = {}
+        if (reports := _STATS.get()) is not None:
+            reports.append(entry)
+        return call, entry
 
-    def _complete(self, prompt: str, formatted: bool) -> CompletionResponse:
-        stream = self._open(prompt, formatted)
-        text = "".join(stream)
-        return CompletionResponse(text=text, additional_kwargs={"stats": stream.answer.stats.to_dict()})
+    @staticmethod
+    def _details(call: Call, entry: dict[str, Any]) -> dict[str, Any]:
+        report = call.report()
+        entry.update(report)
+        return {"raw": {"usage": call.usage}, "additional_kwargs": report}
+
+    def _answer(self, call: Call, entry: dict[str, Any], make: Callable[..., Any]) -> Any:
+        return make(call.text(), **self._details(call, entry))
+
+    def _responses(self, call: Call, entry: dict[str, Any], make: Callable[..., Any]) -> Iterator[Any]:
+        text = ""
+        for delta in call:
+            text += delta
+            yield make(text, delta)
+        yield make(text, "", **self._details(call, entry))
+
+    async def _aresponses(self, call: Call, entry: dict[str, Any], make: Callable[..., Any]) -> AsyncIterator[Any]:
+        text = ""
+        async for delta in iterate_in_thread(call):
+            text += delta
+            yield make(text, delta)
+        yield make(text, "", **self._details(call, entry))
+
+    def _chat(self, messages: Sequence[ChatMessage], options: Mapping[str, Any]) -> ChatResponse:
+        return self._answer(*self._start(messages, options), _chat_response)
+
+    def _complete(self, prompt: str, formatted: bool, options: Mapping[str, Any]) -> CompletionResponse:
+        # `formatted=True` means the prompt has been through the LLM's own prompt rules, system prompt included.
+        call, entry = self._start([ChatMessage(role=MessageRole.USER, content=prompt)], options, not formatted)
+        return self._answer(call, entry, _completion_response)
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._chat(messages, kwargs)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return self._responses(*self._start(messages, kwargs), _chat_response)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        # The worker thread copies the request's context. Awaiting the decorated `chat` instead (CustomLLM's
+        # default) would block the event loop and report the call twice.
+        return await asyncio.to_thread(self._chat, messages, kwargs)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        return self._aresponses(*self._start(messages, kwargs), _chat_response)
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        """The answer, with the request's `RequestStats` as a dict in `additional_kwargs["stats"]`."""
-        return self._complete(prompt, formatted)
+        """`prompt` as one user message (behind `system_prompt` unless `formatted`), rendered by the chat template."""
+        return self._complete(prompt, formatted, kwargs)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        return _text_responses(self._open(prompt, formatted))
+        call, entry = self._start([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs, not formatted)
+        return self._responses(call, entry, _completion_response)
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        # The worker thread inherits the request's context. Awaiting the decorated `complete` instead (CustomLLM's
-        # default) would block the event loop and report the completion twice.
-        return await asyncio.to_thread(self._complete, prompt, formatted)
+        return await asyncio.to_thread(self._complete, prompt, formatted, kwargs)
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        stream = self._open(prompt, formatted)
-
-        async def responses() -> CompletionResponseAsyncGen:
-            text = ""
-            async for delta in iterate_in_thread(stream):
-                text += delta
-                yield CompletionResponse(text=text, delta=delta)
-
-        return responses()
+        call, entry = self._start([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs, not formatted)
+        return self._aresponses(call, entry, _completion_response)
 
 
 def _prophet_llm(llm: ProphetLLM | None, user: str) -> ProphetLLM:
@@ -286,7 +404,7 @@ class ProphetKVPostprocessor(BaseNodePostprocessor):
 
     `ProphetKVPostprocessor(llm=None)` uses `Settings.llm`, which must then be a `ProphetLLM`. The nodes are
     returned unchanged, so `source_nodes` and citations stay intact. A node's text is
-    `node.get_content(MetadataMode.LLM)`, exactly what the synthesizers put in `context_str`.
+    `node.get_content(MetadataMode.LLM)`, exactly what the synthesizers put in the context.
     """
 
     _llm: ProphetLLM = PrivateAttr()
@@ -302,7 +420,7 @@ class ProphetKVPostprocessor(BaseNodePostprocessor):
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
-        # Stripped, as the synthesizers put them in `context_str`: the same text must give the same token ids.
+        # Stripped, as the synthesizers put them in the context: the same text must give the same token ids.
         texts = [n.node.get_content(metadata_mode=MetadataMode.LLM).strip() for n in nodes]
         texts = [text for text in texts if text]
         if texts:
@@ -312,12 +430,30 @@ class ProphetKVPostprocessor(BaseNodePostprocessor):
         return nodes
 
 
+def _check_chunks(query_str: object, text_chunks: object) -> list[str]:
+    if not isinstance(query_str, str) or not query_str.strip():
+        raise InvalidRequestError(f"ProphetSynthesizer needs the question as a non-empty string, got {query_str!r}.")
+    if isinstance(text_chunks, str) or not isinstance(text_chunks, Sequence) or not text_chunks:
+        raise InvalidRequestError(
+            "ProphetSynthesizer needs text_chunks as a non-empty list of node texts (one string per node), got "
+            f"{type(text_chunks).__name__}."
+        )
+    for i, chunk in enumerate(text_chunks):
+        if not isinstance(chunk, str) or not chunk.strip():
+            raise InvalidRequestError(
+                f"text chunk {i} is {chunk!r:.60}; each must be a node's text, a non-empty string: drop empty "
+                "nodes before synthesis."
+            )
+    return [chunk.strip() for chunk in text_chunks]
+
+
 class ProphetSynthesizer(BaseSynthesizer):
     """Strict mode: one call over exactly the retrieved nodes, one chunk per node, in retrieval order.
 
-    Use it as `index.as_query_engine(response_synthesizer=ProphetSynthesizer(llm=...))`; `streaming=True` makes
-    `get_response` return a generator of text deltas (an async one from `aget_response`). `text_qa_template` only
-    renders the prompt that callbacks and traces see; the engine lays out the request with its own template.
+    Use it as `index.as_query_engine(response_synthesizer=ProphetSynthesizer(llm=...))`. `text_qa_template` (with
+    `{context_str}` and `{query_str}`) lays out the call: its messages are sent, with the nodes at the context's
+    place. `streaming=True` makes `get_response` return a generator of text deltas (an async one from
+    `aget_response`). Bad input raises `InvalidRequestError` naming the problem.
     """
 
     def __init__(
@@ -329,7 +465,7 @@ class ProphetSynthesizer(BaseSynthesizer):
         **kwargs: Any,
     ) -> None:
         super().__init__(llm=_prophet_llm(llm, "ProphetSynthesizer"), streaming=streaming, **kwargs)
-        self._text_qa_template = text_qa_template or DEFAULT_TEXT_QA_PROMPT
+        self._text_qa_template = text_qa_template or DEFAULT_TEXT_QA_PROMPT_SEL
 
     def _get_prompts(self) -> dict[str, BasePromptTemplate]:
         return {"text_qa_template": self._text_qa_template}
@@ -338,24 +474,30 @@ class ProphetSynthesizer(BaseSynthesizer):
         if "text_qa_template" in prompts:
             self._text_qa_template = prompts["text_qa_template"]
 
-    def _prepare(self, query_str: str, text_chunks: Sequence[str]) -> tuple[str, RAGRequest]:
-        chunks = tuple(chunk.strip() for chunk in text_chunks)
-        rendered = self._text_qa_template.format(context_str=SEPARATOR.join(chunks), query_str=query_str)
-        return rendered, RAGRequest(query_str, chunks)
+    def _prepare(self, query_str: str, text_chunks: Sequence[str],
+                 response_kwargs: Mapping[str, Any]) -> tuple[list[ChatMessage], ChatRequest]:
+        """(the messages callbacks and traces see, the request the engine answers)."""
+        chunks = _check_chunks(query_str, text_chunks)
+        template = self._text_qa_template.partial_format(query_str=query_str)
+        args = {**response_kwargs, "context_str": SEPARATOR.join(chunks)}
+        request = self._llm.template_request(template, args, documents=chunks)
+        if request is None:
+            raise InvalidRequestError("text_qa_template must hold {context_str} exactly once: it places the nodes.")
+        return self._llm._get_messages(template, **args), request
 
     def get_response(self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any):
-        """`str`, or a generator of text deltas when streaming. `response_kwargs` are accepted and ignored."""
-        rendered, request = self._prepare(query_str, text_chunks)
+        """`str`, or a generator of text deltas when streaming."""
+        messages, request = self._prepare(query_str, text_chunks, response_kwargs)
         with _scoped(request):
             if self._streaming:
-                return (response.delta or "" for response in self._llm.stream_complete(rendered, formatted=True))
-            return self._llm.complete(rendered, formatted=True).text
+                return (response.delta for response in self._llm.stream_chat(messages) if response.delta)
+            return self._llm.chat(messages).message.content
 
     async def aget_response(self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any):
         """`str`, or an async generator of text deltas when streaming."""
-        rendered, request = self._prepare(query_str, text_chunks)
+        messages, request = self._prepare(query_str, text_chunks, response_kwargs)
         with _scoped(request):
             if self._streaming:
-                responses = await self._llm.astream_complete(rendered, formatted=True)
-                return (response.delta or "" async for response in responses)
-            return (await self._llm.acomplete(rendered, formatted=True)).text
+                responses = await self._llm.astream_chat(messages)
+                return (response.delta async for response in responses if response.delta)
+            return (await self._llm.achat(messages)).message.content

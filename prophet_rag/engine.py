@@ -219,6 +219,7 @@ class ProphetEngine:
         documents: Sequence[str] = (),
         *,
         transient: Sequence[bool] = (),
+        transient_prefix: bool = False,
         method: str | None = None,
         ratio: float | None = None,
         selection: SelectionConfig | None = None,
@@ -230,10 +231,13 @@ class ProphetEngine:
         With `documents`, one message's content is a list holding `layout.DOCUMENTS` where they go (for example
         `["Context:\n", DOCUMENTS, "\nQuestion: ..."]`): each document is a cached chunk, the text before that
         place the prefix and the text after it the suffix. `transient[i]` marks document i as one-off text
-        (computed, never stored). Without documents the prompt is answered with plain full prefill.
+        (computed, never stored); `transient_prefix=True` does the same for the prefix, for a prefix that holds
+        per-call text (a refine step's answer so far, a question placed before the documents). Without documents
+        the prompt is answered with plain full prefill.
         """
-        return self.stream_chat(messages, documents, transient=transient, method=method, ratio=ratio,
-                                selection=selection, generation=generation, return_logits=return_logits).result()
+        return self.stream_chat(messages, documents, transient=transient, transient_prefix=transient_prefix,
+                                method=method, ratio=ratio, selection=selection, generation=generation,
+                                return_logits=return_logits).result()
 
     def stream_chat(
         self,
@@ -241,6 +245,7 @@ class ProphetEngine:
         documents: Sequence[str] = (),
         *,
         transient: Sequence[bool] = (),
+        transient_prefix: bool = False,
         method: str | None = None,
         ratio: float | None = None,
         selection: SelectionConfig | None = None,
@@ -249,7 +254,7 @@ class ProphetEngine:
     ) -> AnswerStream:
         """Like `chat`, but iterate the returned stream for text deltas."""
         selection = self._selection(selection, method, ratio)
-        layout = self.builder.chat_layout(messages, documents, transient)
+        layout = self.builder.chat_layout(messages, documents, transient, transient_prefix)
         return self._start(layout, selection, generation, return_logits)
 
     def _start(self, layout: RequestLayout, selection: SelectionConfig, generation: GenerationConfig | None,

@@ -147,10 +147,11 @@ class PromptBuilder:
         return self.chat_layout(self.rag_messages(query), chunks)
 
     def chat_layout(self, messages: Sequence[Mapping], documents: Sequence[str] = (),
-                    transient: Sequence[bool] = ()) -> RequestLayout:
+                    transient: Sequence[bool] = (), transient_prefix: bool = False) -> RequestLayout:
         """`messages` rendered by the chat template, with `documents` (one chunk each, followed by the prompt's
         chunk separator) where one message's content holds `DOCUMENTS`. Without documents there must be no marker,
-        and the whole prompt is the suffix. `transient[i]` marks document i as one-off (never stored)."""
+        and the whole prompt is the suffix. `transient[i]` marks document i as one-off (never stored);
+        `transient_prefix` marks the prefix as one-off, as a prefix holding chat history always is."""
         messages = _check_messages(messages)
         marked = sum(1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p is DOCUMENTS)
         if documents and marked != 1:
@@ -170,7 +171,7 @@ class PromptBuilder:
         before, after = self._segments(messages)
         history = sum(1 for m in messages if m["role"] != "system") > 1
         return RequestLayout(before, tuple(chunk_ids), after, tuple(bool(t) for t in transient),
-                             transient_prefix=history and bool(documents))
+                             transient_prefix=(history or transient_prefix) and bool(documents))
 
     def _render(self, messages: list[dict]) -> list[str]:
         """The chat template's render of `messages` whose contents are placeholders, split into the template's own

@@ -22,6 +22,32 @@ def _cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("PROPHET_RAG_HOME", str(tmp_path / "home"))
 
 
+@pytest.fixture(scope="session")
+def embedded_home(tmp_path_factory):
+    """A prophet-rag home holding the embedded model, converted once per session (~20 s) and never in the user's
+    cache home. Point PROPHET_RAG_HOME here (a test's own store stays elsewhere) to load it in well under a second."""
+    from prophet_rag.embedded import embedded_model_dir
+
+    home = tmp_path_factory.mktemp("embedded-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PROPHET_RAG_HOME", str(home))
+        embedded_model_dir(progress=lambda message: None)
+    return home
+
+
+@pytest.fixture(scope="session")
+def embedded_engine(embedded_home, tmp_path_factory):
+    """One engine over the embedded SmolLM2-135M-Instruct for the session, with its own store."""
+    from prophet_rag.config import StoreConfig
+    from prophet_rag.engine import ProphetEngine
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PROPHET_RAG_HOME", str(embedded_home))
+        engine = ProphetEngine.from_pretrained(store=StoreConfig(directory=tmp_path_factory.mktemp("embedded-kv")))
+    yield engine
+    engine.close()
+
+
 @pytest.fixture
 def make_engine(tmp_path):
     from prophet_rag.config import StoreConfig

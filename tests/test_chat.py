@@ -49,3 +49,17 @@ def test_transient_documents_and_history_prefixes_are_not_stored(make_engine):
     answer = engine.chat(messages, [CHUNKS[0], "Existing answer: 42."], transient=[False, True], generation=GEN)
     assert answer.stats.cache_misses == 2
     assert len(engine.store) == 1  # the stored document only: not the one-off text, not the history prefix
+
+
+
+def test_a_one_off_prefix_is_computed_but_not_stored(make_engine):
+    engine = make_engine("llama")
+
+    def messages(answer_so_far: str) -> list[dict]:
+        return [{"role": "user", "content": [f"The answer so far is {answer_so_far}.\n", DOCUMENTS, "Refine it."]}]
+
+    engine.chat(messages("41"), CHUNKS[:1], generation=GEN)
+    assert len(engine.store) == 2  # that prefix and the document
+    one_off = engine.chat(messages("42"), CHUNKS[1:2], transient_prefix=True, generation=GEN)
+    assert one_off.stats.cache_misses == 1 and one_off.stats.prefix_tokens > 0
+    assert len(engine.store) == 3  # the new document only

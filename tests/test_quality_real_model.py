@@ -19,17 +19,16 @@ METHODS = ("full", "reuse", "cacheblend", "prophet", "prophet_plus")
 
 
 @pytest.fixture(scope="module")
-def accuracy(tmp_path_factory) -> dict[str, float]:
+def accuracy(embedded_home) -> dict[str, float]:
     """Share of cases whose answer contains the gold code, per method."""
     from prophet_rag import GenerationConfig, ProphetEngine, StoreConfig
     from prophet_rag.bench.scoring import substring_score
     from prophet_rag.bench.tasks import TASKS
 
-    home = tmp_path_factory.mktemp("home")
     with pytest.MonkeyPatch.context() as patch:
-        # The embedded model is converted into this test's own cache home, never the user's.
-        patch.setenv("PROPHET_RAG_HOME", str(home))
-        engine = ProphetEngine.from_pretrained(store=StoreConfig(directory=home / "kv"))
+        # The session's converted embedded model, never the user's cache home; the store is this module's own.
+        patch.setenv("PROPHET_RAG_HOME", str(embedded_home))
+        engine = ProphetEngine.from_pretrained(store=StoreConfig(directory=embedded_home / "quality-kv"))
     generation = GenerationConfig(max_new_tokens=16)
     totals = dict.fromkeys(METHODS, 0.0)
     with engine:

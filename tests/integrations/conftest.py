@@ -7,16 +7,20 @@ import pytest
 
 @pytest.fixture
 def calls(engine, monkeypatch):
-    """Every `engine.stream` call (which `engine.answer` also goes through): dicts of chunks, query, method, stream."""
+    """Every `engine.stream_chat` call (the one the adapters make): dicts of messages, documents, transient flags,
+    transient_prefix, method and the returned stream (its `.answer` once run)."""
     recorded = []
-    original = engine.stream
+    original = engine.stream_chat
 
-    def spy(chunks, query, **kwargs):
-        stream = original(chunks, query, **kwargs)
+    def spy(messages, documents=(), **kwargs):
+        stream = original(messages, documents, **kwargs)
         selection = kwargs.get("selection")
-        method = kwargs.get("method") or (selection.method if selection else None)
-        recorded.append({"chunks": list(chunks), "query": query, "method": method, "stream": stream})
+        recorded.append({
+            "messages": messages, "documents": list(documents), "transient": list(kwargs.get("transient", ())),
+            "transient_prefix": kwargs.get("transient_prefix", False),
+            "method": kwargs.get("method") or (selection.method if selection else None), "stream": stream,
+        })
         return stream
 
-    monkeypatch.setattr(engine, "stream", spy)
+    monkeypatch.setattr(engine, "stream_chat", spy)
     return recorded

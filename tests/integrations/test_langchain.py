@@ -1,7 +1,7 @@
-"""ProphetLangChainLLM and ProphetRAG in LCEL chains (tiny random model, in-memory retriever, no network).
+"""ChatProphet, ProphetLangChainLLM and ProphetRAG in LCEL chains (tiny random model, in-memory retriever, offline).
 
-The model's output is gibberish, so the tests check structure: which chunks and query reach the engine, cache hits,
-callbacks, and that invoke, stream, batch and async give the same greedy text.
+The model's output is gibberish, so the tests check structure: the messages and documents that reach the engine,
+cache hits, usage and statistics, callbacks, and that invoke, stream, batch and async agree.
 """
 
 from __future__ import annotations
@@ -15,21 +15,31 @@ pytest.importorskip("langchain_core")
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.embeddings import DeterministicFakeEmbedding
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
-from langchain_core.runnables import RunnablePassthrough
+from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
+from langchain_core.runnables import ConfigurableField, RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 
-from prophet_rag import GenerationConfig, InvalidRequestError
-from prophet_rag.integrations.langchain import PLAIN_QUERY, ProphetLangChainLLM, ProphetRAG
+from prophet_rag import InvalidRequestError
+from prophet_rag.config import DEFAULT_INSTRUCTION
+from prophet_rag.integrations import common
+from prophet_rag.integrations.langchain import ChatProphet, ProphetLangChainLLM, ProphetRAG
+from prophet_rag.layout import DOCUMENTS
 
 QUESTION = "How heavy is widget 2?"
-NEW_TOKENS = 8
+NEW_TOKENS = 6
 FACTS = [f"Fact {i}: widget {i} weighs {i} kg." for i in range(5)]
 
 
 @pytest.fixture
 def engine(make_engine):
     return make_engine("llama")
+
+
+@pytest.fixture
+def chat(engine):
+    return ChatProphet(engine=engine, max_new_tokens=NEW_TOKENS)
 
 
 @pytest.fixture
@@ -44,144 +54,138 @@ def retriever():
     return store.as_retriever(search_kwargs={"k": 3})
 
 
+@pytest.fixture(params=["chat", "llm"])
+def model(request, chat, llm):
+    return {"chat": chat, "llm": llm}[request.param]
+
+
 @pytest.fixture
-def chain(llm, retriever):
-    return {"context": retriever, "question": RunnablePassthrough()} | ProphetRAG(llm=llm) | StrOutputParser()
-
-
-def reference(engine, chunks, query=QUESTION) -> str:
-    """The greedy text `engine.answer` gives for this request with the LLM's defaults."""
-    return engine.answer(chunks, query, method="prophet", ratio=0.2,
-                         generation=GenerationConfig(max_new_tokens=NEW_TOKENS)).text
+def chain(model, retriever):
+    return {"context": retriever, "question": RunnablePassthrough()} | ProphetRAG(llm=model) | StrOutputParser()
 
 
 class Recorder(BaseCallbackHandler):
     def __init__(self) -> None:
         self.tokens: list[str] = []
-        self.llm_starts = 0
+        self.starts = 0
 
     def on_llm_start(self, serialized, prompts, **kwargs) -> None:
-        self.llm_starts += 1
+        self.starts += 1
+
+    def on_chat_model_start(self, serialized, messages, **kwargs) -> None:
+        self.starts += 1
 
     def on_llm_new_token(self, token, **kwargs) -> None:
         self.tokens.append(token)
 
 
-# ---- the LLM on its own -------------------------------------------------------------------------------------------
+# ---- 2. plain calls are plain ---------------------------------------------------------------------------------
 
 
-def test_identifying_params_and_type(llm, engine):
-    assert llm._llm_type == "prophet-rag"
-    assert llm._identifying_params["model_name"] == engine.model_name
-    assert llm._identifying_params["method"] == "prophet"
+def test_a_chat_prompt_reaches_the_chat_template_as_messages(chat, calls):
+    prompt = ChatPromptTemplate([("system", "You are a pirate."), ("human", "{question}")])
+    (prompt | chat).invoke({"question": "List three colors."})
+    assert calls[-1]["messages"] == [{"role": "system", "content": "You are a pirate."},
+                                     {"role": "user", "content": "List three colors."}]
+    assert calls[-1]["documents"] == [] and calls[-1]["stream"].answer.stats.method == "full"
 
 
-@pytest.mark.parametrize("bad", [{"ratio": -0.1}, {"method": "nope"}, {"temperature": -1.0}])
-def test_bad_settings_fail_at_construction(engine, bad):
-    with pytest.raises(InvalidRequestError):
-        ProphetLangChainLLM(engine=engine, **bad)
+def test_a_text_prompt_is_one_user_message_answered_with_full_prefill(llm, engine, calls):
+    text = llm.invoke("List three colors, one per line.")
+    assert calls[-1]["messages"] == [{"role": "user", "content": "List three colors, one per line."}]
+    assert text == engine.chat(calls[-1]["messages"], generation=llm.configs({})[1]).text
+    assert len(engine.store) == 0
 
 
-def test_plain_invoke_answers_the_prompt_with_full_prefill(llm, engine, calls):
-    text = llm.invoke("Tell me about widgets.")
-    assert (calls[-1]["chunks"], calls[-1]["query"], calls[-1]["method"]) == (
-        ["Tell me about widgets."], PLAIN_QUERY, "full")
-    expected = engine.answer(["Tell me about widgets."], PLAIN_QUERY, method="full",
-                             generation=GenerationConfig(max_new_tokens=NEW_TOKENS))
-    assert text == expected.text
+def test_system_prompt_opens_calls_that_bring_none(engine, calls):
+    chat = ChatProphet(engine=engine, max_new_tokens=NEW_TOKENS, system_prompt="Be brief.")
+    chat.invoke("Hi")
+    chat.invoke([SystemMessage("Be long."), HumanMessage("Hi")])
+    assert [c["messages"][0]["content"] for c in calls] == ["Be brief.", "Be long."]
 
 
-def test_rag_kwargs_take_the_chunked_path(llm, engine, calls):
-    text = llm.invoke("rendered prompt", rag_query=QUESTION, rag_chunks=FACTS[:3])
-    assert calls[-1]["chunks"] == FACTS[:3] and calls[-1]["query"] == QUESTION
-    assert calls[-1]["method"] == "prophet"
-    assert text == reference(engine, FACTS[:3])
+def test_conversations_keep_their_roles(chat, calls):
+    chat.invoke([SystemMessage("S"), HumanMessage("U1"), AIMessage("A1"), HumanMessage("U2", name="me")])
+    assert [(m["role"], m["content"]) for m in calls[-1]["messages"]] == [
+        ("system", "S"), ("user", "U1"), ("assistant", "A1"), ("user", "U2")]
 
 
-def test_rag_kwargs_must_come_together(llm):
-    with pytest.raises(InvalidRequestError, match="together"):
-        llm.invoke("prompt", rag_query=QUESTION)
+def test_non_text_content_is_refused(chat):
+    image = HumanMessage(content=[{"type": "image", "url": "https://example.invalid/a.png"}])
+    with pytest.raises(InvalidRequestError, match="'image' block"):
+        chat.invoke([image])
 
 
-def test_stream_calls_on_llm_new_token_for_every_delta(llm):
-    recorder = Recorder()
-    deltas = list(llm.stream("p", config={"callbacks": [recorder]}, rag_query=QUESTION, rag_chunks=FACTS[:3]))
-    assert deltas and recorder.tokens == deltas
-    assert "".join(deltas) == llm.invoke("p", rag_query=QUESTION, rag_chunks=FACTS[:3])
+# ---- 3. documents go where the prompt puts them; history and system prompt stay ---------------------------------
 
 
-def test_stop_strings_end_generation(llm):
-    full = llm.invoke("p", rag_query=QUESTION, rag_chunks=FACTS[:3])
-    stop = full.strip()[:2]
-    stopped = llm.invoke("p", stop=[stop], rag_query=QUESTION, rag_chunks=FACTS[:3])
-    assert stop not in stopped and len(stopped) < len(full)
+def test_default_prompt_makes_the_engines_own_request(chat, engine, calls):
+    message = ProphetRAG(llm=chat).invoke({"context": FACTS[:3], "question": QUESTION})
+    assert calls[-1]["messages"] == [
+        {"role": "user", "content": [f"{DEFAULT_INSTRUCTION}\n\n", DOCUMENTS, f"Question: {QUESTION}"]}]
+    expected = engine.answer(FACTS[:3], QUESTION, generation=chat.configs({})[1])
+    assert message.content == expected.text
 
 
-# ---- ProphetRAG in a chain ---------------------------------------------------------------------------------------
+def test_a_chat_prompt_with_history_keeps_its_order(chat, calls):
+    prompt = ChatPromptTemplate([("system", "You are a pirate. Use these notes:\n{context}\nEnd of notes."),
+                                 MessagesPlaceholder("history"), ("human", "{question}")])
+    history = [HumanMessage("Hi"), AIMessage("Ahoy")]
+    ProphetRAG(llm=chat, prompt=prompt).invoke({"context": FACTS[:2], "question": QUESTION, "history": history})
+    assert calls[-1]["messages"] == [
+        {"role": "system", "content": ["You are a pirate. Use these notes:\n", DOCUMENTS, "End of notes."]},
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ahoy"},
+        {"role": "user", "content": QUESTION}]
+    assert calls[-1]["documents"] == FACTS[:2] and not calls[-1]["transient_prefix"]
 
 
-def test_invoke_sends_each_document_as_its_own_chunk(chain, engine, calls):
-    text = chain.invoke(QUESTION)
-    assert len(calls) == 1
-    chunks = calls[0]["chunks"]
-    assert len(chunks) == 3 and set(chunks) <= set(FACTS)
-    assert calls[0]["query"] == QUESTION
-    assert text == reference(engine, chunks)
+def test_a_question_before_the_documents_makes_a_one_off_prefix(chat, calls):
+    ProphetRAG(llm=chat, prompt="Question: {question}\nNotes:\n{context}").invoke({"context": FACTS[:2],
+                                                                                 "question": QUESTION})
+    assert calls[-1]["transient_prefix"]
 
 
-def test_second_invoke_hits_the_cache(chain, calls):
-    chain.invoke(QUESTION)
-    chain.invoke(QUESTION)
-    first, second = (c["stream"].answer.stats for c in calls)
-    assert (first.cache_hits, first.cache_misses) == (0, 3)
-    assert (second.cache_hits, second.cache_misses) == (3, 0)
-
-
-def test_stream_deltas_join_to_invoke(chain):
-    deltas = list(chain.stream(QUESTION))
-    assert len(deltas) > 1
-    assert "".join(deltas) == chain.invoke(QUESTION)
-
-
-def test_batch_matches_invoke(chain):
-    questions = [QUESTION, "Which widget weighs 4 kg?"]
-    assert chain.batch(questions) == [chain.invoke(q) for q in questions]
-
-
-def test_async_invoke_and_stream_match_invoke(chain):
-    async def run():
-        done = await chain.ainvoke(QUESTION)
-        deltas = [delta async for delta in chain.astream(QUESTION)]
-        return done, "".join(deltas)
-
-    done, streamed = asyncio.run(run())
-    assert done == streamed == chain.invoke(QUESTION)
-
-
-def test_callbacks_see_one_llm_run_with_its_tokens(chain):
-    recorder = Recorder()
-    deltas = list(chain.stream(QUESTION, config={"callbacks": [recorder]}))
-    assert recorder.llm_starts == 1
-    assert recorder.tokens == deltas
-
-
-@pytest.mark.parametrize("key", ["question", "input"])
-def test_accepts_strings_documents_and_alternative_keys(llm, calls, key):
-    rag = ProphetRAG(llm=llm)
-    rag.invoke({"documents": [Document(page_content=FACTS[0]), FACTS[1]], key: QUESTION})
-    assert calls[-1]["chunks"] == FACTS[:2] and calls[-1]["query"] == QUESTION
-
-
-def test_rendered_prompt_reaches_callbacks(llm):
+def test_the_readable_prompt_reaches_callbacks(llm):
     prompts = []
 
     class Prompts(BaseCallbackHandler):
         def on_llm_start(self, serialized, p, **kwargs) -> None:
             prompts.extend(p)
 
-    ProphetRAG(llm=llm).invoke({"context": FACTS[:2], "question": QUESTION}, config={"callbacks": [Prompts()]})
-    assert prompts == [f"Answer the question using the documents below.\n\n{FACTS[0]}\n\n{FACTS[1]}\n\n"
-                       f"Question: {QUESTION}"]
+    ProphetRAG(llm=llm, prompt="Notes:\n{context}\nQ: {question}").invoke(
+        {"context": FACTS[:2], "question": QUESTION}, config={"callbacks": [Prompts()]})
+    assert prompts == [f"Notes:\n{FACTS[0]}\n\n{FACTS[1]}\nQ: {QUESTION}"]
+
+
+def test_invoke_sends_each_retrieved_document_as_a_cached_chunk(chain, calls):
+    chain.invoke(QUESTION)
+    chain.invoke(QUESTION)
+    first, second = calls
+    assert len(first["documents"]) == 3 and set(first["documents"]) <= set(FACTS)
+    assert (first["stream"].answer.stats.cache_misses, second["stream"].answer.stats.cache_hits) == (3, 3)
+
+
+def test_stream_batch_and_async_match_invoke(chain):
+    done = chain.invoke(QUESTION)
+    assert "".join(chain.stream(QUESTION)) == done
+    assert chain.batch([QUESTION, QUESTION]) == [done, done]
+
+    async def run():
+        return await chain.ainvoke(QUESTION), "".join([d async for d in chain.astream(QUESTION)])
+
+    assert asyncio.run(run()) == (done, done)
+
+
+def test_callbacks_see_one_model_run_with_its_tokens(chain):
+    recorder = Recorder()
+    deltas = list(chain.stream(QUESTION, config={"callbacks": [recorder]}))
+    assert recorder.starts == 1 and "".join(recorder.tokens) == "".join(deltas)
+
+
+@pytest.mark.parametrize("key", ["question", "input"])
+def test_accepts_strings_documents_and_alternative_keys(chat, calls, key):
+    ProphetRAG(llm=chat).invoke({"documents": [Document(page_content=FACTS[0]), FACTS[1]], key: QUESTION})
+    assert calls[-1]["documents"] == FACTS[:2]
 
 
 @pytest.mark.parametrize(
@@ -189,14 +193,88 @@ def test_rendered_prompt_reaches_callbacks(llm):
     [
         ("just a string", "takes a dict"),
         ({"context": FACTS}, "question"),
-        ({"context": FACTS, "question": "  "}, "question"),
         ({"question": QUESTION}, "list of Documents or strings"),
         ({"context": "joined text", "question": QUESTION}, "not a joined string"),
         ({"context": [], "question": QUESTION}, "empty 'context'"),
         ({"context": [FACTS[0], 3], "question": QUESTION}, "context document 1"),
-        ({"context": [Document(page_content=" ")], "question": QUESTION}, "context document 0"),
     ],
 )
-def test_bad_input_names_the_problem(llm, value, message):
-    with pytest.raises(ValueError, match=message):
-        ProphetRAG(llm=llm).invoke(value)
+def test_bad_input_names_the_problem(chat, value, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        ProphetRAG(llm=chat).invoke(value)
+
+
+def test_a_prompt_without_context_or_a_variable_is_refused(chat):
+    with pytest.raises(InvalidRequestError, match="context"):
+        ProphetRAG(llm=chat, prompt="Q: {question}")
+    with pytest.raises(InvalidRequestError, match="tone"):
+        ProphetRAG(llm=chat, prompt="{tone}: {context} {question}").invoke({"context": FACTS, "question": QUESTION})
+
+
+# ---- 5. usage and statistics ----------------------------------------------------------------------------------
+
+
+def test_chat_answers_carry_usage_and_statistics(chat):
+    message = chat.invoke("Hi")
+    stats = message.response_metadata["prophet_rag"]
+    assert message.usage_metadata == {"input_tokens": stats["suffix_tokens"], "output_tokens": stats["new_tokens"],
+                                      "total_tokens": stats["suffix_tokens"] + stats["new_tokens"]}
+    assert message.response_metadata["finish_reason"] == "length"
+    chunks = list(chat.stream("Hi"))
+    assert chunks[-1].chunk_position == "last" and chunks[-1].usage_metadata == message.usage_metadata
+    assert sum(1 for c in chunks if c.usage_metadata) == 1
+
+
+def test_text_llm_results_carry_usage_and_statistics(llm):
+    result = llm.generate(["Hi", "Hello"])
+    infos = [g[0].generation_info for g in result.generations]
+    assert all(info["prophet_rag"]["method"] == "full" for info in infos)
+    assert result.llm_output["token_usage"]["output_tokens"] == sum(i["prophet_rag"]["new_tokens"] for i in infos)
+
+
+# ---- 6. settings, per-call options, token counting ------------------------------------------------------------
+
+
+def test_per_call_options_apply(model):
+    def new_tokens(**options) -> int:
+        result = model.generate(["Hi"], **options) if isinstance(model, ProphetLangChainLLM) else None
+        if result is not None:
+            return result.generations[0][0].generation_info["prophet_rag"]["new_tokens"]
+        return model.invoke("Hi", **options).usage_metadata["output_tokens"]
+
+    assert new_tokens(max_new_tokens=2) == 2 and new_tokens(max_tokens=3) == 3
+
+
+def test_stop_strings_end_generation(model):
+    full = StrOutputParser().invoke(model.invoke("Hi"))
+    stopped = StrOutputParser().invoke(model.invoke("Hi", stop=[full.strip()[:2]]))
+    assert full.strip()[:2] not in stopped and len(stopped) < len(full)
+
+
+@pytest.mark.parametrize(("bad", "message"), [({"foo": 1}, "unknown option"), ({"method": "nope"}, "unknown method")])
+def test_bad_per_call_options_are_refused(chat, bad, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        chat.invoke("Hi", **bad)
+
+
+def test_unknown_settings_are_refused_and_remote_ones_accepted(engine):
+    with pytest.raises(InvalidRequestError, match="unknown argument"):
+        ChatProphet(engine=engine, temprature=0.5)
+    chat = ChatProphet(engine=engine, timeout=60, max_retries=2, api_key="x", max_tokens=9, stop=["\n"])
+    assert (chat.max_new_tokens, chat.stop) == (9, ["\n"])
+
+
+def test_configurable_fields_keep_the_loaded_engine(chat, engine, calls, monkeypatch):
+    monkeypatch.setattr(common, "load_engine", lambda *args: pytest.fail("the model was loaded again"))
+    configurable = chat.configurable_fields(method=ConfigurableField(id="method"))
+    configurable.with_config(configurable={"method": "full"}).invoke("Hi")
+    chat.bind(max_new_tokens=2).invoke("Hi")
+    assert [c["method"] for c in calls] == ["full", "prophet"]
+    assert calls[1]["stream"].answer.stats.new_tokens == 2
+
+
+def test_token_counts_come_from_the_models_tokenizer(chat, engine):
+    text = "Widgets weigh 4821 kg."
+    assert chat.get_num_tokens(text) == len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+    message = chat.invoke("Hi")
+    assert chat.get_num_tokens_from_messages([HumanMessage("Hi")]) == message.usage_metadata["input_tokens"]
