@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,7 +175,7 @@ def _store_path(name: str, value: object) -> Path:
     text = str(value)
     if not text or "\x00" in text:
         raise InvalidRequestError(f"{name} {text!r} is empty or holds a NUL byte; pass a folder path.")
-    path = Path(text).expanduser()
+    path = Path(os.path.expanduser(text))  # Path.expanduser raises a bare RuntimeError for an unknown user
     if str(path).startswith("~"):
         raise InvalidRequestError(
             f"{name} {text!r} starts with '~' but names no known user's home; use an absolute path."
@@ -183,10 +184,9 @@ def _store_path(name: str, value: object) -> Path:
 
 
 def cache_home() -> Path:
-    """Root of prophet-rag's local caches: `$PROPHET_RAG_HOME` (when set and not empty), else `~/.cache/prophet_rag`."""
-    import os
-
-    return Path(os.environ.get("PROPHET_RAG_HOME") or Path.home() / ".cache" / "prophet_rag").expanduser()
+    """Root of prophet-rag's local caches: `$PROPHET_RAG_HOME` (when set and not empty), else `~/.cache/prophet_rag`.
+    A `~user` that names no user is left as is, for `StoreConfig` to refuse with the fix."""
+    return Path(os.path.expanduser(os.environ.get("PROPHET_RAG_HOME") or "~/.cache/prophet_rag"))
 
 
 def default_store_dir() -> Path:

@@ -506,7 +506,10 @@ class KVStore:
 
     def clear(self) -> int:
         """Delete every entry and every orphaned value file; returns how many entries there were."""
-        removed = self._cache.clear(retry=True)
+        try:
+            removed = self._cache.clear()
+        except _DB_ERRORS as error:
+            raise self._db_failure("clear", error) from None
         self.reclaim_orphans()
         return removed
 
@@ -518,7 +521,11 @@ class KVStore:
         directory without touching access times (a scan must not reorder eviction)."""
         counts = dict.fromkeys(("checked", "ok", "removed", "other_version", "unverifiable"), 0)
         staging = Staging(pinned=False)
-        for key, row in self._rows():
+        try:
+            rows = list(self._rows())
+        except _DB_ERRORS as error:
+            raise self._db_failure("verify", error) from None
+        for key, row in rows:
             counts["checked"] += 1
             filename, fd = row.filename, -1
             try:
@@ -728,6 +735,12 @@ class KVStore:
         with self._lock:
             for name, delta in deltas.items():
                 self._counts[name] += delta
+
+    def _db_failure(self, action: str, error: Exception) -> StoreError:
+        return StoreError(
+            f"cannot {action} the KV store in {self._directory}: its database failed ({error}). If another process "
+            "holds it, retry; if it is damaged, delete the folder (it only holds caches)."
+        )
 
     def _skip(self, reason: str, error: Exception | None, **counts: int) -> bool:
         logger.warning("KV store put skipped: %s%s", reason, f" ({error})" if error else "")
