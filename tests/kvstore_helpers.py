@@ -21,6 +21,10 @@ def meta_for(dtype=torch.float32, storage="lossless", model_fp="a" * 64, tokeniz
     return EntryMeta(model_fp, tokenizer_fp, dtype, layers, heads, head_dim, storage)
 
 
+WIDE = meta_for(head_dim=16)
+"""Its 80-token entries are 44 KiB: a 4 KiB header, then 80 tokens x 2 layers x 2 heads x 16 x fp32 x (K, V)."""
+
+
 def make_chunk(num_tokens=5, meta: EntryMeta | None = None, seed=0, sink=SINK) -> tuple[ChunkRef, ChunkKV]:
     """A random chunk of `meta`'s shape computed behind `sink`, and its ref: `kv` [L, 2, num_tokens, H_kv, D]."""
     meta = meta or meta_for()
@@ -128,13 +132,26 @@ def forged_bytes(header, kv: torch.Tensor, sealer=None, fields: dict | None = No
 
 
 def forge(directory: Path, ref: ChunkRef, kv: torch.Tensor, sealer=None, **changes) -> None:
-    """Replace `ref`'s entry with `forged_bytes` built from its own header."""
+    """Replace `ref`'s (keyless) entry with `forged_bytes` built from its own header."""
     from prophet_rag import codec
 
     path = value_path(directory, ref.key)
-    data = path.read_bytes()
-    try:
-        header = codec.parse_header(data, codec.Sealer(None))
-    except Exception:  # a keyed entry: the attacker can still read its fields
-        header = codec.parse_header(data, sealer)
+    header = codec.parse_header(path.read_bytes(), codec.Sealer(None))
     rewrite(path, forged_bytes(header, kv, sealer, **changes))
+
+
+def chunk_refs(engine) -> list[ChunkRef]:
+    """The refs of `tiny.CHUNKS`' entries in `engine`'s store, in order."""
+    from tiny import CHUNKS, QUERY
+
+    layout = engine.builder.layout(CHUNKS, QUERY)
+    return [engine.cache.ref(ids, engine.sink_ids) for ids in layout.chunk_ids]
+
+
+def answer(engine):
+    """`engine`'s answer to `tiny.QUERY` over `tiny.CHUNKS`: 4 greedy tokens, first-token logits kept."""
+    from prophet_rag.config import GenerationConfig
+    from tiny import CHUNKS, QUERY
+
+    return engine.answer(CHUNKS, QUERY, generation=GenerationConfig(max_new_tokens=4, eos_token_ids=(10**6,)),
+                         return_logits=True)
