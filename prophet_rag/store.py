@@ -364,7 +364,7 @@ class KVStore:
             ) from None
         self._files: ValueFiles = self._cache.disk.files
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._touches: dict[str, int] = {}
@@ -597,7 +597,7 @@ class KVStore:
         self._cache.close()
         with self._lock:
             connections, self._connections = self._connections, []
-        for con in connections:
+        for _, con in connections:
             con.close()
         self._files.close()
 
@@ -610,14 +610,19 @@ class KVStore:
     # ---- internals ---------------------------------------------------------------------------------------------
 
     def _con(self) -> sqlite3.Connection:
-        """This thread's own connection to cache.db (reconnected after a fork)."""
+        """This thread's own connection to cache.db (reconnected after a fork). Connections of threads that have
+        ended are closed when a new one is made: a server starting a thread per request would pile them up."""
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
             local.con, local.pid = None, os.getpid()
         if local.con is None:
             local.con = _connect(self._directory)
             with self._lock:
-                self._connections.append(local.con)
+                ended = [con for thread, con in self._connections if not thread.is_alive()]
+                self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
+                self._connections.append((threading.current_thread(), local.con))
+            for con in ended:
+                con.close()
         return local.con
 
     def _row(self, key: str) -> _Row | None:

@@ -1,8 +1,13 @@
-"""Engines in several processes, each with several threads, sharing one store directory answer exactly as one
-engine answering the same requests serially."""
+"""Engines in several processes and threads sharing one store directory answer exactly as one engine answering the
+same requests serially.
 
+One engine per thread: threads sharing one engine share its tokenizer, and transformers' fast tokenizers switch
+`encode_special_tokens` on the shared backend per call, so concurrent calls race on it (a layout.py matter)."""
+
+import copy
 import hashlib
 import multiprocessing
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -30,22 +35,27 @@ def _fingerprint(answer) -> tuple:
 
 
 def _engine(directory) -> ProphetEngine:
-    torch.manual_seed(0)
-    return ProphetEngine(tiny_model("llama"), tiny_tokenizer(), store=StoreConfig(directory=directory))
+    return ProphetEngine(tiny_model("llama"), copy.deepcopy(tiny_tokenizer()), store=StoreConfig(directory=directory))
 
 
 def _worker(directory, worker, results):
-    """Runs in a spawned process: THREADS threads answer this worker's requests on one shared engine."""
+    """Runs in a spawned process: THREADS threads, each with its own engine, answer this worker's requests."""
     torch.set_num_threads(1)
-    with _engine(directory) as engine:
-        def run(request):
-            docs, query = request
-            return query, docs, _fingerprint(engine.answer(docs, query, generation=GEN, return_logits=True))
+    engines = [_engine(directory) for _ in range(THREADS)]
+    free, local = list(engines), threading.local()
 
-        with ThreadPoolExecutor(THREADS) as pool:
-            answers = list(pool.map(run, _requests(worker) * 2))
-        stats = engine.store.stats()
-    results.put((answers, stats.corrupt, stats.timeouts))
+    def run(request):
+        if not hasattr(local, "engine"):
+            local.engine = free.pop()
+        docs, query = request
+        return query, docs, _fingerprint(local.engine.answer(docs, query, generation=GEN, return_logits=True))
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        answers = list(pool.map(run, _requests(worker) * 2))
+    stats = [engine.store.stats() for engine in engines]
+    for engine in engines:
+        engine.close()
+    results.put((answers, sum(s.corrupt for s in stats), sum(s.timeouts for s in stats)))
 
 
 def test_processes_and_threads_on_one_store_answer_like_a_serial_engine(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvstore_helpers import (
+    WIDE,
     assert_same_chunk,
     db_row,
     forge,
@@ -265,13 +266,11 @@ def test_non_finite_chunk_is_not_stored(store):
 
 
 def _small_store(store_dir, policy="least-recently-used"):
-    # 44 KiB entries (a 4 KiB header, then 80 tokens x 2 layers x 2 heads x head_dim 16 x fp32 x K, V): about
-    # eight fit beside the database.
+    # About eight 44 KiB WIDE entries fit beside the database.
     return KVStore(StoreConfig(directory=store_dir, size_limit_bytes=LIMIT, max_entry_bytes=100_000,
                                eviction_policy=policy))
 
 
-WIDE = meta_for(head_dim=16)
 LIMIT = 400_000
 
 
@@ -452,3 +451,40 @@ def test_store_holds_sql_rows_only_for_str_keys(store):
     put(store)
     rows = sql(store.directory, "SELECT raw, mode, value FROM Cache")
     assert rows == [(1, diskcache.core.MODE_BINARY, None)]
+
+
+class _Event:
+    """Stands in for a CUDA event: records whether anyone waited on it."""
+
+    def __init__(self):
+        self.waited = False
+
+    def synchronize(self):
+        self.waited = True
+
+
+def test_staging_alternates_two_buffers_and_waits_for_their_copies():
+    staging = store_files.Staging(pinned=False)
+    slot_a, a = staging.take(100)
+    event_a = _Event()
+    staging.done(slot_a, event_a)
+    slot_b, b = staging.take(100)
+    assert slot_a != slot_b and a.data_ptr() != b.data_ptr() and a.numel() == b.numel() == 100
+    assert not event_a.waited  # layer l+1 is read while layer l's copy is in flight
+    slot_c, c = staging.take(200)
+    assert slot_c == slot_a and event_a.waited  # the buffer is reused only once its copy is done
+    assert c.data_ptr() == a.data_ptr() and c.numel() == 200  # grown to whole MiBs, so this fits in place
+    staging.take(3 * 2**20)
+    _, grown = staging.take(3 * 2**20)
+    assert grown.numel() == 3 * 2**20
+
+
+def test_connections_of_ended_threads_are_closed(store):
+    import threading
+
+    ref, _, meta = put(store)
+    for _ in range(5):
+        thread = threading.Thread(target=store.get, args=(ref, meta))
+        thread.start()
+        thread.join()
+    assert len(store._connections) <= 2  # the last thread's and this one's, not one per thread ever started
