@@ -18,7 +18,8 @@ def _progress(message: str) -> None:
 
 
 def _store_config(args: argparse.Namespace) -> StoreConfig:
-    return StoreConfig(directory=Path(args.store)) if args.store else StoreConfig()
+    keys = {"auth_key_file": getattr(args, "key_file", None), "auth_key_env": getattr(args, "key_env", None)}
+    return StoreConfig(directory=args.store, **keys) if args.store else StoreConfig(**keys)
 
 
 def _engine(args: argparse.Namespace):
@@ -28,21 +29,24 @@ def _engine(args: argparse.Namespace):
     return ProphetEngine.from_pretrained(args.model, store=_store_config(args))
 
 
-def _read_folder(folder: Path) -> list[str]:
+def _text_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise ProphetRAGError(f"{folder} is not a folder; pass a folder of .txt/.md files.")
-    files = sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
-    texts = []
-    for path in files:
-        try:
-            text = path.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError as error:
-            raise ProphetRAGError(
-                f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); convert it to UTF-8 "
-                "(e.g. `iconv -t utf-8`) or move it out of the folder."
-            ) from None
-        if text:
-            texts.append(text)
+    return sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise ProphetRAGError(
+            f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); convert it to UTF-8 "
+            "(e.g. `iconv -t utf-8`) or move it out of the folder."
+        ) from None
+
+
+def _read_folder(folder: Path) -> list[str]:
+    texts = [text for text in map(_read_text, _text_files(folder)) if text]
     if not texts:
         raise ProphetRAGError(f"{folder} has no non-empty .txt or .md files.")
     return texts
@@ -96,26 +100,47 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     if args.action == "ingest":
-        docs = _read_folder(Path(args.folder))
-        with _engine(args) as engine:
-            start = time.perf_counter()
-            computed = 0
-            for i, doc in enumerate(docs, 1):
-                computed += engine.ingest([doc])
-                _progress(f"  [{i}/{len(docs)}] cached")
-            print(f"{len(docs)} documents: {computed} computed, {len(docs) - computed} already cached "
-                  f"({time.perf_counter() - start:.1f} s).")
-        return 0
+        return _cache_ingest(args)
     from prophet_rag.store import KVStore
 
-    with KVStore(_store_config(args)) as store:
+    # create=False: inspecting a mistyped path must say so, not create an empty store there.
+    with KVStore(_store_config(args), create=False) as store:
         if args.action == "stats":
-            print(f"store: {store.directory}\nentries: {len(store)}\nbytes: {store.volume()}")
+            stats = store.stats()
+            print(f"store: {store.directory}\nentries: {stats.entries}\nbytes: {stats.volume_bytes}\n"
+                  f"orphaned value files reclaimed on open: {stats.orphans_reclaimed}")
         elif args.action == "verify":
             report = store.verify()
-            print(f"checked {report.checked}: {report.ok} ok, {report.removed} corrupt entries removed")
+            print(f"checked {report.checked}: {report.ok} ok, {report.removed} damaged or inconsistent entries "
+                  f"removed, {report.other_version} of another format version and {report.unverifiable} "
+                  f"authenticated with a key this store lacks kept; {report.orphans} orphaned value files removed")
         elif args.action == "clear":
             print(f"removed {store.clear()} entries from {store.directory}")
+    return 0
+
+
+def _cache_ingest(args: argparse.Namespace) -> int:
+    """Store every file's KV; a file that cannot be (undecodable, too long, refused text) is reported by name and
+    skipped, and the command fails at the end if any was."""
+    files = _text_files(Path(args.folder))
+    failed = computed = 0
+    with _engine(args) as engine:
+        start = time.perf_counter()
+        for i, path in enumerate(files, 1):
+            try:
+                text = path.read_text(encoding="utf-8").strip()
+                computed += engine.ingest([text]) if text else 0
+                _progress(f"  [{i}/{len(files)}] {path.name}: {'cached' if text else 'empty, skipped'}")
+            except (UnicodeDecodeError, ProphetRAGError) as error:
+                failed += 1
+                reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else str(error)
+                _progress(f"  [{i}/{len(files)}] {path}: skipped: {reason}")
+        print(f"{len(files)} files: {computed} computed, {len(files) - computed - failed} already cached or empty, "
+              f"{failed} skipped ({time.perf_counter() - start:.1f} s).")
+    if failed:
+        print(f"prophet-rag: error: {failed} of {len(files)} files could not be cached (listed above).",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -156,13 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser("cache", help="manage the chunk KV store")
     cache_actions = cache.add_subparsers(dest="action", required=True)
-    for action, text in (("stats", "entries and size"), ("verify", "check every entry, drop corrupt ones"),
-                         ("clear", "remove every entry")):
+    for action, text in (("stats", "entries and size"), ("verify", "check every entry, drop damaged ones"),
+                         ("clear", "remove every entry"), ("ingest", "compute and store the KV of every file")):
         sub = cache_actions.add_parser(action, help=text)
         _add_common(sub)
-    ingest = cache_actions.add_parser("ingest", help="compute and store the KV of every file in a folder")
-    _add_common(ingest)
-    ingest.add_argument("folder")
+        keys = sub.add_mutually_exclusive_group()
+        keys.add_argument("--key-file", help="the store's authentication key file (StoreConfig.auth_key_file)")
+        keys.add_argument("--key-env", help="environment variable holding the store's authentication key")
+        if action == "ingest":
+            sub.add_argument("folder")
     cache.set_defaults(run=cmd_cache)
 
     bench = commands.add_parser("bench", help="accuracy and TTFT of every method across ratios")

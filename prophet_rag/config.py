@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,31 +146,72 @@ class PromptConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Where chunk KV caches are kept: a diskcache directory bounded by `size_limit_bytes` (LRU eviction)."""
+    """Where chunk KV caches are kept: a diskcache directory bounded by `size_limit_bytes` (LRU eviction).
+
+    `kv_storage` compacts stored KV: "lossless" (default) keeps it as computed; "bfloat16" halves an fp32 model's
+    entries; "float8_e4m3" (fp8 with one scale per layer, K/V and head) halves a bf16/fp16 model's. Compact entries
+    have their own keys, so they never mix with lossless ones.
+
+    An authentication key (`auth_key_file`, a file of at least 32 random bytes, or `auth_key_env`, the name of an
+    environment variable holding them) makes every entry carry a keyed BLAKE3 MAC, and entries without a valid one
+    are never used: required for a store that other machines or users can write. Without a key, entries carry an
+    XXH3 checksum, which catches corruption but not forgery (see README, "The store").
+    """
 
     directory: Path = field(default_factory=lambda: default_store_dir())
     size_limit_bytes: int = 8 * 2**30
     max_entry_bytes: int = 2 * 2**30
     eviction_policy: str = "least-recently-used"
+    kv_storage: str = "lossless"
+    auth_key_file: Path | None = None
+    auth_key_env: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "directory", Path(self.directory).expanduser())
-        if self.size_limit_bytes <= 0:
-            raise InvalidRequestError(f"size_limit_bytes must be > 0, got {self.size_limit_bytes}.")
-        if not 0 < self.max_entry_bytes <= self.size_limit_bytes:
+        object.__setattr__(self, "directory", _store_path("directory", self.directory))
+        _check_int("size_limit_bytes", self.size_limit_bytes, 1, " (bytes)")
+        _check_int("max_entry_bytes", self.max_entry_bytes, 1, " (bytes)")
+        if self.max_entry_bytes > self.size_limit_bytes:
             raise InvalidRequestError(
                 f"max_entry_bytes must be in (0, size_limit_bytes={self.size_limit_bytes}], got {self.max_entry_bytes}."
             )
         policies = ("least-recently-used", "least-recently-stored", "least-frequently-used")
         if self.eviction_policy not in policies:
             raise InvalidRequestError(f"eviction_policy must be one of {policies}, got {self.eviction_policy!r}.")
+        from prophet_rag.keys import STORAGES
+
+        if self.kv_storage not in STORAGES:
+            raise InvalidRequestError(f"kv_storage must be one of {STORAGES}, got {self.kv_storage!r}.")
+        if self.auth_key_file is not None and self.auth_key_env is not None:
+            raise InvalidRequestError("set one of auth_key_file and auth_key_env, not both.")
+        if self.auth_key_file is not None:
+            object.__setattr__(self, "auth_key_file", _store_path("auth_key_file", self.auth_key_file))
+        if self.auth_key_env is not None and (
+            not isinstance(self.auth_key_env, str) or not self.auth_key_env.isidentifier()
+        ):
+            raise InvalidRequestError(
+                f"auth_key_env must name an environment variable (letters, digits, _), got {self.auth_key_env!r}."
+            )
+
+
+def _store_path(name: str, value: object) -> Path:
+    """`value` as an absolute path, with `~` expanded; a malformed one raises naming the fix."""
+    if not isinstance(value, (str, Path)):
+        raise InvalidRequestError(f"{name} must be a path (str or Path), got {type(value).__name__}.")
+    text = str(value)
+    if not text or "\x00" in text:
+        raise InvalidRequestError(f"{name} {text!r} is empty or holds a NUL byte; pass a folder path.")
+    path = Path(os.path.expanduser(text))  # Path.expanduser raises a bare RuntimeError for an unknown user
+    if str(path).startswith("~"):
+        raise InvalidRequestError(
+            f"{name} {text!r} starts with '~' but names no known user's home; use an absolute path."
+        )
+    return path.absolute()
 
 
 def cache_home() -> Path:
-    """Root of prophet-rag's local caches: `$PROPHET_RAG_HOME`, else `~/.cache/prophet_rag`."""
-    import os
-
-    return Path(os.environ.get("PROPHET_RAG_HOME", Path.home() / ".cache" / "prophet_rag")).expanduser()
+    """Root of prophet-rag's local caches: `$PROPHET_RAG_HOME` (when set and not empty), else `~/.cache/prophet_rag`.
+    A `~user` that names no user is left as is, for `StoreConfig` to refuse with the fix."""
+    return Path(os.path.expanduser(os.environ.get("PROPHET_RAG_HOME") or "~/.cache/prophet_rag"))
 
 
 def default_store_dir() -> Path:

@@ -25,13 +25,12 @@ from prophet_rag.config import GenerationConfig, PromptConfig, SelectionConfig, 
 from prophet_rag.errors import ContextWindowError, InvalidRequestError, ModelLoadError
 from prophet_rag.generate import TextAssembler, decode
 from prophet_rag.hot_cache import HotCache
-from prophet_rag.keys import kv_spec, model_fingerprint, tokenizer_fingerprint
 from prophet_rag.layout import PromptBuilder, RequestLayout
 from prophet_rag.model_adapter import ModelAdapter
 from prophet_rag.prefill import prefill_full, prefill_isolated
 from prophet_rag.results import Answer, RequestStats
 from prophet_rag.stitched import LayerGate, StitchedCache, forward_rows, reposition, stitched_layout
-from prophet_rag.store import KVStore
+from prophet_rag.store import KVStore, kv_storage
 
 
 def _model_location(name_or_path: str | os.PathLike) -> str:
@@ -115,7 +114,7 @@ class ProphetEngine:
         self.kv_dtype = kv_dtype or self.adapter.spec.dtype
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.sink_ids = self.builder.sink_ids()
-        meta = EntryMeta(model_fingerprint(model), tokenizer_fingerprint(tokenizer), kv_spec(self.kv_dtype))
+        meta = EntryMeta.for_model(model, tokenizer, self.adapter.spec, self.kv_dtype, kv_storage(store))
         compute = partial(prefill_isolated, self.adapter, kv_dtype=self.kv_dtype)
         tiers = build_tiers(store, hot_cache_bytes, host_cache_bytes)
         self.cache = ChunkCache(tiers, meta, self.sink_ids, compute)

@@ -34,3 +34,8 @@ class CacheCorruptionError(StoreError):
 
 class IncompatibleCacheError(StoreError):
     """A stored entry was written for another model, tokenizer, layout or format version."""
+
+
+class UnauthenticatedEntryError(CacheCorruptionError):
+    """A stored entry's MAC did not verify with the store's key: it was written without the key, with another key,
+    or altered since. Such an entry is never used."""

@@ -15,8 +15,12 @@ from collections.abc import Sequence
 
 import torch
 
-FORMAT_VERSION: int = 1
-"""Version of the key derivation and of the stored entry format; bumping it orphans every existing entry."""
+FORMAT_VERSION: int = 2
+"""Version of the key derivation and of the stored entry format; bumping it orphans every existing entry.
+2: one value file per entry, header then per-layer tensor regions (codec.py)."""
+
+STORAGES = ("lossless", "bfloat16", "float8_e4m3")
+"""How stored KV is encoded: as computed, or compacted to bf16 or to fp8 (e4m3, one scale per layer, K/V and head)."""
 
 _CONFIG_FIELDS = (
     "model_type",
@@ -136,14 +140,25 @@ def tokenizer_fingerprint(tokenizer) -> str:
     )
 
 
-def kv_spec(dtype: torch.dtype) -> str:
-    """The layout, RoPE convention and dtype of stored KV, e.g.
-    `"layout=L,2,T,Hkv,D;rope=rotated-at-positions;channels=interleaved;dtype=float32"` (keys' rotated channel
-    pairs side by side, see `model_adapter`)."""
+def kv_spec(dtype: torch.dtype, shape: tuple[int, int, int], storage: str = "lossless") -> str:
+    """The layout, shape `(layers, kv_heads, head_dim)`, RoPE convention, dtype and storage encoding of stored KV,
+    e.g. `"layout=L,2,T,Hkv,D;shape=30,3,64;rope=rotated-at-positions;channels=interleaved;dtype=float32"`
+    (lossless; keys' rotated channel pairs side by side, see `model_adapter`) or `"...;dtype=float32;storage=bfloat16"`.
+
+    The model fingerprint already implies the shape; naming it here makes an entry's own fields, hashed into its
+    key, say what its tensors must look like, so an entry can be checked without the model. Compacting to the KV's
+    own dtype is lossless and named so, which keeps one key per distinct stored content.
+    """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"kv_spec needs a floating-point torch.dtype such as torch.float16, got {dtype!r}.")
+    if len(shape) != 3 or not all(type(n) is int and n > 0 for n in shape):
+        raise ValueError(f"shape must be (layers, kv_heads, head_dim) positive ints, got {shape!r}.")
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}.")
     name = str(dtype).removeprefix("torch.")
-    return f"layout=L,2,T,Hkv,D;rope=rotated-at-positions;channels=interleaved;dtype={name}"
+    spec = (f"layout=L,2,T,Hkv,D;shape={','.join(map(str, shape))};rope=rotated-at-positions;channels=interleaved;"
+            f"dtype={name}")
+    return spec if storage in ("lossless", name) else f"{spec};storage={storage}"
 
 
 def _ids_bytes(ids: Sequence[int] | torch.Tensor, name: str) -> bytes:

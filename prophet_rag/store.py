@@ -1,45 +1,59 @@
-"""Persistent, size-bounded store of chunk KV caches: a diskcache directory of checksummed safetensors values.
+"""Persistent, size-bounded store of chunk KV caches: a diskcache index over one value file per entry.
 
-Keys are `keys.chunk_key` hex strings and values are `codec.encode` bytes. diskcache writes each large value to
-a fresh file and then commits its row, so readers never see a half-written entry; it does not fsync, so a power
-loss can leave a committed row over a truncated or zeroed file, which the codec's checksum catches.
+diskcache is the index (its `Cache` table: key, value file name, size, access time), the atomic commit (a value
+file is written completely, then its row is committed, so readers never see a half-written entry) and the eviction
+order. Entries are read without it: `open` looks the row up, opens the file safely (store_files.py) and checks its
+header against the request; `StoredEntry.read_layers` reads layers straight into the request's cache, checking each
+against its tag (codec.py). `get` is built from the two.
 
-Trust boundary: the cache directory is as trusted as your site-packages. diskcache unpickles any row marked as
-pickled (CVE-2025-69872); `SafeDisk` refuses pickle in both directions and any value file outside the directory,
-so a tampered `cache.db` cannot run code. Someone who can write the directory can still plant well-formed
-entries with wrong KV, so the directory is created 0o700 and a world-writable one, or a group-writable one owned
-by another user, is refused.
+Trust boundary. The store never unpickles (`SafeDisk` refuses pickle in both directions and every read goes through
+the codec), never follows a symlink, never opens anything but regular files, never reads a file larger than
+`max_entry_bytes`, and takes none of its settings from cache.db. SQLite runs with a rollback journal and memory
+mapping off, so no file of the store is ever mapped: damaging one while a process runs is an I/O error, never a
+SIGBUS. Every entry is checked against the model (layers, KV heads, head dim, dtype), the request (its token ids and
+sink ids, hence its positions, hash to the row's key) and for finite values. Without an authentication key, someone
+who can write the directory can still plant a well-formed entry holding other finite values under a real key; with
+one (`StoreConfig.auth_key_file`/`auth_key_env`) every entry carries a MAC and nothing unauthenticated is used.
 
-Content problems never raise out of `get`/`put`: a damaged entry is deleted and counted, and the engine
-recomputes it. `StoreStats` counts every outcome.
+Content problems never raise out of `get`/`put`: a damaged entry is deleted and counted, and the engine recomputes
+it. `StoreStats` counts every outcome.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
+import pickle
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import diskcache
 import torch
-from diskcache.core import EVICTION_POLICY, MODE_BINARY, MODE_RAW, MODE_TEXT, UNKNOWN
+from diskcache.core import DEFAULT_SETTINGS, EVICTION_POLICY, METADATA, MODE_BINARY, UNKNOWN
 
-from prophet_rag import codec
+from prophet_rag import codec, store_files
 from prophet_rag.chunk_kv import ChunkKV
+from prophet_rag.codec import EntryMeta, Header, Sealer
+from prophet_rag.config import StoreConfig
+from prophet_rag.errors import (
+    CacheCorruptionError,
+    IncompatibleCacheError,
+    InvalidRequestError,
+    StoreError,
+    UnauthenticatedEntryError,
+)
+from prophet_rag.keys import chunk_key
+from prophet_rag.store_files import Staging, ValueFiles
 
 if TYPE_CHECKING:
-    from prophet_rag.chunk_cache import ChunkRef
-from prophet_rag.codec import EntryMeta
-from prophet_rag.config import StoreConfig
-from prophet_rag.errors import CacheCorruptionError, IncompatibleCacheError, StoreError
+    from prophet_rag.chunk_cache import ChunkRef, KVTier
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +61,46 @@ _SQLITE_TIMEOUT_S = 5.0
 """How long an operation waits for another process's write lock before it is counted as a timeout (diskcache's
 default of 60 s would stall a request; a timed-out get is a miss and a timed-out put is skipped)."""
 
-_MIN_FILE_BYTES = 2**15
-"""Values from this size up get their own file; smaller ones live in cache.db (diskcache's default, set
-explicitly because the directory persists settings)."""
+_PRAGMAS = {"synchronous": 1, "mmap_size": 0, "cache_size": 2**13, "trusted_schema": 0}
+"""Applied to every connection, ours and diskcache's. mmap_size=0: a mapped database that another process truncates
+kills the reader with SIGBUS. trusted_schema=0: triggers and views in a tampered cache.db cannot call functions."""
+
+_SETTINGS = {
+    "statistics": 0, "tag_index": 0, "cull_limit": 0, "sqlite_auto_vacuum": 1, "sqlite_cache_size": 2**13,
+    "sqlite_journal_mode": "delete", "sqlite_mmap_size": 0, "sqlite_synchronous": 0, "disk_min_file_size": 0,
+    "disk_pickle_protocol": pickle.HIGHEST_PROTOCOL,
+}
+"""Every diskcache setting, pinned, so none is taken from cache.db's Settings table (diskcache lets the table
+override what it is not given). A rollback journal rather than WAL: WAL maps its -shm file, which a truncation turns
+into a SIGBUS. cull_limit=0: `_cull` evicts instead. disk_min_file_size=0: every value is a file. sqlite_synchronous=0
+only holds for diskcache's setup connection, whose ~40 small writes would each wait for a disk sync; every later
+connection gets `_PRAGMAS`."""
+
+_TOUCH_FLUSH_S = 2.0
+"""Reads record access times in memory and write them at most this often (and before each eviction), so a hit
+never waits for the write lock or a disk sync."""
 
 _DB_ERRORS = (diskcache.Timeout, sqlite3.Error)
 
 
-class SafeDisk(diskcache.Disk):
-    """A `diskcache.Disk` that stores only `str` keys and `bytes`/`str` values and never unpickles.
+@dataclass(frozen=True)
+class _Written:
+    """A value file already written by `KVStore.put`, handed to diskcache's `add` to commit its row."""
 
-    `fetch` and `remove` act only on files that resolve inside the cache directory, because a row's `filename`
-    comes from `cache.db` and could otherwise be absolute or climb out with `..` or a symlink.
+    name: str
+    size: int
+
+
+class SafeDisk(diskcache.Disk):
+    """A `diskcache.Disk` for str keys and value files the store wrote itself; it never pickles or unpickles.
+
+    Values are read by `KVStore` through the codec, never by diskcache, so `fetch` refuses. File names come from
+    cache.db rows, so removal goes through `ValueFiles`, which refuses any name outside the store's layout.
     """
+
+    def __init__(self, directory, **kwargs):
+        super().__init__(directory, **kwargs)
+        self.files = ValueFiles(Path(directory))
 
     def put(self, key):
         if type(key) is not str:
@@ -68,62 +109,111 @@ class SafeDisk(diskcache.Disk):
 
     def get(self, key, raw):
         if not raw:
-            raise CacheCorruptionError(
-                "cache.db holds a pickled key, which prophet-rag never writes: another program wrote this "
-                "directory. Clear it (KVStore.clear()) or delete the folder."
-            )
+            raise CacheCorruptionError("cache.db holds a pickled key, which prophet-rag never writes; refused.")
         return super().get(key, raw)
 
     def store(self, value, read, key=UNKNOWN):
-        if read or type(value) not in (bytes, str):
-            raise TypeError(f"KV store values must be bytes (codec.encode), got {type(value).__name__}.")
-        return super().store(value, read, key=key)
+        if read or type(value) is not _Written:
+            raise TypeError(f"KV store values are written by KVStore.put, got {type(value).__name__}.")
+        return value.size, MODE_BINARY, value.name, None
 
     def fetch(self, mode, filename, value, read):
-        if mode == MODE_RAW:
-            return super().fetch(mode, filename, value, read)
-        if mode not in (MODE_BINARY, MODE_TEXT):
-            raise CacheCorruptionError(f"cache.db row has value mode {mode} (pickle or unknown); refused.")
-        self._check_inside(filename)
-        try:
-            return super().fetch(mode, filename, value, read)
-        except OSError as error:
-            # diskcache would report an unreadable file as a plain miss and keep the row, which then blocks
-            # every later `add` of the key; as corruption the row is deleted and the chunk stored again.
-            raise CacheCorruptionError(f"value file {filename!r} cannot be read: {error}.") from None
+        raise CacheCorruptionError("KV store values are read with KVStore.open, never through diskcache.")
 
     def remove(self, file_path):
-        try:
-            self._check_inside(file_path)
-        except CacheCorruptionError as error:
-            logger.warning("not removing %s", error)
-            return
-        super().remove(file_path)
+        self.files.remove(file_path)
 
-    def _check_inside(self, filename) -> None:
-        root = os.path.realpath(self._directory)
-        if not isinstance(filename, str) or not filename:
-            raise CacheCorruptionError(f"cache.db row names value file {filename!r}, expected a relative path.")
-        path = os.path.realpath(os.path.join(root, filename))
-        if os.path.commonpath([root, path]) != root or path == root:
-            raise CacheCorruptionError(f"value file {filename!r} resolves to {path}, outside the cache {root}.")
+
+def _connect(directory: Path, timeout: float | None = None) -> sqlite3.Connection:
+    timeout = _SQLITE_TIMEOUT_S if timeout is None else timeout
+    con = sqlite3.connect(directory / "cache.db", timeout=timeout, isolation_level=None, check_same_thread=False)
+    for name, value in _PRAGMAS.items():
+        con.execute(f"PRAGMA {name} = {value}")
+    return con
+
+
+class _PinnedCache(diskcache.Cache):
+    """diskcache's `Cache` whose connections get `_PRAGMAS`, not the pragmas named in cache.db's Settings table."""
+
+    @property
+    def _con(self):
+        if getattr(self._local, "pid", None) != os.getpid():
+            self.close()  # a forked child must not share its parent's connection
+            self._local.pid = os.getpid()
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._local.con = _connect(Path(self._directory), self._timeout)
+        return con
+
+
+def _prepare_database(directory: Path) -> None:
+    """Before diskcache opens cache.db: switch it to a rollback journal, drop Settings rows diskcache does not define
+    (it would apply them: `disk_*` as Disk arguments, `sqlite_*` as PRAGMAs, others as attributes) and recount the
+    metadata rows from the Cache table."""
+    known = [*DEFAULT_SETTINGS, *METADATA]
+    con = _connect(directory)
+    try:
+        (mode,) = con.execute("PRAGMA journal_mode = delete").fetchone()
+        if mode != "delete":
+            raise sqlite3.OperationalError(f"journal mode stays {mode!r}: another process holds the database")
+        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "Settings" in tables:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute(f"DELETE FROM Settings WHERE key NOT IN ({', '.join('?' * len(known))})", known)
+            if "Cache" in tables:
+                con.execute("UPDATE Settings SET value = (SELECT COUNT(*) FROM Cache) WHERE key = 'count'")
+                con.execute("UPDATE Settings SET value = (SELECT TOTAL(size) FROM Cache) WHERE key = 'size'")
+            con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+def _load_key(config: StoreConfig) -> bytes | None:
+    """The derived MAC key named by `config`, or None; a missing or short key raises StoreError with the fix."""
+    if config.auth_key_env is not None:
+        text = os.environ.get(config.auth_key_env, "")
+        material, source = text.encode(), f"environment variable {config.auth_key_env}"
+    elif config.auth_key_file is not None:
+        path, source = config.auth_key_file, f"key file {config.auth_key_file}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as file:
+                info = os.fstat(file.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    raise StoreError(f"the {source} is not a regular file; point auth_key_file at one.")
+                material = file.read(4096).strip()
+        except OSError as error:
+            raise StoreError(f"cannot read the {source}: {error.strerror}; see README, The store.") from None
+        if info.st_mode & 0o077:
+            logger.warning("the %s is readable by other users; run `chmod 600 %s`", source, path)
+    else:
+        return None
+    if len(material) < 32:
+        raise StoreError(
+            f"the {source} holds {len(material)} bytes; an authentication key needs at least 32 "
+            "(for example the output of `openssl rand -hex 32`)."
+        )
+    return codec.derive_key(material)
 
 
 @dataclass(frozen=True)
 class StoreStats:
     """Counters since the store was opened (this process), plus the directory's current size.
 
-    Every `get` counts exactly one of hits, misses, corrupt, incompatible and timeouts. `skipped` counts puts
-    that stored nothing (too large, lock timeout, disk full); those that timed out also count in `timeouts`.
+    Every `get` counts exactly one of hits, misses, corrupt, incompatible, unauthenticated and timeouts (an `open`
+    whose entry is read to the end, or fails, counts the same way). `skipped` counts puts that stored nothing (too
+    large, not finite, lock timeout, disk full); those that timed out also count in `timeouts`.
     """
 
     hits: int
     misses: int
     corrupt: int
     incompatible: int
+    unauthenticated: int
     evicted: int
     skipped: int
     timeouts: int
+    orphans_reclaimed: int
     bytes_read: int
     bytes_written: int
     entries: int
@@ -132,143 +222,280 @@ class StoreStats:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """`checked` entries: `ok` intact, `removed` damaged and deleted, `other_version` intact but written in
-    another format version (kept: another prophet-rag may share the directory; eviction reclaims them)."""
+    """`checked` entries: `ok` intact, `removed` damaged or inconsistent and deleted; kept without being checked:
+    `other_version` (another format version: another prophet-rag may share the directory; eviction reclaims them)
+    and `unverifiable` (authenticated with a key this store does not have). `orphans` value files no entry named
+    were deleted."""
 
     checked: int
     ok: int
     removed: int
     other_version: int
+    unverifiable: int
+    orphans: int
 
 
 _COUNTERS = tuple(f.name for f in fields(StoreStats) if f.name not in ("entries", "volume_bytes"))
+_COUNTER_OF = ((UnauthenticatedEntryError, "unauthenticated"), (CacheCorruptionError, "corrupt"),
+               (IncompatibleCacheError, "incompatible"))
 
 
-def _prepare_directory(directory: Path) -> Path:
-    """Create `directory` (0o700) or check an existing one is a writable, private folder."""
-    hint = "Pass StoreConfig(directory=...) pointing to a writable folder, or set PROPHET_RAG_HOME."
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = directory.stat()
-    except OSError as error:
-        raise StoreError(f"cannot create the KV store directory {directory}: {error.strerror}. {hint}") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise StoreError(f"the KV store directory {directory} is not writable by this user. {hint}")
-    mode = stat.S_IMODE(info.st_mode)
-    foreign = info.st_uid != os.geteuid()
-    if mode & stat.S_IWOTH or (mode & stat.S_IWGRP and foreign):
-        who = "every user" if mode & stat.S_IWOTH else f"group {info.st_gid} and is owned by uid {info.st_uid}"
-        raise StoreError(
-            f"refusing the KV store directory {directory}: its mode {mode:#o} lets {who} write it, so others "
-            f"could plant cache entries. Run `chmod 700 {directory}` or choose another StoreConfig(directory=...)."
-        )
-    return directory
+class _KeepEntry(Exception):
+    """An entry this store cannot check (MAC without a key): a miss that leaves it for the stores that can."""
+
+
+@dataclass(frozen=True)
+class _Row:
+    filename: object
+    size: object
+    mode: object
+
+    def check(self) -> str:
+        """The value file name of a row the store could have written; a broken row raises CacheCorruptionError."""
+        if self.mode != MODE_BINARY or not isinstance(self.filename, str) or type(self.size) is not int:
+            raise CacheCorruptionError(
+                f"cache.db row is broken (mode {self.mode!r}, file {self.filename!r}, size {self.size!r})."
+            )
+        return self.filename
+
+
+class StoredEntry:
+    """An open entry whose header passed every check: read its layers with `read_layers`, then close it.
+
+    A context manager holding the value file open, so eviction or deletion by another process does not cut a read
+    short. `token_ids`, `positions` and `shape` describe the chunk; the tensor bytes are checked layer by layer.
+    """
+
+    def __init__(self, store: KVStore, key: str, filename: str, fd: int, header: Header, meta: EntryMeta) -> None:
+        self._store, self.key, self._filename, self._fd = store, key, filename, fd
+        self.header, self._meta = header, meta
+        self._read: set[int] = set()
+        self._failed = False
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        return self.header.token_ids
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.header.positions
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """`[L, 2, T, H_kv, D]`."""
+        return self.header.shape
+
+    @property
+    def num_layers(self) -> int:
+        return self.header.num_layers
+
+    def read_layers(self, start: int, stop: int, out: torch.Tensor) -> None:
+        """Read layers `[start, stop)` into `out[start:stop]` (`out` is `[L, 2, T, H_kv, D]` in the engine's KV
+        dtype, on the CPU or a CUDA device) and verify them: their tags, and without a key their finiteness.
+
+        On failure the entry is deleted and counted, and CacheCorruptionError is raised: `out[start:stop]` then
+        holds unchecked bytes that the caller must recompute. On a CUDA `out` the copies are queued on the current
+        stream, so work queued after this call sees the layers.
+        """
+        if tuple(out.shape) != self.shape or out.dtype != self._meta.kv_dtype or out.device.type not in ("cpu", "cuda"):
+            raise InvalidRequestError(
+                f"out must be {self._meta.kv_dtype} {self.shape} on the CPU or a CUDA device, got {out.dtype} "
+                f"{tuple(out.shape)} on {out.device}."
+            )
+        if not 0 <= start <= stop <= self.num_layers:
+            raise InvalidRequestError(f"layers [{start}, {stop}) are outside [0, {self.num_layers}).")
+        if self._failed or self._fd < 0:
+            raise InvalidRequestError("this entry failed or is closed; open it again.")
+        # With a key the MAC proves this store wrote the entry, and `put` refuses non-finite KV.
+        finite_check = self._store._sealer.kind == codec.CHECKSUM
+        try:
+            sums = []
+            for layer in range(start, stop):
+                sums += self._store._read_layer(self._fd, self.header, layer, out[layer], finite_check)
+            if not codec.all_finite(sums):
+                raise CacheCorruptionError(f"layers [{start}, {stop}) hold NaN or infinite values.")
+        except (CacheCorruptionError, OSError) as error:
+            self._failed = True
+            if isinstance(error, OSError):
+                error = CacheCorruptionError(f"value file cannot be read: {error.strerror}.")
+            self._store.discard(self.key, error, self._filename)
+            raise error from None
+        self._store._count(bytes_read=(stop - start) * self.header.layer_bytes)
+        before = len(self._read)
+        self._read.update(range(start, stop))
+        if len(self._read) == self.num_layers > before:
+            self._store._hit(self.key)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> StoredEntry:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 class KVStore:
     """Chunk KV caches on disk, keyed by `keys.chunk_key`, bounded by `StoreConfig.size_limit_bytes`.
 
     Safe to share between threads, and between processes that open the same directory. A `chunk_cache.KVTier`.
+    `create=False` opens an existing store only (the CLI's inspection commands must not create folders).
     """
 
     name = "disk"
 
-    def __init__(self, config: StoreConfig):
-        self._config = config
-        self._directory = _prepare_directory(Path(config.directory))
+    def __init__(self, config: StoreConfig, *, create: bool = True) -> None:
+        self.config = config
+        self._directory = store_files.prepare_directory(Path(config.directory), create)
+        self._sealer = Sealer(_load_key(config))
         try:
-            # cull_limit=0: diskcache would evict up to 10 rows per write, lazily; `put` culls to the limit instead.
-            self._cache = diskcache.Cache(
-                str(self._directory),
-                timeout=_SQLITE_TIMEOUT_S,
-                disk=SafeDisk,
-                size_limit=config.size_limit_bytes,
-                eviction_policy=config.eviction_policy,
-                cull_limit=0,
-                statistics=0,
-                tag_index=0,
-                disk_min_file_size=_MIN_FILE_BYTES,
-            )
-        except (OSError, sqlite3.Error) as error:
+            store_files.prepare_db_files(self._directory)
+            _prepare_database(self._directory)
+            settings = {**_SETTINGS, "eviction_policy": config.eviction_policy, "size_limit": config.size_limit_bytes}
+            assert set(settings) == set(DEFAULT_SETTINGS), "every diskcache setting must be pinned"
+            self._cache = _PinnedCache(str(self._directory), timeout=_SQLITE_TIMEOUT_S, disk=SafeDisk, **settings)
+        except (OSError, sqlite3.Error, diskcache.Timeout) as error:
             raise StoreError(
-                f"cannot open the KV store database in {self._directory}: {error}. If it is damaged, delete the "
-                "folder (it only holds caches), or pass StoreConfig(directory=...) pointing to another folder."
+                f"cannot open the KV store database in {self._directory}: {error}. If another process holds it, "
+                "retry; if it is damaged, delete the folder (it only holds caches) or choose another directory."
             ) from None
+        self._files: ValueFiles = self._cache.disk.files
+        self._local = threading.local()
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._touches: dict[str, int] = {}
+        self._touched_at = time.monotonic()
+        self.reclaim_orphans()
 
     @property
     def directory(self) -> Path:
         return self._directory
 
-    def get(self, key: str | ChunkRef, meta: EntryMeta, token_ids: torch.Tensor | None = None,
-            out: torch.Tensor | None = None) -> ChunkKV | None:
-        """The chunk stored under `key`, checked against `meta` (and `token_ids`, when given), or None; with `out`,
-        its KV is copied there. A `ChunkRef` gives the key and the token ids to check.
+    # ---- reads -------------------------------------------------------------------------------------------------
 
-        A damaged or incompatible entry is deleted so the recomputed chunk can be stored again.
-        """
-        if hasattr(key, "key"):
-            key, token_ids = key.key, key.token_ids
+    def open(self, ref: ChunkRef, meta: EntryMeta) -> StoredEntry | None:
+        """The entry of `ref` with its header checked against `meta` and `ref.key`, held open; None when there is
+        none or it is refused (counted; a damaged or inconsistent entry is deleted)."""
         try:
-            data = self._read(key)
-            chunk = None if data is None else codec.decode(data, meta, token_ids)
-        except CacheCorruptionError as error:
-            self._discard(key, "corrupt", error)
-            return None
-        except IncompatibleCacheError as error:
-            # The key already names model, tokenizer, spec and tokens, so a mismatch is a bad entry, not another
-            # user's valid one.
-            self._discard(key, "incompatible", error)
-            return None
+            row = self._row(ref.key)
         except _DB_ERRORS as error:
-            logger.warning("KV store get timed out (%s); treating it as a miss", error)
+            logger.warning("KV store lookup failed (%s); treating it as a miss", error)
             self._count(timeouts=1)
             return None
-        if chunk is None:
+        if row is None:
             self._count(misses=1)
             return None
-        self._count(hits=1, bytes_read=len(data))
-        if out is not None:
-            out.copy_(chunk.kv)
-            chunk = ChunkKV(chunk.token_ids, chunk.positions, out)
-        return chunk
-
-    def put(self, key: str | ChunkRef, chunk: ChunkKV, meta: EntryMeta) -> bool:
-        """Store `chunk` under `key` unless an entry is already there. True when the key now holds an entry."""
-        key = getattr(key, "key", key)
+        filename, fd = row.filename, -1
         try:
-            # Content-addressed: an existing entry is this chunk. Checking first saves encoding and writing
-            # a large value file that `add` would throw away.
-            if key in self._cache:
-                return True
-            data = codec.encode(chunk, meta)
-            if len(data) > self._config.max_entry_bytes:
-                logger.info(
-                    "not storing a %d-byte KV entry (max_entry_bytes=%d)", len(data), self._config.max_entry_bytes
-                )
-                self._count(skipped=1)
-                return False
-            added = self._cache.add(key, data)
-        except _DB_ERRORS as error:
-            logger.warning("KV store put skipped: database busy or failing (%s)", error)
-            self._count(skipped=1, timeouts=1)
-            return False
-        except OSError as error:
-            logger.warning("KV store put skipped: cannot write the value file (%s)", error)
-            self._count(skipped=1)
-            return False
-        if added:
-            self._count(bytes_written=len(data))
-            self._cull()
-        return True
+            filename = row.check()
+            fd, header = self._open_file(filename, row.size)
+            header.check(meta, ref.key)
+            return StoredEntry(self, ref.key, filename, fd, header, meta)
+        except _KeepEntry:
+            self._count(incompatible=1)
+        except (CacheCorruptionError, IncompatibleCacheError) as error:
+            # The key names the model, tokenizer, layout and tokens, so an entry that disagrees is a bad entry,
+            # not another user's valid one.
+            self.discard(ref.key, error, filename)
+        if fd >= 0:
+            os.close(fd)
+        return None
+
+    def get(self, ref: ChunkRef, meta: EntryMeta, out: torch.Tensor | None = None) -> ChunkKV | None:
+        """The chunk `ref` names, checked, or None. With `out` (`[L, 2, T, H_kv, D]` in `meta.kv_dtype`, on the CPU
+        or a CUDA device) the KV is read straight into it; without, into a new CPU tensor."""
+        entry = self.open(ref, meta)
+        if entry is None:
+            return None
+        with entry:
+            kv = out if out is not None else torch.empty(entry.shape, dtype=meta.kv_dtype)
+            try:
+                entry.read_layers(0, entry.num_layers, kv)
+            except CacheCorruptionError:
+                return None
+            return ChunkKV(entry.token_ids, entry.positions, kv)
 
     def contains(self, key: str) -> bool:
-        """Whether `key` has an entry (not checked: `get` may still find it damaged)."""
+        """Whether `key` has an entry that names a value file (not read: `get` may still refuse it)."""
         try:
-            return key in self._cache
-        except _DB_ERRORS:
+            row = self._row(key)
+            return row is not None and row.check() is not None
+        except (*_DB_ERRORS, CacheCorruptionError):
             return False
+
+    def discard(self, key: str, error: Exception, filename: object = None) -> None:
+        """Count `error` (a CacheCorruptionError or IncompatibleCacheError) against `key` and delete its entry, so
+        the recomputed chunk can be stored again. With `filename`, only an entry still naming that file goes (a
+        concurrent writer may have replaced it)."""
+        kind = next(name for cls, name in _COUNTER_OF if isinstance(error, cls))
+        logger.warning("dropping %s KV store entry %s: %s", kind, key, error)
+        self._count(**{kind: 1})
+        try:
+            con = self._con()
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                row = con.execute("SELECT rowid, filename FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
+                if row is not None and (filename is None or row[1] == filename):
+                    con.execute("DELETE FROM Cache WHERE rowid = ?", (row[0],))
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        except _DB_ERRORS as error:
+            logger.warning("could not delete KV store entry %s (%s); the next read retries", key, error)
+            return
+        if row is not None and row[1] is not None and (filename is None or row[1] == filename):
+            self._files.remove(row[1])
+
+    # ---- writes ------------------------------------------------------------------------------------------------
+
+    def put(self, ref: ChunkRef, chunk: ChunkKV, meta: EntryMeta) -> bool:
+        """Store `chunk` (computed behind `ref.sink_ids`) under `ref.key` unless an entry is there; True when the key
+        now holds one. A broken row in the way is removed first."""
+        key = ref.key
+        if chunk_key(meta.model_fp, meta.tokenizer_fp, meta.kv_spec, chunk.token_ids, ref.sink_ids) != key:
+            raise InvalidRequestError(f"ref.key {key} is not the key of this chunk under this EntryMeta.")
+        try:
+            row = self._row(key)
+            if row is not None:
+                # Content-addressed: an existing entry is this chunk; checking first saves encoding and writing.
+                try:
+                    row.check()
+                    return True
+                except CacheCorruptionError as error:
+                    self.discard(key, error)
+        except _DB_ERRORS as error:
+            return self._skip("database busy or failing", error, timeouts=1)
+        try:
+            encoded = codec.encode(chunk, ref.sink_ids, meta, self._sealer)
+        except ValueError as error:
+            return self._skip("not storable", error)
+        if encoded.size > self.config.max_entry_bytes:
+            return self._skip(f"{encoded.size} bytes over max_entry_bytes={self.config.max_entry_bytes}", None)
+        try:
+            name, fd = self._files.create()
+        except OSError as error:
+            return self._skip("cannot create the value file", error)
+        try:
+            self._files.write(fd, [encoded.header, *(b for layer in encoded.layers for b in layer)])
+            added = self._cache.add(key, _Written(name, encoded.size))
+        except _DB_ERRORS as error:
+            self._files.remove(name)
+            return self._skip("database busy or failing", error, timeouts=1)
+        except OSError as error:
+            self._files.remove(name)
+            return self._skip("cannot write the value file", error)
+        finally:
+            os.close(fd)  # after the commit: releases the lock that keeps orphan reclamation off the file
+        if added:
+            self._count(bytes_written=encoded.size)
+            self._flush_touches(wait=True)
+            self._cull()
+        return True
 
     def delete(self, key: str) -> bool:
         """Remove `key`'s entry; True when there was one."""
@@ -277,55 +504,102 @@ class KVStore:
         except _DB_ERRORS:
             return False
 
+    def clear(self) -> int:
+        """Delete every entry and every orphaned value file; returns how many entries there were."""
+        try:
+            removed = self._cache.clear()
+        except _DB_ERRORS as error:
+            raise self._db_failure("clear", error) from None
+        self.reclaim_orphans()
+        return removed
+
+    # ---- upkeep ------------------------------------------------------------------------------------------------
+
+    def verify(self) -> VerifyReport:
+        """Check every entry as `get` would, against its own row key: header tag, fields, sizes, every layer's tag
+        and finiteness; delete the damaged or inconsistent ones, then reclaim orphaned value files. Reads the whole
+        directory without touching access times (a scan must not reorder eviction)."""
+        counts = dict.fromkeys(("checked", "ok", "removed", "other_version", "unverifiable"), 0)
+        staging = Staging(pinned=False)
+        try:
+            rows = list(self._rows())
+        except _DB_ERRORS as error:
+            raise self._db_failure("verify", error) from None
+        for key, row in rows:
+            counts["checked"] += 1
+            filename, fd = row.filename, -1
+            try:
+                filename = row.check()
+                fd, header = self._open_file(filename, row.size)
+                header.check_key(key)
+                layer = torch.empty(header.shape[1:], dtype=header.kv_dtype)
+                for index in range(header.num_layers):
+                    if not codec.all_finite(self._read_layer(fd, header, index, layer, True, staging)):
+                        raise CacheCorruptionError(f"layer {index} holds NaN or infinite values.")
+                counts["ok"] += 1
+            except _KeepEntry:
+                counts["unverifiable"] += 1
+            except IncompatibleCacheError:
+                counts["other_version"] += 1
+            except (CacheCorruptionError, OSError) as error:
+                if isinstance(error, OSError):
+                    error = CacheCorruptionError(f"value file cannot be read: {error.strerror}.")
+                self.discard(key, error, filename)
+                counts["removed"] += 1
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        return VerifyReport(**counts, orphans=self.reclaim_orphans())
+
+    def reclaim_orphans(self) -> int:
+        """Delete value files that no row names (left by writers killed between writing a file and committing its
+        row); returns how many. Files still being written are skipped."""
+        try:
+            named = {name for (name,) in self._con().execute("SELECT filename FROM Cache WHERE filename IS NOT NULL")}
+
+            def referenced(name: str) -> bool:
+                if name in named:
+                    return True
+                return self._con().execute("SELECT 1 FROM Cache WHERE filename = ?", (name,)).fetchone() is not None
+
+            removed = self._files.reclaim(referenced)
+        except _DB_ERRORS as error:
+            logger.warning("orphan reclamation skipped (%s)", error)
+            return 0
+        self._count(orphans_reclaimed=removed)
+        return removed
+
     def stats(self) -> StoreStats:
         with self._lock:
             counts = dict(self._counts)
         return StoreStats(**counts, entries=len(self), volume_bytes=self.volume())
 
-    def verify(self) -> VerifyReport:
-        """Check every entry's checksum, metadata and shapes against its own header; delete damaged ones.
-
-        Reads the whole directory, without touching access times (a scan must not reorder LRU eviction).
-        """
-        checked = ok = removed = other_version = 0
-        for key, fetch in self._scan():
-            try:
-                data = fetch()
-                found = codec.read_meta(data)
-                codec.decode(data, EntryMeta(found["model_fp"], found["tokenizer_fp"], found["kv_spec"]))
-                ok += 1
-            except IncompatibleCacheError:
-                other_version += 1
-            except CacheCorruptionError as error:
-                logger.warning("verify: removing KV store entry %s: %s", key, error)
-                removed += self.delete(key)
-            checked += 1
-        return VerifyReport(checked=checked, ok=ok, removed=removed, other_version=other_version)
-
-    def entries(self) -> Iterator[tuple[str, dict]]:
-        """`(key, metadata)` of every intact entry of this format version; metadata is `codec.read_meta`'s
-        plus `bytes`. Reads every value (to check it) but not access times; damaged entries are skipped."""
-        for key, fetch in self._scan():
-            try:
-                data = fetch()
-                meta = codec.read_meta(data)
-            except (CacheCorruptionError, IncompatibleCacheError):
-                continue
-            yield key, {**meta, "bytes": len(data)}
-
-    def clear(self) -> int:
-        """Delete every entry; returns how many there were."""
-        return self._cache.clear(retry=True)
-
     def volume(self) -> int:
-        """Bytes on disk: value files plus the database."""
-        return self._cache.volume()
-
-    def close(self) -> None:
-        self._cache.close()
+        """Bytes on disk: the entries' value files (as their rows record them) plus the database and its journal."""
+        try:
+            (total,) = self._con().execute("SELECT TOTAL(size) FROM Cache").fetchone()
+        except _DB_ERRORS:
+            total = 0
+        db = 0
+        for name in store_files.DB_FILES:
+            with contextlib.suppress(OSError):
+                db += (self._directory / name).lstat().st_size
+        return int(total) + db
 
     def __len__(self) -> int:
-        return len(self._cache)
+        try:
+            return int(self._con().execute("SELECT COUNT(*) FROM Cache").fetchone()[0])
+        except _DB_ERRORS:
+            return 0
+
+    def close(self) -> None:
+        self._flush_touches(wait=True)
+        self._cache.close()
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for _, con in connections:
+            con.close()
+        self._files.close()
 
     def __enter__(self) -> KVStore:
         return self
@@ -333,15 +607,150 @@ class KVStore:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    # ---- internals ---------------------------------------------------------------------------------------------
+
+    def _con(self) -> sqlite3.Connection:
+        """This thread's own connection to cache.db (reconnected after a fork). Connections of threads that have
+        ended are closed when a new one is made: a server starting a thread per request would pile them up."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.con, local.pid = None, os.getpid()
+        if local.con is None:
+            local.con = _connect(self._directory)
+            with self._lock:
+                ended = [con for thread, con in self._connections if not thread.is_alive()]
+                self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
+                self._connections.append((threading.current_thread(), local.con))
+            for con in ended:
+                con.close()
+        return local.con
+
+    def _row(self, key: str) -> _Row | None:
+        row = self._con().execute("SELECT filename, size, mode FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
+        return None if row is None else _Row(*row)
+
+    def _rows(self) -> Iterator[tuple[str, _Row]]:
+        """Every row with a str key (a snapshot); rows with pickled keys are not entries and eviction reclaims them."""
+        select = "SELECT key, filename, size, mode FROM Cache WHERE raw = 1 ORDER BY rowid"
+        rows = self._con().execute(select).fetchall()
+        for key, filename, size, mode in rows:
+            if isinstance(key, str):
+                yield key, _Row(filename, size, mode)
+
+    def _open_file(self, filename: str, row_size: int) -> tuple[int, Header]:
+        """`(fd, header)` of a value file whose size matches its row and its header and whose header tag holds."""
+        fd, size = self._files.open(filename)
+        try:
+            if size > self.config.max_entry_bytes:
+                raise CacheCorruptionError(f"value file is {size} bytes, over max_entry_bytes; not read.")
+            if size != row_size:
+                raise CacheCorruptionError(f"value file is {size} bytes, its row records {row_size}.")
+            prefix = bytearray(min(size, 2**16))
+            store_files.read_exact(fd, memoryview(prefix), 0)
+            _, header_size, kind = codec.read_frame(prefix)
+            if kind == codec.MAC and self._sealer.kind == codec.CHECKSUM:
+                raise _KeepEntry
+            if len(prefix) < header_size <= min(size, codec.MAX_HEADER_BYTES):
+                prefix.extend(bytes(header_size - len(prefix)))
+                store_files.read_exact(fd, memoryview(prefix)[2**16 :], 2**16)
+            header = codec.parse_header(bytes(prefix), self._sealer)
+            if size != header.file_size:
+                raise CacheCorruptionError(f"value file is {size} bytes, its header announces {header.file_size}.")
+            return fd, header
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _staging(self, pinned: bool) -> Staging:
+        name = "pinned" if pinned else "staging"
+        staging = getattr(self._local, name, None)
+        if staging is None:
+            staging = Staging(pinned)
+            setattr(self._local, name, staging)
+        return staging
+
+    def _read_layer(self, fd: int, header: Header, layer: int, out: torch.Tensor, finite_check: bool,
+                    staging: Staging | None = None) -> list[torch.Tensor]:
+        """Read layer `layer` of the entry into `out` `[2, T, H_kv, D]` and check its tag; returns the sums that
+        `codec.all_finite` checks (none without `finite_check`), taken while the blocks are still in cache.
+
+        A lossless layer bound for contiguous CPU blocks is read straight into them; anything else goes through a
+        reused host buffer (pinned for CUDA, with an asynchronous copy) and `codec.dequantize`.
+        """
+        offset = header.data_offset + layer * header.layer_bytes
+        hasher = self._sealer.hasher()
+        direct = (out.device.type == "cpu" and header.storage_dtype == out.dtype
+                  and out[0].is_contiguous() and out[1].is_contiguous())
+        if direct:
+            store_files.read_hashed(fd, [_bytes_view(out[0]), _bytes_view(out[1])], offset, hasher)
+        else:
+            staging = staging or self._staging(pinned=out.is_cuda)
+            slot, buffer = staging.take(header.layer_bytes)
+            store_files.read_hashed(fd, [memoryview(buffer.numpy())], offset, hasher)
+        self._sealer.verify(hasher.digest(), header.layer_tags[layer], f"layer {layer}")
+        if not direct:
+            region = buffer.to(out.device, non_blocking=True) if out.is_cuda else buffer
+            if out.is_cuda:
+                event = torch.cuda.Event()
+                event.record()
+                staging.done(slot, event)
+            codec.dequantize(region, header, out)
+        return [*codec.finite_sums(out[0]), *codec.finite_sums(out[1])] if finite_check else []
+
+    def _hit(self, key: str) -> None:
+        self._count(hits=1)
+        if self.config.eviction_policy == "least-recently-stored":
+            return
+        with self._lock:
+            self._touches[key] = self._touches.get(key, 0) + 1
+        if time.monotonic() - self._touched_at > _TOUCH_FLUSH_S:
+            self._flush_touches(wait=False)
+
+    def _flush_touches(self, wait: bool) -> None:
+        """Write the recorded reads into the rows' access time (LRU) or count (LFU). Without `wait` a busy
+        database leaves them for later instead of stalling the reader."""
+        with self._lock:
+            touches, self._touches = self._touches, {}
+            self._touched_at = time.monotonic()
+        if not touches:
+            return
+        now = time.time()
+        if self.config.eviction_policy == "least-recently-used":
+            update, args = "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1", [(now, k) for k in touches]
+        else:
+            update, args = ("UPDATE Cache SET access_count = access_count + ? WHERE key = ? AND raw = 1",
+                            [(count, key) for key, count in touches.items()])
+        con = self._con()
+        try:
+            if not wait:
+                con.execute("PRAGMA busy_timeout = 0")
+            con.execute("BEGIN IMMEDIATE")
+            con.executemany(update, args)
+            con.execute("COMMIT")
+        except _DB_ERRORS:
+            with contextlib.suppress(*_DB_ERRORS):
+                con.execute("ROLLBACK")
+            with self._lock:
+                for key, count in touches.items():
+                    self._touches[key] = self._touches.get(key, 0) + count
+        finally:
+            con.execute(f"PRAGMA busy_timeout = {int(_SQLITE_TIMEOUT_S * 1000)}")
+
     def _count(self, **deltas: int) -> None:
         with self._lock:
             for name, delta in deltas.items():
                 self._counts[name] += delta
 
-    def _discard(self, key: str, kind: str, error: Exception) -> None:
-        logger.warning("dropping %s KV store entry %s: %s", kind, key, error)
-        self.delete(key)
-        self._count(**{kind: 1})
+    def _db_failure(self, action: str, error: Exception) -> StoreError:
+        return StoreError(
+            f"cannot {action} the KV store in {self._directory}: its database failed ({error}). If another process "
+            "holds it, retry; if it is damaged, delete the folder (it only holds caches)."
+        )
+
+    def _skip(self, reason: str, error: Exception | None, **counts: int) -> bool:
+        logger.warning("KV store put skipped: %s%s", reason, f" ({error})" if error else "")
+        self._count(skipped=1, **counts)
+        return False
 
     def _cull(self) -> None:
         """Evict entries one at a time, in policy order, until the volume is within the size limit.
@@ -349,54 +758,35 @@ class KVStore:
         diskcache's `cull()` deletes ten rows per step: with entries of 0.1-1 GiB that discards far more than the
         overflow, often the entry just stored. One short transaction per entry; the file goes after the commit.
         """
-        select = EVICTION_POLICY[self._config.eviction_policy]["cull"].format(fields="rowid, filename")
+        select = EVICTION_POLICY[self.config.eviction_policy]["cull"].format(fields="rowid, filename")
         evicted = 0
+        con = self._con()
         try:
-            with self._db() as con:
-                while self._cache.volume() > self._config.size_limit_bytes:
-                    con.execute("BEGIN IMMEDIATE")
-                    row = con.execute(select, (1,)).fetchone()
-                    if row is not None:
-                        con.execute("DELETE FROM Cache WHERE rowid = ?", (row[0],))
-                    con.execute("COMMIT")
-                    if row is None:
-                        break
-                    evicted += 1
-                    if row[1] is not None:
-                        self._cache.disk.remove(row[1])
+            while self.volume() > self.config.size_limit_bytes:
+                con.execute("BEGIN IMMEDIATE")
+                row = con.execute(select, (1,)).fetchone()
+                if row is not None:
+                    con.execute("DELETE FROM Cache WHERE rowid = ?", (row[0],))
+                con.execute("COMMIT")
+                if row is None:
+                    break
+                evicted += 1
+                if row[1] is not None:
+                    self._files.remove(row[1])
         except sqlite3.Error as error:
+            with contextlib.suppress(sqlite3.Error):
+                con.execute("ROLLBACK")
             logger.warning("KV store eviction stopped early (%s); it resumes after the next put", error)
         self._count(evicted=evicted)
 
-    @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        """A connection of our own to diskcache's `Cache(rowid, key, raw, mode, filename, value, ...)` table
-        (stable since diskcache 3), for reads that must not update access times and for eviction. Autocommit;
-        transactions are explicit. Closing it rolls back an unfinished one."""
-        con = sqlite3.connect(self._directory / "cache.db", timeout=_SQLITE_TIMEOUT_S, isolation_level=None)
-        try:
-            yield con
-        finally:
-            con.close()
 
-    def _read(self, key: str) -> bytes | None:
-        # read=True: diskcache hands back an open file from inside its transaction (under LRU a write lock), so
-        # reading a large value happens after the lock is released; the open file survives a concurrent eviction.
-        value = self._cache.get(key, read=True)
-        if not hasattr(value, "read"):
-            return value
-        try:
-            with value:
-                return value.read()
-        except OSError as error:
-            raise CacheCorruptionError(f"value file of {key} cannot be read: {error}.") from None
+def _bytes_view(block: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory."""
+    return memoryview(block.view(torch.uint8).reshape(-1).numpy())
 
-    def _scan(self) -> Iterator[tuple[str, Callable[[], bytes]]]:
-        """`(key, fetch)` for every row with a str key, read without touching access times; `fetch()` reads the
-        value through `SafeDisk` and raises `CacheCorruptionError` for a refused or missing one. Rows with pickled
-        keys are skipped: `get` never looks them up and eviction reclaims them."""
-        with self._db() as con:
-            rows = con.execute("SELECT key, mode, filename, value FROM Cache WHERE raw = 1 ORDER BY rowid")
-            for key, mode, filename, value in rows:
-                if isinstance(key, str):
-                    yield key, functools.partial(self._cache.disk.fetch, mode, filename, value, False)
+
+def kv_storage(store: StoreConfig | KVTier | None) -> str:
+    """The KV storage encoding (`StoreConfig.kv_storage`) of the store an engine is given; "lossless" for the
+    default store and for tiers that are not a `KVStore`."""
+    config = store if isinstance(store, StoreConfig) else getattr(store, "config", None)
+    return config.kv_storage if isinstance(config, StoreConfig) else "lossless"

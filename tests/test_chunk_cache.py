@@ -19,7 +19,7 @@ from prophet_rag.store import KVStore
 from tiny import CHUNKS, QUERY
 
 GEN = GenerationConfig(max_new_tokens=4, eos_token_ids=(10**6,))
-META = EntryMeta("model", "tokenizer", "spec")
+META = EntryMeta("model", "tokenizer", torch.float32, num_layers=2, num_kv_heads=1, head_dim=4)
 
 
 @dataclass(frozen=True)

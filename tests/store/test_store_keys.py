@@ -17,27 +17,38 @@ from tiny import tiny_model, tiny_tokenizer
 
 MODEL_FP = "m" * 64
 TOKENIZER_FP = "t" * 64
-SPEC = kv_spec(torch.float16)
+SHAPE = (2, 2, 16)
+SPEC = kv_spec(torch.float16, SHAPE)
 
 
 def _key(token_ids=(5, 6, 7), context_ids=(1, 2), model_fp=MODEL_FP, tokenizer_fp=TOKENIZER_FP, spec=SPEC):
     return chunk_key(model_fp, tokenizer_fp, spec, token_ids, context_ids)
 
 
-def test_format_version_is_one():
-    assert FORMAT_VERSION == 1
+def test_format_version_is_two():
+    assert FORMAT_VERSION == 2
 
 
-def test_kv_spec_names_layout_rope_and_dtype():
-    assert kv_spec(torch.float32) == "layout=L,2,T,Hkv,D;rope=rotated-at-positions;channels=interleaved;dtype=float32"
-    assert kv_spec(torch.bfloat16).endswith(";dtype=bfloat16")
-    assert len({kv_spec(d) for d in (torch.float32, torch.float16, torch.bfloat16)}) == 3
+def test_kv_spec_names_layout_shape_rope_dtype_and_storage():
+    assert kv_spec(torch.float32, (30, 3, 64)) == (
+        "layout=L,2,T,Hkv,D;shape=30,3,64;rope=rotated-at-positions;channels=interleaved;dtype=float32"
+    )
+    assert kv_spec(torch.bfloat16, SHAPE).endswith(";dtype=bfloat16")
+    assert len({kv_spec(d, SHAPE) for d in (torch.float32, torch.float16, torch.bfloat16)}) == 3
+    assert len({kv_spec(torch.float32, s) for s in ((2, 2, 16), (4, 2, 16), (2, 1, 16), (2, 2, 8))}) == 4
+    assert kv_spec(torch.float32, SHAPE, "bfloat16").endswith(";dtype=float32;storage=bfloat16")
+    assert kv_spec(torch.bfloat16, SHAPE, "float8_e4m3").endswith(";dtype=bfloat16;storage=float8_e4m3")
+    assert kv_spec(torch.bfloat16, SHAPE, "bfloat16") == kv_spec(torch.bfloat16, SHAPE)
+    with pytest.raises(ValueError, match="storage"):
+        kv_spec(torch.float32, SHAPE, "int4")
+    with pytest.raises(ValueError, match="shape"):
+        kv_spec(torch.float32, (2, 0, 16))
 
 
 @pytest.mark.parametrize("bad", [torch.int64, "float16", None])
 def test_kv_spec_rejects_non_float_dtypes(bad):
     with pytest.raises(TypeError, match="floating-point torch.dtype"):
-        kv_spec(bad)
+        kv_spec(bad, SHAPE)
 
 
 def test_chunk_key_is_sha256_hex_and_deterministic():
@@ -63,9 +74,12 @@ def test_chunk_key_accepts_lists_tuples_and_tensors_alike():
         dict(context_ids=()),
         dict(model_fp="n" * 64),
         dict(tokenizer_fp="u" * 64),
-        dict(spec=kv_spec(torch.bfloat16)),
+        dict(spec=kv_spec(torch.bfloat16, SHAPE)),
+        dict(spec=kv_spec(torch.float16, SHAPE, "float8_e4m3")),
+        dict(spec=kv_spec(torch.float16, (2, 1, 16))),
     ],
-    ids=["one-token", "order", "appended-zero", "context", "no-context", "model", "tokenizer", "dtype"],
+    ids=["one-token", "order", "appended-zero", "context", "no-context", "model", "tokenizer", "dtype", "storage",
+         "shape"],
 )
 def test_chunk_key_changes_with_every_field(change):
     assert _key(**change) != _key()
@@ -94,7 +108,7 @@ import torch
 from tiny import tiny_model, tiny_tokenizer
 from prophet_rag.keys import chunk_key, kv_spec, model_fingerprint, tokenizer_fingerprint
 print(json.dumps(dict(
-    key=chunk_key({MODEL_FP!r}, {TOKENIZER_FP!r}, kv_spec(torch.float16), [5, 6, 7], [1, 2]),
+    key=chunk_key({MODEL_FP!r}, {TOKENIZER_FP!r}, kv_spec(torch.float16, {SHAPE!r}), [5, 6, 7], [1, 2]),
     model=model_fingerprint(tiny_model("llama", seed=0)),
     tokenizer=tokenizer_fingerprint(tiny_tokenizer()),
 )))

@@ -1,14 +1,16 @@
 """Trust boundary: a tampered cache.db cannot run code or reach files outside the store; unsafe folders are refused."""
 
+import logging
 import os
 import pickle
 import sqlite3
+import stat
 from pathlib import Path
 
 import diskcache
 import pytest
 
-from kvstore_helpers import db_row, file_chunk, key_for, make_chunk, meta_for, update_row, value_path
+from kvstore_helpers import db_row, make_chunk, meta_for, put, update_row, value_files, value_path
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import CacheCorruptionError, StoreError
 from prophet_rag.store import KVStore, SafeDisk
@@ -33,47 +35,36 @@ def _payload(tmp_path, name="sentinel") -> tuple[bytes, Path]:
     return data, sentinel
 
 
-def _stored(store, chunk=None):
-    chunk = chunk if chunk is not None else file_chunk()
-    meta = meta_for(chunk)
-    key = key_for(chunk, meta)
-    assert store.put(key, chunk, meta)
-    return key, meta
-
-
 def test_pickle_value_file_is_never_unpickled(store, tmp_path):
-    key, meta = _stored(store)
+    ref, _, meta = put(store)
     data, sentinel = _payload(tmp_path)
-    (store.directory / "evil.val").write_bytes(data)
-    update_row(store.directory, key, mode=diskcache.core.MODE_PICKLE, filename="evil.val")
-
-    assert store.get(key, meta) is None
+    path = value_path(store.directory, ref.key)
+    path.write_bytes(data)
+    update_row(store.directory, ref.key, mode=diskcache.core.MODE_PICKLE, size=len(data))
+    assert store.get(ref, meta) is None
     assert not sentinel.exists()
-    assert store.stats().corrupt == 1 and not store.contains(key)
+    assert store.stats().corrupt == 1 and not store.contains(ref.key)
 
 
 def test_inline_pickle_value_is_never_unpickled(store, tmp_path):
-    key, meta = _stored(store, make_chunk())
+    ref, _, meta = put(store)
     data, sentinel = _payload(tmp_path)
-    update_row(store.directory, key, mode=diskcache.core.MODE_PICKLE, filename=None, value=data)
-
-    assert store.get(key, meta) is None
+    update_row(store.directory, ref.key, mode=diskcache.core.MODE_PICKLE, filename=None, value=data)
+    assert store.get(ref, meta) is None
     assert not sentinel.exists() and store.stats().corrupt == 1
 
 
-def test_verify_and_entries_never_unpickle(store, tmp_path):
-    key, _ = _stored(store, make_chunk())
+def test_verify_never_unpickles(store, tmp_path):
+    ref, _, _ = put(store)
     data, sentinel = _payload(tmp_path)
-    update_row(store.directory, key, mode=diskcache.core.MODE_PICKLE, value=data)
-
-    assert list(store.entries()) == []
+    update_row(store.directory, ref.key, mode=diskcache.core.MODE_PICKLE, filename=None, value=data)
     report = store.verify()
     assert (report.checked, report.removed) == (1, 1)
     assert not sentinel.exists()
 
 
 def test_pickled_keys_are_never_unpickled(store, tmp_path):
-    _stored(store, make_chunk())
+    put(store)
     data, sentinel = _payload(tmp_path)
     con = sqlite3.connect(store.directory / "cache.db")
     with con:
@@ -83,58 +74,59 @@ def test_pickled_keys_are_never_unpickled(store, tmp_path):
             (data, diskcache.core.MODE_RAW, b"x"),
         )
     con.close()
-
     assert store.verify().checked == 1  # the foreign row is not an entry
-    assert len(list(store.entries())) == 1
     with pytest.raises(CacheCorruptionError, match="pickled key"):
         list(diskcache.Cache(str(store.directory), disk=SafeDisk).iterkeys())
     assert not sentinel.exists()
 
 
 @pytest.mark.parametrize(
-    "mode, value", [(diskcache.core.MODE_RAW, 12345), (diskcache.core.MODE_RAW, "text"), (7, None)]
+    "mode, value", [(diskcache.core.MODE_RAW, 12345), (diskcache.core.MODE_TEXT, "text"), (7, None)]
 )
 def test_foreign_value_types_and_modes_are_corrupt(store, mode, value):
-    key, meta = _stored(store, make_chunk())
-    update_row(store.directory, key, mode=mode, value=value)
-    assert store.get(key, meta) is None
-    assert store.stats().corrupt == 1 and not store.contains(key)
+    ref, _, meta = put(store)
+    update_row(store.directory, ref.key, mode=mode, value=value)
+    assert store.get(ref, meta) is None
+    assert store.stats().corrupt == 1 and not store.contains(ref.key)
 
 
-@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink"])
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink", "symlinked-folder"])
 def test_value_file_outside_the_directory_is_refused_and_kept(store, tmp_path, where):
-    key, meta = _stored(store)
-    inside = value_path(store.directory, key)
-    outside = tmp_path / "outside.val"
-    outside.write_bytes(inside.read_bytes())  # a valid entry: only the path check can refuse it
+    ref, _, meta = put(store)
+    inside = value_path(store.directory, ref.key)
+    outside_dir = tmp_path / "elsewhere"
+    outside_dir.mkdir()
+    outside = outside_dir / inside.name
+    outside.write_bytes(inside.read_bytes())  # a valid entry: only the path checks can refuse it
     if where == "absolute":
-        update_row(store.directory, key, filename=str(outside))
+        update_row(store.directory, ref.key, filename=str(outside))
     elif where == "dotdot":
-        update_row(store.directory, key, filename=os.path.relpath(outside, store.directory))
-    else:
+        update_row(store.directory, ref.key, filename=os.path.relpath(outside, store.directory))
+    elif where == "symlink":
         inside.unlink()
         inside.symlink_to(outside)
-
-    assert store.get(key, meta) is None
-    assert store.stats().corrupt == 1 and not store.contains(key)
+    else:
+        folder = inside.parent
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+        folder.symlink_to(outside_dir)
+    assert store.get(ref, meta) is None
+    assert store.stats().corrupt == 1 and not store.contains(ref.key)
     assert outside.read_bytes()[:4] == b"PRKV"  # deleting the row did not delete the file it pointed at
 
 
 def test_safe_disk_refuses_pickling_keys_and_values(tmp_path):
     disk = SafeDisk(str(tmp_path))
-    for value in (12345, 1.5, {"a": 1}, None, bytearray(b"x")):
-        with pytest.raises(TypeError, match="must be bytes"):
+    for value in (12345, 1.5, {"a": 1}, None, b"bytes", "text"):
+        with pytest.raises(TypeError, match="written by KVStore.put"):
             disk.store(value, False)
     for key in (b"key", 1, ("a", "b")):
         with pytest.raises(TypeError, match="must be str"):
             disk.put(key)
     assert disk.put("ab" * 32) == ("ab" * 32, True)
-
-
-def test_non_str_key_is_a_programming_error(store):
-    chunk = make_chunk()
-    with pytest.raises(TypeError, match="must be str"):
-        store.put(b"\x00" * 32, chunk, meta_for(chunk))
+    with pytest.raises(CacheCorruptionError, match="never through diskcache"):
+        disk.fetch(diskcache.core.MODE_BINARY, "ab/cd/x.val", None, False)
 
 
 def _config(directory) -> StoreConfig:
@@ -191,6 +183,30 @@ def test_own_group_writable_directory_is_accepted(tmp_path):
         assert store.directory == directory
 
 
+def test_readable_existing_directory_is_accepted_with_a_warning_and_files_stay_private(tmp_path, caplog):
+    directory = tmp_path / "kv-store"
+    directory.mkdir(mode=0o755)  # what `mkdir kv-store` gives under the usual umask
+    directory.chmod(0o755)
+    with caplog.at_level(logging.WARNING, logger="prophet_rag.store_files"), KVStore(_config(directory)) as store:
+        put(store)
+    assert "mode 0o755" in caplog.text and "chmod 700" in caplog.text
+    for path in [directory / "cache.db", *value_files(directory)]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for path in directory.glob("*/"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+
+
+def test_files_of_an_older_store_are_made_private_on_open(store_dir):
+    with KVStore(_config(store_dir)) as store:
+        ref, chunk, meta = put(store)
+    files = [store_dir / "cache.db", *value_files(store_dir)]
+    for path in files:
+        path.chmod(0o644)
+    with KVStore(_config(store_dir)) as store:
+        assert store.get(ref, meta) is not None
+    assert all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in files)
+
+
 def test_damaged_database_is_a_store_error(tmp_path):
     directory = tmp_path / "kv"
     directory.mkdir(mode=0o700)
@@ -200,6 +216,13 @@ def test_damaged_database_is_a_store_error(tmp_path):
 
 
 def test_row_layout_matches_what_the_tests_tamper_with(store):
-    key, _ = _stored(store)
-    row = db_row(store.directory, key)
+    ref, _, _ = put(store)
+    row = db_row(store.directory, ref.key)
     assert row["mode"] == diskcache.core.MODE_BINARY and row["raw"] == 1
+    assert row["size"] == value_path(store.directory, ref.key).stat().st_size
+
+
+def test_get_of_a_chunk_never_stored_reads_no_file(store, monkeypatch):
+    ref, _ = make_chunk(seed=3)
+    monkeypatch.setattr(os, "open", lambda *a, **k: pytest.fail("a miss must not open files"))
+    assert store.get(ref, meta_for()) is None
