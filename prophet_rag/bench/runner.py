@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prophet_rag import selectors
 from prophet_rag.bench import scoring
-from prophet_rag.bench.tasks import TASKS, Case, load_jsonl
+from prophet_rag.bench.tasks import TASKS, Case, Span, load_jsonl, span_bounds
 from prophet_rag.config import GenerationConfig, SelectionConfig
 from prophet_rag.errors import InvalidRequestError
 from prophet_rag.selectors import METHODS
@@ -23,11 +23,16 @@ class BenchConfig:
     ratios: tuple[float, ...] = (0.1, 0.2, 0.3)
     num_cases: int = 4
     seed: int = 0
-    num_chunks: int = 6
-    chunk_tokens: int = 120
+    num_chunks: Span = 6
+    """Chunks per case: a count, or a range `(low, high)` drawn from per case."""
+    chunk_tokens: Span = 120
+    """Target tokens per chunk: a count, or a range `(low, high)` drawn from per chunk."""
     max_new_tokens: int = 24
     output_dir: Path = field(default_factory=lambda: Path("bench-results"))
     jsonl: Path | None = None
+    model_tag: str | None = None
+    """Written into every record's `model` field (default: the engine's model name), so the records of several
+    models can share one results file and be reported side by side."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_dir", Path(self.output_dir))
@@ -41,8 +46,11 @@ class BenchConfig:
             raise InvalidRequestError("methods must include 'full': every score is reported relative to it.")
         if not self.ratios or any(not 0.0 <= r <= 1.0 for r in self.ratios):
             raise InvalidRequestError(f"ratios must be a non-empty list of numbers in [0, 1], got {self.ratios}.")
-        if self.num_cases < 1 or self.num_chunks < 1 or self.chunk_tokens < 8 or self.max_new_tokens < 1:
+        chunks, tokens = span_bounds(self.num_chunks), span_bounds(self.chunk_tokens)
+        if self.num_cases < 1 or chunks[0] < 1 or tokens[0] < 8 or self.max_new_tokens < 1:
             raise InvalidRequestError("num_cases, num_chunks and max_new_tokens must be >= 1, chunk_tokens >= 8.")
+        if chunks[0] > chunks[1] or tokens[0] > tokens[1]:
+            raise InvalidRequestError(f"ranges must run low to high, got {self.num_chunks} and {self.chunk_tokens}.")
 
     def runs(self) -> list[tuple[str, float]]:
         """(method, ratio) pairs run for every case; ratio-free methods once, at ratio 1.0 (full) or 0.0 (reuse)."""
@@ -63,11 +71,42 @@ def make_cases(config: BenchConfig, tokenizer) -> list[Case]:
             for case in TASKS[task](config.num_cases, config.seed, config.num_chunks, config.chunk_tokens, tokenizer)]
 
 
-def _record(case: Case, method: str, ratio: float, answer, reference) -> dict:
+def model_tag(engine, config: BenchConfig) -> str:
+    """The `model` field of the records: the configured tag, else the engine's model name (a folder's own name)."""
+    if config.model_tag:
+        return config.model_tag
+    name = str(getattr(engine, "model_name", "") or "unknown")
+    return Path(name).name if Path(name).is_dir() else name
+
+
+def chunk_lengths(engine, case: Case) -> list[int] | None:
+    """Each chunk's token count as the engine lays it out, when the engine exposes its prompt builder."""
+    builder = getattr(engine, "builder", None)
+    if builder is None:
+        return None
+    return [int(ids.numel()) for ids in builder.layout(list(case.chunks), case.query).chunk_ids]
+
+
+def selected_per_chunk(answer, lengths: list[int] | None) -> list[int] | None:
+    """How many of each chunk's tokens were recomputed, chunks in request order (the layout may reorder them)."""
+    if lengths is None:
+        return None
+    order = list(answer.chunk_order) or list(range(len(lengths)))
+    start = answer.stats.prefix_tokens
+    counts = [0] * len(lengths)
+    positions = answer.recomputed_positions
+    for i in order:
+        counts[i] = int(((positions >= start) & (positions < start + lengths[i])).sum())
+        start += lengths[i]
+    return counts
+
+
+def _record(case: Case, method: str, ratio: float, answer, reference, model: str,
+            lengths: list[int] | None) -> dict:
     stats = answer.stats
     logits = answer.first_token_logits
     return {
-        "task": case.task, "case_id": case.case_id, "method": method, "ratio": ratio,
+        "model": model, "task": case.task, "case_id": case.case_id, "method": method, "ratio": ratio,
         "score": scoring.substring_score(answer.text, case.answers),
         "f1": scoring.token_f1(answer.text, case.answers),
         "first_token_agree": scoring.first_token_agreement(reference, logits),
@@ -75,11 +114,13 @@ def _record(case: Case, method: str, ratio: float, answer, reference) -> dict:
         "ttft_s": stats.ttft_s, "load_s": stats.load_s, "rerotate_s": stats.rerotate_s,
         "select_s": stats.select_s, "recompute_s": stats.recompute_s,
         "recomputed_tokens": stats.recomputed_tokens, "context_tokens": stats.context_tokens,
-        "text": answer.text,
+        "evidence_chunks": list(case.evidence_chunks), "chunk_tokens": lengths,
+        "selected_per_chunk": selected_per_chunk(answer, lengths), "text": answer.text,
     }
 
 
-def _done(path: Path) -> set[tuple[str, str, float]]:
+def _done(path: Path, model: str) -> set[tuple[str, str, float]]:
+    """The (case, method, ratio) runs already recorded for `model` (records without a model count as its own)."""
     if not path.exists():
         return set()
     done = set()
@@ -88,8 +129,14 @@ def _done(path: Path) -> set[tuple[str, str, float]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by an interrupted write is rerun
-        done.add((row["case_id"], row["method"], float(row["ratio"])))
+        if row.get("model", model) == model:
+            done.add((row["case_id"], row["method"], float(row["ratio"])))
     return done
+
+
+def _answer_kwargs(case: Case) -> dict:
+    """Retriever scores go to the engine only when the case has them, so engines without the option still run."""
+    return {"chunk_scores": case.chunk_scores} if case.chunk_scores else {}
 
 
 def run_bench(engine, config: BenchConfig, progress: Callable[[str], None] | None = None,
@@ -100,7 +147,8 @@ def run_bench(engine, config: BenchConfig, progress: Callable[[str], None] | Non
     path = config.output_dir / "results.jsonl"
     if not resume and path.exists():
         path.unlink()
-    done = _done(path)
+    model = model_tag(engine, config)
+    done = _done(path, model)
     cases = make_cases(config, engine.tokenizer)
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
     runs = config.runs()
@@ -114,10 +162,12 @@ def run_bench(engine, config: BenchConfig, progress: Callable[[str], None] | Non
             # The full-prefill reference logits are recomputed on resume, so every record compares to the same run.
             full = engine.answer(list(case.chunks), case.query, method="full", generation=generation,
                                  return_logits=True)
+            lengths = chunk_lengths(engine, case)
             for method, ratio in todo:
                 answer = full if method == "full" else engine.answer(
                     list(case.chunks), case.query, selection=SelectionConfig(method=method, ratio=ratio),
-                    generation=generation, return_logits=True)
-                out.write(json.dumps(_record(case, method, ratio, answer, full.first_token_logits)) + "\n")
+                    generation=generation, return_logits=True, **_answer_kwargs(case))
+                record = _record(case, method, ratio, answer, full.first_token_logits, model, lengths)
+                out.write(json.dumps(record) + "\n")
                 out.flush()
     return path

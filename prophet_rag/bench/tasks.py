@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 import re
 from collections.abc import Callable
@@ -38,6 +39,10 @@ _SYNTHETIC = (
 )
 
 
+Span = int | tuple[int, int]
+"""A count given as one value or as an inclusive range `(low, high)` drawn from per case or per chunk."""
+
+
 @dataclass(frozen=True)
 class Case:
     task: str
@@ -46,6 +51,33 @@ class Case:
     query: str
     answers: tuple[str, ...]
     evidence_chunks: tuple[int, ...]
+    chunk_scores: tuple[float, ...] = ()
+    """The retriever's relevance score of each chunk, when the source supplies them (empty otherwise)."""
+
+
+def span_bounds(span: Span) -> tuple[int, int]:
+    """`(low, high)` of a count or a range."""
+    return (span, span) if isinstance(span, int) else (int(span[0]), int(span[1]))
+
+
+def parse_span(text: str) -> Span:
+    """`"150"` -> 150, `"150-300"` -> (150, 300); a range's ends must be ordered."""
+    low, sep, high = text.strip().partition("-")
+    try:
+        if not sep:
+            return int(low)
+        span = (int(low), int(high))
+    except ValueError:
+        raise InvalidRequestError(f"expected a whole number or a range like 150-300, got {text!r}.") from None
+    if span[0] > span[1]:
+        raise InvalidRequestError(f"range {text!r} runs backwards; write it low-high.")
+    return span
+
+
+def _draw(rng: random.Random, span: Span) -> int:
+    """A fixed count as it is (no draw, so fixed-size cases stay what they were); a range drawn from uniformly."""
+    low, high = span_bounds(span)
+    return low if low == high else rng.randint(low, high)
 
 
 @cache
@@ -102,12 +134,13 @@ def _magic(key: str, value: str) -> str:
     return f"The special magic number for {key} is {value}."
 
 
-def _build(task, seed, num_chunks, chunk_tokens, tokenizer, index, plant) -> Case:
+def _build(task, seed, num_chunks: Span, chunk_tokens: Span, tokenizer, index, plant) -> Case:
     rng = random.Random(f"{task}:{seed}:{index}")
-    needles: list[list[str]] = [[] for _ in range(num_chunks)]
-    query, answers, evidence = plant(rng, needles, num_chunks)
+    m = _draw(rng, num_chunks)
+    needles: list[list[str]] = [[] for _ in range(m)]
+    query, answers, evidence = plant(rng, needles, m)
     make = _LAYOUTS.get(task, _chunk)
-    chunks = tuple(make(rng, n, chunk_tokens, tokenizer) for n in needles)
+    chunks = tuple(make(rng, n, _draw(rng, chunk_tokens), tokenizer) for n in needles)
     return Case(task, f"{task}-{seed}-{index}", chunks, query, tuple(answers), tuple(sorted(set(evidence))))
 
 
@@ -189,8 +222,9 @@ _LAYOUTS = {"multi_key": _document}
 
 
 def _generator(task: str) -> Callable[..., list[Case]]:
-    def generate(num_cases: int, seed: int, num_chunks: int, chunk_tokens: int, tokenizer=None) -> list[Case]:
-        if num_chunks < _MIN_CHUNKS.get(task, 1) or num_chunks > len(_PEOPLE):
+    def generate(num_cases: int, seed: int, num_chunks: Span, chunk_tokens: Span, tokenizer=None) -> list[Case]:
+        low, high = span_bounds(num_chunks)
+        if low < _MIN_CHUNKS.get(task, 1) or high > len(_PEOPLE):
             raise InvalidRequestError(
                 f"task {task} needs between {_MIN_CHUNKS.get(task, 1)} and {len(_PEOPLE)} chunks, got {num_chunks}."
             )
@@ -203,8 +237,23 @@ def _generator(task: str) -> Callable[..., list[Case]]:
 TASKS: dict[str, Callable[..., list[Case]]] = {name: _generator(name) for name in _PLANTERS}
 
 
+def _scores(row: dict, where: str) -> tuple[float, ...]:
+    """The optional per-chunk retriever scores of a JSONL row: absent, or one finite number per chunk."""
+    scores = row.get("scores")
+    if scores is None:
+        return ()
+    if (not isinstance(scores, list) or len(scores) != len(row["chunks"])
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scores)):
+        raise InvalidRequestError(f"{where}: field 'scores' must list one finite number per chunk.")
+    return tuple(float(x) for x in scores)
+
+
 def load_jsonl(path: str | Path) -> list[Case]:
-    """Cases from a JSONL file of `{"chunks": [...], "query": "...", "answers": [...]}` objects."""
+    """Cases from a JSONL file of `{"chunks": [...], "query": "...", "answers": [...]}` objects.
+
+    Optional fields: `id` (the case id), `task` (groups cases in the report; default "jsonl"), `scores` (the
+    retriever's relevance score of each chunk, e.g. LlamaIndex `NodeWithScore.score`) and `evidence_chunks`.
+    """
     cases = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -218,8 +267,10 @@ def load_jsonl(path: str | Path) -> list[Case]:
                 raise InvalidRequestError(
                     f"{path} line {number}: field {field!r} must be a non-empty {kind.__name__}."
                 )
-        cases.append(Case("jsonl", row.get("id", f"jsonl-{number}"), tuple(row["chunks"]), row["query"],
-                          tuple(str(a) for a in row["answers"]), ()))
+        evidence = tuple(int(i) for i in row.get("evidence_chunks", ()))
+        cases.append(Case(str(row.get("task", "jsonl")), str(row.get("id", f"jsonl-{number}")), tuple(row["chunks"]),
+                          row["query"], tuple(str(a) for a in row["answers"]), evidence,
+                          _scores(row, f"{path} line {number}")))
     if not cases:
         raise InvalidRequestError(f"{path} holds no cases.")
     return cases

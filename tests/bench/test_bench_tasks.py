@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from prophet_rag.bench.tasks import TASKS, load_jsonl
+from prophet_rag.bench.tasks import TASKS, load_jsonl, parse_span
 from prophet_rag.errors import InvalidRequestError
 from tiny import tiny_tokenizer
 
@@ -74,4 +74,50 @@ def test_jsonl_loader_names_the_bad_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(line + "\n")
     with pytest.raises(InvalidRequestError, match=message):
+        load_jsonl(path)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_a_one_value_range_gives_the_fixed_size_cases(task):
+    assert TASKS[task](3, 7, (5, 5), (60, 60), None) == TASKS[task](3, 7, 5, 60, None)
+
+
+@pytest.mark.parametrize("task", ["multi_key", "two_hop", "variable_tracking"])
+def test_ranges_draw_chunk_counts_and_lengths_inside_them(task):
+    tok = tiny_tokenizer()
+    cases = TASKS[task](8, 0, (8, 10), (150, 300), tok)
+    counts = {len(case.chunks) for case in cases}
+    assert counts <= {8, 9, 10} and len(counts) > 1
+    lengths = [len(tok(chunk, add_special_tokens=False)["input_ids"]) for case in cases for chunk in case.chunks]
+    assert min(lengths) >= 150 and max(lengths) <= 300 + 120
+    assert max(lengths) - min(lengths) > 75  # drawn per chunk, not one length for all
+    for case in cases:
+        assert all(0 <= i < len(case.chunks) for i in case.evidence_chunks)
+
+
+@pytest.mark.parametrize("text, span", [("150", 150), ("150-300", (150, 300)), (" 8-10 ", (8, 10)), ("7-7", (7, 7))])
+def test_parse_span(text, span):
+    assert parse_span(text) == span
+
+
+@pytest.mark.parametrize("text, message", [("300-150", "runs backwards"), ("ten", "whole number"), ("1-x", "range")])
+def test_parse_span_rejects_bad_text(text, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        parse_span(text)
+
+
+def test_jsonl_optional_fields(tmp_path):
+    path = tmp_path / "cases.jsonl"
+    row = {"id": "q1", "task": "hotpot", "chunks": ["a", "b"], "query": "q", "answers": ["a"],
+           "scores": [0.9, 0.1], "evidence_chunks": [0]}
+    path.write_text(json.dumps(row) + "\n")
+    (case,) = load_jsonl(path)
+    assert (case.task, case.case_id, case.chunk_scores, case.evidence_chunks) == ("hotpot", "q1", (0.9, 0.1), (0,))
+
+
+@pytest.mark.parametrize("scores", [[1.0], [1.0, "x"], [1.0, float("nan")], 3])
+def test_jsonl_scores_must_match_the_chunks(tmp_path, scores):
+    path = tmp_path / "cases.jsonl"
+    path.write_text(json.dumps({"chunks": ["a", "b"], "query": "q", "answers": ["a"], "scores": scores}) + "\n")
+    with pytest.raises(InvalidRequestError, match="line 1: field 'scores'"):
         load_jsonl(path)
