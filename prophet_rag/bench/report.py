@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
+
+from prophet_rag.bench.runner import slug
 
 _METRICS = ("score", "f1", "first_token_agree", "kl", "ttft_s", "load_s", "rerotate_s", "select_s", "recompute_s",
             "recomputed_tokens", "context_tokens")
@@ -243,10 +244,6 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _slug(model: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_") or "model"
-
-
 def write_reports(results_path: Path, output_dir: Path, with_plot: bool = True, baseline: str = "prophet") -> dict:
     """`summary.json`, `results.md` and a plot. Records of several models are summarised apart: the summary then
     maps each model to its own (`{"models": {...}}`), the report has one part per model and each model its plot."""
@@ -263,7 +260,7 @@ def write_reports(results_path: Path, output_dir: Path, with_plot: bool = True, 
         text = "\n".join(f"# {model}\n\n" + markdown(s).replace("\n## ", "\n### ") for model, s in summaries.items())
         if with_plot:
             for model, s in summaries.items():
-                plot(s, output_dir / f"plot-{_slug(model)}.png")
+                plot(s, output_dir / f"plot-{slug(model)}.png")
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     (output_dir / "results.md").write_text(text, encoding="utf-8")
     return summary

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from prophet_rag import selectors
 from prophet_rag.bench import scoring
@@ -134,6 +137,42 @@ def _done(path: Path, model: str) -> set[tuple[str, str, float]]:
     return done
 
 
+def slug(name: str) -> str:
+    """`name` as a safe file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+@dataclass(frozen=True)
+class ReferenceLogits:
+    """Full prefill's first-token logits per case, one file each, so a resumed run compares with the same run."""
+
+    folder: Path
+
+    def _path(self, case_id: str) -> Path:
+        return self.folder / f"{slug(case_id)}.pt"
+
+    def get(self, case_id: str) -> torch.Tensor | None:
+        path = self._path(case_id)
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a file torn by an interrupted write: recompute it
+            return None
+
+    def put(self, case_id: str, logits: torch.Tensor | None) -> None:
+        if logits is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self._path(case_id).with_suffix(".tmp")
+        torch.save(logits.detach().to("cpu", torch.float32).clone(), tmp)
+        tmp.replace(self._path(case_id))
+
+    def clear(self) -> None:
+        for path in self.folder.glob("*.pt"):
+            path.unlink()
+
+
 def _answer_kwargs(case: Case) -> dict:
     """Retriever scores go to the engine only when the case has them, so engines without the option still run."""
     return {"chunk_scores": case.chunk_scores} if case.chunk_scores else {}
@@ -149,6 +188,9 @@ def run_bench(engine, config: BenchConfig, progress: Callable[[str], None] | Non
         path.unlink()
     model = model_tag(engine, config)
     done = _done(path, model)
+    references = ReferenceLogits(config.output_dir / "reference" / slug(model))
+    if not resume:
+        references.clear()
     cases = make_cases(config, engine.tokenizer)
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
     runs = config.runs()
@@ -159,15 +201,20 @@ def run_bench(engine, config: BenchConfig, progress: Callable[[str], None] | Non
             if not todo:
                 continue
             engine.ingest(list(case.chunks))  # warm store: TTFT below never includes a chunk prefill
-            # The full-prefill reference logits are recomputed on resume, so every record compares to the same run.
-            full = engine.answer(list(case.chunks), case.query, method="full", generation=generation,
-                                 return_logits=True)
+            # Every record compares with full prefill's first-token logits. They are kept beside the results, so
+            # extending a run with new methods does not pay for a full prefill per case again.
+            full, reference = None, references.get(case.case_id) if ("full", 1.0) not in todo else None
+            if reference is None:
+                full = engine.answer(list(case.chunks), case.query, method="full", generation=generation,
+                                     return_logits=True)
+                reference = full.first_token_logits
+                references.put(case.case_id, reference)
             lengths = chunk_lengths(engine, case)
             for method, ratio in todo:
                 answer = full if method == "full" else engine.answer(
                     list(case.chunks), case.query, selection=SelectionConfig(method=method, ratio=ratio),
                     generation=generation, return_logits=True, **_answer_kwargs(case))
-                record = _record(case, method, ratio, answer, full.first_token_logits, model, lengths)
+                record = _record(case, method, ratio, answer, reference, model, lengths)
                 out.write(json.dumps(record) + "\n")
                 out.flush()
     return path

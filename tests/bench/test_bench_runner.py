@@ -23,6 +23,7 @@ class FakeEngine:
         self.calls = 0
         self.fail_after = fail_after
         self.kwargs: list[dict] = []
+        self.full_calls = 0
 
     def ingest(self, chunks):
         return 0
@@ -32,6 +33,7 @@ class FakeEngine:
             raise KeyboardInterrupt
         self.calls += 1
         self.kwargs.append(kwargs)
+        self.full_calls += method == "full"
         method = method or selection.method
         ratio = 1.0 if method == "full" else selection.ratio
         right = method == "full" or (method != "reuse" and ratio >= 0.2)
@@ -221,3 +223,22 @@ def test_range_settings_are_validated(tmp_path):
     with pytest.raises(InvalidRequestError, match="low to high"):
         BenchConfig(output_dir=tmp_path, chunk_tokens=(300, 150))
     assert BenchConfig(output_dir=tmp_path, num_chunks=(8, 10), chunk_tokens=(150, 300)).num_chunks == (8, 10)
+
+
+def _extended(tmp_path, ratios):
+    return BenchConfig(tasks=("single_needle", "multi_key"), methods=("full", "reuse", "prophet", "epic", "random"),
+                       ratios=ratios, num_cases=2, num_chunks=3, chunk_tokens=40, output_dir=tmp_path)
+
+
+def test_extending_a_run_reuses_the_stored_full_prefill_reference(tmp_path):
+    run_bench(FakeEngine(), _config(tmp_path), progress=lambda m: None)
+    engine = FakeEngine()
+    run_bench(engine, _extended(tmp_path, (0.1, 0.2)), progress=lambda m: None)
+    assert engine.full_calls == 0 and engine.calls == 4 * 2
+    records = load_records(tmp_path / "results.jsonl")
+    assert all(r["kl"] == 0.0 for r in records if r["method"] == "random" and r["ratio"] == 0.2)
+    for path in (tmp_path / "reference").rglob("*.pt"):  # a torn reference file is recomputed, not trusted
+        path.write_bytes(b"torn")
+    engine = FakeEngine()
+    run_bench(engine, _extended(tmp_path, (0.3,)), progress=lambda m: None)
+    assert engine.full_calls == 4
