@@ -1,12 +1,16 @@
 """Disk accounting: writers killed mid-put leave no torn entry and no unreclaimed file; the volume the store reports
 is what the directory holds."""
 
+import contextlib
 import os
+import queue
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,13 +35,12 @@ signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # killed writers are reaped by th
 meta = meta_for(layers=4, heads=4, head_dim=64)
 for line in sys.stdin:  # one writer per line; a fork is much cheaper than a new interpreter importing torch
     if os.fork() == 0:
+        os.write(1, f"{{os.getpid()}}\\n".encode())  # one write: concurrent writers' lines never interleave
         torch.set_num_threads(1)
         seed = int(line)
         with KVStore(StoreConfig(directory={store!r}, size_limit_bytes=2**30, max_entry_bytes=2**28)) as store:
             while True:  # until killed; 8 MiB entries, so kills land mid-write
                 store.put(*make_chunk(2048, meta, seed), meta)
-                if seed == int(line):
-                    print(os.getpid(), flush=True)  # one entry committed: kill me
                 seed += 1
 """
 
@@ -52,6 +55,8 @@ def test_sigkilled_writers_leave_no_torn_entries_and_their_orphans_are_reclaimed
     # Its own process group, so that every writer it forked goes with it whatever happens.
     forker = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in forker.stdout], daemon=True).start()
     rng = random.Random(0)
     killed = []
     try:
@@ -59,9 +64,12 @@ def test_sigkilled_writers_leave_no_torn_entries_and_their_orphans_are_reclaimed
             for writer in range(WRITERS):  # concurrent writers, each killed at its own moment
                 forker.stdin.write(f"{1000 * writer + 100 * round_}\n")
             forker.stdin.flush()
-            pids = [int(forker.stdout.readline()) for _ in range(WRITERS)]
+            pids = [int(lines.get(timeout=120)) for _ in range(WRITERS)]
+            if round_ == 0:
+                _wait_for_entries(store_dir)
             for pid in pids:
-                time.sleep(rng.uniform(0.05, 0.4))
+                time.sleep(rng.uniform(0.05, 0.6))
+                assert _parent(pid) == forker.pid, f"{pid} is not one of our writers"
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
     finally:
@@ -80,6 +88,26 @@ def test_sigkilled_writers_leave_no_torn_entries_and_their_orphans_are_reclaimed
         assert {p.relative_to(store_dir) for p in value_files(store_dir)} == named  # no orphan left
         assert store.volume() == _du(store_dir)
     print(f"{len(killed)} kills, {reclaimed} orphans reclaimed, {report.checked} intact entries")
+
+
+def _wait_for_entries(directory: Path) -> None:
+    """Until some entry is committed (bounded), so the kills have entries to tear if they could."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with contextlib.suppress(sqlite3.Error):
+            con = sqlite3.connect(directory / "cache.db", timeout=5)
+            try:
+                if con.execute("SELECT COUNT(*) FROM Cache").fetchone()[0]:
+                    return
+            finally:
+                con.close()
+        time.sleep(0.05)
+    raise AssertionError("no writer committed an entry within 120 s")
+
+
+def _parent(pid: int) -> int:
+    # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after its closing parenthesis.
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def _alive(pid: int) -> bool:
