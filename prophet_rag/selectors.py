@@ -49,6 +49,9 @@ class Selection:
         """`[m]` `lexical_relevance` of each chunk, in request order."""
         return lexical_relevance(list(self.chunk_ids), self.suffix_ids)
 
+    parallel: StageOne | None = None
+    """Stage I scores in the parallel geometry, in request order, once a method's ordering step has computed them."""
+
     @cached_property
     def infoflow_layers(self) -> tuple[int, ...]:
         return self.config.infoflow_layers or default_infoflow_layers(self.adapter.spec.num_layers)
@@ -61,6 +64,20 @@ class Selection:
         for (start, end), i in zip(cache.chunk_spans, cache.order, strict=True):
             chunks[i] = cache.token_ids[start:end]
         return cls(adapter, config, chunks, cache.token_ids[suffix_rows])
+
+
+@dataclass(frozen=True)
+class StageOne:
+    """One Stage-I pass of the question over the context, per context token `[C]` fp32: `total` is ProphetKV's
+    attention mass (summed over layers, heads and question tokens), `peak` the largest attention probability any
+    layer, head and question token gives it."""
+
+    total: torch.Tensor
+    peak: torch.Tensor
+
+    def chunk_peaks(self, spans: Sequence[tuple[int, int]], offset: int) -> torch.Tensor:
+        """`[m]` the largest peak inside each slot span (`offset` is the first context slot)."""
+        return torch.stack([self.peak[start - offset : end - offset].max() for start, end in spans])
 
 
 Assemble = Callable[[Sequence[int], bool], StitchedCache]
@@ -136,6 +153,16 @@ def query_relevance(
     prophet, norm = (scores, None) if kind == "prophet" else (None, scores)
     forward_rows(adapter, cache, suffix_rows, scoring=Scoring(wanted, prophet, norm, end), last_layer=max(wanted))
     return scores[cache.prefix_len :]
+
+
+def stage_one(adapter: ModelAdapter, cache: StitchedCache, suffix_rows: torch.Tensor) -> StageOne:
+    """ProphetKV's Stage I through every layer, keeping the peak attention of each context token as well."""
+    end = cache.context_end
+    total = torch.zeros(end, dtype=torch.float32, device=cache.kv.device)
+    peak = torch.zeros(end, dtype=torch.float32, device=cache.kv.device)
+    layers = frozenset(range(adapter.spec.num_layers))
+    forward_rows(adapter, cache, suffix_rows, scoring=Scoring(layers, total, None, end, peak=peak))
+    return StageOne(total[cache.prefix_len :], peak[cache.prefix_len :])
 
 
 def lexical_relevance(chunks: list[torch.Tensor], query_ids: torch.Tensor) -> torch.Tensor:
@@ -272,6 +299,44 @@ def _prophet_plus_plan(selection: Selection, cache: StitchedCache, suffix_rows: 
     return _selected(top_slots(scores, budget, cache.prefix_len), suffix_rows)
 
 
+def _focus_order(selection: Selection, assemble: Assemble) -> list[int]:
+    """The chunk the question locks onto moves last, next to the question; the others keep the retrieval order.
+
+    Chunks are judged in the parallel geometry (each at the positions it was computed at), where none sits nearer
+    the question than another, by their peak attention: the largest probability any head of any layer gives one of
+    their tokens. A reused cache's attention mass follows recency on small models; a head that locks onto a name or a
+    number does not.
+    """
+    identity = list(range(len(selection.chunk_ids)))
+    cache = assemble(identity, False)
+    suffix_rows = cache.append_tokens(selection.suffix_ids.to(cache.kv.device))
+    selection.parallel = stage_one(selection.adapter, cache, suffix_rows)
+    focus = int(torch.argmax(selection.parallel.chunk_peaks(cache.chunk_spans, cache.prefix_len)))
+    return [i for i in identity if i != focus] + [focus]
+
+
+def _focus_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int) -> Plan:
+    """Whole chunks by peak attention, most locked-onto first, while they fit in the budget (the focus chunk, moved
+    last, first of all); the rest of the budget on the parallel Stage I's attention mass."""
+    assert selection.parallel is not None, "_focus_order runs first"
+    lengths = [int(ids.numel()) for ids in selection.chunk_ids]
+    starts = torch.cumsum(torch.tensor([0, *lengths]), 0).tolist()
+    request_spans = list(zip(starts[:-1], starts[1:], strict=True))
+    peaks = selection.parallel.chunk_peaks(request_spans, 0)
+    # Token scores and peaks to layout order: chunk i of the request sits at layout position cache.order.index(i).
+    index = torch.cat([torch.arange(*request_spans[i]) for i in cache.order]).to(cache.kv.device)
+    scores = selection.parallel.total[index].clone()
+    relevance = peaks[list(cache.order)]
+    used = 0
+    for j in torch.sort(relevance, descending=True, stable=True).indices.tolist():
+        start, end = cache.chunk_spans[j]
+        if used + (end - start) > budget:
+            break
+        scores[start - cache.prefix_len : end - cache.prefix_len] = float("inf")
+        used += end - start
+    return _selected(top_slots(scores, budget, cache.prefix_len), suffix_rows)
+
+
 register(Method("full", "plain full prefill over the same ids (the reference)", None, uses_ratio=False))
 register(Method("reuse", "the stitched cached KV as it is, nothing recomputed", _reuse_plan, uses_ratio=False))
 register(Method("cacheblend", "CacheBlend: largest V deviation at the check layer", _cacheblend_plan))
@@ -283,6 +348,8 @@ register(Method("infoflow", "InfoFlow KV: attention norm on a layer subset", _in
                 order=_density_order("infoflow"), query_scored=True))
 register(Method("prophet_plus", "ProphetKV plus a lexical chunk prior (chunks moved and recomputed whole)",
                 _prophet_plus_plan, order=_lexical_order))
+register(Method("prophet_focus", "ProphetKV in the parallel geometry; the peak-attention chunk moved last and "
+                "recomputed whole", _focus_plan, order=_focus_order))
 
 METHODS: tuple[str, ...] = tuple(REGISTRY)
 """Selection methods, by name, in registration order."""
