@@ -29,7 +29,7 @@ from prophet_rag.layout import PromptBuilder, RequestLayout
 from prophet_rag.model_adapter import ModelAdapter
 from prophet_rag.prefill import prefill_full, prefill_isolated
 from prophet_rag.results import Answer, RequestStats
-from prophet_rag.stitched import LayerGate, StitchedCache, forward_rows, reposition, stitched_layout
+from prophet_rag.stitched import LayerGate, StitchedCache, copy_blocks, forward_rows, reposition, stitched_layout
 from prophet_rag.store import KVStore, kv_storage
 
 
@@ -334,20 +334,36 @@ class ProphetEngine:
             return Prefill(cache, hidden, context, tuple(range(len(layout.chunk_ids))), 0.0, 0.0, 0.0,
                            time.perf_counter() - t0, 0, 0)
         request = selectors.Selection(self.adapter, selection, layout.chunk_ids, layout.suffix_ids)
-        first_load: list[LoadStats] = []
+        first: list[tuple[StitchedCache, LoadStats, bool]] = []
 
         def assemble(order: Sequence[int], global_positions: bool) -> StitchedCache:
-            cache, loaded = self._assemble(layout, order, capacity, global_positions)
-            first_load.append(loaded)
+            if global_positions:
+                cache, loaded = self._assemble(layout, order, capacity)
+            else:  # blocks as stored: the ordering step's pass waits for each layer, nothing to place
+                cache = stitched_layout(self.adapter, layout.prefix_ids, layout.chunk_ids, order, capacity,
+                                        self.kv_dtype)
+                loaded = self.cache.load(layout, cache, pipeline)
+                reposition(self.adapter, cache, int(self.sink_ids.numel()), False)
+                if loaded.pending is not None:
+                    cache.layer_ready = loaded.pending.wait
+            first.append((cache, loaded, global_positions))
             return cache
 
         order = method.order(request, assemble) if method.order else None
         t1 = time.perf_counter()
         cache = stitched_layout(self.adapter, layout.prefix_ids, layout.chunk_ids,
                                 range(len(layout.chunk_ids)) if order is None else order, capacity, self.kv_dtype)
-        # With an ordering step the blocks were assembled once already, and these reads are all hits.
-        loaded = self.cache.load(layout, cache, pipeline)
-        counted = first_load[0] if first_load else loaded
+        if first and not first[0][2]:
+            # The ordering step assembled the blocks as stored (parallel geometry): copy them, read no tier again.
+            source, counted, _ = first[0]
+            if counted.pending is not None:
+                for layer in range(self.adapter.spec.num_layers):
+                    counted.pending.wait(layer)
+            copy_blocks(source, cache)
+            loaded = LoadStats(counted.hits, counted.misses)
+        else:
+            loaded = self.cache.load(layout, cache, pipeline)
+            counted = first[0][1] if first else loaded
         t2 = time.perf_counter()
         place = partial(reposition, self.adapter, cache, int(self.sink_ids.numel()), True)
         if loaded.pending is None:

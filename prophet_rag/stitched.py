@@ -92,6 +92,18 @@ def stitched_layout(adapter: ModelAdapter, prefix_ids: torch.Tensor, chunk_ids: 
     return cache
 
 
+def copy_blocks(source: StitchedCache, target: StitchedCache) -> None:
+    """Fill `target`'s prefix and chunk slots from `source`, the same request laid out in another order and not yet
+    placed (parallel geometry: every block as stored), so a method that scored chunks before ordering them reads
+    no tier twice. Passes over `source` only wrote slots past its context, which are not copied."""
+    assert source.prefix_len == target.prefix_len and sorted(source.order) == sorted(target.order)
+    target.kv[:, :, : target.prefix_len] = source.kv[:, :, : source.prefix_len]
+    where = dict(zip(source.order, source.chunk_spans, strict=True))
+    for i, (start, end) in zip(target.order, target.chunk_spans, strict=True):
+        src_start, src_end = where[i]
+        target.kv[:, :, start:end] = source.kv[:, :, src_start:src_end]
+
+
 def reposition(adapter: ModelAdapter, cache: StitchedCache, sink_len: int, global_positions: bool = True,
                layers: range | None = None) -> None:
     """Place filled chunk blocks, each computed at positions `sink_len ... sink_len + n - 1`, in the request.

@@ -291,7 +291,7 @@ def _load_pipelined(cache: ChunkCache, layout: RequestLayout):
     return stitched, cache.load(layout, stitched, pipeline=True)
 
 
-@pytest.mark.parametrize("method", ["reuse", "prophet", "cacheblend", "epic", "prophet_plus"])
+@pytest.mark.parametrize("method", ["reuse", "prophet", "cacheblend", "epic", "prophet_plus", "prophet_focus"])
 def test_engine_answers_identically_with_blocks_arriving_layer_by_layer(make_engine, method):
     plain, piped = make_engine("qwen2"), make_engine("qwen2")
     layered = LayeredDictTier()

@@ -128,3 +128,13 @@ def test_reordered_ratio_one_matches_full_prefill_of_reordered_prompt(make_engin
     with torch.no_grad():
         logits = engine.adapter.model(ids).logits[0, -1].float()
     torch.testing.assert_close(answer.first_token_logits, logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prophet_focus_at_ratio_one_matches_full_prefill_of_its_order(make_engine, family):
+    engine = make_engine(family)
+    answer = engine.answer(CHUNKS, QUERY, method="prophet_focus", ratio=1.0, generation=GREEDY, return_logits=True)
+    ids = engine.builder.layout(CHUNKS, QUERY).joined_ids(answer.chunk_order)[None]
+    with torch.no_grad():
+        logits = engine.adapter.model(ids).logits[0, -1].float()
+    torch.testing.assert_close(answer.first_token_logits, logits, atol=1e-5, rtol=1e-5)

@@ -9,7 +9,7 @@ from prophet_rag.config import SelectionConfig
 from prophet_rag.selectors import budget_for, default_infoflow_layers, lexical_relevance, plan, top_slots
 from tiny import CHUNKS, QUERY
 
-METHODS = ("reuse", "random", "epic", "prophet", "infoflow", "cacheblend", "prophet_plus")
+METHODS = ("reuse", "random", "epic", "prophet", "infoflow", "cacheblend", "prophet_plus", "prophet_focus")
 
 
 def _stitched(engine):
@@ -108,3 +108,46 @@ def test_prophet_plus_puts_the_matching_chunk_last_and_recomputes_it_whole(make_
     prefix, alpha = int(layout.prefix_ids.numel()), int(layout.chunk_ids[1].numel())
     end = prefix + answer.stats.context_tokens
     assert set(range(end - alpha, end)) <= set(answer.recomputed_positions.tolist())
+
+
+def test_prophet_focus_moves_the_peak_chunk_last_and_recomputes_it_whole(make_engine):
+    from prophet_rag import selectors
+
+    engine = make_engine("llama")
+    layout = engine.builder.layout(CHUNKS, QUERY)
+    request = selectors.Selection(engine.adapter, SelectionConfig(method="prophet_focus", ratio=0.9),
+                                  layout.chunk_ids, layout.suffix_ids)
+    order = selectors.get("prophet_focus").order(
+        request, lambda order, global_positions: engine._assemble(layout, order, layout.total_tokens,
+                                                                  global_positions)[0])
+    lengths = [int(ids.numel()) for ids in layout.chunk_ids]
+    starts = [0, lengths[0], lengths[0] + lengths[1]]
+    peaks = [float(request.parallel.peak[s : s + n].max()) for s, n in zip(starts, lengths, strict=True)]
+    focus = peaks.index(max(peaks))
+    assert order == [i for i in range(3) if i != focus] + [focus]
+    answer = engine.answer(CHUNKS, QUERY, method="prophet_focus", ratio=0.9)
+    assert list(answer.chunk_order) == order
+    prefix = int(layout.prefix_ids.numel())
+    end = prefix + answer.stats.context_tokens
+    assert set(range(end - lengths[focus], end)) <= set(answer.recomputed_positions.tolist())
+
+
+def test_prophet_focus_spends_what_whole_chunks_leave_on_attention_mass(make_engine):
+    engine = make_engine("llama")
+    answer = engine.answer(CHUNKS, QUERY, method="prophet_focus", ratio=0.05)  # no chunk fits: tokens only
+    assert answer.stats.recomputed_tokens == int(0.05 * answer.stats.context_tokens)
+
+
+def test_parallel_stage_one_peaks_are_probabilities(make_engine):
+    from prophet_rag.selectors import stage_one
+
+    engine = make_engine("llama")
+    layout = engine.builder.layout(CHUNKS, QUERY)
+    cache, _ = engine._assemble(layout, [0, 1, 2], layout.total_tokens, False)
+    suffix = cache.append_tokens(layout.suffix_ids)
+    scores = stage_one(engine.adapter, cache, suffix)
+    layers, heads, rows = engine.adapter.spec.num_layers, engine.adapter.spec.num_heads, suffix.numel()
+    assert scores.total.shape == scores.peak.shape == (layout.context_tokens,)
+    assert float(scores.peak.min()) >= 0 and float(scores.peak.max()) <= 1
+    assert float(scores.total.sum()) <= layers * heads * rows + 1e-3  # mass over context keys only
+    assert torch.all(scores.total + 1e-6 >= scores.peak)  # the peak is one of the summed probabilities
