@@ -110,7 +110,7 @@ def test_prophet_plus_puts_the_matching_chunk_last_and_recomputes_it_whole(make_
     assert set(range(end - alpha, end)) <= set(answer.recomputed_positions.tolist())
 
 
-def test_prophet_focus_moves_the_peak_chunk_last_and_recomputes_it_whole(make_engine):
+def test_prophet_focus_moves_the_anchored_chunk_last_and_recomputes_it_whole(make_engine):
     from prophet_rag import selectors
 
     engine = make_engine("llama")
@@ -120,16 +120,33 @@ def test_prophet_focus_moves_the_peak_chunk_last_and_recomputes_it_whole(make_en
     order = selectors.get("prophet_focus").order(
         request, lambda order, global_positions: engine._assemble(layout, order, layout.total_tokens,
                                                                   global_positions)[0])
-    lengths = [int(ids.numel()) for ids in layout.chunk_ids]
-    starts = [0, lengths[0], lengths[0] + lengths[1]]
-    peaks = [float(request.parallel.peak[s : s + n].max()) for s, n in zip(starts, lengths, strict=True)]
-    focus = peaks.index(max(peaks))
-    assert order == [i for i in range(3) if i != focus] + [focus]
+    relevance = request.anchored.tolist()
+    assert max(relevance) > 0  # the question shares "Alpha" and "vault" with the first chunk only
+    focus = relevance.index(max(relevance))
+    assert focus == 0
+    assert order == [1, 2, 0]
     answer = engine.answer(CHUNKS, QUERY, method="prophet_focus", ratio=0.9)
     assert list(answer.chunk_order) == order
     prefix = int(layout.prefix_ids.numel())
     end = prefix + answer.stats.context_tokens
-    assert set(range(end - lengths[focus], end)) <= set(answer.recomputed_positions.tolist())
+    alpha = int(layout.chunk_ids[0].numel())
+    assert set(range(end - alpha, end)) <= set(answer.recomputed_positions.tolist())
+
+
+def test_anchored_relevance_counts_attention_on_rare_question_words_only():
+    from prophet_rag.selectors import anchored_relevance
+
+    chunks = [torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4]), torch.tensor([1, 5, 6]), torch.tensor([1, 7, 8])]
+    mass = torch.tensor([9.0, 0, 0, 0, 0, 0.5, 5, 5, 5, 5, 5, 5])  # heavy on the shared token 1 and on others
+    relevance = anchored_relevance(chunks, torch.tensor([1, 4, 9]), mass)
+    # token 1 is in every chunk and weighs nothing; token 4 is only in chunk 1, and only its mass counts
+    assert relevance.tolist() == pytest.approx([0.0, 0.5 * float(torch.log(torch.tensor(5 / 1.5))), 0.0, 0.0])
+
+
+def test_prophet_focus_keeps_the_order_when_the_question_shares_no_word(make_engine):
+    engine = make_engine("llama")
+    answer = engine.answer(CHUNKS, "zzz qqq", method="prophet_focus", ratio=0.2)
+    assert list(answer.chunk_order) == [0, 1, 2]
 
 
 def test_prophet_focus_spends_what_whole_chunks_leave_on_attention_mass(make_engine):
