@@ -18,7 +18,6 @@ from collections.abc import Iterator
 
 import torch
 
-from .query_scores import query_peaks as query_peaks  # re-exported: torch on every device
 from .query_scores import query_scores_ref
 from .rope_shift import rope_shift_ref
 from .sparse_attention import AttentionPlan, plan_attention, sparse_attention_ref

@@ -2,9 +2,7 @@
 
 With `A[h, s, t] = softmax_t(q[s, h] . k[t, h] * scale)` over the context keys only:
 - ProphetKV: `prophet[t] += sum_{h, s} A[h, s, t]`;
-- InfoFlow attention norm: `norm[t] += || mean_h A[h, :, t] ||_2` (L2 over the query tokens);
-- peak attention (`query_peaks`): `peak[t] = max(peak[t], max_{h, s} A[h, s, t])`, whether any head of any question
-  token locks onto the token, however little the rest attend to it.
+- InfoFlow attention norm: `norm[t] += || mean_h A[h, :, t] ||_2` (L2 over the query tokens).
 Both accumulate across layers in place, in fp32. Query heads map to KV heads GQA-style (head h uses KV head
 h // (q_heads // kv_heads)).
 """
@@ -40,17 +38,6 @@ def query_scores_ref(
         prophet_out += attn.sum(dim=(0, 1, 2))
     if norm_out is not None:
         norm_out += attn.mean(dim=(0, 1)).norm(dim=0)
-
-
-def query_peaks(q: torch.Tensor, k: torch.Tensor, scale: float, peak_out: torch.Tensor) -> None:
-    """Raise `peak_out` (`[context_tokens]` fp32) to one layer's peak attention of each context token; shapes as for
-    `query_scores_ref`. Torch only, on every device: a few question rows against the context is one small batched
-    matmul, and no measurement has shown it worth a kernel."""
-    s, hq, d = q.shape
-    hk = k.shape[1]
-    qg = q.to(torch.float32).reshape(s, hk, hq // hk, d)
-    logits = torch.einsum("skgd,tkd->kgst", qg, k.to(torch.float32)) * scale
-    torch.maximum(peak_out, torch.softmax(logits, dim=-1).amax(dim=(0, 1, 2)), out=peak_out)
 
 
 def _stats_kernel(

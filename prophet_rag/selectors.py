@@ -49,18 +49,19 @@ class Selection:
         """`[m]` `lexical_relevance` of each chunk, in request order."""
         return lexical_relevance(list(self.chunk_ids), self.suffix_ids)
 
-    parallel: StageOne | None = None
-    """Stage I scores in the parallel geometry, in request order, once a method's ordering step has computed them."""
+    parallel: torch.Tensor | None = None
+    """`[C]` ProphetKV's Stage I scores in the parallel geometry, in request order, once a method's ordering step has
+    computed them."""
 
     @property
-    def parallel_scores(self) -> StageOne:
+    def parallel_scores(self) -> torch.Tensor:
         assert self.parallel is not None, "the method's ordering step computes them first"
         return self.parallel
 
     @cached_property
     def anchored(self) -> torch.Tensor:
         """`[m]` `anchored_relevance` of each chunk, in request order, from the parallel Stage I."""
-        return anchored_relevance(list(self.chunk_ids), self.suffix_ids, self.parallel_scores.total)
+        return anchored_relevance(list(self.chunk_ids), self.suffix_ids, self.parallel_scores)
 
     @cached_property
     def infoflow_layers(self) -> tuple[int, ...]:
@@ -74,20 +75,6 @@ class Selection:
         for (start, end), i in zip(cache.chunk_spans, cache.order, strict=True):
             chunks[i] = cache.token_ids[start:end]
         return cls(adapter, config, chunks, cache.token_ids[suffix_rows])
-
-
-@dataclass(frozen=True)
-class StageOne:
-    """One Stage-I pass of the question over the context, per context token `[C]` fp32: `total` is ProphetKV's
-    attention mass (summed over layers, heads and question tokens), `peak` the largest attention probability any
-    layer, head and question token gives it."""
-
-    total: torch.Tensor
-    peak: torch.Tensor
-
-    def chunk_peaks(self, spans: Sequence[tuple[int, int]], offset: int) -> torch.Tensor:
-        """`[m]` the largest peak inside each slot span (`offset` is the first context slot)."""
-        return torch.stack([self.peak[start - offset : end - offset].max() for start, end in spans])
 
 
 Assemble = Callable[[Sequence[int], bool], StitchedCache]
@@ -163,16 +150,6 @@ def query_relevance(
     prophet, norm = (scores, None) if kind == "prophet" else (None, scores)
     forward_rows(adapter, cache, suffix_rows, scoring=Scoring(wanted, prophet, norm, end), last_layer=max(wanted))
     return scores[cache.prefix_len :]
-
-
-def stage_one(adapter: ModelAdapter, cache: StitchedCache, suffix_rows: torch.Tensor) -> StageOne:
-    """ProphetKV's Stage I through every layer, keeping the peak attention of each context token as well."""
-    end = cache.context_end
-    total = torch.zeros(end, dtype=torch.float32, device=cache.kv.device)
-    peak = torch.zeros(end, dtype=torch.float32, device=cache.kv.device)
-    layers = frozenset(range(adapter.spec.num_layers))
-    forward_rows(adapter, cache, suffix_rows, scoring=Scoring(layers, total, None, end, peak=peak))
-    return StageOne(total[cache.prefix_len :], peak[cache.prefix_len :])
 
 
 def lexical_relevance(chunks: list[torch.Tensor], query_ids: torch.Tensor) -> torch.Tensor:
@@ -315,10 +292,10 @@ def anchored_relevance(chunks: list[torch.Tensor], query_ids: torch.Tensor, mass
     attention anchored on the names and numbers the question
     asks about. `mass` is `[sum of chunk lengths]` over the chunks laid end to end, in `chunks` order.
 
-    Neither signal alone finds the answer's chunk on both of our models: the in-request IDF of shared tokens misses
-    when the answer's chunk repeats a rare word less often than a look-alike, and attention alone follows recency or
-    locks onto sink tokens (peak attention picked the answer's `multi_key` chunk 10/12 times on SmolLM2 but 1/10 on
-    Qwen2.5-0.5B). Their product picked it 12/12 and 10/10 (docs/RESULTS.md).
+    Neither signal alone finds the answer's chunk reliably on both of our models: shared rare words alone picked the
+    answer's `multi_key` chunk 10/12 times on SmolLM2 and 9/10 on Qwen2.5-0.5B, attention mass per chunk 1/12 and
+    2/10 (it follows recency and sink tokens), the peak attention probability 10/12 and 1/10. Attention mass on the
+    question's rare words picked it 12/12 and 10/10 (docs/RESULTS.md).
     """
     m = len(chunks)
     words = query_ids.unique()
@@ -346,7 +323,8 @@ def _focus_order(selection: Selection, assemble: Assemble) -> list[int]:
     identity = list(range(len(selection.chunk_ids)))
     cache = assemble(identity, False)
     suffix_rows = cache.append_tokens(selection.suffix_ids.to(cache.kv.device))
-    selection.parallel = stage_one(selection.adapter, cache, suffix_rows)
+    with torch.inference_mode():
+        selection.parallel = query_relevance(selection.adapter, cache, suffix_rows, "prophet", None)
     relevance = selection.anchored
     if float(relevance.max()) <= 0:
         return identity
@@ -361,7 +339,7 @@ def _focus_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.T
     starts = torch.cumsum(torch.tensor([0, *lengths]), 0).tolist()
     # Token scores to layout order: the chunk at layout position j is chunk cache.order[j] of the request.
     index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in cache.order]).to(cache.kv.device)
-    scores = selection.parallel_scores.total[index].clone()
+    scores = selection.parallel_scores[index].clone()
     relevance = selection.anchored[list(cache.order)]
     used = 0
     for j in torch.sort(relevance, descending=True, stable=True).indices.tolist():

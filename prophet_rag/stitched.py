@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prophet_rag.kernels import attention_plan, query_peaks, rope_shift, sparse_attention, stage1_attention
+from prophet_rag.kernels import attention_plan, rope_shift, sparse_attention, stage1_attention
 from prophet_rag.model_adapter import ModelAdapter
 
 RowFilter = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -152,8 +152,7 @@ def _stored_positions(cache: StitchedCache, sink_len: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Scoring:
     """Scores a pass accumulates on the way (ProphetKV's Stage I): on `layers`, the rows' attention over the context
-    keys `[0, context_end)` is added into `prophet` and/or `norm` (see `kernels.stage1_attention`), and its maximum
-    raises `peak` (see `kernels.query_peaks`)."""
+    keys `[0, context_end)` is added into `prophet` and/or `norm` (see `kernels.stage1_attention`)."""
 
     layers: frozenset[int]
     prophet: torch.Tensor | None
@@ -163,8 +162,6 @@ class Scoring:
     """Context slots scored; under CUDA-graph replay the bucket's maximum, the real count being in `bounds`."""
     bounds: torch.Tensor | None = None
     """None, or int32 `[3]` on the device: (rows to score, context_end, keys) (see `kernels.stage1_attention`)."""
-    peak: torch.Tensor | None = None
-    """`[>= context_end]` fp32 running maximum, or None (not under CUDA-graph replay, which sets `bounds`)."""
 
 
 @torch.inference_mode()
@@ -210,9 +207,6 @@ def forward_rows(
         if scoring is not None and layer in scoring.layers:
             out = stage1_attention(q, keys_k[layer], keys_v[layer], row_pos, positions, adapter.scale,
                                    scoring.context_end, scoring.prophet, scoring.norm, scoring.bounds, plan)
-            if scoring.peak is not None:
-                end = scoring.context_end
-                query_peaks(q, keys_k[layer, :end], adapter.scale, scoring.peak[:end])
         else:
             out = sparse_attention(q, keys_k[layer], keys_v[layer], row_pos, positions, adapter.scale, plan)
         hidden = adapter.finish_layer(layer, hidden, out)

@@ -153,18 +153,3 @@ def test_prophet_focus_spends_what_whole_chunks_leave_on_attention_mass(make_eng
     engine = make_engine("llama")
     answer = engine.answer(CHUNKS, QUERY, method="prophet_focus", ratio=0.05)  # no chunk fits: tokens only
     assert answer.stats.recomputed_tokens == int(0.05 * answer.stats.context_tokens)
-
-
-def test_parallel_stage_one_peaks_are_probabilities(make_engine):
-    from prophet_rag.selectors import stage_one
-
-    engine = make_engine("llama")
-    layout = engine.builder.layout(CHUNKS, QUERY)
-    cache, _ = engine._assemble(layout, [0, 1, 2], layout.total_tokens, False)
-    suffix = cache.append_tokens(layout.suffix_ids)
-    scores = stage_one(engine.adapter, cache, suffix)
-    layers, heads, rows = engine.adapter.spec.num_layers, engine.adapter.spec.num_heads, suffix.numel()
-    assert scores.total.shape == scores.peak.shape == (layout.context_tokens,)
-    assert float(scores.peak.min()) >= 0 and float(scores.peak.max()) <= 1
-    assert float(scores.total.sum()) <= layers * heads * rows + 1e-3  # mass over context keys only
-    assert torch.all(scores.total + 1e-6 >= scores.peak)  # the peak is one of the summed probabilities

@@ -89,20 +89,3 @@ def test_dispatch_runs_triton_when_forced(device, monkeypatch, assert_close):
     assert calls == [1]
     assert_close(prophet, prophet_ref, torch.float32, scale=10.0)
     assert_close(norm, norm_ref, torch.float32, scale=10.0)
-
-
-@pytest.mark.parametrize("queries,q_heads,kv_heads,context,dim",
-                         [(1, 2, 1, 9, 8), (7, 6, 2, 130, 16), (5, 4, 4, 64, 32)])
-def test_query_peaks_is_the_largest_probability_any_head_and_query_gives(queries, q_heads, kv_heads, context, dim):
-    from prophet_rag.kernels import query_peaks
-
-    q, k = make_inputs(queries, q_heads, kv_heads, context, dim, torch.float32, "cpu", sharpness=3.0)
-    scale = dim**-0.5
-    expected = torch.zeros(context)
-    for h in range(q_heads):  # one head at a time, GQA by hand
-        probs = torch.softmax(q[:, h] @ k[:, h // (q_heads // kv_heads)].T * scale, dim=-1)  # [S, N]
-        expected = torch.maximum(expected, probs.amax(dim=0))
-    peak = torch.full((context,), 0.5)
-    query_peaks(q, k, scale, peak)
-    torch.testing.assert_close(peak, torch.maximum(expected, torch.full_like(expected, 0.5)))
-    assert float(peak.max()) <= 1.0
