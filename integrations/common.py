@@ -109,7 +109,8 @@ class ProphetSettings(BaseModel):
     device: str = Field(default="auto", validation_alias=AliasChoices("device", "device_map"),
                         description="Where to load the model when no engine is passed: 'auto' (CUDA when "
                                     "available), 'cpu', 'cuda' or 'cuda:N'; also accepted as `device_map`.")
-    method: str = Field(default="prophet", description="Selection method for calls with retrieved documents.")
+    method: str = Field(default=SelectionConfig.method, description="Selection method for calls with retrieved "
+                                                                     "documents.")
     ratio: float = Field(default=0.2, description="Share of the context tokens recomputed.")
     max_new_tokens: int = Field(default=256, validation_alias=AliasChoices("max_new_tokens", "max_tokens"),
                                 description="Most tokens generated per answer; also accepted as `max_tokens`.")

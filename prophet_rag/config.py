@@ -61,7 +61,7 @@ class SelectionConfig:
     that is recomputed: the budget is `floor(ratio * eligible)`.
     """
 
-    method: str = "prophet"
+    method: str = "prophet_focus"
     ratio: float = 0.2
     cacheblend_check_layer: int = 1
     infoflow_layers: tuple[int, ...] | None = None
