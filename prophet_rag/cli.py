@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prophet_rag.config import METHODS, GenerationConfig, SelectionConfig, StoreConfig, default_store_dir
 from prophet_rag.errors import ProphetRAGError
+from prophet_rag.keys import STORAGES
 
 
 def _progress(message: str) -> None:
@@ -18,8 +19,9 @@ def _progress(message: str) -> None:
 
 
 def _store_config(args: argparse.Namespace) -> StoreConfig:
-    keys = {"auth_key_file": getattr(args, "key_file", None), "auth_key_env": getattr(args, "key_env", None)}
-    return StoreConfig(directory=args.store, **keys) if args.store else StoreConfig(**keys)
+    options = {"auth_key_file": getattr(args, "key_file", None), "auth_key_env": getattr(args, "key_env", None),
+               "kv_storage": getattr(args, "kv_storage", StoreConfig.kv_storage)}
+    return StoreConfig(directory=args.store, **options) if args.store else StoreConfig(**options)
 
 
 def _engine(args: argparse.Namespace):
@@ -153,6 +155,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model folder or hub id (default: embedded SmolLM2-135M)")
     parser.add_argument("--store", default=None, help=f"KV store folder (default: {default_store_dir()})")
+    parser.add_argument("--kv-storage", default=StoreConfig.kv_storage, choices=STORAGES,
+                        help="how chunk KV is stored: lossless (default) or compact (StoreConfig.kv_storage)")
 
 
 def _add_selection(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -22,7 +22,7 @@ from langchain_core.runnables import ConfigurableField, RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 
 from prophet_rag import InvalidRequestError
-from prophet_rag.config import DEFAULT_INSTRUCTION
+from prophet_rag.config import DEFAULT_INSTRUCTION, SelectionConfig
 from prophet_rag.integrations import common
 from prophet_rag.integrations.langchain import ChatProphet, ProphetLangChainLLM, ProphetRAG
 from prophet_rag.layout import DOCUMENTS
@@ -269,7 +269,7 @@ def test_configurable_fields_keep_the_loaded_engine(chat, engine, calls, monkeyp
     configurable = chat.configurable_fields(method=ConfigurableField(id="method"))
     configurable.with_config(configurable={"method": "full"}).invoke("Hi")
     chat.bind(max_new_tokens=2).invoke("Hi")
-    assert [c["method"] for c in calls] == ["full", "prophet"]
+    assert [c["method"] for c in calls] == ["full", SelectionConfig.method]
     assert calls[1]["stream"].answer.stats.new_tokens == 2
 
 
