@@ -312,10 +312,15 @@ def anchored_relevance(chunks: list[torch.Tensor], query_ids: torch.Tensor, mass
     return torch.stack(scores)
 
 
+FOCUS_SHARE = 0.5
+"""`prophet_focus` moves every chunk whose anchored relevance is at least this share of the best one."""
+
+
 def _focus_order(selection: Selection, assemble: Assemble) -> list[int]:
-    """The chunk the question's attention is anchored on moves last, next to the question; the others keep the
-    retrieval order (moving every chunk by relevance breaks evidence chains written in order). No chunk moves when
-    the question shares no token with any chunk.
+    """The chunks the question's attention is anchored on (at least `FOCUS_SHARE` of the best) move last, next to
+    the question, in their retrieval order; the others keep theirs. No chunk moves when the question shares no word
+    with any chunk. Moving only the best one kept multi-key lookups but lost multi-value and multi-query questions,
+    whose answers span chunks; moving every chunk by a lexical prior (`prophet_plus`) over-moves look-alikes.
 
     The question is scored in the parallel geometry (each chunk at the positions it was computed at), where no chunk
     sits nearer the question than another (see `anchored_relevance`).
@@ -325,11 +330,12 @@ def _focus_order(selection: Selection, assemble: Assemble) -> list[int]:
     suffix_rows = cache.append_tokens(selection.suffix_ids.to(cache.kv.device))
     with torch.inference_mode():
         selection.parallel = query_relevance(selection.adapter, cache, suffix_rows, "prophet", None)
-    relevance = selection.anchored
-    if float(relevance.max()) <= 0:
+    relevance = selection.anchored.tolist()
+    best = max(relevance)
+    if best <= 0:
         return identity
-    focus = int(torch.argmax(relevance))
-    return [i for i in identity if i != focus] + [focus]
+    focus = {i for i in identity if relevance[i] >= FOCUS_SHARE * best}
+    return [i for i in identity if i not in focus] + [i for i in identity if i in focus]
 
 
 def _focus_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int) -> Plan:
@@ -362,7 +368,7 @@ register(Method("infoflow", "InfoFlow KV: attention norm on a layer subset", _in
                 order=_density_order("infoflow"), query_scored=True))
 register(Method("prophet_plus", "ProphetKV plus a lexical chunk prior (chunks moved and recomputed whole)",
                 _prophet_plus_plan, order=_lexical_order))
-register(Method("prophet_focus", "ProphetKV in the parallel geometry; the chunk its attention is anchored on "
+register(Method("prophet_focus", "ProphetKV in the parallel geometry; the chunks its attention is anchored on "
                 "moved last and recomputed whole", _focus_plan, order=_focus_order))
 
 METHODS: tuple[str, ...] = tuple(REGISTRY)
