@@ -72,10 +72,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         context = rows[0][1].stats.context_tokens
         print(f"\n{len(docs)} documents, {context} context tokens; "
               f"{args.method} recomputes {args.ratio:.0%} of them.\n")
+        width = max(len("full"), len(args.method))
         for item, full, fast in rows:
             print(f"Q: {item['question']}   (expected: {item['answer']})")
-            print(f"  full     TTFT {full.stats.ttft_s * 1000:7.0f} ms  {full.text.strip()!r}")
-            print(f"  {args.method:<8} TTFT {fast.stats.ttft_s * 1000:7.0f} ms  {fast.text.strip()!r}"
+            print(f"  {'full':<{width}} TTFT {full.stats.ttft_s * 1000:7.0f} ms  {full.text.strip()!r}")
+            print(f"  {args.method:<{width}} TTFT {fast.stats.ttft_s * 1000:7.0f} ms  {fast.text.strip()!r}"
                   f"  ({fast.stats.ttft_s / full.stats.ttft_s:.2f}x of full's TTFT)")
         full_t = sum(r[1].stats.ttft_s for r in rows) / len(rows)
         fast_t = sum(r[2].stats.ttft_s for r in rows) / len(rows)
