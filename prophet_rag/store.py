@@ -142,7 +142,9 @@ class _PinnedCache(diskcache.Cache):
             self._local.pid = os.getpid()
         con = getattr(self._local, "con", None)
         if con is None:
-            con = self._local.con = _connect(Path(self._directory), self._timeout)
+            # diskcache opens its setup connection with timeout 0 and retries its own statements, but our pragmas
+            # run here, outside its retries: they wait like any other statement.
+            con = self._local.con = _connect(Path(self._directory), self._timeout or _SQLITE_TIMEOUT_S)
         return con
 
 

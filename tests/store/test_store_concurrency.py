@@ -31,6 +31,35 @@ def _writer(directory, worker, barrier, results):
         results.put((worker, stored, read, stats.timeouts, stats.corrupt))
 
 
+OPENS_PER_WORKER = 25
+
+
+def _opener(directory, barrier, results):
+    """Runs in a spawned process: open and close the store repeatedly, as engines starting together do."""
+    barrier.wait(timeout=60)
+    failures = []
+    for _ in range(OPENS_PER_WORKER):
+        try:
+            KVStore(_config(directory)).close()
+        except Exception as error:  # the test reports every kind of failure
+            failures.append(repr(error))
+    results.put(failures)
+
+
+def test_processes_opening_one_store_at_once_all_succeed(store_dir):
+    # diskcache's setup connection has timeout 0; our pragmas on it once failed with "database is locked".
+    store_dir.mkdir(mode=0o700)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(WORKERS), ctx.Queue()
+    procs = [ctx.Process(target=_opener, args=(store_dir, barrier, results)) for w in range(WORKERS)]
+    for proc in procs:
+        proc.start()
+    failures = [failure for _ in procs for failure in results.get(timeout=300)]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert failures == []
+
+
 def test_concurrent_writers_leave_every_entry_valid(store_dir):
     store_dir.mkdir(mode=0o700)
     ctx = multiprocessing.get_context("spawn")  # fork after torch has run threads can deadlock
