@@ -1,7 +1,8 @@
 """The chunk cache: every segment's KV for a request, from an ordered list of tiers, computed on a miss.
 
 A tier is one class behind the `KVTier` protocol; `build_tiers` is the one list of them, fastest first: the
-in-memory tier (`hot_cache.HotCache`, on the model's device) and the persistent disk store (`store.KVStore`). A
+in-memory tiers (`hot_cache.HotCache`, on the model's device and in host memory), the persistent disk store
+(`store.KVStore`) and, when configured, a server shared by replicas (`remote_tier.RedisTier`). A
 lookup walks the tiers in order and the tier that holds the chunk writes it straight into its slots of the request's
 stitched cache (or hands its tensors over to be copied there); the faster tiers that missed it get a copy; a chunk no
 tier holds is computed (isolated prefill), copied into its slots and written to every tier. The cache owns the key
@@ -20,7 +21,7 @@ import torch
 from prophet_rag.chunk_kv import ChunkKV
 from prophet_rag.codec import EntryMeta
 from prophet_rag.config import StoreConfig
-from prophet_rag.errors import CacheCorruptionError
+from prophet_rag.errors import CacheCorruptionError, InvalidRequestError
 from prophet_rag.keys import chunk_key
 from prophet_rag.layout import RequestLayout
 from prophet_rag.stitched import StitchedCache
@@ -164,16 +165,22 @@ Compute = Callable[[torch.Tensor, list[torch.Tensor]], list[ChunkKV]]
 """`compute(sink_ids, chunks)`: the isolated KV of each chunk `[n_i]` behind `sink_ids` (see prefill.py)."""
 
 
-def build_tiers(store: StoreConfig | KVTier | None, hot_cache_bytes: int = 0, host_cache_bytes: int = 0
-                ) -> list[KVTier]:
-    """The tier list, fastest first: device memory, host memory, the disk store. `store` is a `StoreConfig` (None:
-    the default directory) or an open store."""
+def build_tiers(store: StoreConfig | KVTier | None, hot_cache_bytes: int = 0, host_cache_bytes: int = 0,
+                meta: EntryMeta | None = None) -> list[KVTier]:
+    """The tier list, fastest first: device memory, host memory, the disk store, and with `StoreConfig.remote_url`
+    the shared server (for `meta`'s model, whose fingerprint names its namespace there). `store` is a `StoreConfig`
+    (None: the default directory) or an open store."""
     from prophet_rag.hot_cache import HotCache
+    from prophet_rag.remote_tier import RedisTier
     from prophet_rag.store import KVStore
 
     memory, host = HotCache(hot_cache_bytes), HotCache(host_cache_bytes, host=True)
     disk = store if isinstance(store, KVTier) else KVStore(store or StoreConfig())
-    return [memory, host, disk]
+    config = getattr(disk, "config", None)
+    remote = config.remote_url if isinstance(config, StoreConfig) else None
+    if remote is not None and meta is None:
+        raise InvalidRequestError("a store with remote_url needs the model's EntryMeta: build_tiers(..., meta=meta).")
+    return [memory, host, disk, *([RedisTier(config, meta.model_fp)] if remote else [])]
 
 
 @dataclass(frozen=True)

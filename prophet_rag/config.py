@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from prophet_rag.errors import InvalidRequestError
 
@@ -156,6 +158,13 @@ class StoreConfig:
     environment variable holding them) makes every entry carry a keyed BLAKE3 MAC, and entries without a valid one
     are never used: required for a store that other machines or users can write. Without a key, entries carry an
     XXH3 checksum, which catches corruption but not forgery (see README, "The store").
+
+    `remote_url` (`redis://host:port/db`, or `rediss://` for TLS) adds a shared tier on a Redis or Valkey server
+    behind the disk store (remote_tier.py); it requires an authentication key, since other machines write it. The
+    password is read from the environment variable `remote_password_env` (never written into the config), the ACL
+    user is `remote_username`. Every operation on the server waits at most `remote_timeout_s`; after
+    `remote_breaker_failures` failures in a row the server is skipped for `remote_breaker_cooldown_s`, then probed
+    again. `remote_ttl_s` (None: no expiry) gives entries a lifetime; otherwise the server's `maxmemory` policy evicts.
     """
 
     directory: Path = field(default_factory=lambda: default_store_dir())
@@ -165,6 +174,14 @@ class StoreConfig:
     kv_storage: str = "lossless"
     auth_key_file: Path | None = None
     auth_key_env: str | None = None
+    remote_url: str | None = None
+    remote_username: str | None = None
+    remote_password_env: str | None = None
+    remote_timeout_s: float = 1.0
+    remote_namespace: str = "prophet-rag"
+    remote_ttl_s: int | None = None
+    remote_breaker_failures: int = 3
+    remote_breaker_cooldown_s: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "directory", _store_path("directory", self.directory))
@@ -191,6 +208,72 @@ class StoreConfig:
             raise InvalidRequestError(
                 f"auth_key_env must name an environment variable (letters, digits, _), got {self.auth_key_env!r}."
             )
+        self._check_remote()
+
+    def _check_remote(self) -> None:
+        if self.remote_url is not None:
+            _check_redis_url(self.remote_url)
+            if self.auth_key_file is None and self.auth_key_env is None:
+                raise InvalidRequestError(
+                    "remote_url needs an authentication key: entries on a shared server are written by other "
+                    "machines, so set auth_key_file (or auth_key_env) to the same key on every replica, for example "
+                    "`openssl rand -hex 32 > ~/.prophet-rag.key; chmod 600 ~/.prophet-rag.key`."
+                )
+        if self.remote_username is not None and (
+            not isinstance(self.remote_username, str) or not re.fullmatch(r"[^\s:@/]+", self.remote_username)
+        ):
+            raise InvalidRequestError(
+                "remote_username must be a Redis ACL user name (no spaces, ':', '@' or '/'), got "
+                f"{self.remote_username!r}."
+            )
+        if self.remote_password_env is not None and (
+            not isinstance(self.remote_password_env, str) or not self.remote_password_env.isidentifier()
+        ):
+            raise InvalidRequestError(
+                "remote_password_env must name an environment variable holding the password (letters, digits, _), "
+                f"got {self.remote_password_env!r}."
+            )
+        if not _is_number(self.remote_timeout_s) or not 0 < self.remote_timeout_s <= 60:
+            raise InvalidRequestError(
+                f"remote_timeout_s must be a number of seconds in (0, 60], got {self.remote_timeout_s!r}; every "
+                "request may wait this long for the server before it recomputes."
+            )
+        if not isinstance(self.remote_namespace, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}",
+                                                                          self.remote_namespace):
+            raise InvalidRequestError(
+                f"remote_namespace must be 1-64 letters, digits, '.', '_' or '-', got {self.remote_namespace!r}."
+            )
+        if self.remote_ttl_s is not None:
+            _check_int("remote_ttl_s", self.remote_ttl_s, 1, " (seconds, or None for no expiry)")
+        _check_int("remote_breaker_failures", self.remote_breaker_failures, 1, "")
+        if not _is_number(self.remote_breaker_cooldown_s) or self.remote_breaker_cooldown_s <= 0:
+            raise InvalidRequestError(
+                f"remote_breaker_cooldown_s must be a number of seconds > 0, got {self.remote_breaker_cooldown_s!r}."
+            )
+
+
+def _check_redis_url(url: object) -> None:
+    """Refuse a remote_url that is not `redis[s]://host[:port][/db]` or that carries a password."""
+    usage = "use redis://host:6379/0, or rediss://host:6380/0 for TLS"
+    if not isinstance(url, str):
+        raise InvalidRequestError(f"remote_url must be a string; {usage}; got {type(url).__name__}.")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parsing the port refuses a malformed one)
+    except ValueError as error:
+        raise InvalidRequestError(f"remote_url is not a valid URL ({error}); {usage}.") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise InvalidRequestError(f"remote_url has scheme {parts.scheme!r}; {usage}.")
+    if parts.password is not None:
+        # Never echo the URL: it holds the password.
+        raise InvalidRequestError(
+            "remote_url carries a password, which would show in the config and in logs; remove it from the URL and "
+            "put it in an environment variable named by remote_password_env."
+        )
+    if not parts.hostname:
+        raise InvalidRequestError(f"remote_url {url!r} names no host; {usage}.")
+    if parts.path not in ("", "/") and not parts.path[1:].isdigit():
+        raise InvalidRequestError(f"remote_url path {parts.path!r} must be a database number; {usage}.")
 
 
 def _store_path(name: str, value: object) -> Path:

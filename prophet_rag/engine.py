@@ -116,7 +116,7 @@ class ProphetEngine:
         self.sink_ids = self.builder.sink_ids()
         meta = EntryMeta.for_model(model, tokenizer, self.adapter.spec, self.kv_dtype, kv_storage(store))
         compute = partial(prefill_isolated, self.adapter, kv_dtype=self.kv_dtype)
-        tiers = build_tiers(store, hot_cache_bytes, host_cache_bytes)
+        tiers = build_tiers(store, hot_cache_bytes, host_cache_bytes, meta)
         self.cache = ChunkCache(tiers, meta, self.sink_ids, compute)
         self._check_selection(self.selection)
 

@@ -170,8 +170,9 @@ def _prepare_database(directory: Path) -> None:
         con.close()
 
 
-def _load_key(config: StoreConfig) -> bytes | None:
-    """The derived MAC key named by `config`, or None; a missing or short key raises StoreError with the fix."""
+def load_key(config: StoreConfig) -> bytes | None:
+    """The derived MAC key named by `config`, or None (every tier that seals entries uses it); a missing or short
+    key raises StoreError with the fix."""
     if config.auth_key_env is not None:
         text = os.environ.get(config.auth_key_env, "")
         material, source = text.encode(), f"environment variable {config.auth_key_env}"
@@ -240,6 +241,11 @@ class VerifyReport:
 _COUNTERS = tuple(f.name for f in fields(StoreStats) if f.name not in ("entries", "volume_bytes"))
 _COUNTER_OF = ((UnauthenticatedEntryError, "unauthenticated"), (CacheCorruptionError, "corrupt"),
                (IncompatibleCacheError, "incompatible"))
+
+
+def refusal_counter(error: Exception) -> str:
+    """The stats counter that a refused entry's error counts in: unauthenticated, corrupt or incompatible."""
+    return next(name for cls, name in _COUNTER_OF if isinstance(error, cls))
 
 
 class _KeepEntry(Exception):
@@ -352,7 +358,7 @@ class KVStore:
     def __init__(self, config: StoreConfig, *, create: bool = True) -> None:
         self.config = config
         self._directory = store_files.prepare_directory(Path(config.directory), create)
-        self._sealer = Sealer(_load_key(config))
+        self._sealer = Sealer(load_key(config))
         try:
             store_files.prepare_db_files(self._directory)
             _prepare_database(self._directory)
@@ -433,7 +439,7 @@ class KVStore:
         """Count `error` (a CacheCorruptionError or IncompatibleCacheError) against `key` and delete its entry, so
         the recomputed chunk can be stored again. With `filename`, only an entry still naming that file goes (a
         concurrent writer may have replaced it)."""
-        kind = next(name for cls, name in _COUNTER_OF if isinstance(error, cls))
+        kind = refusal_counter(error)
         logger.warning("dropping %s KV store entry %s: %s", kind, key, error)
         self._count(**{kind: 1})
         try:
