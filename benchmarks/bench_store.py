@@ -148,23 +148,32 @@ def _preadv_all(store: KVStore, entries, meta: EntryMeta, out: torch.Tensor) -> 
                 offset += entry.header.layer_bytes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_arguments(parser: argparse.ArgumentParser, entries: int) -> None:
+    """The entry shape and count options, shared with bench_remote.py (`apply_preset` after parsing)."""
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--kv-heads", type=int, default=3)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--llama3-8b", action="store_true", help="32 layers, 8 KV heads, head_dim 128, bf16")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per chunk")
-    parser.add_argument("--entries", type=int, default=8)
+    parser.add_argument("--entries", type=int, default=entries)
     parser.add_argument("--repeats", type=int, default=5)
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    if args.llama3_8b:
+        args.layers, args.kv_heads, args.head_dim, args.dtype = 32, 8, 128, "bfloat16"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shape_arguments(parser, entries=8)
     parser.add_argument("--storage", nargs="+", default=["lossless"],
                         choices=("lossless", "bfloat16", "float8_e4m3"))
     parser.add_argument("--key", action="store_true", help="also measure with an authentication key")
     parser.add_argument("--dir", default=None, help="store folder (default: a temporary folder under /tmp)")
     args = parser.parse_args()
-    if args.llama3_8b:
-        args.layers, args.kv_heads, args.head_dim, args.dtype = 32, 8, 128, "bfloat16"
+    apply_preset(args)
     torch.set_num_threads(1)  # the store's read path is single-threaded (keyed BLAKE3 hashes on all CPUs)
     print(f"shape: {args.layers} layers x {args.kv_heads} KV heads x {args.head_dim} x {args.tokens} tokens, "
           f"{args.dtype}; torch {torch.__version__}, {os.cpu_count()} CPUs")

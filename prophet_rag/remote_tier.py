@@ -62,6 +62,8 @@ with warnings.catch_warnings():
 
 _FIRST_READ = 2**16
 """Bytes of the header asked for first: the whole header of any chunk up to ~8K tokens, in one round trip."""
+_READ_SIZE = 2**20
+"""Bytes the client asks the socket for at a time: redis-py's 32 KiB default costs a recv per 32 KiB of a layer."""
 _BATCH_BYTES = 64 * 2**20
 """Layers asked for in one pipelined round trip, at most this many bytes together (bounds the bytes in flight)."""
 
@@ -187,7 +189,8 @@ class RedisTier:
         # No retries: one attempt per operation, so a request waits at most one timeout per operation and the
         # breaker sees every failure. from_url connects lazily: a server that is down does not stop the engine.
         options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=no_retry,
-                       health_check_interval=0, client_name="prophet-rag", password=password)
+                       health_check_interval=0, client_name="prophet-rag", password=password,
+                       socket_read_size=_READ_SIZE)
         if config.remote_username is not None:
             options["username"] = config.remote_username
         self._client = redis.Redis.from_url(config.remote_url, **options)
