@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from importlib import resources
 from pathlib import Path
 
 from prophet_rag.config import METHODS, GenerationConfig, SelectionConfig, StoreConfig, default_store_dir
 from prophet_rag.errors import ProphetRAGError
+from prophet_rag.ingest import RAY_INSTALL, text_files
 from prophet_rag.keys import STORAGES
 
 
@@ -31,12 +31,6 @@ def _engine(args: argparse.Namespace):
     return ProphetEngine.from_pretrained(args.model, store=_store_config(args))
 
 
-def _text_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise ProphetRAGError(f"{folder} is not a folder; pass a folder of .txt/.md files.")
-    return sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
-
-
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8").strip()
@@ -48,7 +42,7 @@ def _read_text(path: Path) -> str:
 
 
 def _read_folder(folder: Path) -> list[str]:
-    texts = [text for text in map(_read_text, _text_files(folder)) if text]
+    texts = [text for text in map(_read_text, text_files(folder)) if text]
     if not texts:
         raise ProphetRAGError(f"{folder} has no non-empty .txt or .md files.")
     return texts
@@ -123,26 +117,25 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cache_ingest(args: argparse.Namespace) -> int:
-    """Store every file's KV; a file that cannot be (undecodable, too long, refused text) is reported by name and
-    skipped, and the command fails at the end if any was."""
-    files = _text_files(Path(args.folder))
-    failed = computed = 0
-    with _engine(args) as engine:
-        start = time.perf_counter()
-        for i, path in enumerate(files, 1):
-            try:
-                text = path.read_text(encoding="utf-8").strip()
-                computed += engine.ingest([text]) if text else 0
-                _progress(f"  [{i}/{len(files)}] {path.name}: {'cached' if text else 'empty, skipped'}")
-            except (UnicodeDecodeError, ProphetRAGError) as error:
-                failed += 1
-                reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else str(error)
-                _progress(f"  [{i}/{len(files)}] {path}: skipped: {reason}")
-        print(f"{len(files)} files: {computed} computed, {len(files) - computed - failed} already cached or empty, "
-              f"{failed} skipped ({time.perf_counter() - start:.1f} s).")
-    if failed:
-        print(f"prophet-rag: error: {failed} of {len(files)} files could not be cached (listed above).",
-              file=sys.stderr)
+    """Store every file's KV, in this process or with --ray on a Ray actor pool (ingest.py); a file that cannot be
+    (undecodable, too long, refused text) is reported by name and skipped, and the command fails at the end if any
+    was."""
+    from prophet_rag import ingest
+
+    files = text_files(Path(args.folder))
+    if args.ray:
+        summary = ingest.ingest_files_on_ray(files, args.model, _store_config(args), workers=args.workers,
+                                             address=args.address, cpus_per_worker=args.cpus_per_worker,
+                                             log=_progress)
+    else:
+        if args.address or args.workers != 1 or args.cpus_per_worker:
+            raise ProphetRAGError("--address, --workers and --cpus-per-worker need --ray; add --ray or drop them.")
+        with _engine(args) as engine:
+            summary = ingest.ingest_files(engine, files)
+    print(summary.line())
+    if summary.failed:
+        print(f"prophet-rag: error: {len(summary.failed)} of {summary.files} files could not be cached "
+              "(listed above).", file=sys.stderr)
         return 1
     return 0
 
@@ -195,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         keys.add_argument("--key-env", help="environment variable holding the store's authentication key")
         if action == "ingest":
             sub.add_argument("folder")
+            sub.add_argument("--ray", action="store_true",
+                             help=f"prefill on a Ray actor pool (local instance, or --address); needs `{RAY_INSTALL}`")
+            sub.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+            sub.add_argument("--workers", type=int, default=1, help="Ray workers, one model load each (default 1)")
+            sub.add_argument("--cpus-per-worker", type=int, default=None,
+                             help="CPUs each worker reserves and runs torch on (default: local CPUs / workers; 1 on "
+                                  "a cluster)")
     cache.set_defaults(run=cmd_cache)
 
     bench = commands.add_parser("bench", help="accuracy and TTFT of every method across ratios")

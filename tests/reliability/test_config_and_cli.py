@@ -133,7 +133,7 @@ def test_cache_ingest_names_the_files_it_cannot_cache_and_caches_the_rest(tmp_pa
     assert main(["cache", "ingest", "--model", str(tiny_model_dir), "--store", str(store), str(docs)]) == 1
     out = capsys.readouterr()
     assert "b-too-long.txt: skipped: chunk 0 has" in out.err and "c.txt: skipped: not UTF-8 text" in out.err
-    assert "4 files: 2 computed, 0 already cached or empty, 2 skipped" in out.out
+    assert "4 files: 2 chunks computed (" in out.out and "0 skipped (already stored), 0 empty, 2 failed" in out.out
     assert out.err.strip().splitlines()[-1] == "prophet-rag: error: 2 of 4 files could not be cached (listed above)."
     with KVStore(StoreConfig(directory=store), create=False) as kv:
         assert len(kv) == 2  # the files after the oversized one were cached too

@@ -1,0 +1,105 @@
+"""`cache ingest --ray` on one local Ray instance for the module: the entries a single-process ingest stores, byte
+for byte; a second run that sends nothing to the workers; failures reported by name with a non-zero exit.
+
+Each run starts its workers (a process each, importing torch and loading the tiny model), so the module runs the CLI
+once and the ingest function once more, and every test reads those runs' outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+from ingest_helpers import BAD, GOOD, stored_entries, write_corpus
+
+from prophet_rag import ingest
+from prophet_rag.cli import main
+from prophet_rag.config import StoreConfig
+
+ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'prophet-rag[ray]')")
+
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """A local instance started the way `cache ingest --ray` starts one (ingest.connect): 2 CPUs, so each of the 2
+    workers reserves 1 and runs torch on 1 thread."""
+    home = tmp_path_factory.mktemp("ray-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PROPHET_RAG_HOME", str(home))  # the workers inherit the environment the instance starts in
+        assert ingest.connect(ingest.import_ray(), None, num_cpus=WORKERS) is True
+    yield ray
+    ray.shutdown()
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(local_ray, tiny_model_folder, tmp_path_factory):
+    """The same corpus ingested in this process (on 1 torch thread, as each worker runs) and twice with --ray."""
+    root = tmp_path_factory.mktemp("ray-ingest")
+    (root / "docs").mkdir()
+    docs = write_corpus(root / "docs")
+    common = ["cache", "ingest", "--model", str(tiny_model_folder)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU kernels split float reductions by thread count: match the workers' one thread
+    try:
+        plain = _cli(*common, "--store", str(root / "plain"), str(docs))
+    finally:
+        torch.set_num_threads(threads)
+    first = _cli(*common, "--store", str(root / "ray"), "--ray", "--workers", str(WORKERS), str(docs))
+    stored = stored_entries(root / "ray")
+    # The second run calls what the CLI calls, for the summary's count of chunks handed to the workers.
+    second = ingest.ingest_files_on_ray(ingest.text_files(docs), str(tiny_model_folder),
+                                        StoreConfig(directory=root / "ray"), workers=WORKERS, show_progress=False)
+    return {"root": root, "docs": docs, "plain": plain, "first": first, "second": second, "after_first": stored}
+
+
+def test_ray_ingest_stores_the_single_process_entries_byte_for_byte(runs):
+    plain, on_ray = stored_entries(runs["root"] / "plain"), runs["after_first"]
+    assert len(on_ray) == len(GOOD)
+    assert set(on_ray) == set(plain)
+    for key, value in plain.items():
+        assert on_ray[key] == value, f"entry {key} differs"
+
+
+def test_ray_ingest_summary_counts_like_the_single_process_one(runs):
+    _, plain_out, _ = runs["plain"]
+    code, out, _ = runs["first"]
+    assert f"{len(GOOD)} chunks computed on {WORKERS} Ray workers (" in out
+    tail = "1 skipped (already stored), 1 empty, 2 failed"
+    assert tail in out and tail in plain_out
+    tokens = plain_out.split("computed (")[1].split(" tokens")[0]
+    assert f"({tokens} tokens," in out and int(tokens) > 0
+
+
+def test_ray_ingest_names_each_failed_file_and_exits_non_zero(runs):
+    code, _, err = runs["first"]
+    assert code == 1
+    for name, words in BAD.items():
+        line = next(line for line in err.splitlines() if f"{name}: skipped:" in line)
+        assert words in line
+    assert err.strip().splitlines()[-1] == "prophet-rag: error: 2 of 8 files could not be cached (listed above)."
+
+
+def test_second_ray_run_sends_nothing_to_the_workers(runs):
+    second = runs["second"]
+    assert second.sent == 0 and second.computed == 0 and second.tokens == 0 and second.compute_s == 0.0
+    assert second.stored == len(GOOD) + 1 and len(second.failed) == len(BAD) and second.workers == WORKERS
+    assert f"0 chunks computed on {WORKERS} Ray workers (0 tokens, 0 tokens/s)" in second.line()
+
+
+def test_second_ray_run_leaves_the_store_as_it_was(runs):
+    assert stored_entries(runs["root"] / "ray") == runs["after_first"]
+
+
+def test_an_instance_the_ingest_did_not_start_is_left_running(local_ray, runs):
+    assert local_ray.is_initialized()
