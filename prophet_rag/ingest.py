@@ -207,9 +207,10 @@ class _Progress:
 
 
 def batches(items: Iterable[Planned], summary: IngestSummary, progress: _Progress,
-            batch_tokens: int = BATCH_TOKENS) -> Iterator[list[Planned]]:
-    """The "todo" chunks of `items` in batches of up to `batch_tokens` tokens (at least one chunk); the others are
-    counted into `summary` as they pass."""
+            batch_tokens: int | None = None) -> Iterator[list[Planned]]:
+    """The "todo" chunks of `items` in batches of up to `batch_tokens` tokens (default `BATCH_TOKENS`, at least one
+    chunk); the others are counted into `summary` as they pass."""
+    batch_tokens = batch_tokens or BATCH_TOKENS
     batch: list[Planned] = []
     tokens = 0
     for item in items:
@@ -340,7 +341,7 @@ def connect(ray, address: str | None, num_cpus: int) -> bool:
     return True
 
 
-def _load_workers(ray, actors: list) -> WorkerInfo:
+def load_workers(ray, actors: list) -> WorkerInfo:
     """Every worker's `WorkerInfo` checked to agree (same model, tokenizer and layout on every node); the first."""
     from ray.exceptions import GetTimeoutError, RayError
 
@@ -371,7 +372,7 @@ def _message(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _close(ray, actors: list) -> None:
+def close_workers(ray, actors: list) -> None:
     """Close every worker's engine (its store connections), then end the actors; a dead one is only ended."""
     from ray.exceptions import RayError
 
@@ -393,40 +394,50 @@ def ingest_files_on_ray(files: Sequence[Path], model: str | None, store: StoreCo
     Without `address` (and `RAY_ADDRESS`) a local instance is started and shut down here; an already initialized Ray
     is used as it is. Each worker reserves `cpus_per_worker` CPUs and runs torch on as many threads (default: this
     machine's CPUs shared among the workers on a local instance, 1 on a cluster)."""
-    if workers < 1:
-        raise IngestError(f"--workers must be at least 1, got {workers}.")
-    from prophet_rag.chunk_cache import ChunkCache, build_tiers
-
+    if workers < 1 or (cpus_per_worker is not None and cpus_per_worker < 1):
+        raise IngestError(f"--workers and --cpus-per-worker must be at least 1, got {workers} and {cpus_per_worker}.")
     ray = import_ray()
     start = time.perf_counter()
     local = not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
     cpus = cpus_per_worker or (max(1, (os.cpu_count() or 1) // workers) if local else 1)
     started = connect(ray, address, max(os.cpu_count() or 1, workers * cpus))
+    available = ray.cluster_resources().get("CPU", 0)
+    if workers * cpus > available:
+        log(f"warning: {workers} workers x {cpus} CPUs need {workers * cpus} CPUs and the Ray cluster has "
+            f"{available:g}; the workers that do not fit wait for CPUs (an autoscaler may add nodes), at most "
+            f"{LOAD_TIMEOUT_S} s.")
     actors: list = []
     try:
         worker_class = ray.remote(num_cpus=cpus)(IngestWorker)
         log(f"Loading model {model or 'embedded SmolLM2-135M-Instruct'} on {workers} Ray worker(s) ...")
         actors = [worker_class.remote(model, store, cpus) for _ in range(workers)]
-        info = _load_workers(ray, actors)
-        import torch
-
-        # The driver's own tiers answer `contains`; it never computes, so the compute hook refuses.
-        def no_compute(sink, chunks):
-            raise AssertionError("the ingest driver never computes KV")
-
-        cache = ChunkCache(build_tiers(store, meta=info.meta), info.meta, torch.tensor(info.sink_ids), no_compute)
-        try:
-            summary = _dispatch(ray, actors, plan(files, info.builder, cache, info.chunk_limit), len(files),
-                                show_progress)
-        finally:
-            cache.close()
+        summary = ingest_with(ray, actors, load_workers(ray, actors), files, store, show_progress)
     finally:
-        _close(ray, actors)
+        close_workers(ray, actors)
         if started:
             ray.shutdown()
     summary.workers = workers
     summary.total_s = time.perf_counter() - start
     return summary
+
+
+def ingest_with(ray, actors: list, info: WorkerInfo, files: Sequence[Path], store: StoreConfig,
+                show_progress: bool | None = False) -> IngestSummary:
+    """Plan `files` here against the tiers `store` names, keyed as `info` (the workers' engine) keys them, and send
+    the missing chunks to the loaded `actors`."""
+    import torch
+
+    from prophet_rag.chunk_cache import ChunkCache, build_tiers
+
+    # The driver's own tiers answer `contains`; it never computes, so the compute hook refuses.
+    def no_compute(sink, chunks):
+        raise AssertionError("the ingest driver never computes KV")
+
+    cache = ChunkCache(build_tiers(store, meta=info.meta), info.meta, torch.tensor(info.sink_ids), no_compute)
+    try:
+        return _dispatch(ray, actors, plan(files, info.builder, cache, info.chunk_limit), len(files), show_progress)
+    finally:
+        cache.close()
 
 
 def _dispatch(ray, actors: list, planned: Iterator[Planned], total: int, show_progress: bool | None

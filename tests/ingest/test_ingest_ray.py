@@ -1,8 +1,8 @@
 """`cache ingest --ray` on one local Ray instance for the module: the entries a single-process ingest stores, byte
 for byte; a second run that sends nothing to the workers; failures reported by name with a non-zero exit.
 
-Each run starts its workers (a process each, importing torch and loading the tiny model), so the module runs the CLI
-once and the ingest function once more, and every test reads those runs' outputs.
+Each Ray run starts its workers (a process each, importing torch and loading the tiny model), so the module ingests
+one corpus three times (in process, then twice on Ray) and most tests read those runs' outputs.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from prophet_rag.cli import main
 from prophet_rag.config import StoreConfig
 
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'prophet-rag[ray]')")
+from ray.exceptions import RayActorError  # noqa: E402 (only once Ray is known to be installed)
 
 WORKERS = 2
 
@@ -103,3 +104,27 @@ def test_second_ray_run_leaves_the_store_as_it_was(runs):
 
 def test_an_instance_the_ingest_did_not_start_is_left_running(local_ray, runs):
     assert local_ray.is_initialized()
+
+
+def test_a_dead_worker_fails_its_files_by_name_and_the_other_finishes(local_ray, tiny_model_folder, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setattr(ingest, "BATCH_TOKENS", 1)  # one chunk per task: 2 tasks go to each worker at once
+    (tmp_path / "docs").mkdir()
+    files = ingest.text_files(write_corpus(tmp_path / "docs", bad=False))
+    store = StoreConfig(directory=tmp_path / "kv")
+    worker = local_ray.remote(num_cpus=1)(ingest.IngestWorker)
+    actors = [worker.remote(str(tiny_model_folder), store, 1) for _ in range(WORKERS)]
+    try:
+        info = ingest.load_workers(local_ray, actors)
+        local_ray.kill(actors[1])  # dies after loading, before any task: both of its tasks fail
+        with pytest.raises(RayActorError):  # the kill has landed before the run starts
+            local_ray.get(actors[1].close.remote(), timeout=60)
+        summary = ingest.ingest_with(local_ray, actors, info, files, store)
+        assert summary.sent == len(GOOD) and summary.computed == len(GOOD) - 2 and len(summary.failed) == 2
+        assert all(reason.startswith("Ray worker failed: ") for _, reason in summary.failed)
+        assert {name for name, _ in summary.failed} <= {str(tmp_path / "docs" / name) for name in GOOD}
+        assert len(stored_entries(tmp_path / "kv")) == len(GOOD) - 2
+        again = ingest.ingest_with(local_ray, actors[:1], info, files, store)  # the failed files, on the live one
+        assert again.sent == 2 and again.computed == 2 and not again.failed
+    finally:
+        ingest.close_workers(local_ray, actors)
