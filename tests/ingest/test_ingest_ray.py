@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import shutil
+import socket
+import subprocess
+import time
 
 import pytest
 import torch
@@ -128,3 +133,57 @@ def test_a_dead_worker_fails_its_files_by_name_and_the_other_finishes(local_ray,
         assert again.sent == 2 and again.computed == 2 and not again.failed
     finally:
         ingest.close_workers(local_ray, actors)
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A redis-server of this test on a free loopback port (`make install` installs the binary)."""
+    binary = shutil.which("redis-server") or shutil.which("valkey-server")
+    if binary is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("redis-server is not installed: `make install` installs it")
+        pytest.skip("redis-server is not installed: `make install` installs it")
+    redis = pytest.importorskip("redis")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir",
+                               str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        for _ in range(500):
+            with contextlib.suppress(redis.ConnectionError):
+                if client.ping():
+                    break
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_ray_workers_write_the_shared_tier_another_machine_then_skips(local_ray, tiny_model_folder, tmp_path,
+                                                                      redis_url):
+    from prophet_rag.engine import ProphetEngine
+
+    (tmp_path / "docs").mkdir()
+    files = ingest.text_files(write_corpus(tmp_path / "docs", bad=False))
+    key = tmp_path / "store.key"
+    key.write_text("5a" * 32)
+    key.chmod(0o600)
+
+    def shared(local: str) -> StoreConfig:
+        return StoreConfig(directory=tmp_path / local, remote_url=redis_url, auth_key_file=key)
+
+    summary = ingest.ingest_files_on_ray(files, str(tiny_model_folder), shared("node-a"), workers=1,
+                                         show_progress=False)
+    assert summary.computed == len(GOOD) and not summary.failed
+    # Another machine: its own empty disk store, the same server. Every chunk is found there before any compute.
+    with ProphetEngine.from_pretrained(str(tiny_model_folder), store=shared("node-b")) as engine:
+        remote = engine.cache.tier("remote")
+        refs = [engine.cache.ref(engine.builder.layout([text], "q").chunk_ids[0], engine.sink_ids)
+                for text in GOOD.values()]
+        assert all(remote.contains(ref.key) for ref in refs)
+        again = ingest.ingest_files(engine, files, show_progress=False)
+        assert again.sent == 0 and again.stored == len(GOOD) + 1
+        assert len(engine.store) == 0  # nothing computed on this machine, so nothing written to its disk
