@@ -2,9 +2,10 @@
 
 Both paths run the same steps. Each .txt/.md file is one chunk, tokenized as `ProphetEngine.ingest` does; its key is
 derived (`ChunkCache.ref`) and every tier is asked whether it holds it, so stored chunks are skipped before any
-compute. The missing chunks are prefilled in isolation, one at a time (so every entry's bytes are what a
-single-process ingest writes), and written to every tier the `StoreConfig` names: the disk store and, with
-`remote_url`, the shared server. A file that cannot be ingested is reported by name and counted; the rest go on.
+compute. The missing chunks are prefilled in isolation, one at a time (so on the same number of torch threads every
+entry's bytes are what a single-process ingest writes; batching would pad them), and written to every tier the
+`StoreConfig` names: the disk store and, with `remote_url`, the shared server. A file that cannot be ingested is
+reported by name and counted; the rest go on.
 
 On Ray the driver (this process) reads, tokenizes, derives keys and asks the tiers; an actor pool of engines, one
 model load per worker, only sees the token ids of missing chunks. The workers build their engines from the driver's
@@ -48,7 +49,6 @@ def text_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise ProphetRAGError(f"{folder} is not a folder; pass a folder of .txt/.md files.")
     return sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
-
 
 
 # ---- planning: keys and the tiers' answers, before any compute ----------------------------------------------------
