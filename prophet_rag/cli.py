@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prophet_rag.config import METHODS, GenerationConfig, SelectionConfig, StoreConfig, default_store_dir
 from prophet_rag.errors import ProphetRAGError
-from prophet_rag.ingest import RAY_INSTALL, text_files
+from prophet_rag.ingest import RAY_INSTALL, read_document, text_files
 from prophet_rag.keys import STORAGES
 
 
@@ -33,12 +33,9 @@ def _engine(args: argparse.Namespace):
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError as error:
-        raise ProphetRAGError(
-            f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); convert it to UTF-8 "
-            "(e.g. `iconv -t utf-8`) or move it out of the folder."
-        ) from None
+        return read_document(path)
+    except ProphetRAGError as error:
+        raise ProphetRAGError(f"{path} is {error} or move it out of the folder.") from None
 
 
 def _read_folder(folder: Path) -> list[str]:

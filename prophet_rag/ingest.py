@@ -51,6 +51,16 @@ def text_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
 
 
+def read_document(path: Path) -> str:
+    """A document file's text, stripped; one that is not UTF-8 raises ProphetRAGError with the fix."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise ProphetRAGError(
+            f"not UTF-8 text (byte {error.start}: {error.reason}); convert it to UTF-8 (e.g. `iconv -t utf-8`)"
+        ) from None
+
+
 # ---- planning: keys and the tiers' answers, before any compute ----------------------------------------------------
 
 
@@ -75,19 +85,15 @@ def plan(files: Iterable[Path], builder, cache, chunk_limit: int) -> Iterator[Pl
     for path in files:
         name = str(path)
         try:
-            text = path.read_text(encoding="utf-8").strip()
+            text = read_document(path)
             if not text:
                 yield Planned(name, "empty")
                 continue
             ids = builder.layout([text], "ingest").chunk_ids[0]
-        except UnicodeDecodeError as error:
-            yield Planned(name, "failed", reason=f"not UTF-8 text (byte {error.start}: {error.reason}); convert it "
-                                                 "to UTF-8 (e.g. `iconv -t utf-8`)")
-            continue
         except OSError as error:
             yield Planned(name, "failed", reason=f"cannot be read: {error.strerror or error}")
             continue
-        except ProphetRAGError as error:  # text the tokenizer path refuses (control characters, lone surrogates)
+        except ProphetRAGError as error:  # not UTF-8, or text the tokenizer refuses (control chars, lone surrogates)
             yield Planned(name, "failed", reason=str(error))
             continue
         if ids.numel() > chunk_limit:
