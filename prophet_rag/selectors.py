@@ -59,9 +59,14 @@ class Selection:
         return self.parallel
 
     @cached_property
+    def anchored_tokens(self) -> torch.Tensor:
+        """`[C]` `anchored_weights` of every chunk token, in request order, from the parallel Stage I."""
+        return anchored_weights(list(self.chunk_ids), self.suffix_ids, self.parallel_scores)
+
+    @cached_property
     def anchored(self) -> torch.Tensor:
-        """`[m]` `anchored_relevance` of each chunk, in request order, from the parallel Stage I."""
-        return anchored_relevance(list(self.chunk_ids), self.suffix_ids, self.parallel_scores)
+        """`[m]` `anchored_relevance` of each chunk, in request order: its tokens' anchored weights summed."""
+        return chunk_sums(self.anchored_tokens, self.chunk_ids)
 
     @cached_property
     def infoflow_layers(self) -> tuple[int, ...]:
@@ -286,34 +291,43 @@ def _prophet_plus_plan(selection: Selection, cache: StitchedCache, suffix_rows: 
     return _selected(top_slots(scores, budget, cache.prefix_len), suffix_rows)
 
 
+def anchored_weights(chunks: list[torch.Tensor], query_ids: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """`[sum of chunk lengths]` each chunk token's share of the question's attention `mass` (same layout: the chunks
+    end to end, in `chunks` order) when the question itself contains the token, weighted by the token's in-request
+    IDF (see `lexical_relevance`; words in over three quarters of the chunks weigh nothing), else 0: attention
+    anchored on the names and numbers the question asks about."""
+    m = len(chunks)
+    words = query_ids.unique()
+    df = torch.stack([torch.isin(words, chunk) for chunk in chunks]).sum(dim=0).to(torch.float32)
+    # Words in over three quarters of the chunks (the documents' shared phrasing) anchor nothing.
+    idf = torch.where(df <= 0.75 * m, torch.log((m + 1) / (df + 0.5)), torch.zeros_like(df))
+    hit = torch.cat(chunks)[:, None] == words[None, :]  # [C, |words|]
+    weight = (hit.to(torch.float32) * idf).sum(dim=1)
+    return mass.to(torch.float32) * weight.to(mass.device)
+
+
 def anchored_relevance(chunks: list[torch.Tensor], query_ids: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """`[m]` the question's attention mass on each chunk's tokens that the question itself contains, each weighted by
-    the token's in-request IDF (see `lexical_relevance`; words in over three quarters of the chunks weigh nothing):
-    attention anchored on the names and numbers the question
-    asks about. `mass` is `[sum of chunk lengths]` over the chunks laid end to end, in `chunks` order.
+    """`[m]` each chunk's `anchored_weights` summed: the question's attention mass on the chunk's rare words that
+    the question itself contains.
 
     Neither signal alone finds the answer's chunk reliably on both of our models: shared rare words alone picked the
     answer's `multi_key` chunk 10/12 times on SmolLM2 and 9/10 on Qwen2.5-0.5B, attention mass per chunk 1/12 and
     2/10 (it follows recency and sink tokens), the peak attention probability 10/12 and 1/10. Attention mass on the
     question's rare words picked it 12/12 and 10/10 (docs/RESULTS.md).
     """
-    m = len(chunks)
-    words = query_ids.unique()
-    df = torch.stack([torch.isin(words, chunk) for chunk in chunks]).sum(dim=0).to(torch.float32)
-    # Words in over three quarters of the chunks (the documents' shared phrasing) anchor nothing.
-    idf = torch.where(df <= 0.75 * m, torch.log((m + 1) / (df + 0.5)), torch.zeros_like(df))
-    scores, start = [], 0
-    for chunk in chunks:
-        n = int(chunk.numel())
-        hit = chunk[:, None] == words[None, :]  # [n, |words|]
-        weight = (hit.to(torch.float32) * idf).sum(dim=1)
-        scores.append((mass[start : start + n].to(torch.float32) * weight.to(mass.device)).sum())
-        start += n
-    return torch.stack(scores)
+    return chunk_sums(anchored_weights(chunks, query_ids, mass), chunks)
 
 
-FOCUS_SHARE = 0.5
-"""`prophet_focus` moves every chunk whose anchored relevance is at least this share of the best one."""
+def chunk_sums(values: torch.Tensor, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`[m]` sums of per-token `values` `[sum of chunk lengths]` over each chunk's tokens, the chunks end to end."""
+    return torch.stack([part.sum() for part in torch.split(values, [int(chunk.numel()) for chunk in chunks])])
+
+
+FOCUS_SHARE = 0.2
+"""`prophet_focus` moves every chunk whose anchored relevance is at least this share of the best one. At half the
+best, the second chunk of a two-chunk answer (it ranks second at 0.12-0.40 of the best on Qwen2.5-0.5B
+`multi_value`) stayed behind: 0.58 against 0.79 at this share, with `multi_key`'s look-alikes unaffected
+(docs/RESULTS.md)."""
 
 
 def _focus_order(selection: Selection, assemble: Assemble) -> list[int]:
@@ -338,22 +352,43 @@ def _focus_order(selection: Selection, assemble: Assemble) -> list[int]:
     return [i for i in identity if i not in focus] + [i for i in identity if i in focus]
 
 
+def anchor_window(weights: torch.Tensor, size: int) -> tuple[int, int]:
+    """`[start, end)` of the `size` consecutive tokens of a chunk centred on its strongest anchor (the largest of
+    its tokens' anchored `weights` `[n]`), moved inward at the chunk's edges."""
+    n = int(weights.numel())
+    size = min(size, n)
+    centre = int(torch.argmax(weights))
+    start = min(max(centre - size // 2, 0), n - size)
+    return start, start + size
+
+
 def _focus_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int) -> Plan:
     """Whole chunks by anchored relevance, most relevant first, while they fit in the budget (the focus chunk, moved
-    last, first of all); the rest of the budget on the parallel Stage I's attention mass."""
+    last, first of all). The focus chunks that did not fit share what is left equally, each as a window around its
+    strongest anchor: a question whose answer spans chunks (several values, several keys) needs the answer's
+    sentence in each, and ProphetKV's scattered tokens rarely hold it. Any budget the windows leave goes on the
+    parallel Stage I's attention mass."""
     lengths = [int(ids.numel()) for ids in selection.chunk_ids]
     starts = torch.cumsum(torch.tensor([0, *lengths]), 0).tolist()
     # Token scores to layout order: the chunk at layout position j is chunk cache.order[j] of the request.
     index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in cache.order]).to(cache.kv.device)
     scores = selection.parallel_scores[index].clone()
+    weights = selection.anchored_tokens[index]
     relevance = selection.anchored[list(cache.order)]
-    used = 0
-    for j in torch.sort(relevance, descending=True, stable=True).indices.tolist():
+    best = float(relevance.max())
+    ranked = torch.sort(relevance, descending=True, stable=True).indices.tolist()
+    used, whole = 0, 0
+    for j in ranked:
         start, end = cache.chunk_spans[j]
         if relevance[j] <= 0 or used + (end - start) > budget:
             break
         scores[start - cache.prefix_len : end - cache.prefix_len] = float("inf")
-        used += end - start
+        used, whole = used + end - start, whole + 1
+    partial = [j for j in ranked[whole:] if best > 0 and relevance[j] >= FOCUS_SHARE * best]
+    for j in partial:
+        start, end = (slot - cache.prefix_len for slot in cache.chunk_spans[j])
+        low, high = anchor_window(weights[start:end], (budget - used) // len(partial))
+        scores[start + low : start + high] = float("inf")
     return _selected(top_slots(scores, budget, cache.prefix_len), suffix_rows)
 
 

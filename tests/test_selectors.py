@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prophet_rag import selectors
 from prophet_rag.config import SelectionConfig
 from prophet_rag.selectors import budget_for, default_infoflow_layers, lexical_relevance, plan, top_slots
 from tiny import CHUNKS, QUERY
@@ -111,8 +112,6 @@ def test_prophet_plus_puts_the_matching_chunk_last_and_recomputes_it_whole(make_
 
 
 def test_prophet_focus_moves_the_anchored_chunk_last_and_recomputes_it_whole(make_engine):
-    from prophet_rag import selectors
-
     engine = make_engine("llama")
     layout = engine.builder.layout(CHUNKS, QUERY)
     request = selectors.Selection(engine.adapter, SelectionConfig(method="prophet_focus", ratio=0.9),
@@ -123,7 +122,7 @@ def test_prophet_focus_moves_the_anchored_chunk_last_and_recomputes_it_whole(mak
     relevance = request.anchored.tolist()
     assert max(relevance) > 0  # the question shares "Alpha" and "vault" with the first chunk only
     assert relevance.index(max(relevance)) == 0
-    moved = [i for i in range(3) if relevance[i] >= 0.5 * relevance[0]]
+    moved = [i for i in range(3) if relevance[i] >= selectors.FOCUS_SHARE * relevance[0]]
     assert order == [i for i in range(3) if i not in moved] + moved
     answer = engine.answer(CHUNKS, QUERY, method="prophet_focus", ratio=0.9)
     assert list(answer.chunk_order) == order
@@ -133,11 +132,10 @@ def test_prophet_focus_moves_the_anchored_chunk_last_and_recomputes_it_whole(mak
     assert set(range(end - alpha, end)) <= set(answer.recomputed_positions.tolist())
 
 
-@pytest.mark.parametrize("relevance,order", [([1.0, 0.4, 0.6], [1, 0, 2]), ([0.2, 0.0, 1.0], [0, 1, 2]),
-                                             ([0.5, 1.0, 0.49], [2, 0, 1]), ([0.0, 0.0, 0.0], [0, 1, 2])])
-def test_prophet_focus_moves_every_chunk_anchored_at_half_the_best_in_retrieval_order(make_engine, relevance, order):
-    from prophet_rag import selectors
-
+@pytest.mark.parametrize("relevance,order", [([1.0, 0.1, 0.6], [1, 0, 2]), ([0.1, 0.0, 1.0], [0, 1, 2]),
+                                             ([0.2, 0.0, 1.0], [1, 0, 2]), ([0.5, 1.0, 0.19], [2, 0, 1]),
+                                             ([0.0, 0.0, 0.0], [0, 1, 2])])
+def test_prophet_focus_moves_every_chunk_anchored_at_a_fifth_of_the_best_in_order(make_engine, relevance, order):
     engine = make_engine("llama")
     layout = engine.builder.layout(CHUNKS, QUERY)
     request = selectors.Selection(engine.adapter, SelectionConfig(method="prophet_focus"), layout.chunk_ids,
@@ -165,7 +163,82 @@ def test_prophet_focus_keeps_the_order_when_the_question_shares_no_word(make_eng
     assert list(answer.chunk_order) == [0, 1, 2]
 
 
-def test_prophet_focus_spends_what_whole_chunks_leave_on_attention_mass(make_engine):
+def _focus_request(engine, ratio, anchored_tokens=None):
+    """A prophet_focus request over the tiny chunks, ordered and planned as the engine does; `anchored_tokens`
+    (`[C]`, request order) replaces the measured per-token anchored weights."""
+
+    layout = engine.builder.layout(CHUNKS, QUERY)
+    request = selectors.Selection(engine.adapter, SelectionConfig(method="prophet_focus", ratio=ratio),
+                                  layout.chunk_ids, layout.suffix_ids)
+    if anchored_tokens is not None:
+        request.__dict__["anchored_tokens"] = anchored_tokens
+    method = selectors.get("prophet_focus")
+    order = method.order(request, lambda order, global_positions: engine._assemble(
+        layout, order, layout.total_tokens, global_positions)[0])
+    cache, _ = engine._assemble(layout, order, layout.total_tokens)
+    suffix = cache.append_tokens(layout.suffix_ids)
+    total = sum(int(ids.numel()) for ids in layout.chunk_ids)
+    chosen = method.plan(request, cache, suffix, budget_for(ratio, total)).selected
+    return request, cache, chosen
+
+
+def _span_of(cache, chunk):
+    return cache.chunk_spans[list(cache.order).index(chunk)]
+
+
+@pytest.mark.parametrize("weights,size,window", [([0, 0, 5, 0, 0, 0], 3, (1, 4)), ([9, 0, 0, 0, 0, 0], 3, (0, 3)),
+                                                 ([0, 0, 0, 0, 0, 9], 4, (2, 6)), ([0, 1, 0], 7, (0, 3)),
+                                                 ([0, 0, 2, 0, 0, 3], 2, (4, 6)), ([1, 2, 3], 0, (2, 2))])
+def test_anchor_window_is_centred_on_the_strongest_anchor_inside_the_chunk(weights, size, window):
+    from prophet_rag.selectors import anchor_window
+
+    assert anchor_window(torch.tensor(weights, dtype=torch.float32), size) == window
+
+
+def test_anchored_weights_are_attention_on_rare_question_words_per_token():
+    from prophet_rag.selectors import anchored_weights
+
+    chunks = [torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4]), torch.tensor([1, 5, 6]), torch.tensor([1, 7, 8])]
+    mass = torch.tensor([9.0, 0, 0, 0, 0, 0.5, 5, 5, 5, 5, 5, 5])
+    weights = anchored_weights(chunks, torch.tensor([1, 4, 9]), mass)
+    idf = float(torch.log(torch.tensor(5 / 1.5)))
+    assert weights.tolist() == pytest.approx([0.0] * 5 + [0.5 * idf] + [0.0] * 6)
+
+
+def test_prophet_focus_recomputes_windows_of_the_focus_chunks_when_none_fits(make_engine):
     engine = make_engine("llama")
-    answer = engine.answer(CHUNKS, QUERY, method="prophet_focus", ratio=0.05)  # no chunk fits: tokens only
-    assert answer.stats.recomputed_tokens == int(0.05 * answer.stats.context_tokens)
+    request, cache, chosen = _focus_request(engine, ratio=0.1)  # fewer tokens than any chunk has
+    assert chosen.numel() == budget_for(0.1, sum(int(ids.numel()) for ids in request.chunk_ids)) > 0
+    relevance = request.anchored
+    focus = [i for i in range(len(CHUNKS)) if relevance[i] >= selectors.FOCUS_SHARE * relevance.max()]
+    sizes = [int(ids.numel()) for ids in request.chunk_ids]
+    share = chosen.numel() // len(focus)
+    inside = 0
+    for i in focus:
+        start, end = _span_of(cache, i)
+        mine = chosen[(chosen >= start) & (chosen < end)]
+        assert torch.equal(mine, torch.arange(start, end)[mine[0] - start :][:share])  # one window of its share
+        offset = sum(sizes[:i])
+        strongest = start + int(torch.argmax(request.anchored_tokens[offset : offset + sizes[i]]))
+        assert int(mine[0]) <= strongest <= int(mine[-1])
+        inside += mine.numel()
+    assert inside == chosen.numel()  # nothing outside the focus chunks: the windows took the whole budget
+
+
+def test_prophet_focus_splits_what_whole_chunks_leave_among_the_other_focus_chunks(make_engine):
+    engine = make_engine("llama")
+    layout = engine.builder.layout(CHUNKS, QUERY)
+    sizes = [int(ids.numel()) for ids in layout.chunk_ids]
+    anchors = torch.zeros(sum(sizes))
+    anchors[2] = 1.0  # chunk 0 is the best: recomputed whole
+    anchors[sizes[0] + 3] = 0.9  # chunks 1 and 2 are focus chunks too (>= FOCUS_SHARE of the best)
+    anchors[sizes[0] + sizes[1] + sizes[2] - 1] = 0.8
+    ratio = (sizes[0] + 8) / sum(sizes)  # the best one whole and 4 tokens for each of the others
+    request, cache, chosen = _focus_request(engine, ratio, anchors)
+    assert list(cache.order) == [0, 1, 2]  # all three moved, in retrieval order
+    picked = set(chosen.tolist())
+    first, second, third = (set(range(*_span_of(cache, i))) for i in range(3))
+    assert first <= picked
+    second_start, third_end = _span_of(cache, 1)[0], _span_of(cache, 2)[1]
+    assert picked & second == set(range(second_start + 1, second_start + 5))  # centred on its anchor, token 3
+    assert picked & third == set(range(third_end - 4, third_end))  # its anchor is its last token
