@@ -67,6 +67,6 @@ def test_prophet_plus_is_close_to_full_prefill(accuracy):
 
 
 def test_prophet_focus_keeps_full_prefills_accuracy(accuracy):
-    # Measured: 23/24 against full prefill's 19/24 (docs/RESULTS.md); the bar is the product's promise, 97% of full.
+    # Measured: 22/24 against full prefill's 19/24 (docs/RESULTS.md); the bar is the product's promise, 97% of full.
     assert accuracy["prophet_focus"] >= 0.97 * accuracy["full"], accuracy
     assert accuracy["prophet_focus"] > accuracy["prophet"], accuracy
