@@ -325,9 +325,8 @@ def chunk_sums(values: torch.Tensor, chunks: Sequence[torch.Tensor]) -> torch.Te
 
 FOCUS_SHARE = 0.2
 """`prophet_focus` moves every chunk whose anchored relevance is at least this share of the best one. At half the
-best, the second chunk of a two-chunk answer (it ranks second at 0.12-0.40 of the best on Qwen2.5-0.5B
-`multi_value`) stayed behind: 0.58 against 0.79 at this share, with `multi_key`'s look-alikes unaffected
-(docs/RESULTS.md)."""
+best, the second chunk of a two-chunk answer stayed behind (on Qwen2.5-0.5B `multi_value` it was at 0.12-0.40 of
+the best in 10 of 12 cases): 0.56 against 0.75 at this share over 24 cases (docs/RESULTS.md)."""
 
 
 def _focus_order(selection: Selection, assemble: Assemble) -> list[int]:
