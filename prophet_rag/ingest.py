@@ -287,9 +287,9 @@ class IngestWorker:
     so this module imports without Ray."""
 
     def __init__(self, model: str | None, store: StoreConfig, threads: int) -> None:
-        # Ray puts the driver's current directory first on a worker's sys.path. Started from a folder that holds a
-        # `kernels` package (this repository's root does), it would shadow the `kernels` package transformers
-        # imports; a worker runs the installed prophet-rag, never code from the driver's folder.
+        # Ray puts the driver's current directory first on a worker's sys.path, so any module in that folder would
+        # shadow an installed one of the same name; a worker runs the installed prophet-rag and its dependencies,
+        # never code from the driver's folder.
         here = os.getcwd()
         sys.path[:] = [entry for entry in sys.path if entry not in ("", here)]
         self._model, self._store, self._threads = model, store, threads

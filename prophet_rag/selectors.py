@@ -69,6 +69,14 @@ class Selection:
         return chunk_sums(self.anchored_tokens, self.chunk_ids)
 
     @cached_property
+    def focus(self) -> frozenset[int]:
+        """The chunks (request order) anchored at least `FOCUS_SHARE` as strongly as the best one; none when the
+        question shares no word with any chunk."""
+        relevance = self.anchored.tolist()
+        best = max(relevance)
+        return frozenset(i for i, r in enumerate(relevance) if best > 0 and r >= FOCUS_SHARE * best)
+
+    @cached_property
     def infoflow_layers(self) -> tuple[int, ...]:
         return self.config.infoflow_layers or default_infoflow_layers(self.adapter.spec.num_layers)
 
@@ -343,11 +351,7 @@ def _focus_order(selection: Selection, assemble: Assemble) -> list[int]:
     suffix_rows = cache.append_tokens(selection.suffix_ids.to(cache.kv.device))
     with torch.inference_mode():
         selection.parallel = query_relevance(selection.adapter, cache, suffix_rows, "prophet", None)
-    relevance = selection.anchored.tolist()
-    best = max(relevance)
-    if best <= 0:
-        return identity
-    focus = {i for i in identity if relevance[i] >= FOCUS_SHARE * best}
+    focus = selection.focus
     return [i for i in identity if i not in focus] + [i for i in identity if i in focus]
 
 
@@ -374,7 +378,6 @@ def _focus_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.T
     scores = selection.parallel_scores[index].clone()
     weights = selection.anchored_tokens[index]
     relevance = selection.anchored[list(cache.order)]
-    best = float(relevance.max())
     ranked = torch.sort(relevance, descending=True, stable=True).indices.tolist()
     used, whole = 0, 0
     for j in ranked:
@@ -383,7 +386,7 @@ def _focus_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.T
             break
         scores[start - cache.prefix_len : end - cache.prefix_len] = float("inf")
         used, whole = used + end - start, whole + 1
-    partial = [j for j in ranked[whole:] if best > 0 and relevance[j] >= FOCUS_SHARE * best]
+    partial = [j for j in ranked[whole:] if cache.order[j] in selection.focus]
     for j in partial:
         start, end = (slot - cache.prefix_len for slot in cache.chunk_spans[j])
         low, high = anchor_window(weights[start:end], (budget - used) // len(partial))
