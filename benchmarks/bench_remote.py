@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from bench_store import _best, _memcpy_gbs, _refs, apply_preset, shape_arguments
 
-from prophet_rag.codec import EntryMeta
+from prophet_rag.cache.codec import EntryMeta
+from prophet_rag.cache.remote import RedisTier
+from prophet_rag.cache.store import KVStore
 from prophet_rag.config import StoreConfig
-from prophet_rag.remote_tier import RedisTier
-from prophet_rag.store import KVStore
 
 
 def _start_server(directory: Path) -> tuple[subprocess.Popen, str]:

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from prophet_rag.chunk_cache import ChunkRef
-from prophet_rag.chunk_kv import ChunkKV
-from prophet_rag.codec import EntryMeta
+from prophet_rag.cache.chunk_cache import ChunkRef
+from prophet_rag.cache.codec import EntryMeta
+from prophet_rag.cache.keys import chunk_key
+from prophet_rag.cache.store import KVStore
+from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.config import StoreConfig
-from prophet_rag.keys import chunk_key
-from prophet_rag.store import KVStore
 
 SINK = torch.arange(1, 5)
 

@@ -26,9 +26,9 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from prophet_rag import ProphetEngine, StoreConfig
-from prophet_rag.cuda_graphs import GraphedPasses
-from prophet_rag.selectors import budget_for, query_relevance, top_slots
-from prophet_rag.stitched import forward_rows
+from prophet_rag.compute.cuda_graphs import GraphedPasses
+from prophet_rag.compute.stitched import forward_rows
+from prophet_rag.selection.request import budget_for, query_relevance, top_slots
 
 LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch"}
 

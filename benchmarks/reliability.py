@@ -45,10 +45,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from kvstore_helpers import forged_bytes
-from prophet_rag import codec, store_files
+from prophet_rag.cache import codec, store_files
+from prophet_rag.cache.store import KVStore
 from prophet_rag.config import GenerationConfig, StoreConfig
 from prophet_rag.engine import ProphetEngine
-from prophet_rag.store import KVStore
 from tiny import tiny_model, tiny_tokenizer
 
 GEN = GenerationConfig(max_new_tokens=3, eos_token_ids=(10**6,))

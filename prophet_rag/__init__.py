@@ -22,13 +22,13 @@ from prophet_rag.errors import (
 )
 
 if TYPE_CHECKING:
+    from prophet_rag.cache.store import KVStore as KVStore
     from prophet_rag.engine import AnswerStream as AnswerStream
     from prophet_rag.engine import ProphetEngine as ProphetEngine
     from prophet_rag.layout import DOCUMENTS as DOCUMENTS
     from prophet_rag.results import Answer as Answer
     from prophet_rag.results import RequestStats as RequestStats
-    from prophet_rag.selectors import METHODS as METHODS
-    from prophet_rag.store import KVStore as KVStore
+    from prophet_rag.selection.request import METHODS as METHODS
 
 __version__ = "0.1.0"
 
@@ -38,8 +38,8 @@ _LAZY = {
     "AnswerStream": "prophet_rag.engine",
     "Answer": "prophet_rag.results",
     "RequestStats": "prophet_rag.results",
-    "KVStore": "prophet_rag.store",
-    "METHODS": "prophet_rag.selectors",
+    "KVStore": "prophet_rag.cache.store",
+    "METHODS": "prophet_rag.selection.request",
     "DOCUMENTS": "prophet_rag.layout",
 }
 

@@ -8,10 +8,10 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from prophet_rag.cache.keys import STORAGES
 from prophet_rag.config import METHODS, GenerationConfig, SelectionConfig, StoreConfig, default_store_dir
 from prophet_rag.errors import ProphetRAGError
 from prophet_rag.ingest import RAY_INSTALL, read_document, text_files
-from prophet_rag.keys import STORAGES
 
 
 def _progress(message: str) -> None:
@@ -95,7 +95,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     if args.action == "ingest":
         return _cache_ingest(args)
-    from prophet_rag.store import KVStore
+    from prophet_rag.cache.store import KVStore
 
     # create=False: inspecting a mistyped path must say so, not create an empty store there.
     with KVStore(_store_config(args), create=False) as store:

@@ -24,7 +24,7 @@ DEFAULT_INSTRUCTION = (
 def __getattr__(name: str):
     # The method names live in the selector registry, which imports torch; `import prophet_rag` must stay light.
     if name == "METHODS":
-        from prophet_rag.selectors import METHODS
+        from prophet_rag.selection.request import METHODS
 
         return METHODS
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -71,7 +71,7 @@ class SelectionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from prophet_rag.selectors import REGISTRY
+        from prophet_rag.selection.request import REGISTRY
 
         if self.method not in REGISTRY:
             raise InvalidRequestError(f"unknown method {self.method!r}; choose one of {', '.join(REGISTRY)}.")
@@ -194,7 +194,7 @@ class StoreConfig:
         policies = ("least-recently-used", "least-recently-stored", "least-frequently-used")
         if self.eviction_policy not in policies:
             raise InvalidRequestError(f"eviction_policy must be one of {policies}, got {self.eviction_policy!r}.")
-        from prophet_rag.keys import STORAGES
+        from prophet_rag.cache.keys import STORAGES
 
         if self.kv_storage not in STORAGES:
             raise InvalidRequestError(f"kv_storage must be one of {STORAGES}, got {self.kv_storage!r}.")

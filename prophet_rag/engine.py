@@ -18,19 +18,26 @@ from pathlib import Path
 
 import torch
 
-from prophet_rag import selectors
-from prophet_rag.chunk_cache import ChunkCache, LoadStats, StaleBlocksError, build_tiers
-from prophet_rag.codec import EntryMeta
+from prophet_rag.cache.chunk_cache import ChunkCache, LoadStats, StaleBlocksError, build_tiers
+from prophet_rag.cache.codec import EntryMeta
+from prophet_rag.cache.hot_cache import HotCache
+from prophet_rag.cache.store import KVStore, kv_storage
+from prophet_rag.compute.generate import TextAssembler, decode
+from prophet_rag.compute.model_adapter import ModelAdapter
+from prophet_rag.compute.prefill import prefill_full, prefill_isolated
+from prophet_rag.compute.stitched import (
+    LayerGate,
+    StitchedCache,
+    copy_blocks,
+    forward_rows,
+    reposition,
+    stitched_layout,
+)
 from prophet_rag.config import GenerationConfig, PromptConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import ContextWindowError, InvalidRequestError, ModelLoadError
-from prophet_rag.generate import TextAssembler, decode
-from prophet_rag.hot_cache import HotCache
 from prophet_rag.layout import PromptBuilder, RequestLayout
-from prophet_rag.model_adapter import ModelAdapter
-from prophet_rag.prefill import prefill_full, prefill_isolated
 from prophet_rag.results import Answer, RequestStats
-from prophet_rag.stitched import LayerGate, StitchedCache, copy_blocks, forward_rows, reposition, stitched_layout
-from prophet_rag.store import KVStore, kv_storage
+from prophet_rag.selection import request as selectors
 
 
 def _model_location(name_or_path: str | os.PathLike) -> str:

@@ -438,7 +438,7 @@ def ingest_with(ray, actors: list, info: WorkerInfo, files: Sequence[Path], stor
     the missing chunks to the loaded `actors`."""
     import torch
 
-    from prophet_rag.chunk_cache import ChunkCache, build_tiers
+    from prophet_rag.cache.chunk_cache import ChunkCache, build_tiers
 
     # The driver's own tiers answer `contains`; it never computes, so the compute hook refuses.
     def no_compute(sink, chunks):

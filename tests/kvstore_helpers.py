@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from prophet_rag.chunk_cache import ChunkRef
-from prophet_rag.chunk_kv import ChunkKV
-from prophet_rag.codec import EntryMeta
-from prophet_rag.keys import chunk_key
+from prophet_rag.cache.chunk_cache import ChunkRef
+from prophet_rag.cache.codec import EntryMeta
+from prophet_rag.cache.keys import chunk_key
+from prophet_rag.compute.chunk_kv import ChunkKV
 
 LAYERS, HEADS, HEAD_DIM = 2, 2, 4
 SINK = torch.tensor([1, 2, 3])
@@ -111,7 +111,7 @@ def forged_bytes(header, kv: torch.Tensor, sealer=None, fields: dict | None = No
     import json
     import struct
 
-    from prophet_rag import codec
+    from prophet_rag.cache import codec
 
     sealer = sealer or codec.Sealer(None)
     token_ids = header.token_ids if token_ids is None else torch.as_tensor(token_ids)
@@ -133,7 +133,7 @@ def forged_bytes(header, kv: torch.Tensor, sealer=None, fields: dict | None = No
 
 def forge(directory: Path, ref: ChunkRef, kv: torch.Tensor, sealer=None, **changes) -> None:
     """Replace `ref`'s (keyless) entry with `forged_bytes` built from its own header."""
-    from prophet_rag import codec
+    from prophet_rag.cache import codec
 
     path = value_path(directory, ref.key)
     header = codec.parse_header(path.read_bytes(), codec.Sealer(None))

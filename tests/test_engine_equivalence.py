@@ -71,7 +71,7 @@ def test_prophet_partial_recompute_moves_towards_full(make_engine):
 
 def test_recomputed_token_ignores_later_tokens(make_engine):
     """A recomputed token's K/V must not depend on anything after it (exact position mask)."""
-    from prophet_rag.stitched import forward_rows
+    from prophet_rag.compute.stitched import forward_rows
 
     engine = make_engine("llama")
 
@@ -90,7 +90,7 @@ def test_recomputed_token_ignores_later_tokens(make_engine):
 
 def test_rows_need_not_be_the_whole_suffix_to_be_exact(make_engine):
     """Recomputing every row of a prompt in two passes (prefix of rows, then the rest) equals one pass."""
-    from prophet_rag.stitched import StitchedCache, forward_rows
+    from prophet_rag.compute.stitched import StitchedCache, forward_rows
 
     engine = make_engine("qwen3")
     ids = engine.builder.layout(CHUNKS, QUERY).joined_ids()

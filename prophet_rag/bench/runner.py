@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from prophet_rag import selectors
 from prophet_rag.bench import scoring
 from prophet_rag.bench.tasks import TASKS, Case, Span, load_jsonl, span_bounds
 from prophet_rag.config import GenerationConfig, SelectionConfig
 from prophet_rag.errors import InvalidRequestError
-from prophet_rag.selectors import METHODS
+from prophet_rag.selection import request as selectors
+from prophet_rag.selection.request import METHODS
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,13 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from prophet_rag.chunk_kv import ChunkKV
-from prophet_rag.codec import EntryMeta
+from prophet_rag.cache.codec import EntryMeta
+from prophet_rag.cache.keys import chunk_key
+from prophet_rag.compute.chunk_kv import ChunkKV
+from prophet_rag.compute.stitched import StitchedCache
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import CacheCorruptionError, InvalidRequestError
-from prophet_rag.keys import chunk_key
 from prophet_rag.layout import RequestLayout
-from prophet_rag.stitched import StitchedCache
 
 
 @dataclass(frozen=True)
@@ -170,9 +170,9 @@ def build_tiers(store: StoreConfig | KVTier | None, hot_cache_bytes: int = 0, ho
     """The tier list, fastest first: device memory, host memory, the disk store, and with `StoreConfig.remote_url`
     the shared server (for `meta`'s model, whose fingerprint names its namespace there). `store` is a `StoreConfig`
     (None: the default directory) or an open store."""
-    from prophet_rag.hot_cache import HotCache
-    from prophet_rag.remote_tier import RedisTier
-    from prophet_rag.store import KVStore
+    from prophet_rag.cache.hot_cache import HotCache
+    from prophet_rag.cache.remote import RedisTier
+    from prophet_rag.cache.store import KVStore
 
     memory, host = HotCache(hot_cache_bytes), HotCache(host_cache_bytes, host=True)
     disk = store if isinstance(store, KVTier) else KVStore(store or StoreConfig())

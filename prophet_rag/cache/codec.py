@@ -42,14 +42,14 @@ import numpy as np
 import torch
 import xxhash
 
-from prophet_rag.chunk_kv import ChunkKV
+from prophet_rag.cache.keys import FORMAT_VERSION, chunk_key, kv_spec, model_fingerprint, tokenizer_fingerprint
+from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.errors import (
     CacheCorruptionError,
     IncompatibleCacheError,
     InvalidRequestError,
     UnauthenticatedEntryError,
 )
-from prophet_rag.keys import FORMAT_VERSION, chunk_key, kv_spec, model_fingerprint, tokenizer_fingerprint
 
 MAGIC = b"PRKV"
 _FRAME = struct.Struct("<4sIIII")

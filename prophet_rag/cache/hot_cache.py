@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prophet_rag.chunk_kv import ChunkKV
-from prophet_rag.codec import EntryMeta
+from prophet_rag.cache.codec import EntryMeta
+from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.errors import InvalidRequestError
 
 if TYPE_CHECKING:
-    from prophet_rag.chunk_cache import ChunkRef
+    from prophet_rag.cache.chunk_cache import ChunkRef
 
 
 @dataclass(frozen=True)

@@ -41,16 +41,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prophet_rag import codec
-from prophet_rag.chunk_kv import ChunkKV
-from prophet_rag.codec import EntryMeta, Header, Sealer
+from prophet_rag.cache import codec
+from prophet_rag.cache.codec import EntryMeta, Header, Sealer
+from prophet_rag.cache.keys import FORMAT_VERSION, chunk_key
+from prophet_rag.cache.store import load_key, refusal_counter
+from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import CacheCorruptionError, IncompatibleCacheError, InvalidRequestError, StoreError
-from prophet_rag.keys import FORMAT_VERSION, chunk_key
-from prophet_rag.store import load_key, refusal_counter
 
 if TYPE_CHECKING:
-    from prophet_rag.chunk_cache import ChunkRef
+    from prophet_rag.cache.chunk_cache import ChunkRef
 
 logger = logging.getLogger(__name__)
 

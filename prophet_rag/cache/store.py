@@ -38,9 +38,11 @@ import diskcache
 import torch
 from diskcache.core import DEFAULT_SETTINGS, EVICTION_POLICY, METADATA, MODE_BINARY, UNKNOWN
 
-from prophet_rag import codec, store_files
-from prophet_rag.chunk_kv import ChunkKV
-from prophet_rag.codec import EntryMeta, Header, Sealer
+from prophet_rag.cache import codec, store_files
+from prophet_rag.cache.codec import EntryMeta, Header, Sealer
+from prophet_rag.cache.keys import chunk_key
+from prophet_rag.cache.store_files import Staging, ValueFiles
+from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import (
     CacheCorruptionError,
@@ -49,11 +51,9 @@ from prophet_rag.errors import (
     StoreError,
     UnauthenticatedEntryError,
 )
-from prophet_rag.keys import chunk_key
-from prophet_rag.store_files import Staging, ValueFiles
 
 if TYPE_CHECKING:
-    from prophet_rag.chunk_cache import ChunkRef, KVTier
+    from prophet_rag.cache.chunk_cache import ChunkRef, KVTier
 
 logger = logging.getLogger(__name__)
 

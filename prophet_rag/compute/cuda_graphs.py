@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 import torch
 
-from prophet_rag.model_adapter import ModelAdapter
-from prophet_rag.selectors import query_relevance
-from prophet_rag.stitched import Scoring, StitchedCache, forward_rows
+from prophet_rag.compute.model_adapter import ModelAdapter
+from prophet_rag.compute.stitched import Scoring, StitchedCache, forward_rows
+from prophet_rag.selection.request import query_relevance
 
 ROW_BUCKETS = (8, 16, 32, 64, 128, 256)
 KEY_GRANULE = 1024

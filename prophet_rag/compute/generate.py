@@ -11,9 +11,9 @@ from collections.abc import Collection, Iterator
 
 import torch
 
+from prophet_rag.compute.model_adapter import ModelAdapter
+from prophet_rag.compute.stitched import StitchedCache, forward_rows
 from prophet_rag.config import GenerationConfig
-from prophet_rag.model_adapter import ModelAdapter
-from prophet_rag.stitched import StitchedCache, forward_rows
 
 
 @torch.inference_mode()

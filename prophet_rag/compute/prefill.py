@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from prophet_rag.chunk_kv import ChunkKV
-from prophet_rag.model_adapter import ModelAdapter
-from prophet_rag.stitched import StitchedCache, forward_rows
+from prophet_rag.compute.chunk_kv import ChunkKV
+from prophet_rag.compute.model_adapter import ModelAdapter
+from prophet_rag.compute.stitched import StitchedCache, forward_rows
 
 # Rows per batch (batch size x padded length): bounds the peak activation memory of one batch.
 _MAX_BATCH_TOKENS = 8192

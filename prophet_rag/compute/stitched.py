@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prophet_rag.compute.model_adapter import ModelAdapter
 from prophet_rag.kernels import attention_plan, rope_shift, sparse_attention, stage1_attention
-from prophet_rag.model_adapter import ModelAdapter
 
 RowFilter = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """Called as filter(layer, rows, fresh_k, fresh_v) before the cache is updated; returns the row positions (indices

@@ -17,9 +17,9 @@ from functools import cached_property
 
 import torch
 
+from prophet_rag.compute.model_adapter import ModelAdapter
+from prophet_rag.compute.stitched import RowFilter, Scoring, StitchedCache, forward_rows
 from prophet_rag.config import SelectionConfig
-from prophet_rag.model_adapter import ModelAdapter
-from prophet_rag.stitched import RowFilter, Scoring, StitchedCache, forward_rows
 
 
 @dataclass

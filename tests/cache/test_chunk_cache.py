@@ -7,15 +7,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from prophet_rag.chunk_cache import ChunkCache, ChunkRef, KVTier, build_tiers
-from prophet_rag.chunk_kv import ChunkKV
-from prophet_rag.codec import EntryMeta
+from prophet_rag.cache.chunk_cache import ChunkCache, ChunkRef, KVTier, build_tiers
+from prophet_rag.cache.codec import EntryMeta
+from prophet_rag.cache.hot_cache import HotCache
+from prophet_rag.cache.store import KVStore
+from prophet_rag.compute.chunk_kv import ChunkKV
+from prophet_rag.compute.stitched import StitchedCache
 from prophet_rag.config import GenerationConfig, StoreConfig
 from prophet_rag.errors import CacheCorruptionError
-from prophet_rag.hot_cache import HotCache
 from prophet_rag.layout import RequestLayout
-from prophet_rag.stitched import StitchedCache
-from prophet_rag.store import KVStore
 from tiny import CHUNKS, QUERY
 
 GEN = GenerationConfig(max_new_tokens=4, eos_token_ids=(10**6,))
@@ -253,7 +253,7 @@ def test_a_pipelined_load_fills_each_layer_in_the_background():
 
 
 def test_a_failing_layer_makes_the_request_start_over():
-    from prophet_rag.chunk_cache import StaleBlocksError
+    from prophet_rag.cache.chunk_cache import StaleBlocksError
 
     tier = LayeredDictTier()
     layout = _layout([2, 3])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prophet_rag.chunk_cache import ChunkRef
-from prophet_rag.chunk_kv import ChunkKV
+from prophet_rag.cache.chunk_cache import ChunkRef
+from prophet_rag.cache.hot_cache import HotCache
+from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.config import GenerationConfig
 from prophet_rag.errors import InvalidRequestError
-from prophet_rag.hot_cache import HotCache
 from tiny import CHUNKS, QUERY
 
 GEN = GenerationConfig(max_new_tokens=4, eos_token_ids=(10**6,))

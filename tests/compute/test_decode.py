@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from prophet_rag.compute.generate import decode, decode_one
+from prophet_rag.compute.prefill import prefill_full
 from prophet_rag.config import GenerationConfig
-from prophet_rag.generate import decode, decode_one
-from prophet_rag.prefill import prefill_full
 from tiny import CHUNKS, QUERY
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prophet_rag.compute.generate import TextAssembler, sample
 from prophet_rag.config import GenerationConfig
-from prophet_rag.generate import TextAssembler, sample
 from tiny import CHUNKS, QUERY, tiny_tokenizer
 
 

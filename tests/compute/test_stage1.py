@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prophet_rag.kernels import use_backend
-from prophet_rag.selectors import default_infoflow_layers, query_relevance
+from prophet_rag.selection.request import default_infoflow_layers, query_relevance
 from tiny import CHUNKS, QUERY
 
 # The interpreter evaluates masked-off lanes too (log2(0) for an empty split, 0 / 0 for padding rows), and numpy warns.

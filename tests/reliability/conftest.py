@@ -24,7 +24,7 @@ def engine_on(make_engine, store_dir):
 
 @pytest.fixture
 def store(store_dir):
-    from prophet_rag.store import KVStore
+    from prophet_rag.cache.store import KVStore
 
     with KVStore(StoreConfig(directory=store_dir, size_limit_bytes=64 * 2**20, max_entry_bytes=16 * 2**20)) as kv:
         yield kv

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from kvstore_helpers import put, value_files, value_path
-from prophet_rag import store_files
+from prophet_rag.cache import store_files
+from prophet_rag.cache.store import KVStore
 from prophet_rag.config import StoreConfig
-from prophet_rag.store import KVStore
 
 WRITERS = 3
 ROUNDS = 4
@@ -30,7 +30,7 @@ sys.path.insert(0, {tests!r})
 import torch
 from kvstore_helpers import make_chunk, meta_for
 from prophet_rag.config import StoreConfig
-from prophet_rag.store import KVStore
+from prophet_rag.cache.store import KVStore
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # killed writers are reaped by the kernel
 meta = meta_for(layers=4, heads=4, head_dim=64)
 for line in sys.stdin:  # one writer per line; a fork is much cheaper than a new interpreter importing torch

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from kvstore_helpers import put, rewrite, value_path
+from prophet_rag.cache.store import KVStore
 from prophet_rag.cli import main
 from prophet_rag.config import StoreConfig, default_store_dir
 from prophet_rag.errors import InvalidRequestError, StoreError
-from prophet_rag.store import KVStore
 
 
 def _one_error_line(capsys) -> str:

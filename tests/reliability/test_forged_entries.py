@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvstore_helpers import answer, chunk_refs, forge, forged_bytes, rewrite, value_path
-from prophet_rag import codec
+from prophet_rag.cache import codec
 from tiny import CHUNKS
 
 KEY = "an authentication key of 32 bytes or more, for the tests"

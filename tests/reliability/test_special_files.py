@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from kvstore_helpers import answer, chunk_refs, put, sql, value_path
+from prophet_rag.cache.store import KVStore
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import CacheCorruptionError, StoreError
-from prophet_rag.store import KVStore
 
 
 def _within(seconds, fn):
@@ -110,7 +110,7 @@ sys.path.insert(0, {tests!r})
 from kvstore_helpers import make_chunk, meta_for
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import StoreError
-from prophet_rag.store import KVStore
+from prophet_rag.cache.store import KVStore
 meta = meta_for()
 store = KVStore(StoreConfig(directory={store!r}))
 for seed in range(10):

@@ -5,8 +5,8 @@ import sqlite3
 import pytest
 
 from kvstore_helpers import WIDE, put, sql
+from prophet_rag.cache.store import KVStore
 from prophet_rag.config import StoreConfig
-from prophet_rag.store import KVStore
 
 TAMPERED = [
     ("disk_evil", 1),  # diskcache passed it to Disk(...): a raw TypeError on open

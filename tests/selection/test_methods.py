@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prophet_rag import selectors
 from prophet_rag.config import SelectionConfig
-from prophet_rag.selectors import budget_for, default_infoflow_layers, lexical_relevance, plan, top_slots
+from prophet_rag.selection import request as selectors
+from prophet_rag.selection.request import budget_for, default_infoflow_layers, lexical_relevance, plan, top_slots
 from tiny import CHUNKS, QUERY
 
 METHODS = ("reuse", "random", "epic", "prophet", "infoflow", "cacheblend", "prophet_plus", "prophet_focus")
@@ -75,7 +75,7 @@ def test_random_selection_depends_on_seed_only(make_engine):
 
 
 def test_prophet_scores_are_bounded_attention_mass(make_engine):
-    from prophet_rag.selectors import query_relevance
+    from prophet_rag.selection.request import query_relevance
 
     engine = make_engine("llama")
     cache, suffix = _stitched(engine)
@@ -148,7 +148,7 @@ def test_prophet_focus_moves_every_chunk_anchored_at_a_fifth_of_the_best_in_orde
 
 
 def test_anchored_relevance_counts_attention_on_rare_question_words_only():
-    from prophet_rag.selectors import anchored_relevance
+    from prophet_rag.selection.request import anchored_relevance
 
     chunks = [torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4]), torch.tensor([1, 5, 6]), torch.tensor([1, 7, 8])]
     mass = torch.tensor([9.0, 0, 0, 0, 0, 0.5, 5, 5, 5, 5, 5, 5])  # heavy on the shared token 1 and on others
@@ -190,13 +190,13 @@ def _span_of(cache, chunk):
                                                  ([0, 0, 0, 0, 0, 9], 4, (2, 6)), ([0, 1, 0], 7, (0, 3)),
                                                  ([0, 0, 2, 0, 0, 3], 2, (4, 6)), ([1, 2, 3], 0, (2, 2))])
 def test_anchor_window_is_centred_on_the_strongest_anchor_inside_the_chunk(weights, size, window):
-    from prophet_rag.selectors import anchor_window
+    from prophet_rag.selection.request import anchor_window
 
     assert anchor_window(torch.tensor(weights, dtype=torch.float32), size) == window
 
 
 def test_anchored_weights_are_attention_on_rare_question_words_per_token():
-    from prophet_rag.selectors import anchored_weights
+    from prophet_rag.selection.request import anchored_weights
 
     chunks = [torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4]), torch.tensor([1, 5, 6]), torch.tensor([1, 7, 8])]
     mass = torch.tensor([9.0, 0, 0, 0, 0, 0.5, 5, 5, 5, 5, 5, 5])

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prophet_rag import config, selectors
+from prophet_rag import config
 from prophet_rag.bench.runner import BenchConfig
 from prophet_rag.cli import build_parser
 from prophet_rag.config import GenerationConfig, SelectionConfig
 from prophet_rag.errors import InvalidRequestError
+from prophet_rag.selection import request as selectors
 from tiny import CHUNKS, QUERY
 
 

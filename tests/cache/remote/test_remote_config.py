@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from prophet_rag.cache.remote import CircuitBreaker
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import InvalidRequestError
-from prophet_rag.remote_tier import CircuitBreaker
 
 
 def _config(tmp_path, **options) -> StoreConfig:

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from kvstore_helpers import WIDE, assert_same_chunk, make_chunk
+from prophet_rag.cache.remote import RedisTier
 from prophet_rag.config import StoreConfig
-from prophet_rag.remote_tier import RedisTier
 from remote_helpers import DOCS, GEN, engine_over, fingerprint
 
 MORE = [f"Log {i}: the pump house of site {i} holds {i + 2} pumps." for i in range(8)]

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from kvstore_helpers import WIDE, assert_same_chunk, make_chunk, meta_for
-from prophet_rag import codec
-from prophet_rag.codec import Sealer
+from prophet_rag.cache import codec
+from prophet_rag.cache.codec import Sealer
+from prophet_rag.cache.remote import RedisTier
+from prophet_rag.cache.store import KVStore
 from prophet_rag.errors import InvalidRequestError, StoreError
-from prophet_rag.remote_tier import RedisTier
-from prophet_rag.store import KVStore
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from prophet_rag.cache.store import KVStore
 from prophet_rag.config import StoreConfig
-from prophet_rag.store import KVStore
 
 
 @pytest.fixture

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from kvstore_helpers import SINK, make_chunk, meta_for
-from prophet_rag import codec
-from prophet_rag.codec import EntryMeta, Sealer, encode, parse_header
+from prophet_rag.cache import codec
+from prophet_rag.cache.codec import EntryMeta, Sealer, encode, parse_header
+from prophet_rag.cache.keys import FORMAT_VERSION, chunk_key
 from prophet_rag.errors import (
     CacheCorruptionError,
     IncompatibleCacheError,
     InvalidRequestError,
     UnauthenticatedEntryError,
 )
-from prophet_rag.keys import FORMAT_VERSION, chunk_key
 
 KEYLESS = Sealer(None)
 KEYED = Sealer(codec.derive_key(b"k" * 32))

@@ -4,8 +4,8 @@ import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
 
 from kvstore_helpers import assert_same_chunk, file_chunk, meta_for, value_files
+from prophet_rag.cache.store import KVStore
 from prophet_rag.config import StoreConfig
-from prophet_rag.store import KVStore
 
 WORKERS = 4
 SHARED_SEED = 100

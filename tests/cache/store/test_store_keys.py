@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from prophet_rag.keys import FORMAT_VERSION, chunk_key, kv_spec, model_fingerprint, tokenizer_fingerprint
+from prophet_rag.cache.keys import FORMAT_VERSION, chunk_key, kv_spec, model_fingerprint, tokenizer_fingerprint
 from tiny import tiny_model, tiny_tokenizer
 
 MODEL_FP = "m" * 64
@@ -103,10 +103,10 @@ def test_keys_and_fingerprints_are_identical_in_another_process(tmp_path):
     # Python's hash() of str/bytes is salted per process; a key that used it would differ here.
     script = f"""
 import json, sys
-sys.path.append({str(Path(__file__).resolve().parents[1])!r})
+sys.path.append({str(Path(__file__).resolve().parents[2])!r})
 import torch
 from tiny import tiny_model, tiny_tokenizer
-from prophet_rag.keys import chunk_key, kv_spec, model_fingerprint, tokenizer_fingerprint
+from prophet_rag.cache.keys import chunk_key, kv_spec, model_fingerprint, tokenizer_fingerprint
 print(json.dumps(dict(
     key=chunk_key({MODEL_FP!r}, {TOKENIZER_FP!r}, kv_spec(torch.float16, {SHAPE!r}), [5, 6, 7], [1, 2]),
     model=model_fingerprint(tiny_model("llama", seed=0)),

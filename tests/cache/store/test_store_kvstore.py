@@ -24,11 +24,11 @@ from kvstore_helpers import (
     value_files,
     value_path,
 )
-from prophet_rag import store as store_module
-from prophet_rag import store_files
+from prophet_rag.cache import store as store_module
+from prophet_rag.cache import store_files
+from prophet_rag.cache.store import KVStore, StoreStats
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import CacheCorruptionError, InvalidRequestError
-from prophet_rag.store import KVStore, StoreStats
 
 
 @pytest.fixture

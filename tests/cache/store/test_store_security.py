@@ -11,9 +11,9 @@ import diskcache
 import pytest
 
 from kvstore_helpers import db_row, make_chunk, meta_for, put, update_row, value_files, value_path
+from prophet_rag.cache.store import KVStore, SafeDisk
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import CacheCorruptionError, StoreError
-from prophet_rag.store import KVStore, SafeDisk
 
 
 class _Touch:
@@ -187,7 +187,7 @@ def test_readable_existing_directory_is_accepted_with_a_warning_and_files_stay_p
     directory = tmp_path / "kv-store"
     directory.mkdir(mode=0o755)  # what `mkdir kv-store` gives under the usual umask
     directory.chmod(0o755)
-    with caplog.at_level(logging.WARNING, logger="prophet_rag.store_files"), KVStore(_config(directory)) as store:
+    with caplog.at_level(logging.WARNING, logger="prophet_rag.cache.store_files"), KVStore(_config(directory)) as store:
         put(store)
     assert "mode 0o755" in caplog.text and "chmod 700" in caplog.text
     for path in [directory / "cache.db", *value_files(directory)]:
