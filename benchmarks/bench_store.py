@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from prophet_rag.cache.chunk_cache import ChunkRef
 from prophet_rag.cache.codec import EntryMeta
 from prophet_rag.cache.keys import chunk_key
 from prophet_rag.cache.store import KVStore
+from prophet_rag.cache.tier import ChunkRef
 from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.config import StoreConfig
 

@@ -160,7 +160,7 @@ class StoreConfig:
     XXH3 checksum, which catches corruption but not forgery (see README, "The store").
 
     `remote_url` (`redis://host:port/db`, or `rediss://` for TLS) adds a shared tier on a Redis or Valkey server
-    behind the disk store (remote_tier.py); it requires an authentication key, since other machines write it. The
+    behind the disk store (cache/remote.py); it requires an authentication key, since other machines write it. The
     password is read from the environment variable `remote_password_env` (never written into the config), the ACL
     user is `remote_username`. Every operation on the server waits at most `remote_timeout_s`; after
     `remote_breaker_failures` failures in a row the server is skipped for `remote_breaker_cooldown_s`, then probed

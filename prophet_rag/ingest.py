@@ -71,7 +71,7 @@ class Planned:
     name: str
     status: str
     ref: object = None
-    """The `chunk_cache.ChunkRef` of a chunk to compute."""
+    """The `cache.tier.ChunkRef` of a chunk to compute."""
     reason: str = ""
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from prophet_rag.cache.chunk_cache import ChunkRef
 from prophet_rag.cache.codec import EntryMeta
 from prophet_rag.cache.keys import chunk_key
+from prophet_rag.cache.tier import ChunkRef
 from prophet_rag.compute.chunk_kv import ChunkKV
 
 LAYERS, HEADS, HEAD_DIM = 2, 2, 4

@@ -2,7 +2,7 @@
 
 A tier is one class behind the `KVTier` protocol; `build_tiers` is the one list of them, fastest first: the
 in-memory tiers (`hot_cache.HotCache`, on the model's device and in host memory), the persistent disk store
-(`store.KVStore`) and, when configured, a server shared by replicas (`remote_tier.RedisTier`). A
+(`store.KVStore`) and, when configured, a server shared by replicas (`remote.RedisTier`). A
 lookup walks the tiers in order and the tier that holds the chunk writes it straight into its slots of the request's
 stitched cache (or hands its tensors over to be copied there); the faster tiers that missed it get a copy; a chunk no
 tier holds is computed (isolated prefill), copied into its slots and written to every tier. The cache owns the key
@@ -14,85 +14,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import torch
 
 from prophet_rag.cache.codec import EntryMeta
+from prophet_rag.cache.hot_cache import HotCache
 from prophet_rag.cache.keys import chunk_key
+from prophet_rag.cache.remote import RedisTier
+from prophet_rag.cache.store import KVStore
+from prophet_rag.cache.tier import ChunkRef, KVTier, LayeredEntry, LayeredTier
 from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.compute.stitched import StitchedCache
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import CacheCorruptionError, InvalidRequestError
 from prophet_rag.layout import RequestLayout
-
-
-@dataclass(frozen=True)
-class ChunkRef:
-    """One segment's KV as a tier is asked for it: the store key and what the key was derived from."""
-
-    key: str
-    token_ids: torch.Tensor
-    """`[T]` int64 on the CPU: the segment's tokens."""
-    sink_ids: torch.Tensor
-    """`[s]` int64 on the CPU: the tokens it was computed behind (empty for the exact prefix)."""
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.token_ids.numel())
-
-    @property
-    def positions(self) -> torch.Tensor:
-        """`[T]` the positions its keys were computed at: right after the sink."""
-        start = int(self.sink_ids.numel())
-        return torch.arange(start, start + self.num_tokens)
-
-
-@runtime_checkable
-class KVTier(Protocol):
-    """One place chunk KV can live. Content problems never raise out of `get`/`put`: they are counted in `stats`
-    and mean a miss (the chunk is then recomputed), never a wrong answer."""
-
-    name: str
-
-    def get(self, ref: ChunkRef, meta: EntryMeta, out: torch.Tensor | None = None) -> ChunkKV | None:
-        """The chunk `ref` names, checked against `ref` and `meta` (model, layout, shapes), or None.
-
-        `out` is where the caller will put the KV, `[L, 2, T, H_kv, D]` in `meta`'s dtype on the model's device,
-        typically a view of the request's stitched cache. A tier that reads or converts the KV anyway writes it
-        there and returns a `ChunkKV` whose `kv` is `out`; a tier that holds the KV ready returns its own tensors.
-        """
-
-    def put(self, ref: ChunkRef, chunk: ChunkKV, meta: EntryMeta) -> bool:
-        """Keep `chunk` under `ref.key`; True when the key now holds an entry. `chunk` stays the caller's: a tier
-        that keeps tensors keeps copies of views it does not own."""
-
-    def contains(self, key: str) -> bool: ...
-
-    def stats(self) -> object:
-        """A frozen dataclass of this tier's counters."""
-
-    def close(self) -> None: ...
-
-
-class LayeredEntry(Protocol):
-    """A stored chunk opened for reading layer by layer (`store.StoredEntry`)."""
-
-    num_layers: int
-
-    def read_layers(self, start: int, stop: int, out: torch.Tensor) -> None:
-        """Read and check layers `[start, stop)` into `out[start:stop]`; raises CacheCorruptionError (the entry is
-        then discarded and counted by its tier)."""
-
-    def close(self) -> None: ...
-
-
-@runtime_checkable
-class LayeredTier(KVTier, Protocol):
-    """A tier that can also hand out an entry to be read layer by layer, so a request can start on layer 0 while
-    later layers are still being read (the disk store)."""
-
-    def open(self, ref: ChunkRef, meta: EntryMeta) -> LayeredEntry | None: ...
 
 
 class StaleBlocksError(Exception):
@@ -170,10 +105,6 @@ def build_tiers(store: StoreConfig | KVTier | None, hot_cache_bytes: int = 0, ho
     """The tier list, fastest first: device memory, host memory, the disk store, and with `StoreConfig.remote_url`
     the shared server (for `meta`'s model, whose fingerprint names its namespace there). `store` is a `StoreConfig`
     (None: the default directory) or an open store."""
-    from prophet_rag.cache.hot_cache import HotCache
-    from prophet_rag.cache.remote import RedisTier
-    from prophet_rag.cache.store import KVStore
-
     memory, host = HotCache(hot_cache_bytes), HotCache(host_cache_bytes, host=True)
     disk = store if isinstance(store, KVTier) else KVStore(store or StoreConfig())
     config = getattr(disk, "config", None)

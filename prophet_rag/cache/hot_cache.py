@@ -13,16 +13,13 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from prophet_rag.cache.codec import EntryMeta
+from prophet_rag.cache.tier import ChunkRef
 from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.errors import InvalidRequestError
-
-if TYPE_CHECKING:
-    from prophet_rag.cache.chunk_cache import ChunkRef
 
 
 @dataclass(frozen=True)
@@ -38,7 +35,7 @@ class HotCache:
     """Least-recently-used chunk KV, keyed by store key, bounded by `limit_bytes` of KV (0 disables it); with
     `host`, kept in host memory (pinned when CUDA is available) rather than on the device it arrives from.
 
-    A `chunk_cache.KVTier`: its entries only ever come from this process's engine (computed, or read from a slower
+    A `tier.KVTier`: its entries only ever come from this process's engine (computed, or read from a slower
     tier that checked them), so `get` does not check them again.
     """
 

@@ -37,7 +37,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -45,12 +44,10 @@ from prophet_rag.cache import codec
 from prophet_rag.cache.codec import EntryMeta, Header, Sealer
 from prophet_rag.cache.keys import FORMAT_VERSION, chunk_key
 from prophet_rag.cache.store import load_key, refusal_counter
+from prophet_rag.cache.tier import ChunkRef
 from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import CacheCorruptionError, IncompatibleCacheError, InvalidRequestError, StoreError
-
-if TYPE_CHECKING:
-    from prophet_rag.cache.chunk_cache import ChunkRef
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +159,7 @@ def _wrong_type(error: Exception) -> bool:
 
 class RedisTier:
     """Chunk KV on a Redis/Valkey server (`StoreConfig.remote_url`), for the chunks of the model `model_fp` names.
-    A `chunk_cache.KVTier`; safe to share between threads and to use from forked processes."""
+    A `tier.KVTier`; safe to share between threads and to use from forked processes."""
 
     name = "remote"
 

@@ -32,7 +32,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import diskcache
 import torch
@@ -42,6 +41,7 @@ from prophet_rag.cache import codec, store_files
 from prophet_rag.cache.codec import EntryMeta, Header, Sealer
 from prophet_rag.cache.keys import chunk_key
 from prophet_rag.cache.store_files import Staging, ValueFiles
+from prophet_rag.cache.tier import ChunkRef, KVTier
 from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import (
@@ -51,9 +51,6 @@ from prophet_rag.errors import (
     StoreError,
     UnauthenticatedEntryError,
 )
-
-if TYPE_CHECKING:
-    from prophet_rag.cache.chunk_cache import ChunkRef, KVTier
 
 logger = logging.getLogger(__name__)
 
@@ -349,7 +346,7 @@ class StoredEntry:
 class KVStore:
     """Chunk KV caches on disk, keyed by `keys.chunk_key`, bounded by `StoreConfig.size_limit_bytes`.
 
-    Safe to share between threads, and between processes that open the same directory. A `chunk_cache.KVTier`.
+    Safe to share between threads, and between processes that open the same directory. A `tier.KVTier`.
     `create=False` opens an existing store only (the CLI's inspection commands must not create folders).
     """
 

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from prophet_rag.cache.chunk_cache import ChunkCache, ChunkRef, KVTier, build_tiers
+from prophet_rag.cache.chunk_cache import ChunkCache, build_tiers
 from prophet_rag.cache.codec import EntryMeta
 from prophet_rag.cache.hot_cache import HotCache
 from prophet_rag.cache.store import KVStore
+from prophet_rag.cache.tier import ChunkRef, KVTier
 from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.compute.stitched import StitchedCache
 from prophet_rag.config import GenerationConfig, StoreConfig

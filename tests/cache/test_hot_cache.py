@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prophet_rag.cache.chunk_cache import ChunkRef
 from prophet_rag.cache.hot_cache import HotCache
+from prophet_rag.cache.tier import ChunkRef
 from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.config import GenerationConfig
 from prophet_rag.errors import InvalidRequestError

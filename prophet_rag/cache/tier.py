@@ -1,0 +1,83 @@
+"""The tier protocol: one place chunk KV can live (`KVTier`), and `ChunkRef`, the segment a tier is asked for.
+
+Every tier (`hot_cache.HotCache`, `store.KVStore`, `remote.RedisTier`) implements `KVTier`; the chunk cache
+(`chunk_cache.ChunkCache`) walks a list of them. Both sides import this module, neither imports the other's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from prophet_rag.cache.codec import EntryMeta
+from prophet_rag.compute.chunk_kv import ChunkKV
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """One segment's KV as a tier is asked for it: the store key and what the key was derived from."""
+
+    key: str
+    token_ids: torch.Tensor
+    """`[T]` int64 on the CPU: the segment's tokens."""
+    sink_ids: torch.Tensor
+    """`[s]` int64 on the CPU: the tokens it was computed behind (empty for the exact prefix)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.numel())
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """`[T]` the positions its keys were computed at: right after the sink."""
+        start = int(self.sink_ids.numel())
+        return torch.arange(start, start + self.num_tokens)
+
+
+@runtime_checkable
+class KVTier(Protocol):
+    """One place chunk KV can live. Content problems never raise out of `get`/`put`: they are counted in `stats`
+    and mean a miss (the chunk is then recomputed), never a wrong answer."""
+
+    name: str
+
+    def get(self, ref: ChunkRef, meta: EntryMeta, out: torch.Tensor | None = None) -> ChunkKV | None:
+        """The chunk `ref` names, checked against `ref` and `meta` (model, layout, shapes), or None.
+
+        `out` is where the caller will put the KV, `[L, 2, T, H_kv, D]` in `meta`'s dtype on the model's device,
+        typically a view of the request's stitched cache. A tier that reads or converts the KV anyway writes it
+        there and returns a `ChunkKV` whose `kv` is `out`; a tier that holds the KV ready returns its own tensors.
+        """
+
+    def put(self, ref: ChunkRef, chunk: ChunkKV, meta: EntryMeta) -> bool:
+        """Keep `chunk` under `ref.key`; True when the key now holds an entry. `chunk` stays the caller's: a tier
+        that keeps tensors keeps copies of views it does not own."""
+
+    def contains(self, key: str) -> bool: ...
+
+    def stats(self) -> object:
+        """A frozen dataclass of this tier's counters."""
+
+    def close(self) -> None: ...
+
+
+class LayeredEntry(Protocol):
+    """A stored chunk opened for reading layer by layer (`store.StoredEntry`)."""
+
+    num_layers: int
+
+    def read_layers(self, start: int, stop: int, out: torch.Tensor) -> None:
+        """Read and check layers `[start, stop)` into `out[start:stop]`; raises CacheCorruptionError (the entry is
+        then discarded and counted by its tier)."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class LayeredTier(KVTier, Protocol):
+    """A tier that can also hand out an entry to be read layer by layer, so a request can start on layer 0 while
+    later layers are still being read (the disk store)."""
+
+    def open(self, ref: ChunkRef, meta: EntryMeta) -> LayeredEntry | None: ...
