@@ -3,7 +3,7 @@
     python benchmarks/profile_stage1.py --random-llama3-8b --device cuda --tokens 16000   # the shape
     python benchmarks/profile_stage1.py --tokens 1000                                     # embedded model, CPU
 
-Stage I two ways on the same stitched cache: the engine's path (`selectors.query_relevance`: forward_rows with one
+Stage I two ways on the same stitched cache: the engine's path (`scoring.query_relevance`: forward_rows with one
 fused stage1_attention call per layer) and `cuda_graphs.GraphedPasses` (the same pass captured as a CUDA graph;
 eager on CPU). Then Stage II (forward_rows over the top `--ratio` of the
 context plus the question), the question alone (what `reuse` runs) and one decode step, eager and graphed.
@@ -27,8 +27,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from prophet_rag import ProphetEngine, StoreConfig
 from prophet_rag.compute.cuda_graphs import GraphedPasses
+from prophet_rag.compute.scoring import query_relevance
 from prophet_rag.compute.stitched import forward_rows
-from prophet_rag.selection.request import budget_for, query_relevance, top_slots
+from prophet_rag.selection.request import budget_for, top_slots
 
 LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch"}
 

@@ -26,9 +26,9 @@ if TYPE_CHECKING:
     from prophet_rag.engine import AnswerStream as AnswerStream
     from prophet_rag.engine import ProphetEngine as ProphetEngine
     from prophet_rag.layout import DOCUMENTS as DOCUMENTS
+    from prophet_rag.methods import METHODS as METHODS
     from prophet_rag.results import Answer as Answer
     from prophet_rag.results import RequestStats as RequestStats
-    from prophet_rag.selection.request import METHODS as METHODS
 
 __version__ = "0.1.0"
 
@@ -39,7 +39,7 @@ _LAZY = {
     "Answer": "prophet_rag.results",
     "RequestStats": "prophet_rag.results",
     "KVStore": "prophet_rag.cache.store",
-    "METHODS": "prophet_rag.selection.request",
+    "METHODS": "prophet_rag.methods",
     "DOCUMENTS": "prophet_rag.layout",
 }
 

@@ -8,10 +8,10 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from prophet_rag.cache.keys import STORAGES
-from prophet_rag.config import METHODS, GenerationConfig, SelectionConfig, StoreConfig, default_store_dir
+from prophet_rag.config import STORAGES, GenerationConfig, SelectionConfig, StoreConfig, default_store_dir
 from prophet_rag.errors import ProphetRAGError
 from prophet_rag.ingest import RAY_INSTALL, read_document, text_files
+from prophet_rag.methods import METHODS
 
 
 def _progress(message: str) -> None:

@@ -15,19 +15,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from prophet_rag.errors import InvalidRequestError
+from prophet_rag.methods import REGISTRY
 
 DEFAULT_INSTRUCTION = (
     "Answer the question using the documents below. Only give the answer and do not output any other words."
 )
-
-
-def __getattr__(name: str):
-    # The method names live in the selector registry, which imports torch; `import prophet_rag` must stay light.
-    if name == "METHODS":
-        from prophet_rag.selection.request import METHODS
-
-        return METHODS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _is_number(value: object) -> bool:
@@ -71,8 +63,6 @@ class SelectionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from prophet_rag.selection.request import REGISTRY
-
         if self.method not in REGISTRY:
             raise InvalidRequestError(f"unknown method {self.method!r}; choose one of {', '.join(REGISTRY)}.")
         _check_ratio("ratio", self.ratio)
@@ -146,6 +136,11 @@ class PromptConfig:
             )
 
 
+STORAGES = ("lossless", "bfloat16", "float8_e4m3")
+"""How stored KV is encoded (`StoreConfig.kv_storage`): as computed, or compacted to bf16 or to fp8 (e4m3, one scale
+per layer, K/V and head)."""
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Where chunk KV caches are kept: a diskcache directory bounded by `size_limit_bytes` (LRU eviction).
@@ -194,8 +189,6 @@ class StoreConfig:
         policies = ("least-recently-used", "least-recently-stored", "least-frequently-used")
         if self.eviction_policy not in policies:
             raise InvalidRequestError(f"eviction_policy must be one of {policies}, got {self.eviction_policy!r}.")
-        from prophet_rag.cache.keys import STORAGES
-
         if self.kv_storage not in STORAGES:
             raise InvalidRequestError(f"kv_storage must be one of {STORAGES}, got {self.kv_storage!r}.")
         if self.auth_key_file is not None and self.auth_key_env is not None:

@@ -3,7 +3,7 @@
 A request runs as a pipeline: lay out `prefix | chunks | suffix` (layout.py); get every segment's KV from the
 chunk cache, computing what no tier holds (chunk_cache.py); let the selection method order the chunks and stitch
 their blocks behind the exact prefix, re-rotated to their global positions (stitched.py); let the method pick the
-context tokens to recompute (selectors.py); recompute them with the suffix (stitched.forward_rows); decode
+context tokens to recompute (selection/); recompute them with the suffix (stitched.forward_rows); decode
 (generate.py). A method that reuses no cached KV (`full`) is plain full prefill over the same ids.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from prophet_rag import methods
 from prophet_rag.cache.chunk_cache import ChunkCache, LoadStats, StaleBlocksError, build_tiers
 from prophet_rag.cache.codec import EntryMeta
 from prophet_rag.cache.hot_cache import HotCache
@@ -37,7 +38,8 @@ from prophet_rag.config import GenerationConfig, PromptConfig, SelectionConfig, 
 from prophet_rag.errors import ContextWindowError, InvalidRequestError, ModelLoadError
 from prophet_rag.layout import PromptBuilder, RequestLayout
 from prophet_rag.results import Answer, RequestStats
-from prophet_rag.selection import request as selectors
+from prophet_rag.selection.request import Selection
+from prophet_rag.selection.request import plan as plan_recompute
 
 
 def _model_location(name_or_path: str | os.PathLike) -> str:
@@ -284,8 +286,8 @@ class ProphetEngine:
             raise InvalidRequestError(
                 f"infoflow_layers {selection.infoflow_layers} name a layer >= {layers}, the model's layer count."
             )
-        if selection.reorder_chunks and not selectors.get(selection.method).query_scored:
-            scored = ", ".join(m.name for m in selectors.REGISTRY.values() if m.query_scored)
+        if selection.reorder_chunks and not methods.get(selection.method).query_scored:
+            scored = ", ".join(m.name for m in methods.REGISTRY.values() if m.query_scored)
             raise InvalidRequestError(
                 f"reorder_chunks needs a query-scored method ({scored}), got {selection.method!r}."
             )
@@ -332,7 +334,7 @@ class ProphetEngine:
 
     def _prefill_once(self, layout: RequestLayout, selection: SelectionConfig, capacity: int,
                       pipeline: bool) -> Prefill:
-        method = selectors.get(selection.method)
+        method = methods.get(selection.method)
         t0 = time.perf_counter()
         if not method.reuses_cache or not layout.chunk_ids:
             cache, hidden = prefill_full(self.adapter, layout.joined_ids(), int(layout.prefix_ids.numel()), capacity,
@@ -340,7 +342,7 @@ class ProphetEngine:
             context = torch.arange(cache.prefix_len, cache.prefix_len + layout.context_tokens)
             return Prefill(cache, hidden, context, tuple(range(len(layout.chunk_ids))), 0.0, 0.0, 0.0,
                            time.perf_counter() - t0, 0, 0)
-        request = selectors.Selection(self.adapter, selection, layout.chunk_ids, layout.suffix_ids)
+        request = Selection(self.adapter, selection, layout.chunk_ids, layout.suffix_ids)
         first: list[tuple[StitchedCache, LoadStats, bool]] = []
 
         def assemble(order: Sequence[int], global_positions: bool) -> StitchedCache:
@@ -379,7 +381,7 @@ class ProphetEngine:
             cache.layer_ready = LayerGate(loaded.pending.wait, place)
         suffix_rows = cache.append_tokens(layout.suffix_ids.to(self.adapter.device))
         t3 = time.perf_counter()
-        plan = selectors.plan(self.adapter, cache, suffix_rows, selection, request)
+        plan = plan_recompute(self.adapter, cache, suffix_rows, selection, request)
         t4 = time.perf_counter()
         hidden, rows = forward_rows(self.adapter, cache, plan.rows, row_filter=plan.row_filter)
         t5 = time.perf_counter()
@@ -407,7 +409,7 @@ class ProphetEngine:
         tail = text.finish()
         if tail:
             yield tail
-        reused = selectors.get(selection.method).reuses_cache and bool(layout.chunk_ids)
+        reused = methods.get(selection.method).reuses_cache and bool(layout.chunk_ids)
         stats = RequestStats(
             method=selection.method if reused else "full",
             ratio=selection.ratio if reused else 1.0,

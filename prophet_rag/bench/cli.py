@@ -9,7 +9,7 @@ from pathlib import Path
 from prophet_rag.bench.report import write_reports
 from prophet_rag.bench.runner import BenchConfig, run_bench
 from prophet_rag.bench.tasks import TASKS, parse_span
-from prophet_rag.selection.request import METHODS
+from prophet_rag.methods import METHODS
 
 
 def _names(text: str) -> tuple[str, ...]:

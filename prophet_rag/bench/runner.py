@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
+from prophet_rag import methods
 from prophet_rag.bench import scoring
 from prophet_rag.bench.tasks import TASKS, Case, Span, load_jsonl, span_bounds
 from prophet_rag.config import GenerationConfig, SelectionConfig
 from prophet_rag.errors import InvalidRequestError
-from prophet_rag.selection import request as selectors
-from prophet_rag.selection.request import METHODS
+from prophet_rag.methods import METHODS
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class BenchConfig:
         """(method, ratio) pairs run for every case; ratio-free methods once, at ratio 1.0 (full) or 0.0 (reuse)."""
         pairs = []
         for method in self.methods:
-            entry = selectors.get(method)
+            entry = methods.get(method)
             if not entry.uses_ratio:  # once per case, at ratio 1.0 (full prefill) or 0.0 (nothing recomputed)
                 pairs.append((method, 0.0 if entry.reuses_cache else 1.0))
             else:

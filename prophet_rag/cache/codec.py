@@ -83,7 +83,7 @@ class EntryMeta:
     num_kv_heads: int
     head_dim: int
     storage: str = "lossless"
-    """How the store encodes it (`keys.STORAGES`)."""
+    """How the store encodes it (`config.STORAGES`)."""
 
     @cached_property
     def kv_spec(self) -> str:

@@ -15,12 +15,11 @@ from collections.abc import Sequence
 
 import torch
 
+from prophet_rag.config import STORAGES
+
 FORMAT_VERSION: int = 2
 """Version of the key derivation and of the stored entry format; bumping it orphans every existing entry.
 2: one value file per entry, header then per-layer tensor regions (codec.py)."""
-
-STORAGES = ("lossless", "bfloat16", "float8_e4m3")
-"""How stored KV is encoded: as computed, or compacted to bf16 or to fp8 (e4m3, one scale per layer, K/V and head)."""
 
 _CONFIG_FIELDS = (
     "model_type",

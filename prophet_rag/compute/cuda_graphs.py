@@ -24,8 +24,8 @@ from collections.abc import Callable
 import torch
 
 from prophet_rag.compute.model_adapter import ModelAdapter
+from prophet_rag.compute.scoring import query_relevance
 from prophet_rag.compute.stitched import Scoring, StitchedCache, forward_rows
-from prophet_rag.selection.request import query_relevance
 
 ROW_BUCKETS = (8, 16, 32, 64, 128, 256)
 KEY_GRANULE = 1024
@@ -98,7 +98,7 @@ class GraphedPasses:
         return self.passes[key]
 
     def stage1(self, suffix_rows: torch.Tensor, kind: str, layers: tuple[int, ...] | None) -> torch.Tensor:
-        """`selectors.query_relevance` on this cache: `[C]` scores of the chunk slots."""
+        """`scoring.query_relevance` on this cache: `[C]` scores of the chunk slots."""
         cache, device = self.cache, self.cache.kv.device
         rows = int(suffix_rows.numel())
         rows_b = bucket(rows, self.row_buckets)

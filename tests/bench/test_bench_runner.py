@@ -109,7 +109,7 @@ def test_bad_bench_config(tmp_path, kwargs, message):
 
 
 def test_end_to_end_tiny_model(make_engine, tmp_path):
-    from prophet_rag.config import METHODS
+    from prophet_rag.methods import METHODS
 
     engine = make_engine("llama")
     config = BenchConfig(tasks=("multi_key",), methods=METHODS, ratios=(0.2,), num_cases=1, num_chunks=3,

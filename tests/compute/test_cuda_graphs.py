@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from prophet_rag.compute.cuda_graphs import GraphedPasses, bucket, pad_rows, round_up
+from prophet_rag.compute.scoring import query_relevance
 from prophet_rag.compute.stitched import forward_rows
 from prophet_rag.kernels import use_backend
-from prophet_rag.selection.request import query_relevance
 from tiny import CHUNKS, QUERY
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -8,8 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from prophet_rag.compute.scoring import query_relevance
 from prophet_rag.kernels import use_backend
-from prophet_rag.selection.request import default_infoflow_layers, query_relevance
+from prophet_rag.selection.signals import default_infoflow_layers
 from tiny import CHUNKS, QUERY
 
 # The interpreter evaluates masked-off lanes too (log2(0) for an empty split, 0 / 0 for padding rows), and numpy warns.

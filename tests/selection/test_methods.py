@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prophet_rag import methods
 from prophet_rag.config import SelectionConfig
-from prophet_rag.selection import request as selectors
-from prophet_rag.selection.request import budget_for, default_infoflow_layers, lexical_relevance, plan, top_slots
+from prophet_rag.selection.request import Selection, budget_for, plan, top_slots
+from prophet_rag.selection.signals import FOCUS_SHARE, default_infoflow_layers, lexical_relevance
 from tiny import CHUNKS, QUERY
 
 METHODS = ("reuse", "random", "epic", "prophet", "infoflow", "cacheblend", "prophet_plus", "prophet_focus")
@@ -75,7 +76,7 @@ def test_random_selection_depends_on_seed_only(make_engine):
 
 
 def test_prophet_scores_are_bounded_attention_mass(make_engine):
-    from prophet_rag.selection.request import query_relevance
+    from prophet_rag.compute.scoring import query_relevance
 
     engine = make_engine("llama")
     cache, suffix = _stitched(engine)
@@ -114,15 +115,15 @@ def test_prophet_plus_puts_the_matching_chunk_last_and_recomputes_it_whole(make_
 def test_prophet_focus_moves_the_anchored_chunk_last_and_recomputes_it_whole(make_engine):
     engine = make_engine("llama")
     layout = engine.builder.layout(CHUNKS, QUERY)
-    request = selectors.Selection(engine.adapter, SelectionConfig(method="prophet_focus", ratio=0.9),
+    request = Selection(engine.adapter, SelectionConfig(method="prophet_focus", ratio=0.9),
                                   layout.chunk_ids, layout.suffix_ids)
-    order = selectors.get("prophet_focus").order(
+    order = methods.get("prophet_focus").order(
         request, lambda order, global_positions: engine._assemble(layout, order, layout.total_tokens,
                                                                   global_positions)[0])
     relevance = request.anchored.tolist()
     assert max(relevance) > 0  # the question shares "Alpha" and "vault" with the first chunk only
     assert relevance.index(max(relevance)) == 0
-    moved = [i for i in range(3) if relevance[i] >= selectors.FOCUS_SHARE * relevance[0]]
+    moved = [i for i in range(3) if relevance[i] >= FOCUS_SHARE * relevance[0]]
     assert order == [i for i in range(3) if i not in moved] + moved
     answer = engine.answer(CHUNKS, QUERY, method="prophet_focus", ratio=0.9)
     assert list(answer.chunk_order) == order
@@ -138,17 +139,17 @@ def test_prophet_focus_moves_the_anchored_chunk_last_and_recomputes_it_whole(mak
 def test_prophet_focus_moves_every_chunk_anchored_at_a_fifth_of_the_best_in_order(make_engine, relevance, order):
     engine = make_engine("llama")
     layout = engine.builder.layout(CHUNKS, QUERY)
-    request = selectors.Selection(engine.adapter, SelectionConfig(method="prophet_focus"), layout.chunk_ids,
+    request = Selection(engine.adapter, SelectionConfig(method="prophet_focus"), layout.chunk_ids,
                                   layout.suffix_ids)
     request.__dict__["anchored"] = torch.tensor(relevance)  # the cached property, set as the request's signal
-    got = selectors.get("prophet_focus").order(
+    got = methods.get("prophet_focus").order(
         request, lambda order, global_positions: engine._assemble(layout, order, layout.total_tokens,
                                                                   global_positions)[0])
     assert got == order
 
 
 def test_anchored_relevance_counts_attention_on_rare_question_words_only():
-    from prophet_rag.selection.request import anchored_relevance
+    from prophet_rag.selection.signals import anchored_relevance
 
     chunks = [torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4]), torch.tensor([1, 5, 6]), torch.tensor([1, 7, 8])]
     mass = torch.tensor([9.0, 0, 0, 0, 0, 0.5, 5, 5, 5, 5, 5, 5])  # heavy on the shared token 1 and on others
@@ -168,11 +169,11 @@ def _focus_request(engine, ratio, anchored_tokens=None):
     (`[C]`, request order) replaces the measured per-token anchored weights."""
 
     layout = engine.builder.layout(CHUNKS, QUERY)
-    request = selectors.Selection(engine.adapter, SelectionConfig(method="prophet_focus", ratio=ratio),
+    request = Selection(engine.adapter, SelectionConfig(method="prophet_focus", ratio=ratio),
                                   layout.chunk_ids, layout.suffix_ids)
     if anchored_tokens is not None:
         request.__dict__["anchored_tokens"] = anchored_tokens
-    method = selectors.get("prophet_focus")
+    method = methods.get("prophet_focus")
     order = method.order(request, lambda order, global_positions: engine._assemble(
         layout, order, layout.total_tokens, global_positions)[0])
     cache, _ = engine._assemble(layout, order, layout.total_tokens)
@@ -190,13 +191,13 @@ def _span_of(cache, chunk):
                                                  ([0, 0, 0, 0, 0, 9], 4, (2, 6)), ([0, 1, 0], 7, (0, 3)),
                                                  ([0, 0, 2, 0, 0, 3], 2, (4, 6)), ([1, 2, 3], 0, (2, 2))])
 def test_anchor_window_is_centred_on_the_strongest_anchor_inside_the_chunk(weights, size, window):
-    from prophet_rag.selection.request import anchor_window
+    from prophet_rag.selection.prophet_focus import anchor_window
 
     assert anchor_window(torch.tensor(weights, dtype=torch.float32), size) == window
 
 
 def test_anchored_weights_are_attention_on_rare_question_words_per_token():
-    from prophet_rag.selection.request import anchored_weights
+    from prophet_rag.selection.signals import anchored_weights
 
     chunks = [torch.tensor([1, 2, 3]), torch.tensor([1, 2, 4]), torch.tensor([1, 5, 6]), torch.tensor([1, 7, 8])]
     mass = torch.tensor([9.0, 0, 0, 0, 0, 0.5, 5, 5, 5, 5, 5, 5])
@@ -210,7 +211,7 @@ def test_prophet_focus_recomputes_windows_of_the_focus_chunks_when_none_fits(mak
     request, cache, chosen = _focus_request(engine, ratio=0.1)  # fewer tokens than any chunk has
     assert chosen.numel() == budget_for(0.1, sum(int(ids.numel()) for ids in request.chunk_ids)) > 0
     relevance = request.anchored
-    focus = [i for i in range(len(CHUNKS)) if relevance[i] >= selectors.FOCUS_SHARE * relevance.max()]
+    focus = [i for i in range(len(CHUNKS)) if relevance[i] >= FOCUS_SHARE * relevance.max()]
     sizes = [int(ids.numel()) for ids in request.chunk_ids]
     share = chosen.numel() // len(focus)
     inside = 0

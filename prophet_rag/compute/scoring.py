@@ -1,0 +1,29 @@
+"""ProphetKV's Stage I over a stitched cache: how strongly the question attends to each chunk token.
+
+The selection methods rank tokens and chunks by these scores; `cuda_graphs` runs the same pass from captured graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prophet_rag.compute.model_adapter import ModelAdapter
+from prophet_rag.compute.stitched import Scoring, StitchedCache, forward_rows
+
+
+def query_relevance(
+    adapter: ModelAdapter, cache: StitchedCache, suffix_rows: torch.Tensor, kind: str, layers: tuple[int, ...] | None
+) -> torch.Tensor:
+    """`[C]` fp32 score of each chunk slot from the suffix's attention over the cached context (Stage I).
+
+    kind "prophet": attention mass summed over heads, query tokens and all layers (uniform fusion), softmax over the
+    context keys only. kind "infoflow": L2 norm over query tokens of the head-mean attention, averaged over `layers`.
+    The suffix runs over the cache as it is (reused, not yet repaired), so this costs one |suffix|-row forward, up
+    to the last scoring layer; each scoring layer's attention and scores come from one `stage1_attention` call.
+    """
+    end = cache.context_end
+    scores = torch.zeros(end, dtype=torch.float32, device=cache.kv.device)
+    wanted = frozenset(range(adapter.spec.num_layers) if layers is None else layers)
+    prophet, norm = (scores, None) if kind == "prophet" else (None, scores)
+    forward_rows(adapter, cache, suffix_rows, scoring=Scoring(wanted, prophet, norm, end), last_layer=max(wanted))
+    return scores[cache.prefix_len :]
