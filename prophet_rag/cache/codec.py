@@ -33,6 +33,9 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from functools import cached_property
@@ -44,12 +47,16 @@ import xxhash
 
 from prophet_rag.cache.keys import FORMAT_VERSION, chunk_key, kv_spec, model_fingerprint, tokenizer_fingerprint
 from prophet_rag.compute.chunk_kv import ChunkKV
+from prophet_rag.config import StoreConfig
 from prophet_rag.errors import (
     CacheCorruptionError,
     IncompatibleCacheError,
     InvalidRequestError,
+    StoreError,
     UnauthenticatedEntryError,
 )
+
+logger = logging.getLogger(__name__)
 
 MAGIC = b"PRKV"
 _FRAME = struct.Struct("<4sIIII")
@@ -99,6 +106,35 @@ class EntryMeta:
 def derive_key(material: bytes) -> bytes:
     """The 32-byte MAC key derived from a store's key material (a file's bytes or an environment variable)."""
     return blake3.blake3(material, derive_key_context=_MAC_CONTEXT).digest()
+
+
+def load_key(config: StoreConfig) -> bytes | None:
+    """The derived MAC key named by `config`, or None (every tier that seals entries uses it); a missing or short
+    key raises StoreError with the fix."""
+    if config.auth_key_env is not None:
+        text = os.environ.get(config.auth_key_env, "")
+        material, source = text.encode(), f"environment variable {config.auth_key_env}"
+    elif config.auth_key_file is not None:
+        path, source = config.auth_key_file, f"key file {config.auth_key_file}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as file:
+                info = os.fstat(file.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    raise StoreError(f"the {source} is not a regular file; point auth_key_file at one.")
+                material = file.read(4096).strip()
+        except OSError as error:
+            raise StoreError(f"cannot read the {source}: {error.strerror}; see README, The store.") from None
+        if info.st_mode & 0o077:
+            logger.warning("the %s is readable by other users; run `chmod 600 %s`", source, path)
+    else:
+        return None
+    if len(material) < 32:
+        raise StoreError(
+            f"the {source} holds {len(material)} bytes; an authentication key needs at least 32 "
+            "(for example the output of `openssl rand -hex 32`)."
+        )
+    return derive_key(material)
 
 
 class Sealer:

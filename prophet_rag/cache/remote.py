@@ -43,7 +43,7 @@ import torch
 from prophet_rag.cache import codec
 from prophet_rag.cache.codec import EntryMeta, Header, Sealer
 from prophet_rag.cache.keys import FORMAT_VERSION, chunk_key
-from prophet_rag.cache.store import load_key, refusal_counter
+from prophet_rag.cache.store import refusal_counter
 from prophet_rag.cache.tier import ChunkRef
 from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.config import StoreConfig
@@ -166,7 +166,7 @@ class RedisTier:
     def __init__(self, config: StoreConfig, model_fp: str) -> None:
         if config.remote_url is None:
             raise InvalidRequestError("RedisTier needs StoreConfig.remote_url (redis://host:port/db).")
-        key = load_key(config)
+        key = codec.load_key(config)
         if key is None:  # StoreConfig refuses this too; a shared tier never runs on unkeyed checksums
             raise StoreError("a shared tier requires an authentication key: set auth_key_file or auth_key_env.")
         password = None

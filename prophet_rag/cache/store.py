@@ -1,10 +1,10 @@
 """Persistent, size-bounded store of chunk KV caches: a diskcache index over one value file per entry.
 
-diskcache is the index (its `Cache` table: key, value file name, size, access time), the atomic commit (a value
-file is written completely, then its row is committed, so readers never see a half-written entry) and the eviction
-order. Entries are read without it: `open` looks the row up, opens the file safely (store_files.py) and checks its
-header against the request; `StoredEntry.read_layers` reads layers straight into the request's cache, checking each
-against its tag (codec.py). `get` is built from the two.
+diskcache is the index (store_db.py: its `Cache` table of key, value file name, size and access time), the atomic
+commit (a value file is written completely, then its row is committed, so readers never see a half-written entry) and
+the eviction order. Entries are read without it (store_entry.py): `open` looks the row up, opens the file safely
+(store_files.py) and checks its header against the request; `StoredEntry.read_layers` reads layers straight into the
+request's cache, checking each against its tag (codec.py). `get` is built from the two.
 
 Trust boundary. The store never unpickles (`SafeDisk` refuses pickle in both directions and every read goes through
 the codec), never follows a symlink, never opens anything but regular files, never reads a file larger than
@@ -24,9 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import sqlite3
-import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -35,11 +33,13 @@ from pathlib import Path
 
 import diskcache
 import torch
-from diskcache.core import DEFAULT_SETTINGS, EVICTION_POLICY, METADATA, MODE_BINARY, UNKNOWN
+from diskcache.core import EVICTION_POLICY
 
-from prophet_rag.cache import codec, store_files
-from prophet_rag.cache.codec import EntryMeta, Header, Sealer
+from prophet_rag.cache import codec, store_db, store_files
+from prophet_rag.cache.codec import EntryMeta, Sealer
 from prophet_rag.cache.keys import chunk_key
+from prophet_rag.cache.store_db import DB_ERRORS, Row, Written
+from prophet_rag.cache.store_entry import EntryReader, KeepEntry, StoredEntry
 from prophet_rag.cache.store_files import Staging, ValueFiles
 from prophet_rag.cache.tier import ChunkRef, KVTier
 from prophet_rag.compute.chunk_kv import ChunkKV
@@ -54,147 +54,9 @@ from prophet_rag.errors import (
 
 logger = logging.getLogger(__name__)
 
-_SQLITE_TIMEOUT_S = 5.0
-"""How long an operation waits for another process's write lock before it is counted as a timeout (diskcache's
-default of 60 s would stall a request; a timed-out get is a miss and a timed-out put is skipped)."""
-
-_PRAGMAS = {"synchronous": 1, "mmap_size": 0, "cache_size": 2**13, "trusted_schema": 0}
-"""Applied to every connection, ours and diskcache's. mmap_size=0: a mapped database that another process truncates
-kills the reader with SIGBUS. trusted_schema=0: triggers and views in a tampered cache.db cannot call functions."""
-
-_SETTINGS = {
-    "statistics": 0, "tag_index": 0, "cull_limit": 0, "sqlite_auto_vacuum": 1, "sqlite_cache_size": 2**13,
-    "sqlite_journal_mode": "delete", "sqlite_mmap_size": 0, "sqlite_synchronous": 0, "disk_min_file_size": 0,
-    "disk_pickle_protocol": pickle.HIGHEST_PROTOCOL,
-}
-"""Every diskcache setting, pinned, so none is taken from cache.db's Settings table (diskcache lets the table
-override what it is not given). A rollback journal rather than WAL: WAL maps its -shm file, which a truncation turns
-into a SIGBUS. cull_limit=0: `_cull` evicts instead. disk_min_file_size=0: every value is a file. sqlite_synchronous=0
-only holds for diskcache's setup connection, whose ~40 small writes would each wait for a disk sync; every later
-connection gets `_PRAGMAS`."""
-
 _TOUCH_FLUSH_S = 2.0
 """Reads record access times in memory and write them at most this often (and before each eviction), so a hit
 never waits for the write lock or a disk sync."""
-
-_DB_ERRORS = (diskcache.Timeout, sqlite3.Error)
-
-
-@dataclass(frozen=True)
-class _Written:
-    """A value file already written by `KVStore.put`, handed to diskcache's `add` to commit its row."""
-
-    name: str
-    size: int
-
-
-class SafeDisk(diskcache.Disk):
-    """A `diskcache.Disk` for str keys and value files the store wrote itself; it never pickles or unpickles.
-
-    Values are read by `KVStore` through the codec, never by diskcache, so `fetch` refuses. File names come from
-    cache.db rows, so removal goes through `ValueFiles`, which refuses any name outside the store's layout.
-    """
-
-    def __init__(self, directory, **kwargs):
-        super().__init__(directory, **kwargs)
-        self.files = ValueFiles(Path(directory))
-
-    def put(self, key):
-        if type(key) is not str:
-            raise TypeError(f"KV store keys must be str (keys.chunk_key), got {type(key).__name__}.")
-        return super().put(key)
-
-    def get(self, key, raw):
-        if not raw:
-            raise CacheCorruptionError("cache.db holds a pickled key, which prophet-rag never writes; refused.")
-        return super().get(key, raw)
-
-    def store(self, value, read, key=UNKNOWN):
-        if read or type(value) is not _Written:
-            raise TypeError(f"KV store values are written by KVStore.put, got {type(value).__name__}.")
-        return value.size, MODE_BINARY, value.name, None
-
-    def fetch(self, mode, filename, value, read):
-        raise CacheCorruptionError("KV store values are read with KVStore.open, never through diskcache.")
-
-    def remove(self, file_path):
-        self.files.remove(file_path)
-
-
-def _connect(directory: Path, timeout: float | None = None) -> sqlite3.Connection:
-    timeout = _SQLITE_TIMEOUT_S if timeout is None else timeout
-    con = sqlite3.connect(directory / "cache.db", timeout=timeout, isolation_level=None, check_same_thread=False)
-    for name, value in _PRAGMAS.items():
-        con.execute(f"PRAGMA {name} = {value}")
-    return con
-
-
-class _PinnedCache(diskcache.Cache):
-    """diskcache's `Cache` whose connections get `_PRAGMAS`, not the pragmas named in cache.db's Settings table."""
-
-    @property
-    def _con(self):
-        if getattr(self._local, "pid", None) != os.getpid():
-            self.close()  # a forked child must not share its parent's connection
-            self._local.pid = os.getpid()
-        con = getattr(self._local, "con", None)
-        if con is None:
-            # diskcache opens its setup connection with timeout 0 and retries its own statements, but our pragmas
-            # run here, outside its retries: they wait like any other statement.
-            con = self._local.con = _connect(Path(self._directory), self._timeout or _SQLITE_TIMEOUT_S)
-        return con
-
-
-def _prepare_database(directory: Path) -> None:
-    """Before diskcache opens cache.db: switch it to a rollback journal, drop Settings rows diskcache does not define
-    (it would apply them: `disk_*` as Disk arguments, `sqlite_*` as PRAGMAs, others as attributes) and recount the
-    metadata rows from the Cache table."""
-    known = [*DEFAULT_SETTINGS, *METADATA]
-    con = _connect(directory)
-    try:
-        (mode,) = con.execute("PRAGMA journal_mode = delete").fetchone()
-        if mode != "delete":
-            raise sqlite3.OperationalError(f"journal mode stays {mode!r}: another process holds the database")
-        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "Settings" in tables:
-            con.execute("BEGIN IMMEDIATE")
-            con.execute(f"DELETE FROM Settings WHERE key NOT IN ({', '.join('?' * len(known))})", known)
-            if "Cache" in tables:
-                con.execute("UPDATE Settings SET value = (SELECT COUNT(*) FROM Cache) WHERE key = 'count'")
-                con.execute("UPDATE Settings SET value = (SELECT TOTAL(size) FROM Cache) WHERE key = 'size'")
-            con.execute("COMMIT")
-    finally:
-        con.close()
-
-
-def load_key(config: StoreConfig) -> bytes | None:
-    """The derived MAC key named by `config`, or None (every tier that seals entries uses it); a missing or short
-    key raises StoreError with the fix."""
-    if config.auth_key_env is not None:
-        text = os.environ.get(config.auth_key_env, "")
-        material, source = text.encode(), f"environment variable {config.auth_key_env}"
-    elif config.auth_key_file is not None:
-        path, source = config.auth_key_file, f"key file {config.auth_key_file}"
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as file:
-                info = os.fstat(file.fileno())
-                if not stat.S_ISREG(info.st_mode):
-                    raise StoreError(f"the {source} is not a regular file; point auth_key_file at one.")
-                material = file.read(4096).strip()
-        except OSError as error:
-            raise StoreError(f"cannot read the {source}: {error.strerror}; see README, The store.") from None
-        if info.st_mode & 0o077:
-            logger.warning("the %s is readable by other users; run `chmod 600 %s`", source, path)
-    else:
-        return None
-    if len(material) < 32:
-        raise StoreError(
-            f"the {source} holds {len(material)} bytes; an authentication key needs at least 32 "
-            "(for example the output of `openssl rand -hex 32`)."
-        )
-    return codec.derive_key(material)
-
 
 @dataclass(frozen=True)
 class StoreStats:
@@ -245,104 +107,6 @@ def refusal_counter(error: Exception) -> str:
     return next(name for cls, name in _COUNTER_OF if isinstance(error, cls))
 
 
-class _KeepEntry(Exception):
-    """An entry this store cannot check (MAC without a key): a miss that leaves it for the stores that can."""
-
-
-@dataclass(frozen=True)
-class _Row:
-    filename: object
-    size: object
-    mode: object
-
-    def check(self) -> str:
-        """The value file name of a row the store could have written; a broken row raises CacheCorruptionError."""
-        if self.mode != MODE_BINARY or not isinstance(self.filename, str) or type(self.size) is not int:
-            raise CacheCorruptionError(
-                f"cache.db row is broken (mode {self.mode!r}, file {self.filename!r}, size {self.size!r})."
-            )
-        return self.filename
-
-
-class StoredEntry:
-    """An open entry whose header passed every check: read its layers with `read_layers`, then close it.
-
-    A context manager holding the value file open, so eviction or deletion by another process does not cut a read
-    short. `token_ids`, `positions` and `shape` describe the chunk; the tensor bytes are checked layer by layer.
-    """
-
-    def __init__(self, store: KVStore, key: str, filename: str, fd: int, header: Header, meta: EntryMeta) -> None:
-        self._store, self.key, self._filename, self._fd = store, key, filename, fd
-        self.header, self._meta = header, meta
-        self._read: set[int] = set()
-        self._failed = False
-
-    @property
-    def token_ids(self) -> torch.Tensor:
-        return self.header.token_ids
-
-    @property
-    def positions(self) -> torch.Tensor:
-        return self.header.positions
-
-    @property
-    def shape(self) -> tuple[int, int, int, int, int]:
-        """`[L, 2, T, H_kv, D]`."""
-        return self.header.shape
-
-    @property
-    def num_layers(self) -> int:
-        return self.header.num_layers
-
-    def read_layers(self, start: int, stop: int, out: torch.Tensor) -> None:
-        """Read layers `[start, stop)` into `out[start:stop]` (`out` is `[L, 2, T, H_kv, D]` in the engine's KV
-        dtype, on the CPU or a CUDA device) and verify them: their tags, and without a key their finiteness.
-
-        On failure the entry is deleted and counted, and CacheCorruptionError is raised: `out[start:stop]` then
-        holds unchecked bytes that the caller must recompute. On a CUDA `out` the copies are queued on the current
-        stream, so work queued after this call sees the layers.
-        """
-        if tuple(out.shape) != self.shape or out.dtype != self._meta.kv_dtype or out.device.type not in ("cpu", "cuda"):
-            raise InvalidRequestError(
-                f"out must be {self._meta.kv_dtype} {self.shape} on the CPU or a CUDA device, got {out.dtype} "
-                f"{tuple(out.shape)} on {out.device}."
-            )
-        if not 0 <= start <= stop <= self.num_layers:
-            raise InvalidRequestError(f"layers [{start}, {stop}) are outside [0, {self.num_layers}).")
-        if self._failed or self._fd < 0:
-            raise InvalidRequestError("this entry failed or is closed; open it again.")
-        # With a key the MAC proves this store wrote the entry, and `put` refuses non-finite KV.
-        finite_check = self._store._sealer.kind == codec.CHECKSUM
-        try:
-            sums = []
-            for layer in range(start, stop):
-                sums += self._store._read_layer(self._fd, self.header, layer, out[layer], finite_check)
-            if not codec.all_finite(sums):
-                raise CacheCorruptionError(f"layers [{start}, {stop}) hold NaN or infinite values.")
-        except (CacheCorruptionError, OSError) as error:
-            self._failed = True
-            if isinstance(error, OSError):
-                error = CacheCorruptionError(f"value file cannot be read: {error.strerror}.")
-            self._store.discard(self.key, error, self._filename)
-            raise error from None
-        self._store._count(bytes_read=(stop - start) * self.header.layer_bytes)
-        before = len(self._read)
-        self._read.update(range(start, stop))
-        if len(self._read) == self.num_layers > before:
-            self._store._hit(self.key)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> StoredEntry:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
 class KVStore:
     """Chunk KV caches on disk, keyed by `keys.chunk_key`, bounded by `StoreConfig.size_limit_bytes`.
 
@@ -355,19 +119,16 @@ class KVStore:
     def __init__(self, config: StoreConfig, *, create: bool = True) -> None:
         self.config = config
         self._directory = store_files.prepare_directory(Path(config.directory), create)
-        self._sealer = Sealer(load_key(config))
+        self._sealer = Sealer(codec.load_key(config))
         try:
-            store_files.prepare_db_files(self._directory)
-            _prepare_database(self._directory)
-            settings = {**_SETTINGS, "eviction_policy": config.eviction_policy, "size_limit": config.size_limit_bytes}
-            assert set(settings) == set(DEFAULT_SETTINGS), "every diskcache setting must be pinned"
-            self._cache = _PinnedCache(str(self._directory), timeout=_SQLITE_TIMEOUT_S, disk=SafeDisk, **settings)
+            self._cache = store_db.open_cache(self._directory, config)
         except (OSError, sqlite3.Error, diskcache.Timeout) as error:
             raise StoreError(
                 f"cannot open the KV store database in {self._directory}: {error}. If another process holds it, "
                 "retry; if it is damaged, delete the folder (it only holds caches) or choose another directory."
             ) from None
         self._files: ValueFiles = self._cache.disk.files
+        self._reader = EntryReader(self._files, self._sealer, config.max_entry_bytes)
         self._local = threading.local()
         self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._lock = threading.Lock()
@@ -387,7 +148,7 @@ class KVStore:
         none or it is refused (counted; a damaged or inconsistent entry is deleted)."""
         try:
             row = self._row(ref.key)
-        except _DB_ERRORS as error:
+        except DB_ERRORS as error:
             logger.warning("KV store lookup failed (%s); treating it as a miss", error)
             self._count(timeouts=1)
             return None
@@ -397,10 +158,10 @@ class KVStore:
         filename, fd = row.filename, -1
         try:
             filename = row.check()
-            fd, header = self._open_file(filename, row.size)
+            fd, header = self._reader.open_file(filename, row.size)
             header.check(meta, ref.key)
-            return StoredEntry(self, ref.key, filename, fd, header, meta)
-        except _KeepEntry:
+            return StoredEntry(self, self._reader, ref.key, filename, fd, header, meta)
+        except KeepEntry:
             self._count(incompatible=1)
         except (CacheCorruptionError, IncompatibleCacheError) as error:
             # The key names the model, tokenizer, layout and tokens, so an entry that disagrees is a bad entry,
@@ -429,7 +190,7 @@ class KVStore:
         try:
             row = self._row(key)
             return row is not None and row.check() is not None
-        except (*_DB_ERRORS, CacheCorruptionError):
+        except (*DB_ERRORS, CacheCorruptionError):
             return False
 
     def discard(self, key: str, error: Exception, filename: object = None) -> None:
@@ -450,7 +211,7 @@ class KVStore:
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-        except _DB_ERRORS as error:
+        except DB_ERRORS as error:
             logger.warning("could not delete KV store entry %s (%s); the next read retries", key, error)
             return
         if row is not None and row[1] is not None and (filename is None or row[1] == filename):
@@ -473,7 +234,7 @@ class KVStore:
                     return True
                 except CacheCorruptionError as error:
                     self.discard(key, error)
-        except _DB_ERRORS as error:
+        except DB_ERRORS as error:
             return self._skip("database busy or failing", error, timeouts=1)
         try:
             encoded = codec.encode(chunk, ref.sink_ids, meta, self._sealer)
@@ -487,8 +248,8 @@ class KVStore:
             return self._skip("cannot create the value file", error)
         try:
             self._files.write(fd, [encoded.header, *(b for layer in encoded.layers for b in layer)])
-            added = self._cache.add(key, _Written(name, encoded.size))
-        except _DB_ERRORS as error:
+            added = self._cache.add(key, Written(name, encoded.size))
+        except DB_ERRORS as error:
             self._files.remove(name)
             return self._skip("database busy or failing", error, timeouts=1)
         except OSError as error:
@@ -506,14 +267,14 @@ class KVStore:
         """Remove `key`'s entry; True when there was one."""
         try:
             return bool(self._cache.delete(key))
-        except _DB_ERRORS:
+        except DB_ERRORS:
             return False
 
     def clear(self) -> int:
         """Delete every entry and every orphaned value file; returns how many entries there were."""
         try:
             removed = self._cache.clear()
-        except _DB_ERRORS as error:
+        except DB_ERRORS as error:
             raise self._db_failure("clear", error) from None
         self.reclaim_orphans()
         return removed
@@ -528,21 +289,21 @@ class KVStore:
         staging = Staging(pinned=False)
         try:
             rows = list(self._rows())
-        except _DB_ERRORS as error:
+        except DB_ERRORS as error:
             raise self._db_failure("verify", error) from None
         for key, row in rows:
             counts["checked"] += 1
             filename, fd = row.filename, -1
             try:
                 filename = row.check()
-                fd, header = self._open_file(filename, row.size)
+                fd, header = self._reader.open_file(filename, row.size)
                 header.check_key(key)
                 layer = torch.empty(header.shape[1:], dtype=header.kv_dtype)
                 for index in range(header.num_layers):
-                    if not codec.all_finite(self._read_layer(fd, header, index, layer, True, staging)):
+                    if not codec.all_finite(self._reader.read_layer(fd, header, index, layer, True, staging)):
                         raise CacheCorruptionError(f"layer {index} holds NaN or infinite values.")
                 counts["ok"] += 1
-            except _KeepEntry:
+            except KeepEntry:
                 counts["unverifiable"] += 1
             except IncompatibleCacheError:
                 counts["other_version"] += 1
@@ -568,7 +329,7 @@ class KVStore:
                 return self._con().execute("SELECT 1 FROM Cache WHERE filename = ?", (name,)).fetchone() is not None
 
             removed = self._files.reclaim(referenced)
-        except _DB_ERRORS as error:
+        except DB_ERRORS as error:
             logger.warning("orphan reclamation skipped (%s)", error)
             return 0
         self._count(orphans_reclaimed=removed)
@@ -583,7 +344,7 @@ class KVStore:
         """Bytes on disk: the entries' value files (as their rows record them) plus the database and its journal."""
         try:
             (total,) = self._con().execute("SELECT TOTAL(size) FROM Cache").fetchone()
-        except _DB_ERRORS:
+        except DB_ERRORS:
             total = 0
         db = 0
         for name in store_files.DB_FILES:
@@ -594,7 +355,7 @@ class KVStore:
     def __len__(self) -> int:
         try:
             return int(self._con().execute("SELECT COUNT(*) FROM Cache").fetchone()[0])
-        except _DB_ERRORS:
+        except DB_ERRORS:
             return 0
 
     def close(self) -> None:
@@ -621,7 +382,7 @@ class KVStore:
         if getattr(local, "pid", None) != os.getpid():
             local.con, local.pid = None, os.getpid()
         if local.con is None:
-            local.con = _connect(self._directory)
+            local.con = store_db.connect(self._directory)
             with self._lock:
                 ended = [con for thread, con in self._connections if not thread.is_alive()]
                 self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
@@ -630,77 +391,23 @@ class KVStore:
                 con.close()
         return local.con
 
-    def _row(self, key: str) -> _Row | None:
+    def _row(self, key: str) -> Row | None:
         row = self._con().execute("SELECT filename, size, mode FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
-        return None if row is None else _Row(*row)
+        return None if row is None else Row(*row)
 
-    def _rows(self) -> Iterator[tuple[str, _Row]]:
+    def _rows(self) -> Iterator[tuple[str, Row]]:
         """Every row with a str key (a snapshot); rows with pickled keys are not entries and eviction reclaims them."""
         select = "SELECT key, filename, size, mode FROM Cache WHERE raw = 1 ORDER BY rowid"
         rows = self._con().execute(select).fetchall()
         for key, filename, size, mode in rows:
             if isinstance(key, str):
-                yield key, _Row(filename, size, mode)
+                yield key, Row(filename, size, mode)
 
-    def _open_file(self, filename: str, row_size: int) -> tuple[int, Header]:
-        """`(fd, header)` of a value file whose size matches its row and its header and whose header tag holds."""
-        fd, size = self._files.open(filename)
-        try:
-            if size > self.config.max_entry_bytes:
-                raise CacheCorruptionError(f"value file is {size} bytes, over max_entry_bytes; not read.")
-            if size != row_size:
-                raise CacheCorruptionError(f"value file is {size} bytes, its row records {row_size}.")
-            prefix = bytearray(min(size, 2**16))
-            store_files.read_exact(fd, memoryview(prefix), 0)
-            _, header_size, kind = codec.read_frame(prefix)
-            if kind == codec.MAC and self._sealer.kind == codec.CHECKSUM:
-                raise _KeepEntry
-            if len(prefix) < header_size <= min(size, codec.MAX_HEADER_BYTES):
-                prefix.extend(bytes(header_size - len(prefix)))
-                store_files.read_exact(fd, memoryview(prefix)[2**16 :], 2**16)
-            header = codec.parse_header(bytes(prefix), self._sealer)
-            if size != header.file_size:
-                raise CacheCorruptionError(f"value file is {size} bytes, its header announces {header.file_size}.")
-            return fd, header
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def _staging(self, pinned: bool) -> Staging:
-        name = "pinned" if pinned else "staging"
-        staging = getattr(self._local, name, None)
-        if staging is None:
-            staging = Staging(pinned)
-            setattr(self._local, name, staging)
-        return staging
-
-    def _read_layer(self, fd: int, header: Header, layer: int, out: torch.Tensor, finite_check: bool,
-                    staging: Staging | None = None) -> list[torch.Tensor]:
-        """Read layer `layer` of the entry into `out` `[2, T, H_kv, D]` and check its tag; returns the sums that
-        `codec.all_finite` checks (none without `finite_check`), taken while the blocks are still in cache.
-
-        A lossless layer bound for contiguous CPU blocks is read straight into them; anything else goes through a
-        reused host buffer (pinned for CUDA, with an asynchronous copy) and `codec.dequantize`.
-        """
-        offset = header.data_offset + layer * header.layer_bytes
-        hasher = self._sealer.hasher()
-        direct = (out.device.type == "cpu" and header.storage_dtype == out.dtype
-                  and out[0].is_contiguous() and out[1].is_contiguous())
-        if direct:
-            store_files.read_hashed(fd, [_bytes_view(out[0]), _bytes_view(out[1])], offset, hasher)
-        else:
-            staging = staging or self._staging(pinned=out.is_cuda)
-            slot, buffer = staging.take(header.layer_bytes)
-            store_files.read_hashed(fd, [memoryview(buffer.numpy())], offset, hasher)
-        self._sealer.verify(hasher.digest(), header.layer_tags[layer], f"layer {layer}")
-        if not direct:
-            region = buffer.to(out.device, non_blocking=True) if out.is_cuda else buffer
-            if out.is_cuda:
-                event = torch.cuda.Event()
-                event.record()
-                staging.done(slot, event)
-            codec.dequantize(region, header, out)
-        return [*codec.finite_sums(out[0]), *codec.finite_sums(out[1])] if finite_check else []
+    def entry_read(self, key: str, nbytes: int, complete: bool) -> None:
+        """An open entry (`StoredEntry`) read `nbytes` more; `complete`: it has now read every layer (a hit)."""
+        self._count(bytes_read=nbytes)
+        if complete:
+            self._hit(key)
 
     def _hit(self, key: str) -> None:
         self._count(hits=1)
@@ -732,14 +439,14 @@ class KVStore:
             con.execute("BEGIN IMMEDIATE")
             con.executemany(update, args)
             con.execute("COMMIT")
-        except _DB_ERRORS:
-            with contextlib.suppress(*_DB_ERRORS):
+        except DB_ERRORS:
+            with contextlib.suppress(*DB_ERRORS):
                 con.execute("ROLLBACK")
             with self._lock:
                 for key, count in touches.items():
                     self._touches[key] = self._touches.get(key, 0) + count
         finally:
-            con.execute(f"PRAGMA busy_timeout = {int(_SQLITE_TIMEOUT_S * 1000)}")
+            con.execute(f"PRAGMA busy_timeout = {int(store_db.SQLITE_TIMEOUT_S * 1000)}")
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -783,11 +490,6 @@ class KVStore:
                 con.execute("ROLLBACK")
             logger.warning("KV store eviction stopped early (%s); it resumes after the next put", error)
         self._count(evicted=evicted)
-
-
-def _bytes_view(block: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory."""
-    return memoryview(block.view(torch.uint8).reshape(-1).numpy())
 
 
 def kv_storage(store: StoreConfig | KVTier | None) -> str:

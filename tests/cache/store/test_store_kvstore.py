@@ -24,8 +24,7 @@ from kvstore_helpers import (
     value_files,
     value_path,
 )
-from prophet_rag.cache import store as store_module
-from prophet_rag.cache import store_files
+from prophet_rag.cache import store_db, store_files
 from prophet_rag.cache.store import KVStore, StoreStats
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import CacheCorruptionError, InvalidRequestError
@@ -354,7 +353,7 @@ def test_eviction_failure_does_not_fail_the_put(store, monkeypatch):
 
 
 def test_readers_do_not_wait_for_a_writer_and_a_locked_put_is_skipped(store_dir, monkeypatch):
-    monkeypatch.setattr(store_module, "_SQLITE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(store_db, "SQLITE_TIMEOUT_S", 0.2)
     with KVStore(StoreConfig(directory=store_dir, size_limit_bytes=2**24, max_entry_bytes=2**20)) as store:
         ref, chunk, meta = put(store)
         other, other_chunk = make_chunk(seed=1)

@@ -11,7 +11,8 @@ import diskcache
 import pytest
 
 from kvstore_helpers import db_row, make_chunk, meta_for, put, update_row, value_files, value_path
-from prophet_rag.cache.store import KVStore, SafeDisk
+from prophet_rag.cache.store import KVStore
+from prophet_rag.cache.store_db import SafeDisk
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import CacheCorruptionError, StoreError
 
