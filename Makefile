@@ -32,8 +32,10 @@ redis-server:
 demo: install
 	$(BIN)/prophet-rag demo
 
+# ruff, then the import contracts in pyproject.toml (lint-imports over the installed layout: tests/import_contracts.py).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/python tests/import_contracts.py
 
 test: install lint
 	$(BIN)/pytest -q -ra

@@ -43,8 +43,7 @@ import torch
 from prophet_rag.cache import codec
 from prophet_rag.cache.codec import EntryMeta, Header, Sealer
 from prophet_rag.cache.keys import FORMAT_VERSION, chunk_key
-from prophet_rag.cache.store import refusal_counter
-from prophet_rag.cache.tier import ChunkRef
+from prophet_rag.cache.tier import ChunkRef, refusal_counter
 from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import CacheCorruptionError, IncompatibleCacheError, InvalidRequestError, StoreError

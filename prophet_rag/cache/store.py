@@ -41,7 +41,7 @@ from prophet_rag.cache.keys import chunk_key
 from prophet_rag.cache.store_db import DB_ERRORS, Row, Written
 from prophet_rag.cache.store_entry import EntryReader, KeepEntry, StoredEntry
 from prophet_rag.cache.store_files import Staging, ValueFiles
-from prophet_rag.cache.tier import ChunkRef, KVTier
+from prophet_rag.cache.tier import ChunkRef, KVTier, refusal_counter
 from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import (
@@ -49,7 +49,6 @@ from prophet_rag.errors import (
     IncompatibleCacheError,
     InvalidRequestError,
     StoreError,
-    UnauthenticatedEntryError,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,15 +97,6 @@ class VerifyReport:
 
 
 _COUNTERS = tuple(f.name for f in fields(StoreStats) if f.name not in ("entries", "volume_bytes"))
-_COUNTER_OF = ((UnauthenticatedEntryError, "unauthenticated"), (CacheCorruptionError, "corrupt"),
-               (IncompatibleCacheError, "incompatible"))
-
-
-def refusal_counter(error: Exception) -> str:
-    """The stats counter that a refused entry's error counts in: unauthenticated, corrupt or incompatible."""
-    return next(name for cls, name in _COUNTER_OF if isinstance(error, cls))
-
-
 class KVStore:
     """Chunk KV caches on disk, keyed by `keys.chunk_key`, bounded by `StoreConfig.size_limit_bytes`.
 

@@ -1,7 +1,8 @@
 """The tier protocol: one place chunk KV can live (`KVTier`), and `ChunkRef`, the segment a tier is asked for.
 
 Every tier (`hot_cache.HotCache`, `store.KVStore`, `remote.RedisTier`) implements `KVTier`; the chunk cache
-(`chunk_cache.ChunkCache`) walks a list of them. Both sides import this module, neither imports the other's.
+(`chunk_cache.ChunkCache`) walks a list of them. The cache and the tiers import this module; no tier imports the
+cache or another tier (what the checking tiers share, such as `refusal_counter`, is here).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from prophet_rag.cache.codec import EntryMeta
 from prophet_rag.compute.chunk_kv import ChunkKV
+from prophet_rag.errors import CacheCorruptionError, IncompatibleCacheError, UnauthenticatedEntryError
 
 
 @dataclass(frozen=True)
@@ -81,3 +83,12 @@ class LayeredTier(KVTier, Protocol):
     later layers are still being read (the disk store)."""
 
     def open(self, ref: ChunkRef, meta: EntryMeta) -> LayeredEntry | None: ...
+
+
+_COUNTER_OF = ((UnauthenticatedEntryError, "unauthenticated"), (CacheCorruptionError, "corrupt"),
+               (IncompatibleCacheError, "incompatible"))
+
+
+def refusal_counter(error: Exception) -> str:
+    """The stats counter that a refused entry's error counts in: unauthenticated, corrupt or incompatible."""
+    return next(name for cls, name in _COUNTER_OF if isinstance(error, cls))
