@@ -1,10 +1,10 @@
 """ProphetEngine: answer a question over retrieved documents, reusing each document's cached KV.
 
 A request runs as a pipeline: lay out `prefix | chunks | suffix` (layout.py); get every segment's KV from the
-chunk cache, computing what no tier holds (chunk_cache.py); let the selection method order the chunks and stitch
-their blocks behind the exact prefix, re-rotated to their global positions (stitched.py); let the method pick the
-context tokens to recompute (selection/); recompute them with the suffix (stitched.forward_rows); decode
-(generate.py). A method that reuses no cached KV (`full`) is plain full prefill over the same ids.
+chunk cache, computing what no tier holds (cache/chunk_cache.py); let the selection method order the chunks and
+stitch their blocks behind the exact prefix, re-rotated to their global positions (compute/stitched.py); let the
+method pick the context tokens to recompute (selection/); recompute them with the suffix (stitched.forward_rows);
+decode (compute/generate.py). A method that reuses no cached KV (`full`) is plain full prefill over the same ids.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ class PendingLayers:
 
 
 Compute = Callable[[torch.Tensor, list[torch.Tensor]], list[ChunkKV]]
-"""`compute(sink_ids, chunks)`: the isolated KV of each chunk `[n_i]` behind `sink_ids` (see prefill.py)."""
+"""`compute(sink_ids, chunks)`: the isolated KV of each chunk `[n_i]` behind `sink_ids` (see compute/prefill.py)."""
 
 
 def build_tiers(store: StoreConfig | KVTier | None, hot_cache_bytes: int = 0, host_cache_bytes: int = 0,
