@@ -137,31 +137,22 @@ class RunDocuments(BaseCallbackHandler):
             self._record(run_id, kwargs["inputs"])
         self._close(run_id)
 
-    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._close(run_id)
 
-    def on_retriever_start(self, serialized: Any, query: str, *, run_id: UUID, parent_run_id: UUID | None = None,
-                           **kwargs: Any) -> None:
+    def _step_start(self, serialized: Any, query: Any, *, run_id: UUID, parent_run_id: UUID | None = None,
+                    **kwargs: Any) -> None:
         self._open(run_id, parent_run_id)
 
-    def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._record(run_id, documents)
-        self._close(run_id)
-
-    def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._close(run_id)
-
-    # Tools are tracked only to link a chain that runs inside a tool to the run around it.
-    def on_tool_start(self, serialized: Any, input_str: str, *, run_id: UUID, parent_run_id: UUID | None = None,
-                      **kwargs: Any) -> None:
-        self._open(run_id, parent_run_id)
-
-    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+    def _step_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         self._record(run_id, output)
         self._close(run_id)
 
-    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+    def _step_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._close(run_id)
+
+    on_chain_error = _step_error
+    on_retriever_start, on_retriever_end, on_retriever_error = _step_start, _step_end, _step_error
+    # Tools are tracked to link a chain that runs inside a tool to the run around it.
+    on_tool_start, on_tool_end, on_tool_error = _step_start, _step_end, _step_error
 
 
 RUNS = RunDocuments()

@@ -197,7 +197,8 @@ def test_invoke_sends_each_retrieved_document_as_a_cached_chunk(chain, calls):
     assert (first["stream"].answer.stats.cache_misses, second["stream"].answer.stats.cache_hits) == (3, 3)
 
 
-def test_stream_batch_and_async_match_invoke(chain):
+def assert_every_path_agrees(chain) -> None:
+    """invoke, stream, batch, ainvoke and astream of a text chain give the same answer."""
     done = chain.invoke(QUESTION)
     assert "".join(chain.stream(QUESTION)) == done
     assert chain.batch([QUESTION, QUESTION]) == [done, done]
@@ -206,6 +207,10 @@ def test_stream_batch_and_async_match_invoke(chain):
         return await chain.ainvoke(QUESTION), "".join([d async for d in chain.astream(QUESTION)])
 
     assert asyncio.run(run()) == (done, done)
+
+
+def test_stream_batch_and_async_match_invoke(chain):
+    assert_every_path_agrees(chain)
 
 
 def test_callbacks_see_one_model_run_with_its_tokens(chain):
@@ -267,15 +272,7 @@ def test_the_retrieval_chain_answers_as_prophet_rag_does(chat, retriever, calls)
 
 def test_the_hand_written_chain_finds_its_documents_on_every_path(model, retriever, calls):
     chain = {"context": retriever | format_docs, "question": RunnablePassthrough()} | RAG_PROMPT | model
-    chain = chain | StrOutputParser()
-    done = chain.invoke(QUESTION)
-    assert "".join(chain.stream(QUESTION)) == done
-    assert chain.batch([QUESTION, QUESTION]) == [done, done]
-
-    async def run():
-        return await chain.ainvoke(QUESTION), "".join([d async for d in chain.astream(QUESTION)])
-
-    assert asyncio.run(run()) == (done, done)
+    assert_every_path_agrees(chain | StrOutputParser())
     retrieved = [doc.page_content for doc in retriever.invoke(QUESTION)]
     assert len(calls) == 6 and all(c["documents"] == retrieved for c in calls)
     # The question comes before the context in this prompt: the prefix holds it, so it is never stored.
