@@ -110,8 +110,8 @@ class _LangChainModel(ProphetSettings):
     def _call_start(self, messages: Sequence[Mapping[str, str]], stop: list[str] | None, kwargs: dict[str, Any],
                     run_manager: CallbackManagerForLLMRun | None) -> Call:
         """Start answering the call: the request `ProphetRAG` passed, else `messages` with the documents the run
-        retrieved at their place (see `recovered`)."""
-        request = kwargs.pop("prophet_request", None) or self.recovered(
+        retrieved at their place (see `_recovered`)."""
+        request = kwargs.pop("prophet_request", None) or self._recovered(
             messages, langchain_runs.call_parent(run_manager))
         # `stream` is LangChain's own flag for whether a call streams; every other keyword is a per-call option.
         options = {key: value for key, value in kwargs.items() if key != "stream"}
@@ -119,7 +119,7 @@ class _LangChainModel(ProphetSettings):
             options["stop"] = stop
         return self.start(self.with_system_prompt(request), options)
 
-    def recovered(self, messages: Sequence[Mapping[str, str]], parent_run_id: Any) -> ChatRequest:
+    def _recovered(self, messages: Sequence[Mapping[str, str]], parent_run_id: Any) -> ChatRequest:
         """`messages` as a request, with the documents that the run around the call retrieved taken out of the
         prompt as documents where they are found verbatim; a plain chat when the run retrieved none."""
         seen = langchain_runs.RUNS.seen(parent_run_id)
@@ -144,11 +144,14 @@ class ChatProphet(_LangChainModel, BaseChatModel):
     """A LangChain chat model over a `ProphetEngine`.
 
     `ChatProphet(engine=engine)` wraps an engine; without one `model` is loaded (None: the embedded SmolLM2-135M)
-    on `device`, its store in `store_dir`. Messages are rendered with the model's chat template; `stop`, `streaming`,
-    async, callbacks and batch work as for any chat model. Per call, `invoke(..., max_new_tokens=8, temperature=0.7,
-    method="full", ratio=0.5, stop=[...])` overrides the settings (`max_tokens` is accepted for `max_new_tokens`);
-    other keywords are refused. Answers carry `usage_metadata` and, in `response_metadata`, the model name, finish
-    reason and the request's statistics (`"prophet_rag"`). Tool calling and structured output are not supported.
+    on `device`, its store in `store_dir` (or configured whole: `store=StoreConfig(...)`). Messages are rendered with
+    the model's chat template; `stop`, `streaming`, async, callbacks and batch work as for any chat model. In a
+    retrieval chain the documents the chain retrieved are found in the prompt and answered as cached chunks (see the
+    module docstring). Per call, `invoke(..., max_new_tokens=8, temperature=0.7, method="full", ratio=0.5,
+    stop=[...])` overrides the settings (`max_tokens` is accepted for `max_new_tokens`); other keywords are refused.
+    Answers carry `usage_metadata` and, in `response_metadata`, the model name, finish reason and the request's
+    statistics (`"prophet_rag"`). Tool calling and structured output are not supported yet: `bind_tools` raises
+    `UnsupportedFeatureError`.
     """
 
     streaming: bool = Field(default=False, description="Stream tokens, and their callbacks, from invoke too.")
