@@ -10,14 +10,16 @@ A call with no documents is a plain chat: full prefill over the rendered templat
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr
 
 from prophet_rag import GenerationConfig, InvalidRequestError, ProphetEngine, SelectionConfig, StoreConfig
 from prophet_rag.engine import AnswerStream
+from prophet_rag.layout import check_text
 from prophet_rag.results import Answer
 
 OPTIONS = ("method", "ratio", "max_new_tokens", "temperature", "stop", "top_k", "top_p", "seed", "eos_token_ids")
@@ -41,15 +43,29 @@ class ChatRequest:
     """True when per-call text (the question, an answer so far) comes before the documents: not stored."""
 
 
-def load_engine(model: str | None, device: str, store_dir: str | None) -> ProphetEngine:
+def load_engine(model: str | None, device: str, store: StoreConfig | None) -> ProphetEngine:
     """`ProphetEngine.from_pretrained(model)` (None: the embedded SmolLM2-135M) on `device` ("auto": CUDA when
-    available), its store in `store_dir` (None: the default store)."""
+    available), with `store` (None: the default store directory)."""
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    store = StoreConfig(directory=store_dir) if store_dir is not None else None
     return ProphetEngine.from_pretrained(model, device=device, store=store)
+
+
+def check_documents(texts: Sequence[object], name: str) -> list[str]:
+    """`texts` if each is a document's text. An empty or whitespace-only document is refused on every path, as the
+    engine refuses it, with the index and the fix: such a document says nothing, and answering without it would
+    hide that the retriever returned nothing useful."""
+    for i, text in enumerate(texts):
+        try:
+            check_text(f"{name} {i}", text)
+        except InvalidRequestError as error:
+            raise InvalidRequestError(
+                f"{error} Drop empty documents before they reach the model: when you index them, or in a step "
+                "after the retriever."
+            ) from None
+    return list(texts)
 
 
 class Call:
@@ -105,7 +121,11 @@ class ProphetSettings(BaseModel):
     model: str | None = Field(default=None, description="Checkpoint to load when no engine is passed; None: the "
                                                         "embedded SmolLM2-135M-Instruct.")
     store_dir: str | None = Field(default=None, description="KV store directory when no engine is passed; None: "
-                                                            "the default store.")
+                                                            "the default store ($PROPHET_RAG_HOME/kv).")
+    store: StoreConfig | None = Field(default=None, exclude=True, repr=False,
+                                      description="The whole store configuration when no engine is passed (an "
+                                                  "authentication key, a shared Redis tier, a size limit...); "
+                                                  "instead of store_dir.")
     device: str = Field(default="auto", validation_alias=AliasChoices("device", "device_map"),
                         description="Where to load the model when no engine is passed: 'auto' (CUDA when "
                                     "available), 'cpu', 'cuda' or 'cuda:N'; also accepted as `device_map`.")
@@ -137,11 +157,21 @@ class ProphetSettings(BaseModel):
             )
         return {key: value for key, value in kwargs.items() if key not in ignored}
 
+    _warned: set[str] = PrivateAttr(default_factory=set)
+
     def _setup(self) -> None:
         """Load the engine when none was passed, and check every setting now rather than at the first call."""
+        if self.store is not None and self.store_dir is not None:
+            raise InvalidRequestError("pass store_dir or store, not both: store=StoreConfig(directory=...) holds it.")
         if self.engine is None:
-            self.engine = load_engine(self.model, self.device, self.store_dir)
+            store = self.store or (StoreConfig(directory=self.store_dir) if self.store_dir is not None else None)
+            self.engine = load_engine(self.model, self.device, store)
         self.configs({})
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, UserWarning, stacklevel=4)
 
     @property
     def model_name(self) -> str:

@@ -2,16 +2,25 @@
 runnable that keeps retrieved documents apart.
 
 Both models render calls with the model's own chat template (a text prompt is one user message, behind
-`system_prompt`) and answer a call with no retrieved documents by full prefill, storing nothing. In the usual chain
-`{"context": retriever | format_docs, "question": ...} | prompt | llm` a model sees one formatted prompt, so the
-documents, and their cached KV, are lost. `ProphetRAG` takes the place of `prompt | llm`:
+`system_prompt`). The chains LangChain's tutorials write work as they are, with the model swapped:
+
+    chain = create_retrieval_chain(retriever, create_stuff_documents_chain(ChatProphet(), prompt))
+    chain = {"context": retriever | format_docs, "question": RunnablePassthrough()} | prompt | ChatProphet()
+
+A model in such a chain receives one rendered prompt, the documents joined into it. It finds them there by their
+exact content: the documents its run retrieved are recorded as the run goes (langchain_runs.py) and located in the
+prompt (placement.locate), so each one is a cached chunk, and the template's text around them stays as rendered.
+A call whose run retrieved nothing is a plain chat: full prefill, nothing stored. When the run retrieved documents
+but none of them is in the prompt verbatim (a formatter that rewrote them), the call is answered as plain text and a
+warning says so once.
+
+`ProphetRAG` takes the place of `prompt | llm` and hands the model the documents themselves:
 
     rag = ProphetRAG(llm=ChatProphet(), prompt=prompt)   # prompt: any template with {context} and {question}
     chain = {"context": retriever, "question": RunnablePassthrough()} | rag | StrOutputParser()
 
 It renders its prompt template with the context's place marked (placement.py) and passes that request beside the
-readable prompt, as the `prophet_request` keyword of `llm.invoke`/`stream`/`ainvoke`/`astream`: each document is a
-cached chunk, and the system prompt, instructions, history and question stay where the template puts them.
+readable prompt, as the `prophet_request` keyword of `llm.invoke`/`stream`/`ainvoke`/`astream`.
 Callbacks, token streaming, batch and async work as for any model run. Usage (`usage_metadata`, `llm_output`) and the
 request's statistics (`response_metadata["prophet_rag"]`, `generation_info`) come with every answer.
 """
@@ -20,7 +29,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.documents import Document
@@ -36,13 +45,15 @@ from langchain_core.outputs import (
     LLMResult,
 )
 from langchain_core.prompts import BasePromptTemplate, ChatPromptTemplate, PromptTemplate
-from langchain_core.runnables import RunnableConfig, RunnableSerializable
-from pydantic import Field, field_validator
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
+from pydantic import ConfigDict, Field, field_validator
 
 from prophet_rag import InvalidRequestError
 from prophet_rag.config import DEFAULT_INSTRUCTION
-from prophet_rag.integrations.common import Call, ChatRequest, ProphetSettings
-from prophet_rag.integrations.placement import Marks
+from prophet_rag.errors import UnsupportedFeatureError
+from prophet_rag.integrations import langchain_runs
+from prophet_rag.integrations.common import Call, ChatRequest, ProphetSettings, check_documents
+from prophet_rag.integrations.placement import Marks, locate
 
 REMOTE_ONLY = ("timeout", "max_retries", "api_key", "base_url")
 """LangChain's standard model parameters that only a remote API has: accepted, as LangChain's own tests pass them,
@@ -85,6 +96,7 @@ class _LangChainModel(ProphetSettings):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**self.accepted(kwargs, ignored=REMOTE_ONLY))
         self._setup()
+        langchain_runs.install()
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -95,23 +107,51 @@ class _LangChainModel(ProphetSettings):
         """Token ids from the model's own tokenizer (LangChain's default would fetch GPT-2's from the hub)."""
         return self.token_ids(text)
 
-    def _call_start(self, request: ChatRequest, stop: list[str] | None, kwargs: Mapping[str, Any]) -> Call:
+    def _call_start(self, messages: Sequence[Mapping[str, str]], stop: list[str] | None, kwargs: dict[str, Any],
+                    run_manager: CallbackManagerForLLMRun | None) -> Call:
+        """Start answering the call: the request `ProphetRAG` passed, else `messages` with the documents the run
+        retrieved at their place (see `_recovered`)."""
+        request = kwargs.pop("prophet_request", None) or self._recovered(
+            messages, langchain_runs.call_parent(run_manager))
         # `stream` is LangChain's own flag for whether a call streams; every other keyword is a per-call option.
         options = {key: value for key, value in kwargs.items() if key != "stream"}
         if stop is not None:
             options["stop"] = stop
         return self.start(self.with_system_prompt(request), options)
 
+    def _recovered(self, messages: Sequence[Mapping[str, str]], parent_run_id: Any) -> ChatRequest:
+        """`messages` as a request, with the documents that the run around the call retrieved taken out of the
+        prompt as documents where they are found verbatim; a plain chat when the run retrieved none."""
+        seen = langchain_runs.RUNS.seen(parent_run_id)
+        if seen is None or not seen.documents:
+            return ChatRequest(tuple(dict(message) for message in messages))
+        check_documents(list(seen.documents), "retrieved document")
+        request = locate(messages, seen.documents, seen.values)
+        if request is None:
+            self._warn_once(
+                "documents",
+                f"{type(self).__name__} was called in a run that retrieved {len(seen.documents)} document(s), but "
+                "none of them is in its prompt verbatim, so the prompt is answered as plain text with no KV reuse. "
+                "Put each document's page_content into the prompt unchanged (create_stuff_documents_chain does, and "
+                "so does '\\n\\n'.join(doc.page_content for doc in docs)), or use ProphetRAG in place of "
+                "`prompt | model`.",
+            )
+            return ChatRequest(tuple(dict(message) for message in messages))
+        return request
+
 
 class ChatProphet(_LangChainModel, BaseChatModel):
     """A LangChain chat model over a `ProphetEngine`.
 
     `ChatProphet(engine=engine)` wraps an engine; without one `model` is loaded (None: the embedded SmolLM2-135M)
-    on `device`, its store in `store_dir`. Messages are rendered with the model's chat template; `stop`, `streaming`,
-    async, callbacks and batch work as for any chat model. Per call, `invoke(..., max_new_tokens=8, temperature=0.7,
-    method="full", ratio=0.5, stop=[...])` overrides the settings (`max_tokens` is accepted for `max_new_tokens`);
-    other keywords are refused. Answers carry `usage_metadata` and, in `response_metadata`, the model name, finish
-    reason and the request's statistics (`"prophet_rag"`). Tool calling and structured output are not supported.
+    on `device`, its store in `store_dir` (or configured whole: `store=StoreConfig(...)`). Messages are rendered with
+    the model's chat template; `stop`, `streaming`, async, callbacks and batch work as for any chat model. In a
+    retrieval chain the documents the chain retrieved are found in the prompt and answered as cached chunks (see the
+    module docstring). Per call, `invoke(..., max_new_tokens=8, temperature=0.7, method="full", ratio=0.5,
+    stop=[...])` overrides the settings (`max_tokens` is accepted for `max_new_tokens`); other keywords are refused.
+    Answers carry `usage_metadata` and, in `response_metadata`, the model name, finish reason and the request's
+    statistics (`"prophet_rag"`). Tool calling and structured output are not supported yet: `bind_tools` raises
+    `UnsupportedFeatureError`.
     """
 
     streaming: bool = Field(default=False, description="Stream tokens, and their callbacks, from invoke too.")
@@ -139,14 +179,20 @@ class ChatProphet(_LangChainModel, BaseChatModel):
             raise InvalidRequestError("ChatProphet does not support tool calling, so it cannot count tool tokens.")
         return self.count_chat_tokens([_message(m, i) for i, m in enumerate(messages)])
 
-    def _open(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> Call:
-        request = kwargs.pop("prophet_request", None) or ChatRequest(
-            tuple(_message(m, i) for i, m in enumerate(messages)))
-        return self._call_start(request, stop, kwargs)
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Runnable:
+        """Not supported yet: the model cannot call tools."""
+        raise UnsupportedFeatureError(
+            "ChatProphet does not support tool calling yet, so it cannot bind tools (nor give structured output "
+            "through them); use it for chat and retrieval chains, and a tool-calling model for agents."
+        )
+
+    def _open(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any],
+              run_manager: CallbackManagerForLLMRun | None) -> Call:
+        return self._call_start([_message(m, i) for i, m in enumerate(messages)], stop, kwargs, run_manager)
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        call = self._open(messages, stop, kwargs)
+        call = self._open(messages, stop, kwargs, run_manager)
         text = call.text()
         message = AIMessage(content=text, usage_metadata=call.usage, response_metadata=call.report())
         return ChatResult(generations=[ChatGeneration(message=message)],
@@ -155,7 +201,7 @@ class ChatProphet(_LangChainModel, BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         # BaseChatModel reports each chunk to the callbacks; async streaming runs this in a worker thread.
-        call = self._open(messages, stop, kwargs)
+        call = self._open(messages, stop, kwargs, run_manager)
         for delta in call:
             yield ChatGenerationChunk(message=AIMessageChunk(content=delta))
         yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=call.usage,
@@ -174,17 +220,16 @@ class ProphetLangChainLLM(_LangChainModel, BaseLLM):
         return "prophet-rag"
 
     def _open(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any],
-              request: ChatRequest | None = None) -> Call:
-        return self._call_start(request or ChatRequest(({"role": "user", "content": prompt},)), stop, kwargs)
+              run_manager: CallbackManagerForLLMRun | None) -> Call:
+        return self._call_start([{"role": "user", "content": prompt}], stop, kwargs, run_manager)
 
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
-        request = kwargs.pop("prophet_request", None)
-        if request is not None and len(prompts) != 1:
+        if "prophet_request" in kwargs and len(prompts) != 1:
             raise InvalidRequestError("prophet_request belongs to one prompt; pass one prompt with it.")
         generations, usage = [], Counter()
         for prompt in prompts:
-            call = self._open(prompt, stop, kwargs, request)
+            call = self._open(prompt, stop, dict(kwargs), run_manager)
             generations.append([Generation(text=call.text(), generation_info=call.report())])
             usage.update(call.usage)
         return LLMResult(generations=generations, llm_output={"model_name": self.model_name,
@@ -193,8 +238,7 @@ class ProphetLangChainLLM(_LangChainModel, BaseLLM):
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
         # BaseLLM leaves the callbacks to `_stream`; async streaming runs this in a worker thread.
-        request = kwargs.pop("prophet_request", None)
-        call = self._open(prompt, stop, kwargs, request)
+        call = self._open(prompt, stop, kwargs, run_manager)
         for delta in call:
             chunk = GenerationChunk(text=delta)
             if run_manager is not None:
@@ -227,13 +271,28 @@ def _parse_input(value: Any) -> tuple[str, list[str]]:
     texts = []
     for i, doc in enumerate(docs):
         text = doc.page_content if isinstance(doc, Document) else doc
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidRequestError(
-                f"context document {i} is {type(doc).__name__} {doc!r:.60}; each must be a Document or a non-empty "
-                "string."
-            )
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"context document {i} is {type(doc).__name__} {doc!r:.60}; each must be a "
+                                      "Document or a string.")
         texts.append(text)
-    return question, texts
+    return question, check_documents(texts, "context document")
+
+
+_MODELS = (ChatProphet, ProphetLangChainLLM)
+
+
+def _model_of(llm: Runnable) -> ChatProphet | ProphetLangChainLLM:
+    """The prophet-rag model inside `llm`: itself, or the model a binding (`bind`, `with_config`, `with_retry`) or a
+    configurable (`configurable_fields`) wraps."""
+    inner = llm
+    while not isinstance(inner, _MODELS):
+        inner = getattr(inner, "bound", None) or getattr(inner, "default", None)
+        if not isinstance(inner, Runnable):
+            raise InvalidRequestError(
+                f"ProphetRAG needs a ChatProphet or ProphetLangChainLLM as llm (bound or configured ones too), got "
+                f"{type(llm).__name__}: only they can take documents as cached chunks."
+            )
+    return inner
 
 
 class ProphetRAG(RunnableSerializable[dict, Any]):
@@ -242,13 +301,21 @@ class ProphetRAG(RunnableSerializable[dict, Any]):
     `"input"` is accepted for `"question"` (the `create_retrieval_chain` convention) and `"documents"` for
     `"context"`; other keys fill the prompt's other variables (a `MessagesPlaceholder` history, say). `prompt` is a
     prompt template (or a string) with `{context}`, usually `{question}` too; its messages are what the model
-    answers, with the documents at `{context}`. The output is the model's: a string from `ProphetLangChainLLM`, an
-    `AIMessage` from `ChatProphet` (pipe into `StrOutputParser`). Bad input raises `InvalidRequestError` naming the
-    problem.
+    answers, with the documents at `{context}`. `llm` is a `ChatProphet` or `ProphetLangChainLLM`, also bound or
+    configured (`chat.bind(stop=["."])`, `chat.with_config(...)`, `configurable_fields`); per-call options bound to
+    the runnable itself (`ProphetRAG(...).bind(max_new_tokens=4)`) reach the model.
+
+    Output: with `output="message"` (the default) the model's own, an `AIMessage` from `ChatProphet` (chunks when
+    streaming; its `response_metadata["prophet_rag"]` holds the request's statistics) or a string from
+    `ProphetLangChainLLM`; with `output="text"` the answer's text, a string (string deltas when streaming), as
+    `create_retrieval_chain`'s "answer" expects. Bad input raises `InvalidRequestError` naming the problem.
     """
 
-    llm: ChatProphet | ProphetLangChainLLM
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    llm: Runnable
     prompt: BasePromptTemplate = DEFAULT_PROMPT
+    output: Literal["message", "text"] = "message"
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -257,6 +324,7 @@ class ProphetRAG(RunnableSerializable[dict, Any]):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        _model_of(self.llm)
         if "context" not in self.prompt.input_variables:
             raise InvalidRequestError(
                 f"ProphetRAG's prompt must have a {{context}} variable, where the documents go; it has "
@@ -280,30 +348,36 @@ class ProphetRAG(RunnableSerializable[dict, Any]):
         if request is None:
             raise InvalidRequestError("ProphetRAG's prompt must render {context} exactly once, where the documents go.")
         readable = self.prompt.invoke({**args, "context": "\n\n".join(texts)})
-        readable = readable.to_messages() if isinstance(self.llm, BaseChatModel) else readable.to_string()
-        return readable, {"prophet_request": request}
+        chat = isinstance(_model_of(self.llm), BaseChatModel)
+        return readable.to_messages() if chat else readable.to_string(), {"prophet_request": request}
+
+    def _shaped(self, output: Any) -> Any:
+        if self.output == "text" and isinstance(output, BaseMessage):
+            return output.content
+        return output
 
     def invoke(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return self._call_with_config(self._invoke, input, config, **kwargs)
 
-    def _invoke(self, value: dict, config: RunnableConfig) -> Any:
+    def _invoke(self, value: dict, config: RunnableConfig, **options: Any) -> Any:
         readable, request = self._request(value)
-        return self.llm.invoke(readable, config=config, **request)
+        return self._shaped(self.llm.invoke(readable, config=config, **request, **options))
 
     async def ainvoke(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return await self._acall_with_config(self._ainvoke, input, config, **kwargs)
 
-    async def _ainvoke(self, value: dict, config: RunnableConfig) -> Any:
+    async def _ainvoke(self, value: dict, config: RunnableConfig, **options: Any) -> Any:
         readable, request = self._request(value)
-        return await self.llm.ainvoke(readable, config=config, **request)
+        return self._shaped(await self.llm.ainvoke(readable, config=config, **request, **options))
 
     def stream(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
         yield from self._transform_stream_with_config(iter([input]), self._transform, config, **kwargs)
 
-    def _transform(self, values: Iterator[dict], config: RunnableConfig) -> Iterator[Any]:
+    def _transform(self, values: Iterator[dict], config: RunnableConfig, **options: Any) -> Iterator[Any]:
         for value in values:
             readable, request = self._request(value)
-            yield from self.llm.stream(readable, config=config, **request)
+            for delta in self.llm.stream(readable, config=config, **request, **options):
+                yield self._shaped(delta)
 
     async def astream(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
         async def values() -> AsyncIterator[dict]:
@@ -312,8 +386,9 @@ class ProphetRAG(RunnableSerializable[dict, Any]):
         async for delta in self._atransform_stream_with_config(values(), self._atransform, config, **kwargs):
             yield delta
 
-    async def _atransform(self, values: AsyncIterator[dict], config: RunnableConfig) -> AsyncIterator[Any]:
+    async def _atransform(self, values: AsyncIterator[dict], config: RunnableConfig,
+                          **options: Any) -> AsyncIterator[Any]:
         async for value in values:
             readable, request = self._request(value)
-            async for delta in self.llm.astream(readable, config=config, **request):
-                yield delta
+            async for delta in self.llm.astream(readable, config=config, **request, **options):
+                yield self._shaped(delta)

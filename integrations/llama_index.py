@@ -8,13 +8,17 @@
   ContextVar around the normal call path, so every event, callback and template rule upstream still runs; `chat`
   and `stream_chat` then answer it, each node a cached chunk. Any other call (a plain `complete` or `chat`, an
   agent) carries no request and is a plain chat: full prefill, nothing stored.
-- `ProphetKVPostprocessor` stores each retrieved node's KV (computed on a miss) and registers its text, so the LLM
-  finds the nodes in the synthesizer's joined context. Without it the context is one-off text: no reuse (warned once).
+- `ProphetKVPostprocessor` registers each retrieved node's text, so the LLM finds the nodes in the synthesizer's
+  joined context; a node's KV is computed and stored by the first call that uses it (a cache miss, inside that
+  call's TTFT). Without it the context is one-off text: no reuse (warned once).
 - `ProphetSynthesizer` is the strict mode: one call over exactly the retrieved nodes, one chunk per node.
 
 Errors: the engine's request errors are ValueErrors, and LlamaIndex's refine synthesizers (compact included) turn a
 ValueError into "Empty Response"; on the synthesizers' path they are re-raised as `SynthesisError`, which is not one.
-Statistics: a query's `Response.metadata["prophet_rag"]` lists the report of each LLM call (cache hits, TTFT...).
+Statistics: each ProphetLLM response carries its call's statistics (`RequestStats.to_dict()`: cache hits and
+misses, recomputed tokens, TTFT...) in `additional_kwargs["prophet_rag"]` and `raw["prophet_rag"]` (which agents
+pass on as `AgentOutput.raw`); a query engine's or chat engine's response lists those of every call it made in
+`metadata["prophet_rag"]`.
 Token counts: building a ProphetLLM sets `Settings.tokenizer` to the model's tokenizer (`set_global_tokenizer=False`
 keeps yours), so LlamaIndex packs contexts by the model's own counts. Leave `context_window` at the model's true
 maximum (the default): a smaller one makes compact mode repack the nodes into pieces that match no node.
@@ -25,10 +29,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
-import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any
 
 from llama_index.core import Settings
@@ -45,9 +48,9 @@ from llama_index.core.base.llms.types import (
     TextBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.chat_engine.types import BaseChatEngine
 from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
-from llama_index.core.instrumentation.events.synthesis import SynthesizeEndEvent, SynthesizeStartEvent
+from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
@@ -58,7 +61,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from llama_index.core.types import TokenAsyncGen, TokenGen
 
 from prophet_rag import InvalidRequestError, ProphetRAGError
-from prophet_rag.integrations.common import Call, ChatRequest, ProphetSettings, iterate_in_thread
+from prophet_rag.integrations.common import Call, ChatRequest, ProphetSettings, check_documents, iterate_in_thread
 from prophet_rag.integrations.placement import Marks
 from prophet_rag.integrations.registry import ChunkRegistry
 
@@ -71,7 +74,8 @@ SEPARATOR = "\n\n"
 _ROLES = {MessageRole.CHATBOT: "assistant", MessageRole.MODEL: "assistant", MessageRole.DEVELOPER: "system"}
 
 _REQUEST: ContextVar[ChatRequest | None] = ContextVar("prophet_rag_request", default=None)
-_STATS: ContextVar[list[dict[str, Any]] | None] = ContextVar("prophet_rag_synthesis_stats", default=None)
+_SCOPES: ContextVar[tuple[list[dict[str, Any]], ...]] = ContextVar("prophet_rag_stats_scopes", default=())
+"""The statistics lists open around the current code: each ProphetLLM call appends its entry to every one."""
 
 
 class SynthesisError(ProphetRAGError):
@@ -101,33 +105,65 @@ def _scoped(request: ChatRequest | None) -> Iterator[None]:
         _REQUEST.reset(token)
 
 
-class _StatsCollector(BaseEventHandler):
-    """Gathers the reports of the ProphetLLM calls a synthesizer makes into its response's metadata.
+class _StatsScopes(BaseSpanHandler):
+    """Puts the statistics of the ProphetLLM calls a synthesizer or a chat engine makes into its response.
 
-    Events are dispatched synchronously in the synthesizer's own context, so the list set at its start is the one
-    its LLM calls append to (worker threads copy the context). A streamed response may start its LLM call lazily, at
-    its first token, so its token generator is wrapped to iterate with the list in place; each call's entry is
-    filled when its answer ends."""
+    Every span of a synthesizer or a chat engine (`synthesize`, `chat`, `stream_chat` and their async forms) opens a
+    list in `_SCOPES` for its duration; each ProphetLLM call inside appends its entry (filled when its answer ends),
+    so a chat engine's list also holds a condensing call made outside synthesis. The list becomes the response's
+    `metadata["prophet_rag"]`. Spans run their function in the caller's context, so the list set on entry is the
+    one its calls see (worker threads copy the context). A streamed response may start its LLM call lazily, at its
+    first token, in whatever thread reads it: its token generator is wrapped to iterate with the lists in place."""
+
+    _tokens: dict[str, Token] = PrivateAttr(default_factory=dict)
 
     @classmethod
     def class_name(cls) -> str:
-        return "ProphetStatsCollector"
+        return "ProphetStatsScopes"
 
-    def handle(self, event: Any, **kwargs: Any) -> None:
-        if isinstance(event, SynthesizeStartEvent):
-            _STATS.set([])
-        elif isinstance(event, SynthesizeEndEvent):
-            reports = _STATS.get()
-            _STATS.set(None)
-            response = event.response
-            if reports is None or not hasattr(response, "metadata"):
-                return
-            tokens = getattr(response, "response_gen", None)
-            if tokens is not None:
-                wrap = _collect_async if inspect.isasyncgen(tokens) else _collect
-                response.response_gen = wrap(tokens, reports, response)
-            if reports or tokens is not None:
-                response.metadata = {**(response.metadata or {}), "prophet_rag": reports}
+    def span_enter(self, id_: str, bound_args: Any, instance: Any = None, parent_id: str | None = None,
+                   tags: Any = None, **kwargs: Any) -> None:
+        if isinstance(instance, BaseSynthesizer | BaseChatEngine):
+            self._tokens[id_] = _SCOPES.set((*_SCOPES.get(), []))
+
+    def span_exit(self, id_: str, bound_args: Any, instance: Any = None, result: Any = None, **kwargs: Any) -> None:
+        scopes = self._close(id_)
+        if scopes is None or not hasattr(result, "source_nodes"):  # a response, not get_response's text
+            return
+        # A synthesizer's streamed response; a streamed chat response starts its calls eagerly, in `stream_chat`.
+        tokens = getattr(result, "response_gen", None) if isinstance(instance, BaseSynthesizer) else None
+        if tokens is not None:
+            wrap = _collect_async if inspect.isasyncgen(tokens) else _collect
+            result.response_gen = wrap(tokens, scopes, result)
+        reports = scopes[-1]
+        # A chat engine's stream starts its call lazily too, when its writer thread reads the synthesizer's tokens.
+        if reports or tokens is not None or isinstance(getattr(instance, "_llm", None), ProphetLLM):
+            # A dataclass field of every response type but StreamingAgentChatResponse, which takes it as attribute.
+            result.metadata = {**(getattr(result, "metadata", None) or {}), "prophet_rag": reports}
+
+    def span_drop(self, id_: str, bound_args: Any, instance: Any = None, err: BaseException | None = None,
+                  **kwargs: Any) -> None:
+        self._close(id_)
+
+    def _close(self, id_: str) -> tuple[list[dict[str, Any]], ...] | None:
+        token = self._tokens.pop(id_, None)
+        if token is None:
+            return None
+        scopes = _SCOPES.get()
+        try:
+            _SCOPES.reset(token)
+        except ValueError:  # a span that ends in another context (a future's callback): nothing to reset there
+            pass
+        return scopes
+
+    def new_span(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def prepare_to_exit_span(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def prepare_to_drop_span(self, *args: Any, **kwargs: Any) -> None:
+        return None
 
 
 def _drop_if_empty(response: Any, reports: list[dict[str, Any]]) -> None:
@@ -135,31 +171,31 @@ def _drop_if_empty(response: Any, reports: list[dict[str, Any]]) -> None:
         response.metadata.pop("prophet_rag", None)
 
 
-def _collect(tokens: Iterator[str], reports: list[dict[str, Any]], response: Any) -> Iterator[str]:
+def _collect(tokens: Iterator[str], scopes: tuple[list[dict[str, Any]], ...], response: Any) -> Iterator[str]:
     while True:
-        scope = _STATS.set(reports)
+        token = _SCOPES.set(scopes)
         try:
-            token = next(tokens)
+            item = next(tokens)
         except StopIteration:
             break
         finally:
-            _STATS.reset(scope)
-        yield token
-    _drop_if_empty(response, reports)
+            _SCOPES.reset(token)
+        yield item
+    _drop_if_empty(response, scopes[-1])
 
 
-async def _collect_async(tokens: AsyncIterator[str], reports: list[dict[str, Any]],
+async def _collect_async(tokens: AsyncIterator[str], scopes: tuple[list[dict[str, Any]], ...],
                          response: Any) -> AsyncIterator[str]:
     while True:
-        scope = _STATS.set(reports)
+        token = _SCOPES.set(scopes)
         try:
-            token = await anext(tokens)
+            item = await anext(tokens)
         except StopAsyncIteration:
             break
         finally:
-            _STATS.reset(scope)
-        yield token
-    _drop_if_empty(response, reports)
+            _SCOPES.reset(token)
+        yield item
+    _drop_if_empty(response, scopes[-1])
 
 
 _collector_lock = threading.Lock()
@@ -168,8 +204,8 @@ _collector_lock = threading.Lock()
 def _install_collector() -> None:
     with _collector_lock:
         root = get_dispatcher()
-        if not any(isinstance(handler, _StatsCollector) for handler in root.event_handlers):
-            root.add_event_handler(_StatsCollector())
+        if not any(isinstance(handler, _StatsScopes) for handler in root.span_handlers):
+            root.add_span_handler(_StatsScopes())
 
 
 def _message(message: ChatMessage, index: int) -> dict[str, str]:
@@ -209,7 +245,6 @@ class ProphetLLM(CustomLLM, ProphetSettings):
     )
 
     _registry: ChunkRegistry = PrivateAttr(default_factory=ChunkRegistry)
-    _warned: set[str] = PrivateAttr(default_factory=set)
 
     def __init__(self, **kwargs: Any) -> None:
         given = sorted(name for name in ("messages_to_prompt", "completion_to_prompt", "query_wrapper_prompt")
@@ -242,11 +277,6 @@ class ProphetLLM(CustomLLM, ProphetSettings):
             is_chat_model=True,
             model_name=self.model_name,
         )
-
-    def _warn_once(self, kind: str, message: str) -> None:
-        if kind not in self._warned:
-            self._warned.add(kind)
-            warnings.warn(message, UserWarning, stacklevel=4)
 
     # ---- template level: find the request --------------------------------------------------------------------
 
@@ -315,15 +345,16 @@ class ProphetLLM(CustomLLM, ProphetSettings):
                                                        system_prompt=system_prompt)
         call = self.start(request, options)
         entry: dict[str, Any] = {}
-        if (reports := _STATS.get()) is not None:
+        for reports in _SCOPES.get():
             reports.append(entry)
         return call, entry
 
     @staticmethod
     def _details(call: Call, entry: dict[str, Any]) -> dict[str, Any]:
         report = call.report()
-        entry.update(report)
-        return {"raw": {"usage": call.usage}, "additional_kwargs": report}
+        entry.update(report["prophet_rag"])
+        # raw: what agents pass on (AgentOutput.raw); TokenCountingHandler reads the usage there.
+        return {"raw": {"usage": call.usage, "prophet_rag": report["prophet_rag"]}, "additional_kwargs": report}
 
     def _answer(self, call: Call, entry: dict[str, Any], make: Callable[..., Any]) -> Any:
         return make(call.text(), **self._details(call, entry))
@@ -400,11 +431,14 @@ def _prophet_llm(llm: ProphetLLM | None, user: str) -> ProphetLLM:
 
 
 class ProphetKVPostprocessor(BaseNodePostprocessor):
-    """Stores the KV of each retrieved node (computed on a miss) and registers its text with the LLM.
+    """Registers the text of each retrieved node with the LLM, so that it finds the nodes in a synthesizer's context
+    and answers each over its cached KV.
 
     `ProphetKVPostprocessor(llm=None)` uses `Settings.llm`, which must then be a `ProphetLLM`. The nodes are
     returned unchanged, so `source_nodes` and citations stay intact. A node's text is
-    `node.get_content(MetadataMode.LLM)`, exactly what the synthesizers put in the context.
+    `node.get_content(MetadataMode.LLM)`, exactly what the synthesizers put in the context. A node not stored yet is
+    computed and stored by the LLM call that uses it, so that call reports it as a cache miss, its prefill inside
+    the call's TTFT. An empty node is refused (`InvalidRequestError`), as everywhere in prophet-rag.
     """
 
     _llm: ProphetLLM = PrivateAttr()
@@ -420,11 +454,7 @@ class ProphetKVPostprocessor(BaseNodePostprocessor):
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
-        # Stripped, as the synthesizers put them in the context: the same text must give the same token ids.
-        texts = [n.node.get_content(metadata_mode=MetadataMode.LLM).strip() for n in nodes]
-        texts = [text for text in texts if text]
-        if texts:
-            self._llm.engine.ingest(texts)
+        texts = check_documents([n.node.get_content(metadata_mode=MetadataMode.LLM) for n in nodes], "retrieved node")
         for text in texts:
             self._llm.registry.add(text)
         return nodes
@@ -438,13 +468,7 @@ def _check_chunks(query_str: object, text_chunks: object) -> list[str]:
             "ProphetSynthesizer needs text_chunks as a non-empty list of node texts (one string per node), got "
             f"{type(text_chunks).__name__}."
         )
-    for i, chunk in enumerate(text_chunks):
-        if not isinstance(chunk, str) or not chunk.strip():
-            raise InvalidRequestError(
-                f"text chunk {i} is {chunk!r:.60}; each must be a node's text, a non-empty string: drop empty "
-                "nodes before synthesis."
-            )
-    return [chunk.strip() for chunk in text_chunks]
+    return [chunk.strip() for chunk in check_documents(text_chunks, "text chunk")]
 
 
 class ProphetSynthesizer(BaseSynthesizer):

@@ -37,6 +37,7 @@ class RequestStats:
         return self.context_tokens - self.recomputed_tokens
 
     def to_dict(self) -> dict:
+        """The statistics' one shape: what the framework integrations carry under "prophet_rag"."""
         return {**asdict(self), "reused_tokens": self.reused_tokens}
 
 

@@ -12,18 +12,23 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
+import warnings
+
+from langchain_classic.chains import create_retrieval_chain
+from langchain_classic.chains.combine_documents import create_stuff_documents_chain
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.embeddings import DeterministicFakeEmbedding
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
-from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
-from langchain_core.runnables import ConfigurableField, RunnablePassthrough
+from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder, PromptTemplate
+from langchain_core.runnables import ConfigurableField, RunnableLambda, RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 
 from prophet_rag import InvalidRequestError
 from prophet_rag.config import DEFAULT_INSTRUCTION, SelectionConfig
-from prophet_rag.integrations import common
+from prophet_rag.errors import UnsupportedFeatureError
+from prophet_rag.integrations import common, langchain_runs
 from prophet_rag.integrations.langchain import ChatProphet, ProphetLangChainLLM, ProphetRAG
 from prophet_rag.layout import DOCUMENTS
 
@@ -62,6 +67,33 @@ def model(request, chat, llm):
 @pytest.fixture
 def chain(model, retriever):
     return {"context": retriever, "question": RunnablePassthrough()} | ProphetRAG(llm=model) | StrOutputParser()
+
+
+# LangChain's RAG tutorials: create_retrieval_chain's system prompt, and the "rlm/rag-prompt" hand-written chains use.
+TUTORIAL_PROMPT = ChatPromptTemplate([
+    ("system", "You are an assistant for question-answering tasks. Use the following pieces of retrieved context to "
+               "answer the question.\n\n{context}"),
+    ("human", "{input}"),
+])
+RAG_PROMPT = ChatPromptTemplate([("human", "You are an assistant for question-answering tasks. Use the following "
+                                           "pieces of retrieved context to answer the question.\nQuestion: "
+                                           "{question} \nContext: {context} \nAnswer:")])
+
+
+def format_docs(docs: list[Document]) -> str:
+    return "\n\n".join(doc.page_content for doc in docs)
+
+
+class Ends(BaseCallbackHandler):
+    """The statistics each model answer reports, as a tracer sees them (the chains return text only)."""
+
+    def __init__(self) -> None:
+        self.stats: list[dict] = []
+
+    def on_llm_end(self, response, **kwargs) -> None:
+        generation = response.generations[0][0]
+        info = generation.message.response_metadata if hasattr(generation, "message") else generation.generation_info
+        self.stats.append(info["prophet_rag"])
 
 
 class Recorder(BaseCallbackHandler):
@@ -165,7 +197,8 @@ def test_invoke_sends_each_retrieved_document_as_a_cached_chunk(chain, calls):
     assert (first["stream"].answer.stats.cache_misses, second["stream"].answer.stats.cache_hits) == (3, 3)
 
 
-def test_stream_batch_and_async_match_invoke(chain):
+def assert_every_path_agrees(chain) -> None:
+    """invoke, stream, batch, ainvoke and astream of a text chain give the same answer."""
     done = chain.invoke(QUESTION)
     assert "".join(chain.stream(QUESTION)) == done
     assert chain.batch([QUESTION, QUESTION]) == [done, done]
@@ -174,6 +207,10 @@ def test_stream_batch_and_async_match_invoke(chain):
         return await chain.ainvoke(QUESTION), "".join([d async for d in chain.astream(QUESTION)])
 
     assert asyncio.run(run()) == (done, done)
+
+
+def test_stream_batch_and_async_match_invoke(chain):
+    assert_every_path_agrees(chain)
 
 
 def test_callbacks_see_one_model_run_with_its_tokens(chain):
@@ -209,6 +246,153 @@ def test_a_prompt_without_context_or_a_variable_is_refused(chat):
         ProphetRAG(llm=chat, prompt="Q: {question}")
     with pytest.raises(InvalidRequestError, match="tone"):
         ProphetRAG(llm=chat, prompt="{tone}: {context} {question}").invoke({"context": FACTS, "question": QUESTION})
+
+
+# ---- 4. the tutorial chains: the documents are found in the prompt the model receives ----------------------------
+
+
+def test_the_retrieval_chain_tutorial_reuses_every_retrieved_document(model, retriever, calls):
+    chain = create_retrieval_chain(retriever, create_stuff_documents_chain(model, TUTORIAL_PROMPT))
+    ends = Ends()
+    first = chain.invoke({"input": QUESTION}, config={"callbacks": [ends]})
+    second = chain.invoke({"input": QUESTION}, config={"callbacks": [ends]})
+    retrieved = [doc.page_content for doc in first["context"]]
+    assert [c["documents"] for c in calls] == [retrieved, retrieved] and not any(calls[0]["transient"])
+    assert [(s["cache_hits"], s["cache_misses"]) for s in ends.stats] == [(0, 3), (3, 0)]  # a fresh store, then warm
+    assert first["answer"] == second["answer"]
+
+
+def test_the_retrieval_chain_answers_as_prophet_rag_does(chat, retriever, calls):
+    tutorial = create_retrieval_chain(retriever, create_stuff_documents_chain(chat, TUTORIAL_PROMPT))
+    ours = create_retrieval_chain(retriever, ProphetRAG(llm=chat, prompt=TUTORIAL_PROMPT, output="text"))
+    assert tutorial.invoke({"input": QUESTION})["answer"] == ours.invoke({"input": QUESTION})["answer"]
+    assert calls[0]["messages"] == calls[1]["messages"] and calls[0]["documents"] == calls[1]["documents"]
+    assert calls[0]["messages"][0]["content"][1] is DOCUMENTS
+
+
+def test_the_hand_written_chain_finds_its_documents_on_every_path(model, retriever, calls):
+    chain = {"context": retriever | format_docs, "question": RunnablePassthrough()} | RAG_PROMPT | model
+    assert_every_path_agrees(chain | StrOutputParser())
+    retrieved = [doc.page_content for doc in retriever.invoke(QUESTION)]
+    assert len(calls) == 6 and all(c["documents"] == retrieved for c in calls)
+    # The question comes before the context in this prompt: the prefix holds it, so it is never stored.
+    assert all(c["transient_prefix"] for c in calls)
+
+
+def test_concurrent_runs_each_find_only_their_own_documents(chat, retriever, calls):
+    questions = [QUESTION, "Which widget weighs 4 kg?", "Tell me about widget 0."]
+    chain = {"context": retriever | format_docs, "question": RunnablePassthrough()} | RAG_PROMPT | chat
+    chain.batch(questions)
+    found = {c["messages"][0]["content"][0]: c["documents"] for c in calls}
+    for question in questions:
+        prefix = next(key for key in found if question in key)
+        assert found[prefix] == [doc.page_content for doc in retriever.invoke(question)]
+
+
+def test_documents_given_to_the_chain_with_headers_keep_the_headers_as_one_off_text(chat, calls):
+    header = PromptTemplate.from_template("Source {source}:\n{page_content}")
+    chain = create_stuff_documents_chain(chat, TUTORIAL_PROMPT, document_prompt=header)
+    docs = [Document(page_content=fact, metadata={"source": i}) for i, fact in enumerate(FACTS[:3])]
+    chain.invoke({"context": docs, "input": QUESTION})
+    assert calls[-1]["documents"] == [FACTS[0], "Source 1:", FACTS[1], "Source 2:", FACTS[2]]
+    assert calls[-1]["transient"] == [False, True, False, True, False]
+    assert calls[-1]["messages"][0]["content"][0].endswith("\n\nSource 0:\n")
+
+
+def test_documents_rewritten_on_the_way_warn_once_and_are_answered_as_plain_text(chat, retriever, calls):
+    shout = RunnableLambda(lambda docs: " / ".join(doc.page_content.upper() for doc in docs))
+    chain = {"context": retriever | shout, "question": RunnablePassthrough()} | RAG_PROMPT | chat
+    with pytest.warns(UserWarning, match="none of them is in its prompt verbatim.*ProphetRAG") as caught:
+        chain.invoke(QUESTION)
+        chain.invoke(QUESTION)
+    assert len([w for w in caught if "verbatim" in str(w.message)]) == 1
+    assert [c["documents"] for c in calls] == [[], []]
+
+
+def test_a_chain_that_retrieves_nothing_is_a_plain_chat_without_warnings(chat, calls):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (TUTORIAL_PROMPT | chat).invoke({"input": QUESTION, "context": FACTS[0]})
+    assert calls[-1]["documents"] == [] and calls[-1]["stream"].answer.stats.method == "full"
+
+
+def test_documents_of_an_earlier_run_are_not_found_in_a_later_one(chat, retriever, calls):
+    retriever.invoke(QUESTION)  # a run of its own, ended
+    (TUTORIAL_PROMPT | chat).invoke({"input": QUESTION, "context": format_docs(retriever.invoke(QUESTION))})
+    assert calls[-1]["documents"] == []
+
+
+def test_runs_are_forgotten_when_they_end(chat, retriever):
+    open_runs = langchain_runs.RUNS.open_runs()
+    chain = {"context": retriever | format_docs, "question": RunnablePassthrough()} | RAG_PROMPT
+    (chain | chat).invoke(QUESTION)
+    list((chain | chat).stream(QUESTION))
+    with pytest.raises(InvalidRequestError):
+        (chain | chat.bind(max_new_tokens=0)).invoke(QUESTION)
+    assert langchain_runs.RUNS.open_runs() == open_runs
+
+
+@pytest.mark.parametrize("path", ["tutorial", "prophet_rag"])
+def test_an_empty_retrieved_document_is_refused_on_both_paths(chat, path):
+    docs = [Document(page_content=FACTS[0]), Document(page_content=" \n ")]
+    combine = (create_stuff_documents_chain(chat, TUTORIAL_PROMPT) if path == "tutorial"
+               else ProphetRAG(llm=chat, prompt=TUTORIAL_PROMPT))
+    with pytest.raises(InvalidRequestError, match="document 1 is empty.*Drop empty documents"):
+        combine.invoke({"context": docs, "input": QUESTION})
+
+
+def test_tool_calling_is_refused_with_the_reason(chat):
+    with pytest.raises(UnsupportedFeatureError, match="does not support tool calling") as raised:
+        chat.bind_tools([format_docs])
+    assert isinstance(raised.value, NotImplementedError)
+    with pytest.raises(UnsupportedFeatureError):
+        chat.with_structured_output({"title": "Answer", "type": "object", "properties": {}})
+
+
+# ---- ProphetRAG takes bound models and per-call options; its output ----------------------------------------------
+
+
+def test_prophet_rag_takes_bound_and_configured_models(chat, calls):
+    inputs = {"context": FACTS[:2], "question": QUESTION}
+    ProphetRAG(llm=chat.bind(max_new_tokens=2)).invoke(inputs)
+    ProphetRAG(llm=chat.with_config(tags=["x"]).bind(max_new_tokens=3)).invoke(inputs)
+    configurable = chat.configurable_fields(method=ConfigurableField(id="method"))
+    ProphetRAG(llm=configurable).invoke(inputs, config={"configurable": {"method": "full"}})
+    assert [c["stream"].answer.stats.new_tokens for c in calls[:2]] == [2, 3]
+    assert calls[2]["method"] == "full" and all(c["documents"] == FACTS[:2] for c in calls)
+
+
+def test_prophet_rag_passes_per_call_options_to_the_model(chat, calls):
+    rag = ProphetRAG(llm=chat).bind(max_new_tokens=2)
+    inputs = {"context": FACTS[:2], "question": QUESTION}
+    rag.invoke(inputs)
+    list(rag.stream(inputs))
+
+    async def run():
+        await rag.ainvoke(inputs)
+        return [d async for d in rag.astream(inputs)]
+
+    asyncio.run(run())
+    assert [c["stream"].answer.stats.new_tokens for c in calls] == [2, 2, 2, 2]
+    with pytest.raises(InvalidRequestError, match="unknown option"):
+        ProphetRAG(llm=chat).bind(foo=1).invoke(inputs)
+
+
+def test_prophet_rag_refuses_a_model_that_cannot_take_documents():
+    with pytest.raises(InvalidRequestError, match="needs a ChatProphet"):
+        ProphetRAG(llm=RunnableLambda(lambda x: x))
+
+
+def test_prophet_rag_output_is_the_models_message_or_its_text(chat, retriever):
+    inputs = {"context": FACTS[:2], "question": QUESTION}
+    message = ProphetRAG(llm=chat).invoke(inputs)
+    assert isinstance(message, AIMessage) and message.response_metadata["prophet_rag"]["cache_misses"] == 2
+    text = ProphetRAG(llm=chat, output="text")
+    assert text.invoke(inputs) == message.content
+    deltas = list(text.stream(inputs))
+    assert all(isinstance(d, str) for d in deltas) and "".join(deltas) == message.content
+    answer = create_retrieval_chain(retriever, text).invoke({"input": QUESTION})["answer"]
+    assert isinstance(answer, str) and not isinstance(answer, BaseMessage)
 
 
 # ---- 5. usage and statistics ----------------------------------------------------------------------------------

@@ -40,6 +40,15 @@ class _Params:
     def returns_usage_metadata(self) -> bool:
         return True
 
+    # bind_tools exists only to refuse with a clear error, which the suites would take for tool calling.
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
 
 class TestChatProphetUnit(_Params, ChatModelUnitTests):
     pass

@@ -8,6 +8,7 @@ what is stored, cache hits, the statistics on responses, and that the sync, stre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import warnings
 
@@ -227,9 +228,15 @@ def test_chat_engines_send_their_system_prompt_and_history(llm, index, calls, mo
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_every_response_mode_answers_over_the_stored_nodes(llm, index, calls, mode):
+def test_every_response_mode_computes_each_node_once_then_reuses_it(llm, index, calls, mode):
+    # A fresh store: the calls of the first query compute every node (misses), those of the second find them all.
     response = query_engine(llm, index, response_mode=mode).query(QUESTION)
-    assert calls and {d for c in calls for d in c["documents"]} == set(node_texts(response))
+    first = list(calls)
+    calls.clear()
+    query_engine(llm, index, response_mode=mode).query(QUESTION)
+    assert first and {d for c in first for d in c["documents"]} == set(node_texts(response))
+    assert [c["stream"].answer.stats.cache_hits for c in first] == [0] * len(first)
+    assert sum(c["stream"].answer.stats.cache_misses for c in first) == len(set(node_texts(response)))
     for call in calls:
         stats = call["stream"].answer.stats
         assert not any(call["transient"]) and (stats.cache_hits, stats.cache_misses) == (len(call["documents"]), 0)
@@ -265,19 +272,69 @@ def test_repacked_pieces_are_one_off_fragments(engine, index, calls):
 # ---- 5. statistics and usage on every response ----------------------------------------------------------------
 
 
-def test_query_responses_carry_each_calls_statistics(llm, index):
+def test_query_responses_carry_each_calls_statistics(llm, index, calls):
     qe = query_engine(llm, index)
     response = qe.query(QUESTION)
-    [report] = response.metadata["prophet_rag"]
-    assert report["prophet_rag"]["cache_hits"] == 3 and report["model_name"] == llm.model_name
+    [stats] = response.metadata["prophet_rag"]
+    assert stats == calls[0]["stream"].answer.stats.to_dict()  # the engine's own shape
+    assert (stats["cache_hits"], stats["cache_misses"]) == (0, 3)  # a fresh store: computed in this call
     streaming = query_engine(llm, index, streaming=True).query(QUESTION)
     assert "".join(streaming.response_gen) == response.response
-    assert streaming.metadata["prophet_rag"][0]["prophet_rag"]["cache_hits"] == 3
+    assert streaming.metadata["prophet_rag"][0]["cache_hits"] == 3
 
     async def run():
         return await qe.aquery(QUESTION)
 
-    assert asyncio.run(run()).metadata["prophet_rag"][0]["prophet_rag"]["cache_hits"] == 3
+    assert asyncio.run(run()).metadata["prophet_rag"][0]["cache_hits"] == 3
+
+
+@pytest.mark.parametrize("mode", ["context", "condense_plus_context"])
+def test_chat_engine_responses_carry_each_calls_statistics(llm, index, calls, mode):
+    chat_engine = index.as_chat_engine(chat_mode=mode, llm=llm, similarity_top_k=2,
+                                       node_postprocessors=[ProphetKVPostprocessor(llm=llm)])
+    first = chat_engine.chat(QUESTION)
+    assert [(s["cache_hits"], s["cache_misses"]) for s in first.metadata["prophet_rag"]] == [(0, 2)]
+    chat_engine.reset()
+    again = chat_engine.chat(QUESTION)
+    assert [(s["cache_hits"], s["cache_misses"]) for s in again.metadata["prophet_rag"]] == [(2, 0)]
+    # Later turns: condense_plus_context first condenses the conversation into a question, a call of its own.
+    calls.clear()
+    streamed = chat_engine.stream_chat(QUESTION)
+    "".join(streamed.response_gen)
+    reports = streamed.metadata["prophet_rag"]
+    assert reports == [c["stream"].answer.stats.to_dict() for c in calls]
+    assert [r["method"] for r in reports] == ["full", "prophet_focus"][2 - len(calls):]
+
+    async def run():
+        return await chat_engine.achat(QUESTION)
+
+    assert asyncio.run(run()).metadata["prophet_rag"][-1]["cache_hits"] == 2
+
+
+def test_llm_responses_carry_statistics_where_agents_read_them(llm):
+    # ReActAgent passes each step's ChatResponse.raw on as AgentOutput.raw.
+    response = llm.chat([ChatMessage(role="user", content="Hi")])
+    assert response.raw["prophet_rag"] == response.additional_kwargs["prophet_rag"]
+
+    async def last_streamed():
+        return [r async for r in await llm.astream_chat([ChatMessage(role="user", content="Hi")])][-1]
+
+    assert asyncio.run(last_streamed()).raw["prophet_rag"]["method"] == "full"
+
+
+def test_agent_steps_carry_their_calls_statistics(llm, calls):
+    from llama_index.core.agent.workflow import AgentOutput, ReActAgent
+
+    async def run():
+        handler = ReActAgent(tools=[], llm=llm).run(user_msg="Hi", max_iterations=2)
+        steps = [event async for event in handler.stream_events() if isinstance(event, AgentOutput)]
+        with contextlib.suppress(Exception):  # the tiny model's gibberish may exhaust the iterations
+            await handler
+        return steps
+
+    steps = asyncio.run(run())
+    assert steps and [step.raw["prophet_rag"] for step in steps] == [
+        c["stream"].answer.stats.to_dict() for c in calls][:len(steps)]
 
 
 def test_llm_responses_carry_usage_and_statistics(llm):
@@ -324,11 +381,20 @@ def test_settings_accept_the_common_names(engine):
 # ---- the postprocessor and strict mode ------------------------------------------------------------------------
 
 
-def test_postprocessor_ingests_registers_and_returns_nodes_unchanged(llm, engine):
+def test_postprocessor_registers_and_returns_nodes_unchanged(llm, engine):
     nodes = [NodeWithScore(node=TextNode(text=f"Node {i}.\n\nMore about {i}."), score=1.0) for i in range(3)]
     out = ProphetKVPostprocessor(llm=llm).postprocess_nodes(nodes)
     assert out is nodes and all(n.node.text in llm.registry for n in nodes)
-    assert engine.ingest([n.node.text for n in nodes]) == 0  # already stored
+    assert len(engine.store) == 0  # computed by the LLM call that uses them, which then counts them as misses
+
+
+@pytest.mark.parametrize("blank", ["  \n\t", "\u200b"])
+def test_an_empty_retrieved_node_is_refused(llm, blank):
+    # The synthesizers would drop it from the context and answer from what is left, or from nothing.
+    nodes = [TextNode(text="Fact 1: widget 1 weighs 1 kg."), TextNode(text=blank)]
+    index = VectorStoreIndex(nodes, embed_model=MockEmbedding(embed_dim=8))
+    with pytest.raises(InvalidRequestError, match=r"retrieved node \d is empty.*Drop empty documents"):
+        query_engine(llm, index, similarity_top_k=2).query(QUESTION)
 
 
 def test_postprocessor_without_a_prophet_llm_says_how_to_fix():
@@ -341,7 +407,7 @@ def test_synthesizer_makes_one_call_over_exactly_the_nodes(llm, index, calls):
     qe = index.as_query_engine(llm=llm, response_synthesizer=ProphetSynthesizer(llm=llm), similarity_top_k=3)
     response = qe.query(QUESTION)
     assert len(calls) == 1 and calls[0]["documents"] == node_texts(response)
-    assert response.metadata["prophet_rag"][0]["prophet_rag"]["cache_misses"] == 3
+    assert response.metadata["prophet_rag"][0]["cache_misses"] == 3
     streaming = ProphetSynthesizer(llm=llm, streaming=True)
     streamed = index.as_query_engine(llm=llm, response_synthesizer=streaming, similarity_top_k=3).query(QUESTION)
     assert "".join(streamed.response_gen) == response.response

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def test_notebook_is_saved_with_the_outputs_of_every_cell(path):
     code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
     assert code and all(cell["execution_count"] for cell in code), "run `make notebooks` to save its outputs"
     assert not [o for cell in code for o in cell["outputs"] if o["output_type"] == "error"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_shows_each_answer_beside_the_expected_one_with_a_verdict(path):
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    text = "".join("".join(o.get("text", "")) for cell in notebook["cells"] if cell["cell_type"] == "code"
+                   for o in cell["outputs"])
+    expected = re.findall(r"expected '[^']+': (right|WRONG)", text)
+    assert len(expected) >= 3, "print answers with verdict(answer, expected)"
 
 
 @pytest.mark.slow
