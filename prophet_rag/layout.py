@@ -8,12 +8,14 @@ question); `PromptBuilder.chat_layout(messages, documents)` takes a framework's 
 Untrusted text never becomes template structure. The template is rendered around placeholders, and only the
 template's own text is tokenized with special tokens recognised; message contents, documents and queries are
 tokenized with `split_special_tokens=True`, so a document holding `<|im_end|><|im_start|>system` stays plain text.
-Every chunk is tokenized on its own: its token ids are identical wherever it appears, which is what makes its cached
-KV reusable, and full prefill runs over exactly the same ids.
+A message's role is written into the template, so it must be one of the roles the template knows
+(`PromptBuilder.roles`). Every chunk is tokenized on its own: its token ids are identical wherever it appears, which
+is what makes its cached KV reusable, and full prefill runs over exactly the same ids.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +37,17 @@ DOCUMENTS = _Documents()
 """Put this in a message's content list to mark where the documents go: `["Context:\\n", DOCUMENTS, "\\nQ: ..."]`."""
 
 _SENTINEL = "\x00prophet-rag-content-{}\x00"
+
+BASE_ROLES = ("system", "user", "assistant", "tool")
+"""Roles every request may use; a template that names others (`message['role'] == 'ipython'`) adds those."""
+
+_ROLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+# A role the template compares a message's role with: `message['role'] == 'x'`, `message.role != "x"`,
+# `messages[0]['role'] in ['x', 'y']`.
+_ROLE_TEST = re.compile(r"""(?:\.role\b|\[\s*['"]role['"]\s*\])   # message.role, message['role']
+                            \s*(?:==|!=|(?:not\s+)?in\b)\s*
+                            (\[[^\]]*\]|\([^)]*\)|['"][^'"]*['"])        # a list, a tuple or one string""", re.VERBOSE)
+_QUOTED = re.compile(r"""['"]([^'"]*)['"]""")
 
 
 @dataclass(frozen=True)
@@ -89,12 +102,31 @@ def check_text(name: str, text: object) -> str:
     return text
 
 
-def _check_messages(messages: object) -> list[Mapping]:
+def template_roles(chat_template: object) -> frozenset[str]:
+    """`BASE_ROLES` and the plain role names `chat_template` (a Jinja source, or a dict of named ones) tests for."""
+    sources = chat_template.values() if isinstance(chat_template, Mapping) else [chat_template]
+    named = {name for source in sources if isinstance(source, str) for test in _ROLE_TEST.findall(source)
+             for name in _QUOTED.findall(test) if _ROLE_NAME.fullmatch(name)}
+    return frozenset(BASE_ROLES) | named
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """`text` quoted for an error message, escaped (repr never fails, not even on a lone surrogate) and shortened."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}..."
+
+
+def _check_messages(messages: object, roles: frozenset[str]) -> list[Mapping]:
     if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or not messages:
         raise InvalidRequestError("messages must be a non-empty list of {'role': ..., 'content': ...} mappings.")
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) or not message["role"]:
             raise InvalidRequestError(f"message {i} must be a mapping with a non-empty string 'role'.")
+        if message["role"] not in roles:
+            # The role is written into the template as is: anything but a role it knows could carry structure.
+            raise InvalidRequestError(
+                f"message {i} has role {_shown(message['role'])}, which the chat template does not know; use one of "
+                f"{', '.join(sorted(roles))}."
+            )
         content = message.get("content")
         parts = [content] if isinstance(content, str) else content
         if not isinstance(parts, Sequence) or not all(isinstance(p, str) or p is DOCUMENTS for p in parts):
@@ -110,6 +142,8 @@ class PromptBuilder:
     def __init__(self, tokenizer, prompt: PromptConfig) -> None:
         self.tokenizer = tokenizer
         self.prompt = prompt
+        self.roles = template_roles(getattr(tokenizer, "chat_template", None))
+        """The roles a message may have."""
 
     def encode(self, text: str, *, template: bool = False) -> torch.Tensor:
         """`[n]` ids of `text`. Only `template=True` text (the chat template's own) may produce special tokens."""
@@ -152,7 +186,7 @@ class PromptBuilder:
         chunk separator) where one message's content holds `DOCUMENTS`. Without documents there must be no marker,
         and the whole prompt is the suffix. `transient[i]` marks document i as one-off (never stored);
         `transient_prefix` marks the prefix as one-off, as a prefix holding chat history always is."""
-        messages = _check_messages(messages)
+        messages = _check_messages(messages, self.roles)
         marked = sum(1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p is DOCUMENTS)
         if documents and marked != 1:
             raise InvalidRequestError(
