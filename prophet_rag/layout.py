@@ -7,10 +7,14 @@ question); `PromptBuilder.chat_layout(messages, documents)` takes a framework's 
 
 Untrusted text never becomes template structure. The template is rendered around placeholders, and only the
 template's own text is tokenized with special tokens recognised; message contents, documents and queries are
-tokenized with `split_special_tokens=True`, so a document holding `<|im_end|><|im_start|>system` stays plain text.
-A message's role is written into the template, so it must be one of the roles the template knows
+tokenized with special tokens split into plain text, so a document holding `<|im_end|><|im_start|>system` stays
+plain text. A message's role is written into the template, so it must be one of the roles the template knows
 (`PromptBuilder.roles`). Every chunk is tokenized on its own: its token ids are identical wherever it appears, which
 is what makes its cached KV reusable, and full prefill runs over exactly the same ids.
+
+A builder is safe to use from many threads at once: it owns two backend tokenizers, each with its special-token
+flag set once (transformers' fast tokenizers switch that flag on their one shared backend per call, so concurrent
+calls that want different settings race on it).
 """
 
 from __future__ import annotations
@@ -136,6 +140,29 @@ def _check_messages(messages: object, roles: frozenset[str]) -> list[Mapping]:
     return list(messages)
 
 
+def _backend_encoders(tokenizer) -> tuple[object, object] | None:
+    """`(untrusted, template)`: two copies of a fast tokenizer's backend (a `tokenizers.Tokenizer`), the first
+    splitting special tokens into plain text, the second recognising them; None for a tokenizer without one.
+
+    Each copy's settings are made here, once, and never change, so any number of threads can encode with them. They
+    encode exactly as `tokenizer(text, add_special_tokens=False, split_special_tokens=...)` does, which also turns
+    off any truncation or padding the tokenizer file configures.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    encoders = []
+    for split in (True, False):
+        encoder = Tokenizer.from_str(backend.to_str())
+        encoder.no_truncation()
+        encoder.no_padding()
+        encoder.encode_special_tokens = split
+        encoders.append(encoder)
+    return encoders[0], encoders[1]
+
+
 class PromptBuilder:
     """Renders and tokenizes requests for one tokenizer and prompt configuration."""
 
@@ -144,10 +171,14 @@ class PromptBuilder:
         self.prompt = prompt
         self.roles = template_roles(getattr(tokenizer, "chat_template", None))
         """The roles a message may have."""
+        self._encoders = _backend_encoders(tokenizer)
 
     def encode(self, text: str, *, template: bool = False) -> torch.Tensor:
         """`[n]` ids of `text`. Only `template=True` text (the chat template's own) may produce special tokens."""
-        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=not template)["input_ids"]
+        if self._encoders is not None:
+            ids = self._encoders[template].encode(text, add_special_tokens=False).ids
+        else:  # a Python tokenizer reads the flag per call, shared state untouched
+            ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=not template)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
 
     def sink_ids(self) -> torch.Tensor:
