@@ -18,36 +18,50 @@ from collections import deque
 
 
 class ComputeLock:
-    """A reentrant lock granted in arrival order. Use as a context manager."""
+    """A reentrant lock granted in arrival order. Use as a context manager.
+
+    A waiter sleeps on a gate of its own, and a releasing holder hands the lock straight to the first waiter (one
+    wake-up per hand-over, where a condition variable would wake every waiter to find the next).
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._waiting: deque[object] = deque()
+        self._mutex = threading.Lock()
+        self._waiting: deque[tuple[threading.Lock, int]] = deque()
         self._owner: int | None = None
         self._depth = 0
 
     def __enter__(self) -> None:
         me = threading.get_ident()
-        with self._cond:
+        with self._mutex:
             if self._owner == me:
                 self._depth += 1
                 return
-            ticket = object()
-            self._waiting.append(ticket)
-            try:
-                while self._owner is not None or self._waiting[0] is not ticket:
-                    self._cond.wait()
-            except BaseException:  # interrupted while waiting: give the place up, or the queue stalls behind it
-                self._waiting.remove(ticket)
-                self._cond.notify_all()
-                raise
-            self._waiting.popleft()
-            self._owner, self._depth = me, 1
+            if self._owner is None and not self._waiting:
+                self._owner, self._depth = me, 1
+                return
+            gate = threading.Lock()
+            gate.acquire()
+            entry = (gate, me)
+            self._waiting.append(entry)
+        try:
+            gate.acquire()  # released by the holder that hands the lock over
+        except BaseException:  # interrupted: give the place up, or pass on the lock if it came meanwhile
+            with self._mutex:
+                if entry in self._waiting:
+                    self._waiting.remove(entry)
+                    raise
+            self.__exit__(None, None, None)
+            raise
 
     def __exit__(self, *exc_info) -> None:
-        with self._cond:
+        with self._mutex:
             assert self._owner == threading.get_ident(), "released by a thread that does not hold it"
             self._depth -= 1
-            if not self._depth:
+            if self._depth:
+                return
+            if self._waiting:
+                gate, self._owner = self._waiting.popleft()
+                self._depth = 1
+                gate.release()
+            else:
                 self._owner = None
-                self._cond.notify_all()

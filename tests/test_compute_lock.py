@@ -1,7 +1,10 @@
 """The engine's compute lock: one holder at a time, reentrant, granted in arrival order."""
 
+import signal
 import threading
 import time
+
+import pytest
 
 from prophet_rag.compute_lock import ComputeLock
 
@@ -71,3 +74,41 @@ def test_a_thread_that_releases_it_queues_behind_a_waiter():
         order.append("releaser")
     waiter.join()
     assert order == ["waiter", "releaser"]
+
+
+
+class _Interrupted(BaseException):
+    pass
+
+
+def _interrupt(signum, frame):
+    raise _Interrupted
+
+
+def test_a_waiter_interrupted_while_waiting_gives_its_place_up():
+    # As Ctrl-C interrupts the main thread waiting for the lock: the queue must not stall behind its place.
+    lock, holding, release = ComputeLock(), threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(30)
+    previous = signal.signal(signal.SIGALRM, _interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(_Interrupted):
+            lock.__enter__()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(lock._waiting) == 0
+    release.set()
+    holder.join(30)
+    taken = threading.Thread(target=lambda: lock.__enter__() or lock.__exit__(None, None, None))
+    taken.start()
+    taken.join(timeout=30)
+    assert not taken.is_alive()
