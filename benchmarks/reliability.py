@@ -114,9 +114,8 @@ class Soak:
             self.foreign = list((directory / "other-model").rglob("*.val"))
 
     def _engine(self, store: StoreConfig | None = None, seed: int = 0) -> ProphetEngine:
-        # tiny_model seeds torch's global generator: concurrent builds would mix weights. Each engine gets its own
-        # tokenizer: transformers' fast tokenizers switch `encode_special_tokens` on the shared backend per call, so
-        # threads sharing one tokenizer race on it (reported separately; not a store fault).
+        # tiny_model seeds torch's global generator: concurrent builds would mix weights. One engine per thread, so
+        # that the engines race on the store (one engine shared by threads: benchmarks/stress_concurrency.py).
         with self.build_lock:
             engine = ProphetEngine(tiny_model("llama", seed=seed), copy.deepcopy(tiny_tokenizer()),
                                    store=store or self.store)

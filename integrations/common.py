@@ -222,7 +222,7 @@ class ProphetSettings(BaseModel):
 
     def token_ids(self, text: str) -> list[int]:
         """`text`'s ids in the model's own tokenizer, as the engine tokenizes message contents."""
-        return self.engine.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return self.engine.builder.encode(text).tolist()  # the tokenizer's own call would flip shared state
 
     def count_chat_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
         """How many tokens `messages` take once rendered with the chat template, generation prompt included."""

@@ -19,8 +19,7 @@ def _progress(message: str) -> None:
 
 
 def _store_config(args: argparse.Namespace) -> StoreConfig:
-    options = {"auth_key_file": getattr(args, "key_file", None), "auth_key_env": getattr(args, "key_env", None),
-               "kv_storage": getattr(args, "kv_storage", StoreConfig.kv_storage)}
+    options = {"auth_key_file": args.key_file, "auth_key_env": args.key_env, "kv_storage": args.kv_storage}
     return StoreConfig(directory=args.store, **options) if args.store else StoreConfig(**options)
 
 
@@ -88,7 +87,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
             print(delta, end="", flush=True)
         stats = stream.answer.stats
         print(f"\n[{stats.method} ratio {stats.ratio}: TTFT {stats.ttft_s * 1000:.0f} ms, "
-              f"{stats.recomputed_tokens}/{stats.context_tokens} context tokens recomputed]", file=sys.stderr)
+              f"{stats.recomputed_tokens}/{stats.context_tokens} context tokens recomputed, "
+              f"{stats.cache_hits}/{stats.cache_hits + stats.cache_misses} documents from the cache]", file=sys.stderr)
     return 0
 
 
@@ -144,10 +144,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that opens a store: the model, the store and the store's key."""
     parser.add_argument("--model", default=None, help="model folder or hub id (default: embedded SmolLM2-135M)")
     parser.add_argument("--store", default=None, help=f"KV store folder (default: {default_store_dir()})")
     parser.add_argument("--kv-storage", default=StoreConfig.kv_storage, choices=STORAGES,
                         help="how chunk KV is stored: lossless (default) or compact (StoreConfig.kv_storage)")
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument("--key-file", help="the store's authentication key file (StoreConfig.auth_key_file)")
+    keys.add_argument("--key-env", help="environment variable holding the store's authentication key")
 
 
 def _add_selection(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -180,9 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
                          ("clear", "remove every entry"), ("ingest", "compute and store the KV of every file")):
         sub = cache_actions.add_parser(action, help=text)
         _add_common(sub)
-        keys = sub.add_mutually_exclusive_group()
-        keys.add_argument("--key-file", help="the store's authentication key file (StoreConfig.auth_key_file)")
-        keys.add_argument("--key-env", help="environment variable holding the store's authentication key")
         if action == "ingest":
             sub.add_argument("folder")
             sub.add_argument("--ray", action="store_true",

@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import numbers
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from prophet_rag.errors import InvalidRequestError
 from prophet_rag.methods import REGISTRY
@@ -156,10 +157,13 @@ class StoreConfig:
 
     `remote_url` (`redis://host:port/db`, or `rediss://` for TLS) adds a shared tier on a Redis or Valkey server
     behind the disk store (cache/remote.py); it requires an authentication key, since other machines write it. The
+    URL holds the scheme, host, port and database number only: every other option is a setting of its own. The
     password is read from the environment variable `remote_password_env` (never written into the config), the ACL
-    user is `remote_username`. Every operation on the server waits at most `remote_timeout_s`; after
-    `remote_breaker_failures` failures in a row the server is skipped for `remote_breaker_cooldown_s`, then probed
-    again. `remote_ttl_s` (None: no expiry) gives entries a lifetime; otherwise the server's `maxmemory` policy evicts.
+    user is `remote_username`. Over TLS the server's certificate and host name are always verified, against the
+    system's CAs or the PEM file `remote_tls_ca_file`. Every operation on the server waits at most `remote_timeout_s`;
+    after `remote_breaker_failures` failures in a row the server is skipped for `remote_breaker_cooldown_s`, then
+    probed again. `remote_ttl_s` (None: no expiry) gives entries a lifetime; otherwise the server's `maxmemory` policy
+    evicts.
     """
 
     directory: Path = field(default_factory=lambda: default_store_dir())
@@ -172,6 +176,7 @@ class StoreConfig:
     remote_url: str | None = None
     remote_username: str | None = None
     remote_password_env: str | None = None
+    remote_tls_ca_file: Path | None = None
     remote_timeout_s: float = 1.0
     remote_namespace: str = "prophet-rag"
     remote_ttl_s: int | None = None
@@ -219,6 +224,12 @@ class StoreConfig:
                 "remote_username must be a Redis ACL user name (no spaces, ':', '@' or '/'), got "
                 f"{self.remote_username!r}."
             )
+        if self.remote_tls_ca_file is not None:
+            if not str(self.remote_url or "").startswith("rediss://"):
+                raise InvalidRequestError(
+                    "remote_tls_ca_file names the CA of a TLS server: use it with a rediss:// remote_url."
+                )
+            object.__setattr__(self, "remote_tls_ca_file", _store_path("remote_tls_ca_file", self.remote_tls_ca_file))
         if self.remote_password_env is not None and (
             not isinstance(self.remote_password_env, str) or not self.remote_password_env.isidentifier()
         ):
@@ -245,28 +256,67 @@ class StoreConfig:
             )
 
 
+# What redis-py would take from a URL's query string, and the setting that says it instead. redis-py lets the query
+# override the client's arguments, so an option there could lift the timeout, turn off certificate checks or carry
+# a password.
+_ALWAYS_VERIFIED = "none, TLS verification is always on"
+_URL_OPTIONS = {
+    "password": "remote_password_env", "username": "remote_username", "db": "the URL's path (/0)",
+    "socket_timeout": "remote_timeout_s", "socket_connect_timeout": "remote_timeout_s",
+    "ssl_ca_certs": "remote_tls_ca_file", "ssl_ca_path": "remote_tls_ca_file", "ssl_ca_data": "remote_tls_ca_file",
+    "ssl_cert_reqs": _ALWAYS_VERIFIED, "ssl_check_hostname": _ALWAYS_VERIFIED,
+}
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
+
+
 def _check_redis_url(url: object) -> None:
-    """Refuse a remote_url that is not `redis[s]://host[:port][/db]` or that carries a password."""
+    """Refuse a remote_url that is not `redis[s]://host[:port][/db]`. A refusal never echoes the URL or its parts,
+    which may hold a password."""
     usage = "use redis://host:6379/0, or rediss://host:6380/0 for TLS"
     if not isinstance(url, str):
         raise InvalidRequestError(f"remote_url must be a string; {usage}; got {type(url).__name__}.")
+    if not url.isascii() or not url.isprintable() or any(ch.isspace() for ch in url):
+        # urlsplit drops tabs and newlines where redis-py's parser may not: one reading of the URL only.
+        raise InvalidRequestError(f"remote_url holds spaces, control or non-ASCII characters; {usage}.")
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 (parsing the port refuses a malformed one)
-    except ValueError as error:
-        raise InvalidRequestError(f"remote_url is not a valid URL ({error}); {usage}.") from None
+        port = parts.port
+    except ValueError:
+        raise InvalidRequestError(f"remote_url is not a valid URL (a malformed host or port); {usage}.") from None
     if parts.scheme not in ("redis", "rediss"):
         raise InvalidRequestError(f"remote_url has scheme {parts.scheme!r}; {usage}.")
     if parts.password is not None:
-        # Never echo the URL: it holds the password.
         raise InvalidRequestError(
             "remote_url carries a password, which would show in the config and in logs; remove it from the URL and "
             "put it in an environment variable named by remote_password_env."
         )
-    if not parts.hostname:
-        raise InvalidRequestError(f"remote_url {url!r} names no host; {usage}.")
-    if parts.path not in ("", "/") and not parts.path[1:].isdigit():
-        raise InvalidRequestError(f"remote_url path {parts.path!r} must be a database number; {usage}.")
+    if parts.username is not None:
+        raise InvalidRequestError(f"remote_url names a user: set remote_username instead; {usage}.")
+    if "?" in url:
+        names = sorted({name for name, _ in parse_qsl(parts.query, keep_blank_values=True) if name in _URL_OPTIONS})
+        instead = "; ".join(f"{name}: {_URL_OPTIONS[name]}" for name in names)
+        raise InvalidRequestError(
+            "remote_url carries options after '?', which would override the engine's own settings or hold a secret; "
+            f"the URL holds only scheme, host, port and database number ({usage}), every other option is a "
+            f"StoreConfig setting{f' ({instead})' if instead else ''}."
+        )
+    if "#" in url:
+        raise InvalidRequestError(f"remote_url has a '#' fragment; {usage}.")
+    host = parts.hostname
+    if not host or not (_HOST_NAME.fullmatch(host) or _is_ip_address(host)):
+        raise InvalidRequestError(f"remote_url names no host, or not a plain host name or IP address; {usage}.")
+    if port == 0:
+        raise InvalidRequestError(f"remote_url has port 0; {usage}.")
+    if parts.path not in ("", "/") and not re.fullmatch(r"/[0-9]{1,5}", parts.path):
+        raise InvalidRequestError(f"remote_url has a path that is not a database number; {usage}.")
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _store_path(name: str, value: object) -> Path:

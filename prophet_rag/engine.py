@@ -5,6 +5,11 @@ chunk cache, computing what no tier holds (cache/chunk_cache.py); let the select
 stitch their blocks behind the exact prefix, re-rotated to their global positions (compute/stitched.py); let the
 method pick the context tokens to recompute (selection/); recompute them with the suffix (stitched.forward_rows);
 decode (compute/generate.py). A method that reuses no cached KV (`full`) is plain full prefill over the same ids.
+
+One engine serves many threads: requests are laid out, checked and detokenized concurrently, and their model
+computation (each prefill, each decode step, each chunk ingested) runs one at a time under the engine's compute lock
+(compute/lock.py), first come first served. A stream holds the lock only while it computes its next token, never
+while its consumer has the text, so streams interleave token by token and an abandoned stream blocks nobody.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from prophet_rag.cache.codec import EntryMeta
 from prophet_rag.cache.hot_cache import HotCache
 from prophet_rag.cache.store import KVStore, kv_storage
 from prophet_rag.compute.generate import TextAssembler, decode
+from prophet_rag.compute.lock import ComputeLock
 from prophet_rag.compute.model_adapter import ModelAdapter
 from prophet_rag.compute.prefill import prefill_full, prefill_isolated
 from prophet_rag.compute.stitched import (
@@ -185,7 +191,8 @@ class ProphetEngine:
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.sink_ids = self.builder.sink_ids()
         meta = EntryMeta.for_model(model, tokenizer, self.adapter.spec, self.kv_dtype, kv_storage(store))
-        compute = partial(prefill_isolated, self.adapter, kv_dtype=self.kv_dtype)
+        self._compute = ComputeLock()
+        compute = self._locked(partial(prefill_isolated, self.adapter, kv_dtype=self.kv_dtype))
         tiers = build_tiers(store, hot_cache_bytes, host_cache_bytes, meta)
         self.cache = ChunkCache(tiers, meta, self.sink_ids, compute)
         self._check_selection(self.selection)
@@ -386,14 +393,24 @@ class ProphetEngine:
         reposition(self.adapter, cache, int(self.sink_ids.numel()), global_positions)
         return cache, loaded
 
+    def _locked(self, compute):
+        """`compute` run under the engine's compute lock."""
+
+        def locked(*args, **kwargs):
+            with self._compute:
+                return compute(*args, **kwargs)
+
+        return locked
+
     @torch.inference_mode()
     def _prefill(self, layout: RequestLayout, selection: SelectionConfig, capacity: int) -> Prefill:
-        try:
-            return self._prefill_once(layout, selection, capacity, pipeline=True)
-        except StaleBlocksError:
-            # A stored block failed its check after the request had started on it. Its tier has dropped it, and a
-            # second assembly reads every block whole before use, so a failing one is recomputed on the spot.
-            return self._prefill_once(layout, selection, capacity, pipeline=False)
+        with self._compute:
+            try:
+                return self._prefill_once(layout, selection, capacity, pipeline=True)
+            except StaleBlocksError:
+                # A stored block failed its check after the request had started on it. Its tier has dropped it, and
+                # a second assembly reads every block whole before use, so a failing one is recomputed on the spot.
+                return self._prefill_once(layout, selection, capacity, pipeline=False)
 
     def _prefill_once(self, layout: RequestLayout, selection: SelectionConfig, capacity: int,
                       pipeline: bool) -> Prefill:
@@ -456,14 +473,15 @@ class ProphetEngine:
              return_logits: bool) -> Iterator[str]:
         t0 = time.perf_counter()
         prefill = self._prefill(layout, selection, layout.total_tokens + generation.max_new_tokens)
-        with torch.inference_mode():
+        with self._compute, torch.inference_mode():
             logits = self.adapter.logits(prefill.hidden[-1:])[0]
         first_logits = logits.clone() if return_logits else None
         ttft = time.perf_counter() - t0
         eos = set(generation.eos_token_ids or self._default_eos())
         text = TextAssembler(self.tokenizer, generation.stop)
         t_decode = time.perf_counter()
-        for token in decode(self.adapter, prefill.cache, logits, generation, eos):
+        tokens = decode(self.adapter, prefill.cache, logits, generation, eos)
+        while (token := self._locked(next)(tokens, None)) is not None:
             delta = text.push(token)
             if delta:
                 yield delta

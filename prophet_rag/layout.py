@@ -7,13 +7,19 @@ question); `PromptBuilder.chat_layout(messages, documents)` takes a framework's 
 
 Untrusted text never becomes template structure. The template is rendered around placeholders, and only the
 template's own text is tokenized with special tokens recognised; message contents, documents and queries are
-tokenized with `split_special_tokens=True`, so a document holding `<|im_end|><|im_start|>system` stays plain text.
-Every chunk is tokenized on its own: its token ids are identical wherever it appears, which is what makes its cached
-KV reusable, and full prefill runs over exactly the same ids.
+tokenized with special tokens split into plain text, so a document holding `<|im_end|><|im_start|>system` stays
+plain text. A message's role is written into the template, so it must be one of the roles the template knows
+(`PromptBuilder.roles`). Every chunk is tokenized on its own: its token ids are identical wherever it appears, which
+is what makes its cached KV reusable, and full prefill runs over exactly the same ids.
+
+A builder is safe to use from many threads at once: it owns two backend tokenizers, each with its special-token
+flag set once (transformers' fast tokenizers switch that flag on their one shared backend per call, so concurrent
+calls that want different settings race on it).
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +41,17 @@ DOCUMENTS = _Documents()
 """Put this in a message's content list to mark where the documents go: `["Context:\\n", DOCUMENTS, "\\nQ: ..."]`."""
 
 _SENTINEL = "\x00prophet-rag-content-{}\x00"
+
+BASE_ROLES = ("system", "user", "assistant", "tool")
+"""Roles every request may use; a template that names others (`message['role'] == 'ipython'`) adds those."""
+
+_ROLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+# A role the template compares a message's role with: `message['role'] == 'x'`, `message.role != "x"`,
+# `messages[0]['role'] in ['x', 'y']`.
+_ROLE_TEST = re.compile(r"""(?:\.role\b|\[\s*['"]role['"]\s*\])   # message.role, message['role']
+                            \s*(?:==|!=|(?:not\s+)?in\b)\s*
+                            (\[[^\]]*\]|\([^)]*\)|['"][^'"]*['"])        # a list, a tuple or one string""", re.VERBOSE)
+_QUOTED = re.compile(r"""['"]([^'"]*)['"]""")
 
 
 @dataclass(frozen=True)
@@ -89,12 +106,31 @@ def check_text(name: str, text: object) -> str:
     return text
 
 
-def _check_messages(messages: object) -> list[Mapping]:
+def template_roles(chat_template: object) -> frozenset[str]:
+    """`BASE_ROLES` and the plain role names `chat_template` (a Jinja source, or a dict of named ones) tests for."""
+    sources = chat_template.values() if isinstance(chat_template, Mapping) else [chat_template]
+    named = {name for source in sources if isinstance(source, str) for test in _ROLE_TEST.findall(source)
+             for name in _QUOTED.findall(test) if _ROLE_NAME.fullmatch(name)}
+    return frozenset(BASE_ROLES) | named
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """`text` quoted for an error message, escaped (repr never fails, not even on a lone surrogate) and shortened."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}..."
+
+
+def _check_messages(messages: object, roles: frozenset[str]) -> list[Mapping]:
     if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or not messages:
         raise InvalidRequestError("messages must be a non-empty list of {'role': ..., 'content': ...} mappings.")
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) or not message["role"]:
             raise InvalidRequestError(f"message {i} must be a mapping with a non-empty string 'role'.")
+        if message["role"] not in roles:
+            # The role is written into the template as is: anything but a role it knows could carry structure.
+            raise InvalidRequestError(
+                f"message {i} has role {_shown(message['role'])}, which the chat template does not know; use one of "
+                f"{', '.join(sorted(roles))}."
+            )
         content = message.get("content")
         parts = [content] if isinstance(content, str) else content
         if not isinstance(parts, Sequence) or not all(isinstance(p, str) or p is DOCUMENTS for p in parts):
@@ -104,16 +140,45 @@ def _check_messages(messages: object) -> list[Mapping]:
     return list(messages)
 
 
+def _backend_encoders(tokenizer) -> tuple[object, object] | None:
+    """`(untrusted, template)`: two copies of a fast tokenizer's backend (a `tokenizers.Tokenizer`), the first
+    splitting special tokens into plain text, the second recognising them; None for a tokenizer without one.
+
+    Each copy's settings are made here, once, and never change, so any number of threads can encode with them. They
+    encode exactly as `tokenizer(text, add_special_tokens=False, split_special_tokens=...)` does, which also turns
+    off any truncation or padding the tokenizer file configures.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    encoders = []
+    for split in (True, False):
+        encoder = Tokenizer.from_str(backend.to_str())
+        encoder.no_truncation()
+        encoder.no_padding()
+        encoder.encode_special_tokens = split
+        encoders.append(encoder)
+    return encoders[0], encoders[1]
+
+
 class PromptBuilder:
     """Renders and tokenizes requests for one tokenizer and prompt configuration."""
 
     def __init__(self, tokenizer, prompt: PromptConfig) -> None:
         self.tokenizer = tokenizer
         self.prompt = prompt
+        self.roles = template_roles(getattr(tokenizer, "chat_template", None))
+        """The roles a message may have."""
+        self._encoders = _backend_encoders(tokenizer)
 
     def encode(self, text: str, *, template: bool = False) -> torch.Tensor:
         """`[n]` ids of `text`. Only `template=True` text (the chat template's own) may produce special tokens."""
-        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=not template)["input_ids"]
+        if self._encoders is not None:
+            ids = self._encoders[template].encode(text, add_special_tokens=False).ids
+        else:  # a Python tokenizer reads the flag per call, shared state untouched
+            ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=not template)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
 
     def sink_ids(self) -> torch.Tensor:
@@ -152,7 +217,7 @@ class PromptBuilder:
         chunk separator) where one message's content holds `DOCUMENTS`. Without documents there must be no marker,
         and the whole prompt is the suffix. `transient[i]` marks document i as one-off (never stored);
         `transient_prefix` marks the prefix as one-off, as a prefix holding chat history always is."""
-        messages = _check_messages(messages)
+        messages = _check_messages(messages, self.roles)
         marked = sum(1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p is DOCUMENTS)
         if documents and marked != 1:
             raise InvalidRequestError(

@@ -152,6 +152,18 @@ def _redis():
     return redis, Retry(NoBackoff(), 0)
 
 
+def _readable(path, setting: str) -> str:
+    """`path` as a string once it is a readable file: a CA file that cannot be read would fail every connection,
+    which the breaker would only count."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise StoreError(f"{setting} {str(path)!r} cannot be read ({error.strerror}); name a PEM file of CA "
+                         "certificates.") from None
+    return str(path)
+
+
 def _wrong_type(error: Exception) -> bool:
     return str(error).startswith("WRONGTYPE")
 
@@ -189,6 +201,11 @@ class RedisTier:
                        socket_read_size=_READ_SIZE)
         if config.remote_username is not None:
             options["username"] = config.remote_username
+        if config.remote_url.startswith("rediss://"):
+            # Spelled out: redis-py 5 did not check the host name by default.
+            options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
+            if config.remote_tls_ca_file is not None:
+                options["ssl_ca_certs"] = _readable(config.remote_tls_ca_file, "remote_tls_ca_file")
         self._client = redis.Redis.from_url(config.remote_url, **options)
         self._server_errors = (redis.RedisError, OSError)
         self._breaker = CircuitBreaker(config.remote_breaker_failures, config.remote_breaker_cooldown_s)

@@ -1,8 +1,8 @@
 """Engines in several processes and threads sharing one store directory answer exactly as one engine answering the
 same requests serially.
 
-One engine per thread: threads sharing one engine share its tokenizer, and transformers' fast tokenizers switch
-`encode_special_tokens` on the shared backend per call, so concurrent calls race on it (a layout.py matter)."""
+One engine per thread, so that the engines race on the store; one engine shared by many threads is
+test_shared_engine.py's matter."""
 
 import copy
 import hashlib

@@ -2,13 +2,14 @@
 non-zero exit, no traceback), nothing created by mistake, nothing stored lost."""
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
 
 from kvstore_helpers import put, rewrite, value_path
 from prophet_rag.cache.store import KVStore
-from prophet_rag.cli import main
+from prophet_rag.cli import build_parser, main
 from prophet_rag.config import StoreConfig, default_store_dir
 from prophet_rag.errors import InvalidRequestError, StoreError
 
@@ -137,3 +138,26 @@ def test_cache_ingest_names_the_files_it_cannot_cache_and_caches_the_rest(tmp_pa
     assert out.err.strip().splitlines()[-1] == "prophet-rag: error: 2 of 4 files could not be cached (listed above)."
     with KVStore(StoreConfig(directory=store), create=False) as kv:
         assert len(kv) == 2  # the files after the oversized one were cached too
+
+
+@pytest.mark.parametrize("command", [["demo"], ["ask", "--docs", "d", "q?"], ["bench"], ["cache", "stats"],
+                                     ["cache", "verify"], ["cache", "clear"], ["cache", "ingest", "d"]])
+def test_every_command_that_opens_a_store_takes_its_key(command):
+    parser = build_parser()
+    assert parser.parse_args([*command, "--key-file", "k.key"]).key_file == "k.key"
+    assert parser.parse_args([*command, "--key-env", "STORE_KEY"]).key_env == "STORE_KEY"
+
+
+def test_ask_reads_a_store_filled_by_keyed_ingest_and_writes_only_keyed_entries(tmp_path, capsys, tiny_model_dir):
+    docs, store, key = tmp_path / "docs", tmp_path / "kv", tmp_path / "store.key"
+    docs.mkdir()
+    (docs / "a.txt").write_text("The vault code of Alpha is 4821.")
+    (docs / "b.txt").write_text("Paris is the capital of France.")
+    key.write_text(secrets.token_hex(32))
+    common = ["--model", str(tiny_model_dir), "--store", str(store), "--key-file", str(key)]
+    assert main(["cache", "ingest", *common, str(docs)]) == 0
+    assert main(["ask", *common, "--docs", str(docs), "--max-new-tokens", "2", "What is the code?"]) == 0
+    assert "2/2 documents from the cache]" in capsys.readouterr().err
+    with KVStore(StoreConfig(directory=store, auth_key_file=key), create=False) as kv:
+        report = kv.verify()
+    assert (report.checked, report.ok, report.removed) == (3, 3, 0)  # the two documents and the prompt's prefix

@@ -1,0 +1,114 @@
+"""The engine's compute lock: one holder at a time, reentrant, granted in arrival order."""
+
+import signal
+import threading
+import time
+
+import pytest
+
+from prophet_rag.compute.lock import ComputeLock
+
+
+def _wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_the_lock_is_reentrant_within_a_thread():
+    lock = ComputeLock()
+    with lock, lock:
+        pass
+    with lock:  # released fully: taken again
+        pass
+
+
+def test_only_one_thread_holds_it_at_a_time():
+    lock, inside, most = ComputeLock(), [0], [0]
+
+    def work():
+        for _ in range(200):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1
+
+
+def test_waiters_get_it_in_arrival_order():
+    lock, order = ComputeLock(), []
+
+    def take(name):
+        with lock:
+            order.append(name)
+
+    lock.__enter__()
+    threads = []
+    for name in range(5):
+        threads.append(threading.Thread(target=take, args=(name,)))
+        threads[-1].start()
+        _wait_until(lambda n=name: len(lock._waiting) == n + 1)
+    lock.__exit__(None, None, None)
+    for thread in threads:
+        thread.join()
+    assert order == [0, 1, 2, 3, 4]
+
+
+def test_a_thread_that_releases_it_queues_behind_a_waiter():
+    # A stream's decode loop releases and takes the lock at every token: it must not keep it from others.
+    lock, order = ComputeLock(), []
+    lock.__enter__()
+    waiter = threading.Thread(target=lambda: (lock.__enter__(), order.append("waiter"),
+                                              lock.__exit__(None, None, None)))
+    waiter.start()
+    _wait_until(lambda: len(lock._waiting) == 1)
+    lock.__exit__(None, None, None)
+    with lock:
+        order.append("releaser")
+    waiter.join()
+    assert order == ["waiter", "releaser"]
+
+
+
+class _Interrupted(BaseException):
+    pass
+
+
+def _interrupt(signum, frame):
+    raise _Interrupted
+
+
+def test_a_waiter_interrupted_while_waiting_gives_its_place_up():
+    # As Ctrl-C interrupts the main thread waiting for the lock: the queue must not stall behind its place.
+    lock, holding, release = ComputeLock(), threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(30)
+    previous = signal.signal(signal.SIGALRM, _interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(_Interrupted):
+            lock.__enter__()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(lock._waiting) == 0
+    release.set()
+    holder.join(30)
+    taken = threading.Thread(target=lambda: lock.__enter__() or lock.__exit__(None, None, None))
+    taken.start()
+    taken.join(timeout=30)
+    assert not taken.is_alive()
