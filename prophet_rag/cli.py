@@ -1,4 +1,5 @@
-"""`prophet-rag`: the demo (the main job), a question over a folder of documents, the chunk-cache tools, the bench."""
+"""`prophet-rag`: the demo (the main job), a question over a folder of documents, the chunk-cache tools, the bench,
+the server."""
 
 from __future__ import annotations
 
@@ -143,11 +144,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench_command(args, lambda: _engine(args))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from prophet_rag.serve.cli import run_serve_command
+
+    return run_serve_command(args, _store_config(args))
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model folder or hub id (default: embedded SmolLM2-135M)")
     parser.add_argument("--store", default=None, help=f"KV store folder (default: {default_store_dir()})")
     parser.add_argument("--kv-storage", default=StoreConfig.kv_storage, choices=STORAGES,
                         help="how chunk KV is stored: lossless (default) or compact (StoreConfig.kv_storage)")
+
+
+def _add_keys(parser: argparse.ArgumentParser) -> None:
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument("--key-file", help="the store's authentication key file (StoreConfig.auth_key_file)")
+    keys.add_argument("--key-env", help="environment variable holding the store's authentication key")
 
 
 def _add_selection(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -180,9 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                          ("clear", "remove every entry"), ("ingest", "compute and store the KV of every file")):
         sub = cache_actions.add_parser(action, help=text)
         _add_common(sub)
-        keys = sub.add_mutually_exclusive_group()
-        keys.add_argument("--key-file", help="the store's authentication key file (StoreConfig.auth_key_file)")
-        keys.add_argument("--key-env", help="environment variable holding the store's authentication key")
+        _add_keys(sub)
         if action == "ingest":
             sub.add_argument("folder")
             sub.add_argument("--ray", action="store_true",
@@ -193,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
                              help="CPUs each worker reserves and runs torch on (default: local CPUs / workers; 1 on "
                                   "a cluster)")
     cache.set_defaults(run=cmd_cache)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible chat-completions server over the engine")
+    _add_common(serve)
+    _add_selection(serve, 256)
+    _add_keys(serve)
+    from prophet_rag.serve.cli import add_serve_arguments
+
+    add_serve_arguments(serve)
+    serve.set_defaults(run=cmd_serve)
 
     bench = commands.add_parser("bench", help="accuracy and TTFT of every method across ratios")
     _add_common(bench)
