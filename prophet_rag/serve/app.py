@@ -35,7 +35,7 @@ from prophet_rag.serve.scheduler import Job, Overloaded, Scheduler
 
 log = logging.getLogger(__name__)
 
-CHAT = "/v1/chat/completions"
+CHAT, MODELS = "/v1/chat/completions", "/v1/models"
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection first; only metrics see it
 
 
@@ -62,7 +62,9 @@ def create_app(engine, config: ServeConfig | None = None, scheduler: Scheduler |
                   lifespan=lifespan)
     app.state.scheduler, app.state.metrics = scheduler, metrics
 
-    def refuse(endpoint: str, error: api.APIError) -> JSONResponse:
+    def refuse(path: str, error: api.APIError) -> JSONResponse:
+        # Any other path counts as one label value: a client must not be able to mint metric series.
+        endpoint = path if path in (CHAT, MODELS) else "other"
         metrics.requests.labels(endpoint, str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -95,10 +97,10 @@ def create_app(engine, config: ServeConfig | None = None, scheduler: Scheduler |
     def scrape() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get(MODELS)
     async def models(request: Request) -> dict[str, Any]:
         authorize(request)
-        metrics.requests.labels("/v1/models", "200").inc()
+        metrics.requests.labels(MODELS, "200").inc()
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "prophet-rag"}]}
 
@@ -172,7 +174,7 @@ def _submit(scheduler: Scheduler, request, config: ServeConfig) -> Job:
 
 async def _until(work: Awaitable, request: Request, timeout_s: float, late: api.APIError):
     """`work`'s result; raises `_ClientGone` if the client disconnects first, and `late` once `timeout_s` has
-    passed; the engine's errors become 400s (bad request) or 500s."""
+    passed."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request))
     try:

@@ -15,9 +15,9 @@ from tiny import CHUNKS, QUERY
 @pytest.fixture(scope="module")
 def expected(served):
     """The server's own answer to the question over CHUNKS, 6 tokens, through the openai package."""
-    client = openai.OpenAI(base_url=served.base_url, api_key=API_KEY, max_retries=0)
-    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUERY}], max_tokens=6,
-                                          temperature=0, extra_body={"documents": list(CHUNKS)})
+    with openai.OpenAI(base_url=served.base_url, api_key=API_KEY, max_retries=0) as client:
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUERY}],
+                                              max_tokens=6, temperature=0, extra_body={"documents": list(CHUNKS)})
 
 
 @pytest.fixture

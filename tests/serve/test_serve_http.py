@@ -16,7 +16,8 @@ QUESTION = [{"role": "user", "content": QUERY}]
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=served.base_url, api_key=API_KEY, max_retries=0)
+    with openai.OpenAI(base_url=served.base_url, api_key=API_KEY, max_retries=0) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +185,10 @@ def test_limits(served):
 def test_unknown_route_is_an_openai_shaped_404(served):
     response = httpx.get(f"{served.base_url}/completions", headers={"Authorization": f"Bearer {API_KEY}"})
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
+    httpx.get(f"{served.url}/some/other/path")
+    # Unknown paths share one label value, so no client can mint metric series.
+    assert served.metric("prophet_rag_requests_total", endpoint="other", status="404") >= 2
+    assert "/some/other/path" not in httpx.get(f"{served.url}/metrics").text
 
 
 def test_metrics_count_requests_tokens_and_tier_hits(served, client):
