@@ -20,8 +20,9 @@ import httpx
 import torch
 import uvicorn
 
-from prophet_rag.config import GenerationConfig
+from prophet_rag.config import GenerationConfig, PromptConfig
 from prophet_rag.engine import AnswerStream
+from prophet_rag.layout import PromptBuilder
 from prophet_rag.results import Answer, RequestStats
 from prophet_rag.serve.app import create_app
 from prophet_rag.serve.config import ServeConfig
@@ -35,6 +36,7 @@ class FreeEngine:
     def __init__(self, tokens: int) -> None:
         self.tokens = tokens
         self.generation = GenerationConfig(max_new_tokens=tokens)
+        self.builder = PromptBuilder(None, PromptConfig())
         self.cache = type("Cache", (), {"tiers": []})()
 
     def stream_chat(self, messages, documents=(), **_options) -> AnswerStream:

@@ -110,7 +110,7 @@ def create_app(engine, config: ServeConfig | None = None, scheduler: Scheduler |
         authorize(request)
         raw = await _read_body(request, config.max_body_bytes)
         try:
-            call = api.parse_chat_body(raw, engine.generation, config)
+            call = api.parse_chat_body(raw, engine.generation, config, engine.builder.rag_messages)
         except InvalidRequestError as error:
             raise api.bad_request(str(error)) from None
         job = _submit(scheduler, call.request, config)

@@ -2,9 +2,12 @@
 
 A body is the OpenAI one plus `documents`, the retrieved documents: strings, or objects whose `text` is used (a
 `title` or any other key is ignored). Each document is a cached chunk. They go where a content part
-`{"type": "documents"}` stands in one message's content list, if a message has one; otherwise at the start of the
-last user message, before its text. So the question follows them and is computed fresh (the suffix), while the
-system prompt and the turns before it are the prefix. A body with no documents is a plain chat (full prefill).
+`{"type": "documents"}` stands in one message's content list, if a message has one, and the messages are otherwise
+as sent. Without one, the last user message is laid out as `engine.answer` lays out its request: the engine's
+instruction, the documents, then the message's text as the question (`PromptConfig.question_template`), so a plain
+question with documents gets the same answer as `engine.answer(documents, question)`. Either way the question
+follows the documents and is computed fresh (the suffix), and what comes before them is the prefix. A body with no
+documents is a plain chat (full prefill), its messages as sent.
 
 Decoding follows the body: `temperature` 0 is greedy (a body without one gets the engine's default, greedy),
 `top_p`, `seed`, `stop`, `max_completion_tokens` (or the older `max_tokens`). `method` and `ratio` choose how much
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -63,9 +66,12 @@ class ChatCall:
     """`stream_options.include_usage`: a last chunk carries the usage."""
 
 
-def parse_chat_body(raw: bytes, defaults: GenerationConfig, config: ServeConfig) -> ChatCall:
+def parse_chat_body(raw: bytes, defaults: GenerationConfig, config: ServeConfig,
+                    rag_messages: Callable[[str], list[dict[str, Any]]]) -> ChatCall:
     """`raw` (a JSON body) as a `ChatCall`; any problem is an `APIError` 400 that names the field and the fix.
-    `defaults` is the engine's generation config (temperature, EOS ids); limits come from `config`."""
+    `defaults` is the engine's generation config (temperature, EOS ids); limits come from `config`;
+    `rag_messages` is the engine's `PromptBuilder.rag_messages`, whose user message lays out a question with
+    documents that no content part places."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
@@ -81,11 +87,12 @@ def parse_chat_body(raw: bytes, defaults: GenerationConfig, config: ServeConfig)
             raise bad_request(f"'{name}' is not supported by prophet-rag; its parameters are {', '.join(SUPPORTED)}.",
                               name, "unsupported_parameter")
     documents = _documents(body.get("documents"), config)
-    messages = _messages(body.get("messages"), bool(documents))
+    messages = _messages(body.get("messages"))
     chars = sum(map(len, documents)) + sum(len(p) for m in messages for p in _parts(m) if isinstance(p, str))
     if chars > config.max_chars:
         raise bad_request(f"the messages and documents hold {chars} characters, over this server's limit of "
                           f"{config.max_chars}; send fewer or shorter documents.", "documents", "request_too_large")
+    _place_documents(messages, bool(documents), rag_messages)
     stream = _typed(body, "stream", bool, False)
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
@@ -162,7 +169,7 @@ def _content(i: int, content: Any) -> str | list:
     return parts
 
 
-def _messages(value: Any, with_documents: bool) -> list[dict[str, Any]]:
+def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise bad_request("'messages' must be a non-empty list of {'role', 'content'} objects.", "messages")
     messages = []
@@ -177,18 +184,23 @@ def _messages(value: Any, with_documents: bool) -> list[dict[str, Any]]:
         if role not in ROLES:
             raise bad_request(f"messages[{i}].role is {role!r}; prophet-rag takes {', '.join(ROLES)}.", "messages")
         messages.append({"role": ROLES[role], "content": _content(i, message.get("content"))})
+    return messages
+
+
+def _place_documents(messages: list[dict[str, Any]], with_documents: bool,
+                     rag_messages: Callable[[str], list[dict[str, Any]]]) -> None:
+    """Lay out the last user message as `engine.answer` does when documents come with no place marked."""
     marked = sum(1 for m in messages for p in _parts(m) if p is DOCUMENTS)
     if with_documents and not marked:
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         if not users:
-            raise bad_request("'documents' go before the last user message's text, but there is no user message; "
-                              "add one, or mark the place with a {'type': 'documents'} content part.", "messages")
+            raise bad_request("'documents' go with the last user message, but there is no user message; add one, "
+                              "or mark their place with a {'type': 'documents'} content part.", "messages")
         last = messages[users[-1]]
-        last["content"] = [DOCUMENTS, *_parts(last)]
+        last["content"] = rag_messages("\n".join(_parts(last)))[-1]["content"]
     elif marked and not with_documents:
         raise bad_request("a {'type': 'documents'} content part marks where documents go, but 'documents' is "
                           "empty; send the documents or drop the part.", "messages")
-    return messages
 
 
 def _generation(body: Mapping[str, Any], defaults: GenerationConfig, config: ServeConfig) -> GenerationConfig:

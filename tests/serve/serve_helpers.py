@@ -13,9 +13,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from prophet_rag.config import GenerationConfig
+from prophet_rag.config import GenerationConfig, PromptConfig
 from prophet_rag.engine import AnswerStream
 from prophet_rag.errors import ContextWindowError
+from prophet_rag.layout import PromptBuilder
 from prophet_rag.results import Answer, RequestStats
 
 API_KEY = "test-key-0123456789abcdef"
@@ -89,6 +90,7 @@ class ScriptedEngine:
 
     def __init__(self) -> None:
         self.generation = GenerationConfig(max_new_tokens=8)
+        self.builder = PromptBuilder(None, PromptConfig())
         self.cache = _Cache()
         self._tokens = threading.Semaphore(0)
         self.started: list[str] = []

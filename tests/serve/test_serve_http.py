@@ -6,6 +6,7 @@ import httpx
 import openai
 import pytest
 
+from prophet_rag.config import GenerationConfig
 from prophet_rag.engine import ProphetEngine
 from prophet_rag.layout import DOCUMENTS
 from serve_helpers import API_KEY, LIMITS
@@ -44,9 +45,8 @@ def test_health_and_models(served, client):
 def test_answer_matches_the_engine_in_process(client, local_engine):
     reply = client.chat.completions.create(model="tiny", messages=QUESTION, extra_body={"documents": list(CHUNKS)},
                                            max_tokens=6, temperature=0)
-    # The documents go before the last user message's text.
-    local = local_engine.chat([{"role": "user", "content": [DOCUMENTS, QUERY]}], CHUNKS,
-                              generation=local_engine.generation.__class__(max_new_tokens=6))
+    # A question with documents that no content part places is the request engine.answer makes.
+    local = local_engine.answer(CHUNKS, QUERY, generation=GenerationConfig(max_new_tokens=6))
     assert reply.choices[0].message.content == local.text
     assert reply.usage.completion_tokens == local.stats.new_tokens
     prompt = local.stats.prefix_tokens + local.stats.context_tokens + local.stats.suffix_tokens
@@ -95,7 +95,7 @@ def test_a_documents_part_places_them(client, local_engine):
     reply = client.chat.completions.create(model="tiny", messages=messages, extra_body={"documents": list(CHUNKS)},
                                            max_tokens=4)
     local = local_engine.chat([{"role": "system", "content": ["Notes:\n", DOCUMENTS]}, QUESTION[0]], CHUNKS,
-                              generation=local_engine.generation.__class__(max_new_tokens=4))
+                              generation=GenerationConfig(max_new_tokens=4))
     assert reply.choices[0].message.content == local.text
     assert reply.model_extra["prophet_rag"]["suffix_tokens"] == local.stats.suffix_tokens
 

@@ -7,27 +7,29 @@ import json
 
 import pytest
 
-from prophet_rag.config import GenerationConfig
+from prophet_rag.config import DEFAULT_INSTRUCTION, GenerationConfig, PromptConfig
 from prophet_rag.errors import InvalidRequestError
-from prophet_rag.layout import DOCUMENTS
+from prophet_rag.layout import DOCUMENTS, PromptBuilder
 from prophet_rag.serve.config import API_KEY_ENV, ServeConfig, read_api_key
 from prophet_rag.serve.openai_api import APIError, parse_chat_body
 from tiny import CHUNKS, QUERY
 
 DEFAULTS = GenerationConfig(max_new_tokens=64)
+RAG = PromptBuilder(None, PromptConfig(system_prompt="ignored: the request's own messages stay"))
 
 
 def parse(config: ServeConfig | None = None, **body):
-    return parse_chat_body(json.dumps(body).encode(), DEFAULTS, config or ServeConfig())
+    return parse_chat_body(json.dumps(body).encode(), DEFAULTS, config or ServeConfig(), RAG.rag_messages)
 
 
-def test_documents_go_before_the_last_user_messages_text():
+def test_the_last_user_message_is_laid_out_as_engine_answer_lays_out_a_question():
     call = parse(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first"},
                            {"role": "assistant", "content": "ok"}, {"role": "user", "content": "second"}],
                  documents=["a", {"text": "b"}, {"title": "T", "text": "c", "id": 3}])
     messages = call.request.messages
     assert call.request.documents == ("a", "b", "c")
-    assert messages[3]["content"] == [DOCUMENTS, "second"] and messages[1]["content"] == "first"
+    assert messages[3]["content"] == [DEFAULT_INSTRUCTION + "\n\n", DOCUMENTS, "Question: second"]
+    assert [m["content"] for m in messages[:3]] == ["Be brief.", "first", "ok"] and len(messages) == 4
 
 
 def test_a_documents_part_marks_their_place_and_text_parts_join():
