@@ -1,4 +1,5 @@
-"""`prophet-rag`: the demo (the main job), a question over a folder of documents, the chunk-cache tools, the bench."""
+"""`prophet-rag`: the demo (the main job), a question over a folder of documents, the chunk-cache tools, the bench,
+the server."""
 
 from __future__ import annotations
 
@@ -143,6 +144,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench_command(args, lambda: _engine(args))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from prophet_rag.serve.cli import run_serve_command
+
+    return run_serve_command(args, _store_config(args))
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     """The options of every command that opens a store: the model, the store and the store's key."""
     parser.add_argument("--model", default=None, help="model folder or hub id (default: embedded SmolLM2-135M)")
@@ -194,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
                              help="CPUs each worker reserves and runs torch on (default: local CPUs / workers; 1 on "
                                   "a cluster)")
     cache.set_defaults(run=cmd_cache)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible chat-completions server over the engine")
+    _add_common(serve)
+    _add_selection(serve, 256)
+    from prophet_rag.serve.cli import add_serve_arguments
+
+    add_serve_arguments(serve)
+    serve.set_defaults(run=cmd_serve)
 
     bench = commands.add_parser("bench", help="accuracy and TTFT of every method across ratios")
     _add_common(bench)

@@ -138,6 +138,8 @@ class Prefill:
     recompute_s: float
     cache_hits: int
     cache_misses: int
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from a tier, not from compute (`LoadStats.cached_tokens`)."""
 
 
 class AnswerStream:
@@ -467,7 +469,7 @@ class ProphetEngine:
         t5 = time.perf_counter()
         selected = plan.selected if plan.selected is not None else rows[rows < cache.context_end]
         return Prefill(cache, hidden, selected, cache.order, t2 - t1, (t1 - t0) + (t3 - t2), t4 - t3, t5 - t4,
-                       counted.hits, counted.misses)
+                       counted.hits, counted.misses, counted.cached_tokens(cache, selected))
 
     def _run(self, layout: RequestLayout, selection: SelectionConfig, generation: GenerationConfig,
              return_logits: bool) -> Iterator[str]:
@@ -507,6 +509,7 @@ class ProphetEngine:
             recompute_s=prefill.recompute_s,
             new_tokens=len(text.ids),
             decode_s=time.perf_counter() - t_decode,
+            cached_tokens=prefill.cached_tokens,
         )
         return Answer(
             text=text.emitted,

@@ -31,6 +31,9 @@ class RequestStats:
     recompute_s: float
     new_tokens: int = 0
     decode_s: float = 0.0
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from a cache tier and was used as loaded, not recomputed: the prefix and the
+    chunks found in a tier, less the recomputed tokens among them (0 for full prefill)."""
 
     @property
     def reused_tokens(self) -> int:

@@ -121,6 +121,22 @@ class LoadStats:
     """Distinct chunks found in a tier / computed (the prefix does not count)."""
     pending: PendingLayers | None = None
     """Blocks still arriving layer by layer (a pipelined load), or None when every slot is filled."""
+    found: frozenset[int] = frozenset()
+    """Request indices of the chunks whose KV came from a tier."""
+    prefix_found: bool = False
+    """True when the prefix's KV came from a tier."""
+
+    def cached_tokens(self, cache: StitchedCache, recomputed: torch.Tensor) -> int:
+        """How many of `cache`'s prompt tokens kept the KV a tier gave them: the prefix and the found chunks, less
+        the `recomputed` slots among them (a computed chunk never counts; layer 0, which the engine recomputes for
+        every chunk token from its id and position alone, does not make a token computed)."""
+        from_tier = torch.zeros(cache.context_end, dtype=torch.bool)
+        from_tier[: cache.prefix_len] = self.prefix_found
+        for (start, end), i in zip(cache.chunk_spans, cache.order, strict=True):
+            from_tier[start:end] = i in self.found
+        recomputed = recomputed.cpu()
+        from_tier[recomputed[recomputed < cache.context_end]] = False
+        return int(from_tier.sum())
 
 
 class ChunkCache:
@@ -192,7 +208,8 @@ class ChunkCache:
         chunk_keys = {ref.key for ref, _, _ in wanted[1:]}
         misses = len(chunk_keys & (set(missing) - {prefix_key}))
         pending = PendingLayers(list(reads.values()), self.meta, int(cache.kv.shape[0])) if reads else None
-        return LoadStats(len(chunk_keys) - misses, misses, pending)
+        found = frozenset(i for i, (ref, _, _) in enumerate(wanted[1:]) if ref.key not in missing)
+        return LoadStats(len(chunk_keys) - misses, misses, pending, found, prefix_key not in missing)
 
     def ingest(self, chunk_ids: Sequence[torch.Tensor], batch_tokens: int = 32768) -> int:
         """Compute and store every chunk no tier holds, `batch_tokens` tokens of chunks at a time (so a corpus

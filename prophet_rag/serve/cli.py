@@ -1,0 +1,71 @@
+"""`prophet-rag serve`: arguments and the command, kept beside the server so the main CLI only delegates.
+
+Nothing here imports the server's packages until the command runs, so `prophet-rag --help` works without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from prophet_rag.config import GenerationConfig, SelectionConfig, StoreConfig
+from prophet_rag.errors import ProphetRAGError
+from prophet_rag.serve.config import API_KEY_ENV, ServeConfig, read_api_key
+
+SERVE_INSTALL = "pip install 'prophet-rag[serve]'"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's own options (the model, store and selection options are the CLI's common ones)."""
+    defaults = ServeConfig()
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--remote-url", default=None,
+                        help="shared Redis/Valkey tier, redis://host:6379/0 (StoreConfig.remote_url; needs a key)")
+    parser.add_argument("--api-key-file", default=None,
+                        help=f"file holding the bearer key every /v1 request must carry (or set {API_KEY_ENV})")
+    parser.add_argument("--served-model-name", default=None, help="model id in /v1/models and responses")
+    parser.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight,
+                        help="requests running on the engine at once (default %(default)s)")
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                        help="requests waiting beyond those; more are answered 503 (default %(default)s)")
+    parser.add_argument("--queue-timeout", type=float, default=defaults.queue_timeout_s,
+                        help="seconds a request may wait for a worker before a 503 (default %(default)s)")
+    parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
+                        help="seconds a request may take in all (default %(default)s)")
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    parser.add_argument("--max-documents", type=int, default=defaults.max_documents)
+    parser.add_argument("--max-chars", type=int, default=defaults.max_chars,
+                        help="characters of documents and messages per request (default %(default)s)")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
+    try:
+        import uvicorn
+
+        from prophet_rag.serve.app import create_app
+    except ImportError as error:
+        raise ProphetRAGError(f"the server needs {error.name}; run `{SERVE_INSTALL}`.") from None
+    from prophet_rag.engine import ProphetEngine
+
+    config = ServeConfig(api_key=read_api_key(args.api_key_file), model_name=args.served_model_name,
+                         max_in_flight=args.max_in_flight, max_queue=args.max_queue,
+                         queue_timeout_s=args.queue_timeout, request_timeout_s=args.request_timeout,
+                         max_body_bytes=args.max_body_bytes, max_documents=args.max_documents,
+                         max_chars=args.max_chars, max_tokens=args.max_new_tokens)
+    if args.remote_url:
+        store = replace(store, remote_url=args.remote_url)
+    print(f"Loading model {args.model or 'embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
+    engine = ProphetEngine.from_pretrained(args.model, device=args.device, store=store,
+                                           selection=SelectionConfig(method=args.method, ratio=args.ratio),
+                                           generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
+    if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"Warning: serving on {args.host} without an API key; set {API_KEY_ENV} or --api-key-file.",
+              file=sys.stderr, flush=True)
+    with engine:
+        uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=30)
+    return 0

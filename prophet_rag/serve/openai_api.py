@@ -1,0 +1,268 @@
+"""The OpenAI chat-completions wire format: a request body in, an `EngineRequest`; an `Answer` out, JSON bodies.
+
+A body is the OpenAI one plus `documents`, the retrieved documents: strings, or objects whose `text` is used (a
+`title` or any other key is ignored). Each document is a cached chunk. They go where a content part
+`{"type": "documents"}` stands in one message's content list, if a message has one, and the messages are otherwise
+as sent. Without one, the last user message is laid out as `engine.answer` lays out its request: the engine's
+instruction, the documents, then the message's text as the question (`PromptConfig.question_template`), so a plain
+question with documents gets the same answer as `engine.answer(documents, question)`. Either way the question
+follows the documents and is computed fresh (the suffix), and what comes before them is the prefix. A body with no
+documents is a plain chat (full prefill), its messages as sent.
+
+Decoding follows the body: `temperature` 0 is greedy (a body without one gets the engine's default, greedy),
+`top_p`, `seed`, `stop`, `max_completion_tokens` (or the older `max_tokens`). `method` and `ratio` choose how much
+context is recomputed, and `top_k` bounds sampling, as in-process calls do. Fields the engine cannot honour (tools,
+logprobs, several choices, penalties, response formats) are refused with a 400 that names them, never ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from prophet_rag.config import GenerationConfig
+from prophet_rag.layout import DOCUMENTS
+from prophet_rag.results import Answer, RequestStats
+from prophet_rag.serve.config import ServeConfig
+from prophet_rag.serve.scheduler import EngineRequest
+
+SUPPORTED = ("model", "messages", "documents", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
+             "seed", "n", "stream", "stream_options", "user", "method", "ratio", "top_k")
+# Fields a client may send at their neutral value (some send them always); any other value is refused.
+NEUTRAL = {"n": (1,), "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,),
+           "tools": ([],), "parallel_tool_calls": (True, False)}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MESSAGE_KEYS = ("role", "content", "name")
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+@dataclass(frozen=True)
+class ChatCall:
+    """A parsed /v1/chat/completions body."""
+
+    request: EngineRequest
+    stream: bool
+    include_usage: bool
+    """`stream_options.include_usage`: a last chunk carries the usage."""
+
+
+def parse_chat_body(raw: bytes, defaults: GenerationConfig, config: ServeConfig,
+                    rag_messages: Callable[[str], list[dict[str, Any]]]) -> ChatCall:
+    """`raw` (a JSON body) as a `ChatCall`; any problem is an `APIError` 400 that names the field and the fix.
+    `defaults` is the engine's generation config (temperature, EOS ids); limits come from `config`;
+    `rag_messages` is the engine's `PromptBuilder.rag_messages`, whose user message lays out a question with
+    documents that no content part places."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise bad_request(f"the request body is not valid JSON ({error}); send a JSON object.") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object with 'messages'.")
+    for name in body:
+        if name in NEUTRAL:
+            if body[name] is not None and body[name] not in NEUTRAL[name]:
+                raise bad_request(f"'{name}' = {body[name]!r} is not supported by prophet-rag; leave it out.", name,
+                                  "unsupported_parameter")
+        elif name not in SUPPORTED:
+            raise bad_request(f"'{name}' is not supported by prophet-rag; its parameters are {', '.join(SUPPORTED)}.",
+                              name, "unsupported_parameter")
+    documents = _documents(body.get("documents"), config)
+    messages = _messages(body.get("messages"))
+    chars = sum(map(len, documents)) + sum(len(p) for m in messages for p in _parts(m) if isinstance(p, str))
+    if chars > config.max_chars:
+        raise bad_request(f"the messages and documents hold {chars} characters, over this server's limit of "
+                          f"{config.max_chars}; send fewer or shorter documents.", "documents", "request_too_large")
+    _place_documents(messages, bool(documents), rag_messages)
+    stream = _typed(body, "stream", bool, False)
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
+        raise bad_request("stream_options must be {'include_usage': true|false} and needs 'stream': true.",
+                          "stream_options")
+    include_usage = _typed(options or {}, "include_usage", bool, False)
+    _typed(body, "model", str, None)
+    _typed(body, "user", str, None)
+    request = EngineRequest(tuple(messages), tuple(documents), _generation(body, defaults, config),
+                            method=_typed(body, "method", str, None), ratio=_number(body, "ratio"))
+    return ChatCall(request, stream, include_usage)
+
+
+def _typed(body: Mapping[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise bad_request(f"'{name}' must be a {kind.__name__}, got {value!r}.", name)
+    return value
+
+
+def _number(body: Mapping[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise bad_request(f"'{name}' must be a number, got {value!r}.", name)
+    return value
+
+
+def _documents(value: Any, config: ServeConfig) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise bad_request("'documents' must be a list of strings or of {'text': ...} objects.", "documents")
+    if len(value) > config.max_documents:
+        raise bad_request(f"{len(value)} documents, over this server's limit of {config.max_documents}; send the "
+                          "most relevant ones.", "documents", "request_too_large")
+    texts = []
+    for i, document in enumerate(value):
+        text = document.get("text") if isinstance(document, dict) else document
+        if not isinstance(text, str):
+            raise bad_request(f"documents[{i}] must be a string or an object with a string 'text', got "
+                              f"{document!r:.80}.", "documents")
+        texts.append(text)
+    return texts
+
+
+def _parts(message: Mapping[str, Any]) -> list:
+    content = message["content"]
+    return [content] if isinstance(content, str) else content
+
+
+def _content(i: int, content: Any) -> str | list:
+    """A message's content as the engine takes it: a string, or a list of strings and `DOCUMENTS`."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise bad_request(f"messages[{i}].content must be a string or a non-empty list of content parts.",
+                          "messages")
+    parts: list = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            # Adjacent text parts are one text, joined by a newline (as vLLM joins them).
+            if parts and isinstance(parts[-1], str):
+                parts[-1] += "\n" + part["text"]
+            else:
+                parts.append(part["text"])
+        elif kind == "documents":
+            parts.append(DOCUMENTS)
+        else:
+            raise bad_request(f"messages[{i}].content holds {part!r:.80}; prophet-rag takes parts of type 'text' and "
+                              "'documents' (where the documents go).", "messages")
+    return parts
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise bad_request("'messages' must be a non-empty list of {'role', 'content'} objects.", "messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise bad_request(f"messages[{i}] must be an object with 'role' and 'content'.", "messages")
+        extra = sorted(set(message) - set(MESSAGE_KEYS))
+        if extra:
+            raise bad_request(f"messages[{i}] has {', '.join(extra)}, which prophet-rag does not support (no tool "
+                              "calls); send 'role' and 'content'.", "messages")
+        role = message.get("role")
+        if role not in ROLES:
+            raise bad_request(f"messages[{i}].role is {role!r}; prophet-rag takes {', '.join(ROLES)}.", "messages")
+        messages.append({"role": ROLES[role], "content": _content(i, message.get("content"))})
+    return messages
+
+
+def _place_documents(messages: list[dict[str, Any]], with_documents: bool,
+                     rag_messages: Callable[[str], list[dict[str, Any]]]) -> None:
+    """Lay out the last user message as `engine.answer` does when documents come with no place marked."""
+    marked = sum(1 for m in messages for p in _parts(m) if p is DOCUMENTS)
+    if with_documents and not marked:
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if not users:
+            raise bad_request("'documents' go with the last user message, but there is no user message; add one, "
+                              "or mark their place with a {'type': 'documents'} content part.", "messages")
+        last = messages[users[-1]]
+        last["content"] = rag_messages("\n".join(_parts(last)))[-1]["content"]
+    elif marked and not with_documents:
+        raise bad_request("a {'type': 'documents'} content part marks where documents go, but 'documents' is "
+                          "empty; send the documents or drop the part.", "messages")
+
+
+def _generation(body: Mapping[str, Any], defaults: GenerationConfig, config: ServeConfig) -> GenerationConfig:
+    limit = _typed(body, "max_completion_tokens", int, None)
+    older = _typed(body, "max_tokens", int, None)
+    if limit is not None and older is not None and limit != older:
+        raise bad_request("'max_tokens' and 'max_completion_tokens' differ; send one of them.", "max_tokens")
+    limit = limit if limit is not None else older
+    stop = body.get("stop")
+    options = {"max_new_tokens": config.max_tokens if limit is None else limit,
+               "stop": () if stop is None else stop}
+    for name in ("temperature", "top_p"):
+        if body.get(name) is not None:
+            options[name] = _number(body, name)
+    for name in ("seed", "top_k"):
+        if body.get(name) is not None:
+            options[name] = _typed(body, name, int, None)
+    # GenerationConfig checks every value's range and type, with a message that names the fix (a 400).
+    return replace(defaults, **options)
+
+
+# ---- responses ------------------------------------------------------------------------------------------------------
+
+def completion_id() -> str:
+    return f"chatcmpl-{secrets.token_hex(12)}"
+
+
+def finish_reason(answer: Answer, generation: GenerationConfig) -> str:
+    return "length" if answer.stats.new_tokens >= generation.max_new_tokens else "stop"
+
+
+def usage(stats: RequestStats) -> dict[str, Any]:
+    """OpenAI's usage; `cached_tokens` counts prompt tokens whose KV came from a cache tier, not from compute."""
+    prompt = stats.prefix_tokens + stats.context_tokens + stats.suffix_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": stats.new_tokens, "total_tokens": prompt + stats.new_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
+
+
+def completion(cid: str, model: str, answer: Answer, generation: GenerationConfig) -> dict[str, Any]:
+    """A whole `chat.completion`; `prophet_rag` carries the request's statistics (cache hits, recomputed tokens)."""
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+                         "logprobs": None, "finish_reason": finish_reason(answer, generation)}],
+            "usage": usage(answer.stats), "prophet_rag": answer.stats.to_dict()}
+
+
+def chunk(cid: str, created: int, model: str, delta: dict[str, Any] | None, finish: str | None = None,
+          include_usage: bool = False, answer: Answer | None = None) -> str:
+    """One `chat.completion.chunk` as an SSE event. `delta` None is the usage chunk (no choices); the chunk that
+    finishes also carries the request's statistics under `prophet_rag`."""
+    body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [] if delta is None else
+                            [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    if include_usage:
+        body["usage"] = usage(answer.stats) if delta is None else None
+    if finish is not None and answer is not None:
+        body["prophet_rag"] = answer.stats.to_dict()
+    return event(body)
+
+
+def event(body: dict[str, Any] | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+DONE = event("[DONE]")

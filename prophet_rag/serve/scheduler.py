@@ -1,0 +1,198 @@
+"""Admission and concurrency for the server: a bounded queue in front of a fixed number of engine workers.
+
+The event loop never runs the engine. `Scheduler.submit` queues a request (or refuses it at once with `Overloaded`
+when the queue is full) and returns its `Job`; a worker thread takes it, starts it on the engine
+(`engine.stream_chat`, which checks the request before any compute) and hands each text delta back to the event
+loop. A job cancelled while it waits leaves the queue at once; one cancelled while it runs stops at its next
+delta, and its generator is closed, so no further forward pass runs for it.
+
+This is the interface the server relies on (`submit`, `Job.started`, iterating a job, `Job.answer`, `Job.cancel`,
+`queue_depth`, `in_flight`, `close`): a scheduler that batches the decode steps of its running requests can take
+this one's place without the server changing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prophet_rag.config import GenerationConfig
+from prophet_rag.errors import ProphetRAGError
+from prophet_rag.results import Answer
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(ProphetRAGError):
+    """Every worker is busy and the queue is full (or a request waited past its time): retry later."""
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One chat request for `engine.stream_chat`: messages (one content may hold `layout.DOCUMENTS`), documents."""
+
+    messages: tuple[Mapping[str, Any], ...]
+    documents: tuple[str, ...]
+    generation: GenerationConfig
+    method: str | None = None
+    ratio: float | None = None
+
+
+class Job:
+    """A request's life in the scheduler, seen from the event loop that submitted it.
+
+    `await job.started()` returns once a worker has started it (or raises the engine's error for a bad request);
+    then `async for delta in job` gives its text, after which `job.answer` holds the `Answer`. `job.cancel()` may be
+    called at any time, from any thread, and more than once.
+    """
+
+    def __init__(self, request: EngineRequest, loop: asyncio.AbstractEventLoop, withdraw) -> None:
+        self.request = request
+        self._loop = loop
+        self._withdraw = withdraw
+        self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._cancelled = threading.Event()
+        self.answer: Answer | None = None
+        self.submitted_at = time.perf_counter()
+        self.first_output_at: float | None = None
+        """When the first delta (or the end, if there was no text) reached the event loop."""
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._withdraw(self)
+
+    async def started(self) -> None:
+        kind, value = await self._events.get()
+        if kind == "error":
+            raise value
+        assert kind == "started", kind
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        while True:
+            kind, value = await self._events.get()
+            if kind == "started":  # iterated without awaiting `started` first
+                continue
+            if self.first_output_at is None:
+                self.first_output_at = time.perf_counter()
+            if kind == "delta":
+                yield value
+            elif kind == "done":
+                self.answer = value
+                return
+            else:
+                assert kind == "error", kind
+                raise value
+
+    def _emit(self, kind: str, value: Any = None) -> None:
+        """From a worker thread: hand an event to the event loop (a loop that has closed cancels the job)."""
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
+        except RuntimeError:
+            self._cancelled.set()
+
+
+class Scheduler:
+    """`max_in_flight` worker threads running requests on `engine` one at a time each, and up to `max_queue`
+    requests waiting for them (first come, first served)."""
+
+    def __init__(self, engine, *, max_in_flight: int = 1, max_queue: int = 32) -> None:
+        self._engine = engine
+        self.max_in_flight, self.max_queue = max_in_flight, max_queue
+        self._waiting: deque[Job] = deque()
+        self._running = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._workers = [threading.Thread(target=self._work, name=f"prophet-rag-worker-{i}", daemon=True)
+                         for i in range(max_in_flight)]
+        for worker in self._workers:
+            worker.start()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a worker."""
+        with self._cond:
+            return len(self._waiting)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests running on the engine."""
+        with self._cond:
+            return self._running
+
+    def submit(self, request: EngineRequest) -> Job:
+        """Queue `request`; raises `Overloaded` when `max_queue` requests already wait and no worker is free."""
+        job = Job(request, asyncio.get_running_loop(), self._withdraw)
+        with self._cond:
+            if self._closed:
+                raise Overloaded("the server is shutting down; retry on another replica.")
+            free = self.max_in_flight - self._running
+            if len(self._waiting) >= self.max_queue + max(free, 0):
+                raise Overloaded(f"{self._running} requests are running and {len(self._waiting)} waiting, the most "
+                                 "this server queues; retry later.")
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Cancel every waiting job and stop the workers once their running jobs end."""
+        with self._cond:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting), deque()
+            self._cond.notify_all()
+        for job in waiting:
+            job._cancelled.set()
+            job._emit("error", Overloaded("the server is shutting down; retry on another replica."))
+        for worker in self._workers:
+            worker.join(timeout_s)
+
+    def _withdraw(self, job: Job) -> None:
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if not self._waiting:
+                    return
+                job = self._waiting.popleft()
+                self._running += 1
+            try:
+                self._run(job)
+            finally:
+                with self._cond:
+                    self._running -= 1
+
+    def _run(self, job: Job) -> None:
+        request = job.request
+        try:
+            stream = self._engine.stream_chat(list(request.messages), list(request.documents), method=request.method,
+                                              ratio=request.ratio, generation=request.generation)
+        except Exception as error:  # the handler answers it: 400 for a bad request, 500 otherwise
+            job._emit("error", error)
+            return
+        job._emit("started")
+        deltas = iter(stream)
+        try:
+            for delta in deltas:
+                if job.cancelled:
+                    return
+                job._emit("delta", delta)
+            job._emit("done", stream.answer)
+        except Exception as error:
+            log.exception("request failed while generating")
+            job._emit("error", error)
+        finally:
+            deltas.close()  # a cancelled job's generator stops here: no further forward pass

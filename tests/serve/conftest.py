@@ -1,0 +1,68 @@
+"""Servers for the serve tests: `prophet-rag serve` in a subprocess over the tiny model (one per session), and an app
+over a scripted engine (one whose tokens the test releases one by one) run by uvicorn in a thread; both on free
+loopback ports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from serve_helpers import API_KEY, LIMITS, LiveServer, ScriptedEngine, Served, free_port, wait_healthy
+from tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny llama and its tokenizer saved as a model folder, as `prophet-rag serve --model` loads one."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def served(tiny_model_dir, tmp_path_factory):
+    """`prophet-rag serve` over the tiny model, with an API key and small limits, for the whole session."""
+    port = free_port()
+    home = tmp_path_factory.mktemp("serve-home")
+    env = {**os.environ, "PROPHET_RAG_API_KEY": API_KEY, "PROPHET_RAG_HOME": str(home)}
+    command = [sys.executable, "-m", "prophet_rag.cli", "serve", "--model", str(tiny_model_dir), "--store",
+               str(home / "kv"), "--port", str(port), "--log-level", "warning",
+               *(f"--{name.replace('_', '-')}={value}" for name, value in LIMITS.items())]
+    log = home / "server.log"
+    with log.open("w") as out:  # a file, not a pipe: a pipe nobody reads would block the server once full
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log)
+        yield Served(url, tiny_model_dir, proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def scripted_server():
+    """`make(**ServeConfig fields)`: a live server over a fresh `ScriptedEngine`; returns (engine, server)."""
+    from prophet_rag.serve.app import create_app
+    from prophet_rag.serve.config import ServeConfig
+
+    servers = []
+
+    def make(**config):
+        engine = ScriptedEngine()
+        server = LiveServer(create_app(engine, ServeConfig(**config)))
+        servers.append((engine, server))
+        return engine, server
+
+    yield make
+    for engine, server in servers:
+        engine.release(10_000)  # let anything still running end
+        server.stop()
