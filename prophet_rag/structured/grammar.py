@@ -56,13 +56,20 @@ class Grammar:
             raise InvalidRequestError(f"grammar source must be a string, got {type(self.source).__name__}.")
 
     @classmethod
-    def json_schema(cls, schema: Mapping | str | type) -> Grammar:
+    def json_schema(cls, schema: Mapping | str | type, *, max_string_chars: int | None = None,
+                    max_items: int | None = None) -> Grammar:
         """A JSON value matching `schema`: a JSON-schema mapping, its JSON text, or a Pydantic model class.
 
         Strict, as OpenAI's structured outputs: an object lists only its `properties` unless the schema says
         otherwise (`additionalProperties: {...}`); a Pydantic model's schema does not say `additionalProperties:
-        false`, and a small model left free adds keys of its own."""
-        return cls("json_schema", json_text(strict_schema(schema_dict(schema))))
+        false`, and a small model left free adds keys of its own.
+
+        `max_string_chars` / `max_items` bound the free-form strings and arrays the schema leaves unbounded (no
+        `maxLength` / `maxItems`, `enum`, `const`, `pattern` or `format`): a greedy model can repeat itself inside a
+        string forever (SmolLM2 writing `"john-john-john-...` for a missing email), and only a bound makes every
+        answer end within a token budget."""
+        bounded = bound_schema(strict_schema(schema_dict(schema)), max_string_chars, max_items)
+        return cls("json_schema", json_text(bounded))
 
     @classmethod
     def regex(cls, pattern: str) -> Grammar:
@@ -112,6 +119,30 @@ def strict_schema(node: object) -> object:
                                                             "unevaluatedProperties"} & set(node):
         out["additionalProperties"] = False
     return out
+
+
+def bound_schema(node: object, max_string_chars: int | None, max_items: int | None) -> object:
+    """`node` with `maxLength` / `maxItems` on the strings / arrays it leaves unbounded (see `Grammar.json_schema`)."""
+    for name, bound in (("max_string_chars", max_string_chars), ("max_items", max_items)):
+        if bound is not None and (not isinstance(bound, int) or isinstance(bound, bool) or bound < 1):
+            raise InvalidRequestError(f"{name} must be an integer >= 1 or None, got {bound!r}.")
+    if max_string_chars is None and max_items is None:
+        return node
+
+    def walk(n: object) -> object:
+        if isinstance(n, list):
+            return [walk(v) for v in n]
+        if not isinstance(n, Mapping):
+            return n
+        out = {k: walk(v) for k, v in n.items()}
+        free = not {"enum", "const", "pattern", "format"} & set(n)
+        if max_string_chars and n.get("type") == "string" and free and "maxLength" not in n:
+            out["maxLength"] = max_string_chars
+        if max_items and n.get("type") == "array" and "maxItems" not in n:
+            out["maxItems"] = max(max_items, n.get("minItems", 0))
+        return out
+
+    return walk(node)
 
 
 def json_text(value: object) -> str:

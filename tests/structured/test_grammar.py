@@ -205,3 +205,35 @@ def test_constrained_decoding_through_the_engines_own_decode_step(make_engine):
     else:
         pytest.fail("the grammar never allowed EOS")
     Pet.model_validate_json(tok.decode(out))
+
+
+def test_bounds_cap_the_strings_and_arrays_a_schema_leaves_free():
+    schema = {"type": "object", "properties": {
+        "free": {"type": "string"}, "short": {"type": "string", "maxLength": 3}, "pick": {"type": "string",
+                                                                                        "enum": ["a"]},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 5}}}
+    props = json.loads(Grammar.json_schema(schema, max_string_chars=8, max_items=2).source)["properties"]
+    assert props["free"]["maxLength"] == 8 and props["short"]["maxLength"] == 3 and "maxLength" not in props["pick"]
+    assert props["tags"]["maxItems"] == 5 and props["tags"]["items"]["maxLength"] == 8
+    assert Grammar.json_schema(schema) != Grammar.json_schema(schema, max_string_chars=8)
+
+
+def test_a_string_bound_ends_a_runaway_string(tok):
+    c = constraint(tok, Grammar.json_schema({"type": "object", "properties": {"s": {"type": "string"}},
+                                             "required": ["s"]}, max_string_chars=4))
+    for token in ids(tok, '{"s": "abcd'):
+        c.advance(token)
+    assert not c.allows(ids(tok, "e")[0]) and c.allows(ids(tok, '"')[0])
+
+
+@pytest.mark.parametrize("bound", [0, -1, 2.5, True, "8"])
+def test_bounds_must_be_positive_integers(bound):
+    with pytest.raises(InvalidRequestError, match="integer >= 1"):
+        Grammar.json_schema({"type": "string"}, max_string_chars=bound)
+
+
+def test_objects_are_strict_unless_the_schema_opens_them():
+    source = json.loads(Grammar.json_schema({"type": "object", "properties": {"a": {"type": "object", "properties": {},
+                                             "additionalProperties": {"type": "integer"}}}}).source)
+    assert source["additionalProperties"] is False
+    assert source["properties"]["a"]["additionalProperties"] == {"type": "integer"}
