@@ -227,6 +227,11 @@ class GrammarCache:
         if found is None:
             found = llguidance.LLMatcher(self._tokenizer(tokenizer, vocab_size, stop), _llguidance_source(grammar),
                                          log_level=0)
+            # One mask on the kept matcher builds the lexer states its copies start from: a copy's first mask then
+            # takes ~0.25 ms instead of 2-12 ms (SmolLM2, a 6-field schema).
+            first = torch.empty((vocab_size + 31) // 32, dtype=torch.int32)
+            if not found.is_error():
+                found.unsafe_compute_mask_ptr(first.data_ptr(), first.numel() * 4)
             if found.is_error():
                 raise InvalidRequestError(
                     f"cannot compile the {grammar.kind.replace('_', ' ')} into a grammar: "
