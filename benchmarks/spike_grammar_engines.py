@@ -407,8 +407,8 @@ def _feed(engine, compiled, tokens: list[int], eos: int) -> bool:
 
 def features(engines, tokenizer) -> None:
     eos = tokenizer.eos_token_id
-    print("\nJSON-schema features (ok: compiles, takes the valid output, refuses the invalid one; "
-          "'loose': takes both; 'err': does not compile; 'refuses valid': too strict)")
+    print("\nJSON-schema features (ok: compiles, takes the valid output, refuses the invalid one; 'loose': takes "
+          "both; 'err': does not compile; 'refuses valid': too strict)")
     print("| feature | " + " | ".join(e.name for e, _ in engines) + " |")
     print("|---|" + "---|" * len(engines))
     for feature, schema, good, bad in _FEATURES:
@@ -421,7 +421,8 @@ def features(engines, tokenizer) -> None:
                 continue
             ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
             takes_good, takes_bad = _feed(e, compiled, ids(good), eos), _feed(e, compiled, ids(bad), eos)
-            cells.append("ok" if takes_good and not takes_bad else "loose" if takes_good else "refuses valid")
+            cells.append({(True, False): "ok", (True, True): "loose", (False, False): "refuses valid",
+                          (False, True): "refuses valid, takes invalid"}[takes_good, takes_bad])
         print(f"| {feature} | " + " | ".join(cells) + " |")
 
 
@@ -468,9 +469,23 @@ def main() -> None:
     parser.add_argument("--qwen", default=None, help="Qwen2.5 model folder (build-qwen05 prints it)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--features-only", action="store_true", help="only the feature tables, no timing")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.features_only:
+        from transformers import AutoTokenizer
+
+        from prophet_rag.embedded import embedded_model_dir
+
+        for path in filter(None, (str(embedded_model_dir()), args.qwen)):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+            print(f"\n## {Path(path).name}")
+            engines = [(cls(tokenizer, vocab), None) for cls in ENGINES]
+            features(engines, tokenizer)
+            tool_text(engines, tokenizer)
+        return
     measure("SmolLM2-135M-Instruct (embedded)", None, args.rounds)
     if args.qwen:
         measure(f"Qwen2.5 ({Path(args.qwen).name})", args.qwen, args.rounds)

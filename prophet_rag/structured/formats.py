@@ -131,7 +131,7 @@ class ToolFormat:
         if choice == "none" or not tools:
             if self.start_id is not None:  # an added token is never text
                 return Grammar.lark(f"start: TEXT\n{_TEXT}\n")
-            return Grammar.lark(f"start: FREE\nFREE: /(?s:.*)/ & ~/(?s:.*){re.escape(self.start)}(?s:.*)/\n")
+            return Grammar.lark(f"start: FREE\n{self._free()}\n")
         chosen = [t for t in tools if t.name == choice] or list(tools)
         single = choice not in ("auto", "required") or not self.parallel
         close = "" if not self.end else f" {_token(self.end, self.end_id)}"
@@ -143,13 +143,22 @@ class ToolFormat:
             space = ' " "' if self.family == "mistral" else ""
             body = f"body:{space} list{close}\nlist: %json {embedded_json(schema)}\n"
         marker = _token(self.start if self.family != "llama3" else '{"name": "', self.start_id)
+        # Parallel calls are one block per call (hermes) or one block holding a list (smollm2, mistral): a second
+        # list block is never right, and a small model repeats its block until the budget ends if allowed to.
+        blocks = not single and self.family == "hermes"
         if choice != "auto":
-            more = "" if single else f" ({_literal(chr(10))} {marker} body)*"
+            more = f" ({_literal(chr(10))} {marker} body)*" if blocks else ""
             return Grammar.lark(f"start: {marker} body{more}\n{body}")
-        repeat = "?" if single else "*"
-        if self.start_id is not None:
+        repeat = "*" if blocks else "?"
+        if self.start_id is not None:  # an added token is never text: TEXT cannot open a second block
             return Grammar.lark(f"start: (TEXT {marker} body){repeat} TEXT\n{body}{_TEXT}\n")
-        return Grammar.lark(f"start: (head body){repeat} TEXT\nhead[lazy]: TEXT {marker}\n{body}{_TEXT}\n")
+        tail = "TEXT" if blocks else "FREE"  # after the only block, text that cannot open another one
+        return Grammar.lark(f"start: (head body){repeat} {tail}\nhead[lazy]: TEXT {marker}\n{body}{_TEXT}\n"
+                            f"{self._free()}\n")
+
+    def _free(self) -> str:
+        """The Lark terminal FREE: any text without the call marker."""
+        return f"FREE: /(?s:.*)/ & ~/(?s:.*){re.escape(self.start)}(?s:.*)/"
 
     def _object_rule(self, i: int, tool: Tool, close: str) -> str:
         """The Lark rule of a call of `tool` after the marker, and its arguments' schema."""

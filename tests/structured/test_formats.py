@@ -229,3 +229,22 @@ def test_list_formats_hoist_each_tools_own_definitions():
     assert takes(fmt, tok, grammar, '<tool_call>[{"name": "book", "arguments": {"guest": {"age": 30}}}]</tool_call>')
     assert not takes(fmt, tok, grammar, '<tool_call>[{"name": "book", "arguments": {"guest": {"age": "x"}}}]'
                                         "</tool_call>")
+
+
+@pytest.mark.parametrize("family", ["smollm2", "mistral"])
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_list_families_take_one_block_of_calls(family, choice):
+    tok = family_tokenizer(TOKENIZERS[family])
+    fmt = tool_format(tok)
+    grammar = fmt.grammar(TOOLS, choice)
+    assert takes(fmt, tok, grammar, CALLS[family].replace('"celsius"}}', '"celsius"}}, {"name": "add", '
+                                                                      '"arguments": {"a": 1, "b": 2}}'))
+    assert not takes(fmt, tok, grammar, CALLS[family] + "\n" + CALLS[family])
+
+
+def test_hermes_takes_one_block_per_parallel_call():
+    tok = family_tokenizer("qwen2.5")
+    fmt = tool_format(tok)
+    assert takes(fmt, tok, fmt.grammar(TOOLS, "required"), CALLS["hermes"] + "\n" + OTHER_TOOL["hermes"])
+    assert not takes(fmt, tok, replace(fmt, parallel=False).grammar(TOOLS, "required"),
+                     CALLS["hermes"] + "\n" + OTHER_TOOL["hermes"])
