@@ -186,6 +186,7 @@ def main() -> None:
     parser.add_argument("--max-string-chars", type=int, default=None,
                         help="bound the schema's free strings (Grammar.json_schema(max_string_chars=...))")
     parser.add_argument("--show-invalid", action="store_true", help="print every output that is not valid JSON")
+    parser.add_argument("--only", default=None, help="comma-separated prompt indices (0-49) to run")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,6 +197,8 @@ def main() -> None:
              for m in ("unconstrained", "constrained")}
     hook, step, compile_s = [], [], []
     data = extraction_set()[: args.limit]
+    if args.only:
+        data = [data[int(i)] for i in args.only.split(",")]
     for n, (text, schema, gold) in enumerate(data):
         for mode in args.modes.split(","):  # interleaved
             constraint = None
