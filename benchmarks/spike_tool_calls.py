@@ -7,7 +7,8 @@ can pass once the feature flags are on.
 
 Each case is the suite's prompt, tools (converted by langchain_core's `convert_to_openai_tool`, as `bind_tools`
 will) and tool_choice (`any` is the suite's choice when the model declares tool_choice; `auto` when it does not),
-and the suite's assertion on the resulting calls.
+and the suite's assertion on the resulting calls. One call per answer unless `--parallel` (both models repeat the
+same call block after block when allowed several).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 from langchain_core.tools import tool
@@ -139,16 +141,20 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--limit", type=int, default=len(CASES))
+    parser.add_argument("--parallel", action="store_true",
+                        help="allow several calls per answer (default: one, parallel_tool_calls=False)")
     parser.add_argument("--max-string-chars", type=int, default=160, help="bound on the joke's strings")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = ProphetEngine.from_pretrained(args.model, store=StoreConfig(directory=tempfile.mkdtemp()))
-    print(f"{engine.model_name}: family {tool_format(engine.tokenizer).family}\n")
+    print(f"{engine.model_name}: family {tool_format(engine.tokenizer).family}, "
+          f"{'parallel calls' if args.parallel else 'one call per answer'}\n")
     print("| langchain-tests case | passes | output |\n|---|---|---|")
     for name, lc_tools, choice, prompt, check in CASES[: args.limit]:
         tools = as_tools([convert_to_openai_tool(t) for t in lc_tools])
         fmt = tool_format(engine.tokenizer)
+        fmt = fmt if args.parallel else replace(fmt, parallel=False)
         grammar = fmt.grammar(tools, {"any": "required"}.get(choice, choice))
         t0 = time.perf_counter()
         text, fmt = generate(engine, [{"role": "user", "content": prompt}], tools, grammar, args.max_new_tokens)
