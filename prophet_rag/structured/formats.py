@@ -36,7 +36,7 @@ _LLAMA_CALL = re.compile(r'\{\s*"name"\s*:')
 
 
 def detect_family(tokenizer) -> str:
-    """The tool-call family of a tokenizer, read from its chat template (see the module table)."""
+    """The tool-call family of a tokenizer, read from its chat template (see the module docstring)."""
     template = getattr(tokenizer, "chat_template", None) or ""
     if isinstance(template, Mapping):  # named templates: the tool-use one, else the default
         template = template.get("tool_use") or template.get("default") or ""
@@ -106,7 +106,7 @@ _TEXT = "TEXT: /(.|\\n)*/"
 
 @dataclass(frozen=True)
 class ToolFormat:
-    """One family's tool-call format (see the module table)."""
+    """One family's tool-call format (see the module docstring)."""
 
     family: str
     native_tools: bool
