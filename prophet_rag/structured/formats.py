@@ -10,10 +10,10 @@
 - `smollm2` (any template without tools): a system message we write lists the tools; the calls are
   `<tool_call>[{"name": N, "arguments": {...}}, ...]</tool_call>`.
 
-SmolLM2-135M-Instruct's template has no tool format. `smollm2` follows the function-calling format of its larger
-sibling SmolLM2-1.7B-Instruct as Ollama's `smollm2` template renders it (tools listed in `<tools></tools>` in the
-system prompt, calls as a JSON list in `<tool_call>`, results in `<tool_response>` user turns), and is the fallback
-for every template that does not render tools.
+SmolLM2-135M-Instruct's template has no tool format (it ignores `tools=`). `smollm2` follows the tool format
+Ollama's `smollm2` template uses for the SmolLM2 family (tools listed in `<tools></tools>` in the system prompt,
+calls as a JSON list in `<tool_call>`, results in `<tool_response>` user turns), and is the fallback for every
+template that does not render tools.
 
 Grammars are llguidance Lark grammars with the arguments' JSON schemas inline, so with `tool_choice="required"` or a
 named tool every answer is a valid call of a listed tool with arguments that match its schema; `auto` leaves text free
