@@ -8,6 +8,7 @@ character and any tail that could still grow into a stop string, and cuts the te
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
+from typing import Protocol
 
 import torch
 
@@ -24,17 +25,47 @@ def decode_one(adapter: ModelAdapter, cache: StitchedCache, token: int) -> torch
     return adapter.logits(hidden)[-1]
 
 
+class LogitsConstraint(Protocol):
+    """A per-request rule on which token may come next (a grammar: `structured.TokenConstraint`).
+
+    `mask(logits)` sets forbidden tokens' `[vocab]` fp32 logits to -inf (in place) and returns them; `advance(token)`
+    records the token taken; `is_finished()` says no further token is allowed.
+    """
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def advance(self, token: int) -> None: ...
+
+    def is_finished(self) -> bool: ...
+
+
+@torch.inference_mode()  # a constraint masks the logits in place, and they are inference tensors
+def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None,
+               constraint: LogitsConstraint | None = None) -> int:
+    """One request's next token from its `[vocab]` fp32 logits: masked by its constraint, sampled, recorded.
+
+    The one place a token is chosen: serial decoding and a batched scheduler both call it per request, so a
+    request's tokens do not depend on what it was batched with.
+    """
+    if constraint is not None:
+        logits = constraint.mask(logits)
+    token = sample(logits, config, generator)
+    if constraint is not None:
+        constraint.advance(token)
+    return token
+
+
 def decode(adapter: ModelAdapter, cache: StitchedCache, logits: torch.Tensor, config: GenerationConfig,
-           eos: Collection[int]) -> Iterator[int]:
+           eos: Collection[int], constraint: LogitsConstraint | None = None) -> Iterator[int]:
     """Sample up to `config.max_new_tokens` tokens, starting from the first token's `logits`; ends at an EOS id
-    (not yielded)."""
+    (not yielded) or when `constraint` allows nothing more."""
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     for step in range(config.max_new_tokens):
-        token = sample(logits, config, generator)
+        token = next_token(logits, config, generator, constraint)
         if token in eos:
             return
         yield token
-        if step == config.max_new_tokens - 1:
+        if step == config.max_new_tokens - 1 or (constraint is not None and constraint.is_finished()):
             return
         logits = decode_one(adapter, cache, token)
 
