@@ -181,3 +181,29 @@ def test_musique_bench_end_to_end_on_a_tiny_model(make_engine, musique_file, tmp
 def test_musique_and_jsonl_together_are_refused(tmp_path):
     with pytest.raises(InvalidRequestError, match="either musique or jsonl"):
         BenchConfig(musique=tmp_path / "a.json", jsonl=tmp_path / "b.jsonl")
+
+
+def test_cli_takes_a_dataset_and_opens_the_engine_with_its_prompt(musique_file, tmp_path, make_engine):
+    from prophet_rag.bench.cli import run_bench_command
+    from prophet_rag.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--dataset", "musique", str(musique_file), "--cases", "1",
+                                      "--methods", "full,reuse", "--out", str(tmp_path / "o"), "--no-plot"])
+    prompts = []
+
+    def factory(prompt):
+        prompts.append(prompt)
+        return make_engine("llama", prompt=prompt)
+
+    assert run_bench_command(args, factory) == 0
+    assert prompts == [MUSIQUE_PROMPT]
+    assert len(load_records(tmp_path / "o" / "results.jsonl")) == 2
+
+
+def test_cli_refuses_an_unknown_dataset(tmp_path):
+    from prophet_rag.bench.cli import run_bench_command
+    from prophet_rag.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--dataset", "hotpot", "x.json"])
+    with pytest.raises(InvalidRequestError, match="'musique PATH'"):
+        run_bench_command(args, lambda prompt: None)
