@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -82,6 +83,74 @@ class RedisServer:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class SlowProxy:
+    """A TCP proxy in front of a server that holds every burst of bytes a client sends for `delay_s` before passing
+    it on: each command or pipeline, hence each reply, comes `delay_s` late (a live but slow server)."""
+
+    def __init__(self, port: int, delay_s: float) -> None:
+        self.upstream, self.delay_s = port, delay_s
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = [self._listener]
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            self._sockets += [client, server]
+            for source, target, delay in ((client, server, self.delay_s), (server, client, 0.0)):
+                thread = threading.Thread(target=self._pump, args=(source, target, delay), daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    @staticmethod
+    def _pump(source: socket.socket, target: socket.socket, delay: float) -> None:
+        try:
+            while data := source.recv(2**20):
+                time.sleep(delay)
+                target.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, target):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        for sock in self._sockets:  # shutdown wakes the threads blocked in accept or recv on it
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+
+@pytest.fixture
+def slow_proxy(redis_server):
+    """`slow_proxy(delay_s)`: a `SlowProxy` in front of `redis_server`, closed after the test."""
+    proxies: list[SlowProxy] = []
+
+    def start(delay_s: float) -> SlowProxy:
+        proxies.append(SlowProxy(redis_server.port, delay_s))
+        return proxies[-1]
+
+    yield start
+    for proxy in proxies:
+        proxy.close()
 
 
 @pytest.fixture(scope="session")
