@@ -56,6 +56,10 @@ logger = logging.getLogger(__name__)
 _TOUCH_FLUSH_S = 2.0
 """Reads record access times in memory and write them at most this often (and before each eviction), so a hit
 never waits for the write lock or a disk sync."""
+_CLEAR_WAIT_S = 60.0
+"""`clear` deletes rows in short transactions, each waiting its turn at the database; busy turns are retried for this
+long in all before it gives up (writers keep the database busy, but never for long)."""
+_CLEAR_BATCH = 100
 
 @dataclass(frozen=True)
 class StoreStats:
@@ -118,6 +122,7 @@ class KVStore:
                 "retry; if it is damaged, delete the folder (it only holds caches) or choose another directory."
             ) from None
         self._files: ValueFiles = self._cache.disk.files
+        self._write_lock = store_files.WriteLock(self._files)
         self._reader = EntryReader(self._files, self._sealer, config.max_entry_bytes)
         self._local = threading.local()
         self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
@@ -183,29 +188,39 @@ class KVStore:
         except (*DB_ERRORS, CacheCorruptionError):
             return False
 
-    def discard(self, key: str, error: Exception, filename: object = None) -> None:
+    def discard(self, key: str, error: Exception, filename: object = None) -> bool:
         """Count `error` (a CacheCorruptionError or IncompatibleCacheError) against `key` and delete its entry, so
-        the recomputed chunk can be stored again. With `filename`, only an entry still naming that file goes (a
-        concurrent writer may have replaced it)."""
+        the recomputed chunk can be stored again; True when it did. With `filename`, only an entry still naming that
+        file goes. An entry that no longer does was evicted, deleted or replaced since it was looked up: the failure
+        was a read racing that (its file is gone on purpose), counted as a miss, not as damage; False."""
         kind = refusal_counter(error)
-        logger.warning("dropping %s KV store entry %s: %s", kind, key, error)
-        self._count(**{kind: 1})
         try:
             con = self._con()
             con.execute("BEGIN IMMEDIATE")
             try:
                 row = con.execute("SELECT rowid, filename FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
-                if row is not None and (filename is None or row[1] == filename):
+                ours = row is not None and (filename is None or row[1] == filename)
+                if ours:
                     con.execute("DELETE FROM Cache WHERE rowid = ?", (row[0],))
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                with contextlib.suppress(*DB_ERRORS):
+                    con.execute("ROLLBACK")
                 raise
-        except DB_ERRORS as error:
-            logger.warning("could not delete KV store entry %s (%s); the next read retries", key, error)
-            return
-        if row is not None and row[1] is not None and (filename is None or row[1] == filename):
+        except DB_ERRORS as db_error:
+            logger.warning("%s KV store entry %s (%s); could not delete it (%s), the next read retries", kind, key,
+                           error, db_error)
+            self._count(**{kind: 1})
+            return True
+        if not ours:
+            logger.debug("KV store entry %s went while it was read (%s): a miss", key, error)
+            self._count(misses=1)
+            return False
+        logger.warning("dropping %s KV store entry %s: %s", kind, key, error)
+        self._count(**{kind: 1})
+        if row[1] is not None:
             self._files.remove(row[1])
+        return True
 
     # ---- writes ------------------------------------------------------------------------------------------------
 
@@ -232,6 +247,19 @@ class KVStore:
             return self._skip("not storable", error)
         if encoded.size > self.config.max_entry_bytes:
             return self._skip(f"{encoded.size} bytes over max_entry_bytes={self.config.max_entry_bytes}", None)
+        self._flush_touches(wait=True)  # eviction below goes by access times
+        try:
+            # One writer at a time makes room for its entry, then writes it: the directory never holds more than
+            # the limit because entries were being written at once (each of which fit only on its own).
+            with self._write_lock.hold(store_db.SQLITE_TIMEOUT_S):
+                return self._write(key, encoded)
+        except TimeoutError as error:
+            return self._skip("other writers held the store", error, timeouts=1)
+
+    def _write(self, key: str, encoded: codec.Encoded) -> bool:
+        """Under the write lock: evict until `encoded` fits, write its value file, commit its row."""
+        if not self._cull(reserve=encoded.size):
+            return self._skip(f"no room for {encoded.size} bytes under size_limit_bytes", None)
         try:
             name, fd = self._files.create()
         except OSError as error:
@@ -241,6 +269,7 @@ class KVStore:
             added = self._cache.add(key, Written(name, encoded.size))
         except DB_ERRORS as error:
             self._files.remove(name)
+            self._end_transaction()
             return self._skip("database busy or failing", error, timeouts=1)
         except OSError as error:
             self._files.remove(name)
@@ -249,9 +278,17 @@ class KVStore:
             os.close(fd)  # after the commit: releases the lock that keeps orphan reclamation off the file
         if added:
             self._count(bytes_written=encoded.size)
-            self._flush_touches(wait=True)
-            self._cull()
+            self._cull()  # the database itself may have grown
         return True
+
+    def _end_transaction(self) -> None:
+        """diskcache leaves its transaction open when COMMIT fails (busy): roll it back, or this thread's
+        connection would hold the write lock and refuse every later BEGIN."""
+        con = self._cache._con
+        if con.in_transaction:
+            with contextlib.suppress(*DB_ERRORS):
+                con.execute("ROLLBACK")
+            self._cache._txn_id = None
 
     def delete(self, key: str) -> bool:
         """Remove `key`'s entry; True when there was one."""
@@ -261,11 +298,34 @@ class KVStore:
             return False
 
     def clear(self) -> int:
-        """Delete every entry and every orphaned value file; returns how many entries there were."""
-        try:
-            removed = self._cache.clear()
-        except DB_ERRORS as error:
-            raise self._db_failure("clear", error) from None
+        """Delete every entry and every orphaned value file; returns how many entries there were. Safe while
+        others read and write: rows go in short transactions (their files after each commit), and a transaction
+        that finds the database busy is retried for up to `_CLEAR_WAIT_S` seconds in all."""
+        removed = 0
+        deadline = time.monotonic() + _CLEAR_WAIT_S
+        con = self._con()
+        select = "SELECT rowid, filename FROM Cache ORDER BY rowid LIMIT ?"
+        while True:
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    rows = con.execute(select, (_CLEAR_BATCH,)).fetchall()
+                    con.executemany("DELETE FROM Cache WHERE rowid = ?", [(rowid,) for rowid, _ in rows])
+                    con.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(*DB_ERRORS):
+                        con.execute("ROLLBACK")
+                    raise
+            except DB_ERRORS as error:
+                if time.monotonic() > deadline:
+                    raise self._db_failure("clear", error) from None
+                continue
+            if not rows:
+                break
+            removed += len(rows)
+            for _, filename in rows:
+                if filename is not None:
+                    self._files.remove(filename)
         self.reclaim_orphans()
         return removed
 
@@ -282,7 +342,6 @@ class KVStore:
         except DB_ERRORS as error:
             raise self._db_failure("verify", error) from None
         for key, row in rows:
-            counts["checked"] += 1
             filename, fd = row.filename, -1
             try:
                 filename = row.check()
@@ -300,11 +359,13 @@ class KVStore:
             except (CacheCorruptionError, OSError) as error:
                 if isinstance(error, OSError):
                     error = CacheCorruptionError(f"value file cannot be read: {error.strerror}.")
-                self.discard(key, error, filename)
+                if not self.discard(key, error, filename):
+                    continue  # evicted or deleted during the scan: neither checked nor damaged
                 counts["removed"] += 1
             finally:
                 if fd >= 0:
                     os.close(fd)
+        counts["checked"] = counts["ok"] + counts["removed"] + counts["other_version"] + counts["unverifiable"]
         return VerifyReport(**counts, orphans=self.reclaim_orphans())
 
     def reclaim_orphans(self) -> int:
@@ -355,6 +416,7 @@ class KVStore:
             connections, self._connections = self._connections, []
         for _, con in connections:
             con.close()
+        self._write_lock.close()
         self._files.close()
 
     def __enter__(self) -> KVStore:
@@ -454,8 +516,10 @@ class KVStore:
         self._count(skipped=1, **counts)
         return False
 
-    def _cull(self) -> None:
-        """Evict entries one at a time, in policy order, until the volume is within the size limit.
+    def _cull(self, reserve: int = 0) -> bool:
+        """Evict entries one at a time, in policy order, until the volume plus `reserve` bytes is within the size
+        limit; False when nothing is left to evict and it still is not. A failing database stops eviction early
+        (True: the put goes ahead, and eviction resumes after the next one).
 
         diskcache's `cull()` deletes ten rows per step: with entries of 0.1-1 GiB that discards far more than the
         overflow, often the entry just stored. One short transaction per entry; the file goes after the commit.
@@ -463,8 +527,9 @@ class KVStore:
         select = EVICTION_POLICY[self.config.eviction_policy]["cull"].format(fields="rowid, filename")
         evicted = 0
         con = self._con()
+        fits = False
         try:
-            while self.volume() > self.config.size_limit_bytes:
+            while not (fits := self.volume() + reserve <= self.config.size_limit_bytes):
                 con.execute("BEGIN IMMEDIATE")
                 row = con.execute(select, (1,)).fetchone()
                 if row is not None:
@@ -479,7 +544,9 @@ class KVStore:
             with contextlib.suppress(sqlite3.Error):
                 con.execute("ROLLBACK")
             logger.warning("KV store eviction stopped early (%s); it resumes after the next put", error)
+            fits = True
         self._count(evicted=evicted)
+        return fits
 
 
 def kv_storage(store: StoreConfig | KVTier | None) -> str:

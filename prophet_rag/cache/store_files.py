@@ -7,7 +7,9 @@ files are opened O_NONBLOCK, so a FIFO or device in place of one can neither blo
 regular-file check on the open descriptor. New folders are 0700 and new files 0600.
 
 A writer holds an exclusive flock on its value file until the row naming it is committed, so orphan reclamation
-(value files no row names, left by a crashed writer) never takes a file that is still being written.
+(value files no row names, left by a crashed writer) never takes a file that is still being written. Writers take
+turns (`WriteLock`, an flock on `write.lock`): each makes room for its entry before writing it, so the directory never
+holds more than its size limit because several entries were being written at once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,6 +37,8 @@ VALUE_NAME = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val\Z")
 _HEX2 = re.compile(r"[0-9a-f]{2}\Z")
 DB_FILES = ("cache.db", "cache.db-journal", "cache.db-wal", "cache.db-shm")
 """SQLite's database and the companions it may create next to it."""
+LOCK_FILE = "write.lock"
+"""Empty; writers of every process take turns by an flock on it (`WriteLock`)."""
 ORPHAN_GRACE_S = 10.0
 """A value file modified this recently may belong to a writer that has not locked it yet; reclamation skips it."""
 PIECE_BYTES = 2**20
@@ -281,6 +286,53 @@ class ValueFiles:
                 os.fchmod(fd, 0o600)
             finally:
                 os.close(fd)
+
+
+class WriteLock:
+    """Writers' turns at a store directory, among the threads of this process (a lock) and among every open store
+    of the directory, in this process or another (an exclusive flock on `LOCK_FILE`, through a descriptor of this
+    instance's own). `hold(timeout)` waits at most `timeout` seconds, then raises TimeoutError."""
+
+    def __init__(self, files: ValueFiles) -> None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            self._fd = os.open(LOCK_FILE, flags, 0o600, dir_fd=files._root)
+        except OSError as error:
+            raise StoreError(f"cannot open {files.directory / LOCK_FILE}: {error.strerror}; delete it if it is not a "
+                             "regular file (the store only holds caches).") from None
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            os.close(self._fd)
+            raise StoreError(f"{files.directory / LOCK_FILE} is not a regular file; delete it (the store only holds "
+                             "caches).")
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, timeout: float) -> Iterator[None]:
+        deadline = time.monotonic() + timeout
+        if not self._lock.acquire(timeout=timeout):
+            raise TimeoutError(f"another writer of this process held the store for {timeout} s")
+        try:
+            pause = 0.0005
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"another process held the store for {timeout} s") from None
+                    time.sleep(pause)
+                    pause = min(2 * pause, 0.01)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class Staging:
