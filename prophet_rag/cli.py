@@ -106,6 +106,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
                   f"orphaned value files reclaimed on open: {stats.orphans_reclaimed}")
         elif args.action == "verify":
             report = store.verify()
+            if report.index_repaired:
+                print("the store's index (cache.db) was damaged: repaired or rebuilt from the value files")
             print(f"checked {report.checked}: {report.ok} ok, {report.removed} damaged or inconsistent entries "
                   f"removed, {report.other_version} of another format version and {report.unverifiable} "
                   f"authenticated with a key this store lacks kept; {report.orphans} orphaned value files removed")

@@ -66,8 +66,10 @@ class StoreStats:
     """Counters since the store was opened (this process), plus the directory's current size.
 
     Every `get` counts exactly one of hits, misses, corrupt, incompatible, unauthenticated and timeouts (an `open`
-    whose entry is read to the end, or fails, counts the same way). `skipped` counts puts that stored nothing (too
-    large, not finite, lock timeout, disk full); those that timed out also count in `timeouts`.
+    whose entry is read to the end, or fails, counts the same way; a read racing eviction is a miss). `skipped`
+    counts puts that stored nothing (too large, not finite, lock timeout, disk full, a read-only store); those that
+    timed out also count in `timeouts`. `repairs` counts damaged indexes (cache.db) rebuilt. `read_only` says
+    the store writes nothing (it could not write its directory when it was opened: see `KVStore.read_only`).
     """
 
     hits: int
@@ -81,8 +83,10 @@ class StoreStats:
     orphans_reclaimed: int
     bytes_read: int
     bytes_written: int
+    repairs: int
     entries: int
     volume_bytes: int
+    read_only: bool
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ class VerifyReport:
     """`checked` entries: `ok` intact, `removed` damaged or inconsistent and deleted; kept without being checked:
     `other_version` (another format version: another prophet-rag may share the directory; eviction reclaims them)
     and `unverifiable` (authenticated with a key this store does not have). `orphans` value files no entry named
-    were deleted."""
+    were deleted. `index_repaired`: cache.db failed SQLite's integrity check and was repaired or rebuilt first."""
 
     checked: int
     ok: int
@@ -98,9 +102,10 @@ class VerifyReport:
     other_version: int
     unverifiable: int
     orphans: int
+    index_repaired: bool = False
 
 
-_COUNTERS = tuple(f.name for f in fields(StoreStats) if f.name not in ("entries", "volume_bytes"))
+_COUNTERS = tuple(f.name for f in fields(StoreStats) if f.name not in ("entries", "volume_bytes", "read_only"))
 class KVStore:
     """Chunk KV caches on disk, keyed by `keys.chunk_key`, bounded by `StoreConfig.size_limit_bytes`.
 
@@ -112,25 +117,63 @@ class KVStore:
 
     def __init__(self, config: StoreConfig, *, create: bool = True) -> None:
         self.config = config
-        self._directory = store_files.prepare_directory(Path(config.directory), create)
+        self._directory, unwritable = store_files.prepare_directory(Path(config.directory), create)
         self._sealer = Sealer(codec.load_key(config))
+        self._local = threading.local()
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._lock = threading.Lock()
+        self._repair_lock = threading.Lock()
+        self._generation = 0
+        """Bumped when cache.db is rebuilt: connections made before then are to the old file."""
+        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._touches: dict[str, int] = {}
+        self._touched_at = time.monotonic()
+        self._cache: diskcache.Cache | None = None
+        self._write_lock: store_files.WriteLock | None = None
+        self.read_only: str | None = None
+        """Why this store writes nothing (a full disk, a read-only folder), or None."""
+        self._indexed = True
+        """False for a read-only store without a readable cache.db: every lookup misses."""
+        self._files: ValueFiles | None = ValueFiles(self._directory) if self._directory.is_dir() else None
+        self._reader = EntryReader(self._files, self._sealer, config.max_entry_bytes)
+        if unwritable is None:
+            unwritable = self._open_database()
+        if unwritable is not None:
+            self._run_read_only(unwritable)
+            return
+        self.reclaim_orphans()
+
+    def _open_database(self) -> str | None:
+        """Open cache.db for writing (rebuilding a damaged one); returns why it cannot be written, or None."""
         try:
-            self._cache = store_db.open_cache(self._directory, config)
+            try:
+                self._cache = store_db.open_cache(self._directory, self.config)
+            except sqlite3.DatabaseError as error:
+                if not store_db.damaged(error):
+                    raise
+                self._rebuild(str(error))
+            self._write_lock = store_files.WriteLock(self._files)
         except (OSError, sqlite3.Error, diskcache.Timeout) as error:
+            if store_db.cannot_write(error):
+                return f"cannot write the KV store database in {self._directory}: {error}"
             raise StoreError(
                 f"cannot open the KV store database in {self._directory}: {error}. If another process holds it, "
                 "retry; if it is damaged, delete the folder (it only holds caches) or choose another directory."
             ) from None
-        self._files: ValueFiles = self._cache.disk.files
-        self._write_lock = store_files.WriteLock(self._files)
-        self._reader = EntryReader(self._files, self._sealer, config.max_entry_bytes)
-        self._local = threading.local()
-        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
-        self._lock = threading.Lock()
-        self._counts = dict.fromkeys(_COUNTERS, 0)
-        self._touches: dict[str, int] = {}
-        self._touched_at = time.monotonic()
-        self.reclaim_orphans()
+        return None
+
+    def _run_read_only(self, reason: str) -> None:
+        """From now on nothing is written: entries are read if cache.db can be, puts are skipped (counted)."""
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+        self.read_only = reason
+        try:
+            self._indexed = self._files is not None and store_db.has_index(self._con())
+        except sqlite3.Error:  # no cache.db, or one that cannot be read: a store without entries
+            self._indexed = False
+        logger.warning("%s; the KV store runs read-only: stored chunks are still read, new ones are recomputed "
+                       "and not stored (reopen the store once it can be written)", reason)
 
     @property
     def directory(self) -> Path:
@@ -194,6 +237,10 @@ class KVStore:
         file goes. An entry that no longer does was evicted, deleted or replaced since it was looked up: the failure
         was a read racing that (its file is gone on purpose), counted as a miss, not as damage; False."""
         kind = refusal_counter(error)
+        if self.read_only is not None:
+            logger.warning("%s KV store entry %s (%s); kept: the store is read-only", kind, key, error)
+            self._count(**{kind: 1})
+            return True
         try:
             con = self._con()
             con.execute("BEGIN IMMEDIATE")
@@ -230,6 +277,9 @@ class KVStore:
         key = ref.key
         if chunk_key(meta.model_fp, meta.tokenizer_fp, meta.kv_spec, chunk.token_ids, ref.sink_ids) != key:
             raise InvalidRequestError(f"ref.key {key} is not the key of this chunk under this EntryMeta.")
+        if self.read_only is not None:
+            self._count(skipped=1)  # warned once, when the store was opened
+            return False
         try:
             row = self._row(key)
             if row is not None:
@@ -292,6 +342,8 @@ class KVStore:
 
     def delete(self, key: str) -> bool:
         """Remove `key`'s entry; True when there was one."""
+        if self._cache is None:
+            return False
         try:
             return bool(self._cache.delete(key))
         except DB_ERRORS:
@@ -301,6 +353,7 @@ class KVStore:
         """Delete every entry and every orphaned value file; returns how many entries there were. Safe while
         others read and write: rows go in short transactions (their files after each commit), and a transaction
         that finds the database busy is retried for up to `_CLEAR_WAIT_S` seconds in all."""
+        self._check_writable("clear")
         removed = 0
         deadline = time.monotonic() + _CLEAR_WAIT_S
         con = self._con()
@@ -335,9 +388,14 @@ class KVStore:
         """Check every entry as `get` would, against its own row key: header tag, fields, sizes, every layer's tag
         and finiteness; delete the damaged or inconsistent ones, then reclaim orphaned value files. Reads the whole
         directory without touching access times (a scan must not reorder eviction)."""
+        self._check_writable("verify")
         counts = dict.fromkeys(("checked", "ok", "removed", "other_version", "unverifiable"), 0)
         staging = Staging(pinned=False)
         try:
+            # A damaged page of an index leaves the table scan below intact while every lookup by key fails.
+            problem = store_db.integrity(self._directory)
+            if problem is not None:
+                self._repair(problem, self._generation)
             rows = list(self._rows())
         except DB_ERRORS as error:
             raise self._db_failure("verify", error) from None
@@ -366,11 +424,13 @@ class KVStore:
                 if fd >= 0:
                     os.close(fd)
         counts["checked"] = counts["ok"] + counts["removed"] + counts["other_version"] + counts["unverifiable"]
-        return VerifyReport(**counts, orphans=self.reclaim_orphans())
+        return VerifyReport(**counts, orphans=self.reclaim_orphans(), index_repaired=problem is not None)
 
     def reclaim_orphans(self) -> int:
         """Delete value files that no row names (left by writers killed between writing a file and committing its
         row); returns how many. Files still being written are skipped."""
+        if self.read_only is not None:
+            return 0
         try:
             named = {name for (name,) in self._con().execute("SELECT filename FROM Cache WHERE filename IS NOT NULL")}
 
@@ -389,7 +449,8 @@ class KVStore:
     def stats(self) -> StoreStats:
         with self._lock:
             counts = dict(self._counts)
-        return StoreStats(**counts, entries=len(self), volume_bytes=self.volume())
+        return StoreStats(**counts, entries=len(self), volume_bytes=self.volume(),
+                          read_only=self.read_only is not None)
 
     def volume(self) -> int:
         """Bytes on disk: the entries' value files (as their rows record them) plus the database and its journal."""
@@ -411,13 +472,16 @@ class KVStore:
 
     def close(self) -> None:
         self._flush_touches(wait=True)
-        self._cache.close()
+        if self._cache is not None:
+            self._cache.close()
         with self._lock:
             connections, self._connections = self._connections, []
         for _, con in connections:
             con.close()
-        self._write_lock.close()
-        self._files.close()
+        if self._write_lock is not None:
+            self._write_lock.close()
+        if self._files is not None:
+            self._files.close()
 
     def __enter__(self) -> KVStore:
         return self
@@ -428,13 +492,18 @@ class KVStore:
     # ---- internals ---------------------------------------------------------------------------------------------
 
     def _con(self) -> sqlite3.Connection:
-        """This thread's own connection to cache.db (reconnected after a fork). Connections of threads that have
-        ended are closed when a new one is made: a server starting a thread per request would pile them up."""
+        """This thread's own connection to cache.db (reconnected after a fork or a rebuild; read-only in a
+        read-only store). Connections of threads that have ended are closed when a new one is made: a server
+        starting a thread per request would pile them up."""
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
-            local.con, local.pid = None, os.getpid()
+            local.con, local.pid, local.generation = None, os.getpid(), self._generation
+        if local.generation != self._generation:
+            if local.con is not None:
+                local.con.close()  # this thread's own, to the database a repair replaced
+            local.con, local.generation = None, self._generation
         if local.con is None:
-            local.con = store_db.connect(self._directory)
+            local.con = store_db.connect(self._directory, read_only=self.read_only is not None)
             with self._lock:
                 ended = [con for thread, con in self._connections if not thread.is_alive()]
                 self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
@@ -444,8 +513,60 @@ class KVStore:
         return local.con
 
     def _row(self, key: str) -> Row | None:
-        row = self._con().execute("SELECT filename, size, mode FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
+        """`key`'s row; a damaged index is repaired (`_repair`) and the lookup made again. Nothing in a store that
+        has no index (read-only, never written)."""
+        if self.read_only is not None and not self._indexed:
+            return None
+        select = "SELECT filename, size, mode FROM Cache WHERE key = ? AND raw = 1"
+        generation = self._generation
+        try:
+            row = self._con().execute(select, (key,)).fetchone()
+        except sqlite3.DatabaseError as error:
+            if not store_db.damaged(error) or self.read_only is not None:
+                raise
+            self._repair(str(error), generation)
+            row = self._con().execute(select, (key,)).fetchone()
         return None if row is None else Row(*row)
+
+    def _repair(self, problem: str, generation: int) -> None:
+        """cache.db is damaged (`problem`): rebuild its indexes from the table, or when the table is damaged too,
+        start a new database and index the value files again. Once, whichever thread finds it first: `generation`
+        is the one the caller's failure happened under."""
+        with self._repair_lock:
+            if self._generation != generation:
+                return  # repaired meanwhile
+            logger.warning("the KV store index %s is damaged (%s); repairing it", self._directory / "cache.db",
+                           problem)
+            if store_db.reindex(self._directory):
+                self._generation += 1
+                self._count(repairs=1)
+                return
+            assert self._write_lock is not None, "a writable store holds its write lock"
+            with self._write_lock.hold(store_db.SQLITE_TIMEOUT_S):
+                self._rebuild(problem)
+
+    def _rebuild(self, problem: str) -> None:
+        """Replace a damaged cache.db by a new one indexing every value file whose header checks (the key is the
+        hash of the header's own fields); the others are orphans, reclaimed. Entries stay checked on every read,
+        so an index rebuilt from the files cannot make a read return another chunk."""
+        logger.warning("rebuilding the KV store index in %s from its value files (%s)", self._directory, problem)
+        if self._cache is not None:
+            self._cache.close()
+        store_db.remove_database(self._directory)
+        self._cache = store_db.open_cache(self._directory, self.config)
+        self._generation += 1
+        indexed = 0
+        for name in list(self._files.names()) if self._files is not None else []:
+            try:
+                fd, size = self._files.open(name)
+                os.close(fd)
+                fd, header = self._reader.open_file(name, size)
+                os.close(fd)
+            except (CacheCorruptionError, IncompatibleCacheError, KeepEntry, OSError):
+                continue
+            indexed += bool(self._cache.add(header.key(), Written(name, size)))
+        logger.warning("KV store index rebuilt: %d entries", indexed)
+        self._count(repairs=1)
 
     def _rows(self) -> Iterator[tuple[str, Row]]:
         """Every row with a str key (a snapshot); rows with pickled keys are not entries and eviction reclaims them."""
@@ -476,7 +597,7 @@ class KVStore:
         with self._lock:
             touches, self._touches = self._touches, {}
             self._touched_at = time.monotonic()
-        if not touches:
+        if not touches or self.read_only is not None:
             return
         now = time.time()
         if self.config.eviction_policy == "least-recently-used":
@@ -504,6 +625,10 @@ class KVStore:
         with self._lock:
             for name, delta in deltas.items():
                 self._counts[name] += delta
+
+    def _check_writable(self, action: str) -> None:
+        if self.read_only is not None:
+            raise StoreError(f"cannot {action} the KV store: {self.read_only}")
 
     def _db_failure(self, action: str, error: Exception) -> StoreError:
         return StoreError(

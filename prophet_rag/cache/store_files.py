@@ -57,11 +57,16 @@ def _kind(mode: int) -> str:
     return "regular file"
 
 
-def prepare_directory(directory: Path, create: bool) -> Path:
-    """Create `directory` (0700) or check an existing one: a writable folder others cannot write.
+_UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def prepare_directory(directory: Path, create: bool) -> tuple[Path, str | None]:
+    """Create `directory` (0700) or check an existing one, a folder others cannot write; returns it and why this
+    user cannot write it (None when it can: the store then runs read-only).
 
     A folder that other users can read (an existing 0755 one, say) is accepted with a warning: the store's own
-    files and folders are private, so others only see how many entries there are.
+    files and folders are private, so others only see how many entries there are. A folder that cannot be created
+    for want of space or permission is no store at all: every lookup misses.
     """
     hint = "Pass StoreConfig(directory=...) (or --store) pointing to a writable folder, or set PROPHET_RAG_HOME."
     if not create and not directory.is_dir():
@@ -70,9 +75,9 @@ def prepare_directory(directory: Path, create: bool) -> Path:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = directory.stat()
     except OSError as error:
+        if error.errno in _UNWRITABLE and not directory.exists():
+            return directory, f"cannot create the KV store directory {directory}: {error.strerror}. {hint}"
         raise StoreError(f"cannot create the KV store directory {directory}: {error.strerror}. {hint}") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise StoreError(f"the KV store directory {directory} is not writable by this user. {hint}")
     mode = stat.S_IMODE(info.st_mode)
     foreign = info.st_uid != os.geteuid()
     if mode & stat.S_IWOTH or (mode & stat.S_IWGRP and foreign):
@@ -86,7 +91,9 @@ def prepare_directory(directory: Path, create: bool) -> Path:
             "the KV store directory %s has mode %#o: other users can list it (its files stay private, 0600). "
             "Run `chmod 700 %s` to hide it.", directory, mode, directory,
         )
-    return directory
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return directory, f"the KV store directory {directory} is not writable by this user. {hint}"
+    return directory, None
 
 
 def prepare_db_files(directory: Path) -> None:
