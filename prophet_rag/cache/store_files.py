@@ -295,10 +295,14 @@ class ValueFiles:
                 os.close(fd)
 
 
+_THREAD_LOCKS: dict[tuple[int, int], threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
 class WriteLock:
-    """Writers' turns at a store directory, among the threads of this process (a lock) and among every open store
-    of the directory, in this process or another (an exclusive flock on `LOCK_FILE`, through a descriptor of this
-    instance's own). `hold(timeout)` waits at most `timeout` seconds, then raises TimeoutError."""
+    """Writers' turns at a store directory: among this process's threads, whichever store instance they write
+    through, a lock per directory (so they wait in line rather than poll), and among processes an exclusive flock
+    on `LOCK_FILE`. `hold(timeout)` waits at most `timeout` seconds, then raises TimeoutError."""
 
     def __init__(self, files: ValueFiles) -> None:
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -311,7 +315,9 @@ class WriteLock:
             os.close(self._fd)
             raise StoreError(f"{files.directory / LOCK_FILE} is not a regular file; delete it (the store only holds "
                              "caches).")
-        self._lock = threading.Lock()
+        info = os.fstat(files._root)
+        with _THREAD_LOCKS_GUARD:
+            self._lock = _THREAD_LOCKS.setdefault((info.st_dev, info.st_ino), threading.Lock())
 
     @contextlib.contextmanager
     def hold(self, timeout: float) -> Iterator[None]:
