@@ -60,6 +60,7 @@ _CLEAR_WAIT_S = 60.0
 """`clear` deletes rows in short transactions, each waiting its turn at the database; busy turns are retried for this
 long in all before it gives up (writers keep the database busy, but never for long)."""
 _CLEAR_BATCH = 100
+"""Rows `clear` deletes per transaction: each holds the write lock only briefly."""
 
 @dataclass(frozen=True)
 class StoreStats:
@@ -168,6 +169,7 @@ class KVStore:
             self._cache.close()
             self._cache = None
         self.read_only = reason
+        self._generation += 1  # connections from now on are read-only ones
         try:
             self._indexed = self._files is not None and store_db.has_index(self._con())
         except sqlite3.Error:  # no cache.db, or one that cannot be read: a store without entries
@@ -542,8 +544,13 @@ class KVStore:
                 self._count(repairs=1)
                 return
             assert self._write_lock is not None, "a writable store holds its write lock"
-            with self._write_lock.hold(store_db.SQLITE_TIMEOUT_S):
-                self._rebuild(problem)
+            try:
+                with self._write_lock.hold(store_db.SQLITE_TIMEOUT_S):
+                    self._rebuild(problem)
+            except TimeoutError as error:
+                logger.warning("KV store index rebuild postponed (%s); the next failing lookup retries", error)
+            except (OSError, sqlite3.Error, diskcache.Timeout) as error:
+                self._run_read_only(f"cannot rebuild the KV store index in {self._directory}: {error}")
 
     def _rebuild(self, problem: str) -> None:
         """Replace a damaged cache.db by a new one indexing every value file whose header checks (the key is the
