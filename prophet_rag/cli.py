@@ -104,6 +104,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
             stats = store.stats()
             print(f"store: {store.directory}\nentries: {stats.entries}\nbytes: {stats.volume_bytes}\n"
                   f"orphaned value files reclaimed on open: {stats.orphans_reclaimed}")
+            if store.read_only is not None:
+                print(f"read-only: {store.read_only}")
         elif args.action == "verify":
             report = store.verify()
             if report.index_repaired:

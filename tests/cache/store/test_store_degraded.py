@@ -17,6 +17,7 @@ import pytest
 from kvstore_helpers import WIDE, assert_same_chunk, make_chunk, value_files
 from prophet_rag.cache import store_files
 from prophet_rag.cache.store import KVStore
+from prophet_rag.cli import main
 from prophet_rag.config import GenerationConfig, StoreConfig
 from prophet_rag.engine import ProphetEngine
 from prophet_rag.errors import StoreError
@@ -192,6 +193,14 @@ def test_verify_repairs_a_zeroed_index_page_and_lookups_work_after_it(store_dir)
         for ref, chunk in chunks:
             assert_same_chunk(store.get(ref, WIDE), chunk)
         assert store.stats().timeouts == 0
+
+
+def test_cache_verify_says_it_repaired_the_index(store_dir, capsys):
+    chunks = _filled(store_dir)
+    _zero_page(store_dir, "Cache_key_raw")
+    assert main(["cache", "verify", "--store", str(store_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "index (cache.db) was damaged" in out and f"{len(chunks)} ok" in out
 
 
 def test_verify_of_a_sound_store_repairs_nothing(store_dir):
