@@ -310,6 +310,9 @@ class KVStore:
 
     def _write(self, key: str, encoded: codec.Encoded) -> bool:
         """Under the write lock: evict until `encoded` fits, write its value file, commit its row."""
+        if self.read_only is not None:  # a failed repair made it read-only while this put waited for the lock
+            self._count(skipped=1)
+            return False
         if not self._cull(reserve=encoded.size):
             return self._skip(f"no room for {encoded.size} bytes under size_limit_bytes", None)
         try:
@@ -546,11 +549,13 @@ class KVStore:
             assert self._write_lock is not None, "a writable store holds its write lock"
             try:
                 with self._write_lock.hold(store_db.SQLITE_TIMEOUT_S):
-                    self._rebuild(problem)
+                    try:
+                        self._rebuild(problem)
+                    except (OSError, sqlite3.Error, diskcache.Timeout) as error:
+                        # Under the write lock: no put is between its check of read_only and its write.
+                        self._run_read_only(f"cannot rebuild the KV store index in {self._directory}: {error}")
             except TimeoutError as error:
                 logger.warning("KV store index rebuild postponed (%s); the next failing lookup retries", error)
-            except (OSError, sqlite3.Error, diskcache.Timeout) as error:
-                self._run_read_only(f"cannot rebuild the KV store index in {self._directory}: {error}")
 
     def _rebuild(self, problem: str) -> None:
         """Replace a damaged cache.db by a new one indexing every value file whose header checks (the key is the

@@ -5,6 +5,7 @@ files, never left failing every lookup, and never passed by `verify`."""
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import os
 import resource
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvstore_helpers import WIDE, assert_same_chunk, make_chunk, value_files
-from prophet_rag.cache import store_files
+from prophet_rag.cache import store_db, store_files
 from prophet_rag.cache.store import KVStore
 from prophet_rag.cli import main
 from prophet_rag.config import GenerationConfig, StoreConfig
@@ -208,3 +209,24 @@ def test_verify_of_a_sound_store_repairs_nothing(store_dir):
     with KVStore(_config(store_dir)) as store:
         report = store.verify()
     assert not report.index_repaired and report.ok == 2
+
+
+def test_a_table_damaged_while_the_store_runs_is_rebuilt(store_dir):
+    chunks = _filled(store_dir)
+    with KVStore(_config(store_dir)) as store:
+        _zero_page(store_dir, "Cache")
+        store._repair("found by a lookup", store._generation)  # what a lookup that met the damage calls
+        for ref, chunk in chunks:
+            assert_same_chunk(store.get(ref, WIDE), chunk)
+        assert store.stats().repairs == 1 and store.read_only is None
+
+
+def test_a_rebuild_that_cannot_write_leaves_the_store_read_only(store_dir, monkeypatch):
+    chunks = _filled(store_dir)
+    with KVStore(_config(store_dir)) as store:
+        _zero_page(store_dir, "Cache")
+        monkeypatch.setattr(store_db, "open_cache", lambda *args: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+        store._repair("found by a lookup", store._generation)
+        assert store.read_only is not None and "cannot rebuild" in store.read_only
+        assert store.get(chunks[0][0], WIDE) is None  # a miss, never an error
+        assert store.put(*make_chunk(80, WIDE, seed=50), WIDE) is False
