@@ -253,9 +253,11 @@ class RedisTier:
         timeout = config.remote_timeout_s
         # No retries: one attempt per operation, so a request waits at most one timeout per operation and the
         # breaker sees every failure. from_url connects lazily: a server that is down does not stop the engine.
+        # lib_name/lib_version None: no CLIENT SETINFO, two round trips fewer per new connection (each one paid
+        # in full on a slow server, before any budget check can stop it).
         options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=no_retry,
                        health_check_interval=0, client_name="prophet-rag", password=password,
-                       socket_read_size=_READ_SIZE)
+                       socket_read_size=_READ_SIZE, lib_name=None, lib_version=None)
         if config.remote_username is not None:
             options["username"] = config.remote_username
         if config.remote_url.startswith("rediss://"):
