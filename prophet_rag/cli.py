@@ -111,8 +111,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
             stats = store.stats()
             print(f"store: {store.directory}\nentries: {stats.entries}\nbytes: {stats.volume_bytes}\n"
                   f"orphaned value files reclaimed on open: {stats.orphans_reclaimed}")
+            if store.read_only is not None:
+                print(f"read-only: {store.read_only}")
         elif args.action == "verify":
             report = store.verify()
+            if report.index_repaired:
+                print("the store's index (cache.db) was damaged: repaired or rebuilt from the value files")
             print(f"checked {report.checked}: {report.ok} ok, {report.removed} damaged or inconsistent entries "
                   f"removed, {report.other_version} of another format version and {report.unverifiable} "
                   f"authenticated with a key this store lacks kept; {report.orphans} orphaned value files removed")
