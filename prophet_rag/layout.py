@@ -4,6 +4,8 @@ A request is chat messages rendered by the tokenizer's own chat template, with t
 marked `DOCUMENTS` in one message: everything before that place is the prefix, everything after it the suffix.
 `PromptBuilder.layout(chunks, query)` builds the default RAG messages (system prompt, instruction, documents,
 question); `PromptBuilder.chat_layout(messages, documents)` takes a framework's own.
+A conversation's history may hold documents an earlier turn placed (`PlacedDocuments`), tokenized as that turn's
+chunks were, so the history's ids are the ids that turn's KV was computed for (the engine's prefix cache).
 
 Untrusted text never becomes template structure. The template is rendered around placeholders, and only the
 template's own text is tokenized with special tokens recognised; message contents, documents and queries are
