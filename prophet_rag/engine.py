@@ -5,6 +5,8 @@ chunk cache, computing what no tier holds (cache/chunk_cache.py); let the select
 stitch their blocks behind the exact prefix, re-rotated to their global positions (compute/stitched.py); let the
 method pick the context tokens to recompute (selection/); recompute them with the suffix (stitched.forward_rows);
 decode (compute/generate.py). A method that reuses no cached KV (`full`) is plain full prefill over the same ids.
+With a prefix cache (cache/prefix_cache.py), a finished request's KV is kept, and a later request starting with
+the same tokens (the next turn of a conversation) copies it in and computes only what follows.
 
 One engine serves many threads: requests are laid out, checked and detokenized concurrently, and their model
 computation (each prefill, each decode step, each chunk ingested) runs one at a time under the engine's compute lock
