@@ -441,6 +441,7 @@ class ProphetEngine:
         if past:
             prefix = prefill_full(self.adapter, layout.prefix_ids, int(layout.prefix_ids.numel()),
                                   int(layout.prefix_ids.numel()), self.kv_dtype, past)[0].kv
+        t_prefix = time.perf_counter()  # the history's time counts as load: it stands in for the prefix's
         request = Selection(self.adapter, selection, layout.chunk_ids, layout.suffix_ids)
         first: list[tuple[StitchedCache, LoadStats, bool]] = []
 
@@ -485,8 +486,9 @@ class ProphetEngine:
         hidden, rows = forward_rows(self.adapter, cache, plan.rows, row_filter=plan.row_filter)
         t5 = time.perf_counter()
         selected = plan.selected if plan.selected is not None else rows[rows < cache.context_end]
-        return Prefill(cache, hidden, selected, cache.order, t2 - t1, (t1 - t0) + (t3 - t2), t4 - t3, t5 - t4,
-                       counted.hits, counted.misses, counted.cached_tokens(cache, selected) + reused, reused)
+        return Prefill(cache, hidden, selected, cache.order, (t2 - t1) + (t_prefix - t0), (t1 - t_prefix) + (t3 - t2),
+                       t4 - t3, t5 - t4, counted.hits, counted.misses, counted.cached_tokens(cache, selected) + reused,
+                       reused)
 
     def _history(self, layout: RequestLayout, reuses_cache: bool, full: bool) -> list[torch.Tensor]:
         """KV blocks of the longest stored prefix of the request's prompt (see `cache.prefix_cache`), leaving at
