@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--turns", type=int, default=10, choices=range(2, len(QUESTIONS) + 1))
-    parser.add_argument("--doc-tokens", type=int, default=600, help="document tokens each document turn brings")
+    parser.add_argument("--doc-tokens", type=int, default=720, help="document tokens each document turn brings")
     parser.add_argument("--answer-tokens", type=int, default=48, help="max new tokens of every answer")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
