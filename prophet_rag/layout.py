@@ -43,7 +43,6 @@ DOCUMENTS = _Documents()
 """Put this in a message's content list to mark where the documents go: `["Context:\\n", DOCUMENTS, "\\nQ: ..."]`."""
 
 
-
 @dataclass(frozen=True)
 class PlacedDocuments:
     """Documents that an earlier turn of a conversation placed with `DOCUMENTS`, in the order it laid them out
