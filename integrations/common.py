@@ -90,11 +90,13 @@ class Call:
         return "".join(self)
 
     @property
-    def usage(self) -> dict[str, int]:
-        """Token counts in the frameworks' common shape: the whole prompt in, the generated tokens out."""
+    def usage(self) -> dict[str, Any]:
+        """Token counts in the frameworks' common shape: the whole prompt in, the generated tokens out, and the
+        prompt tokens read from a cache (chunks from a tier, a conversation's earlier turns) as `cache_read`."""
         stats = self.answer.stats
         prompt = stats.prefix_tokens + stats.context_tokens + stats.suffix_tokens
-        return {"input_tokens": prompt, "output_tokens": stats.new_tokens, "total_tokens": prompt + stats.new_tokens}
+        return {"input_tokens": prompt, "output_tokens": stats.new_tokens, "total_tokens": prompt + stats.new_tokens,
+                "input_token_details": {"cache_read": stats.cached_tokens}}
 
     @property
     def finish_reason(self) -> str:

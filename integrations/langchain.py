@@ -27,7 +27,6 @@ request's statistics (`response_metadata["prophet_rag"]`, `generation_info`) com
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -36,6 +35,7 @@ from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.llms import BaseLLM
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.messages.ai import add_usage
 from langchain_core.outputs import (
     ChatGeneration,
     ChatGenerationChunk,
@@ -227,11 +227,11 @@ class ProphetLangChainLLM(_LangChainModel, BaseLLM):
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
         if "prophet_request" in kwargs and len(prompts) != 1:
             raise InvalidRequestError("prophet_request belongs to one prompt; pass one prompt with it.")
-        generations, usage = [], Counter()
+        generations, usage = [], None
         for prompt in prompts:
             call = self._open(prompt, stop, dict(kwargs), run_manager)
             generations.append([Generation(text=call.text(), generation_info=call.report())])
-            usage.update(call.usage)
+            usage = add_usage(usage, call.usage)
         return LLMResult(generations=generations, llm_output={"model_name": self.model_name,
                                                               "token_usage": dict(usage)})
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prophet_rag.config import GenerationConfig, PromptConfig, SelectionConfig, StoreConfig
+from prophet_rag.config import GenerationConfig, PrefixCacheConfig, PromptConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import (
     CacheCorruptionError,
     ContextWindowError,
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from prophet_rag.engine import AnswerStream as AnswerStream
     from prophet_rag.engine import ProphetEngine as ProphetEngine
     from prophet_rag.layout import DOCUMENTS as DOCUMENTS
+    from prophet_rag.layout import PlacedDocuments as PlacedDocuments
     from prophet_rag.methods import METHODS as METHODS
     from prophet_rag.results import Answer as Answer
     from prophet_rag.results import RequestStats as RequestStats
@@ -41,10 +42,11 @@ _LAZY = {
     "KVStore": "prophet_rag.cache.store",
     "METHODS": "prophet_rag.methods",
     "DOCUMENTS": "prophet_rag.layout",
+    "PlacedDocuments": "prophet_rag.layout",
 }
 
 __all__ = [
-    "GenerationConfig", "PromptConfig", "SelectionConfig", "StoreConfig", "CacheCorruptionError",
+    "GenerationConfig", "PrefixCacheConfig", "PromptConfig", "SelectionConfig", "StoreConfig", "CacheCorruptionError",
     "ContextWindowError", "IncompatibleCacheError", "InvalidRequestError", "ModelLoadError", "ProphetRAGError",
     "StoreError",
     "UnsupportedModelError", *_LAZY,

@@ -1,7 +1,8 @@
 """Typed, frozen configuration, validated where it is built.
 
 `SelectionConfig` says which context tokens are recomputed, `GenerationConfig` how the answer is decoded,
-`PromptConfig` how a request is laid out and `StoreConfig` where chunk KV caches live.
+`PromptConfig` how a request is laid out, `StoreConfig` where chunk KV caches live and `PrefixCacheConfig` how much
+of finished requests' KV is kept for the next turn of their conversations.
 """
 
 from __future__ import annotations
@@ -135,6 +136,24 @@ class PromptConfig:
             raise InvalidRequestError(
                 f"question_template must contain '{{query}}', got {self.question_template!r}."
             )
+
+
+@dataclass(frozen=True)
+class PrefixCacheConfig:
+    """The conversation prefix cache (cache/prefix_cache.py): the KV of finished requests, kept in memory on the
+    model's device so that a request starting with the same tokens (the next turn of a conversation) computes only
+    what follows.
+
+    `max_bytes` bounds the KV kept (0, the default, turns the cache off); the least recently used blocks go first.
+    KV is kept in blocks of `block_tokens` tokens, and a lookup finds the longest stored prefix in whole blocks.
+    """
+
+    max_bytes: int = 0
+    block_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        _check_int("max_bytes", self.max_bytes, 0, " (bytes of KV; 0 turns the prefix cache off)")
+        _check_int("block_tokens", self.block_tokens, 1, " (tokens per cached block; 16 is a good default)")
 
 
 STORAGES = ("lossless", "bfloat16", "float8_e4m3")

@@ -5,6 +5,8 @@ chunk cache, computing what no tier holds (cache/chunk_cache.py); let the select
 stitch their blocks behind the exact prefix, re-rotated to their global positions (compute/stitched.py); let the
 method pick the context tokens to recompute (selection/); recompute them with the suffix (stitched.forward_rows);
 decode (compute/generate.py). A method that reuses no cached KV (`full`) is plain full prefill over the same ids.
+With a prefix cache (cache/prefix_cache.py), a finished request's KV is kept, and a later request starting with
+the same tokens (the next turn of a conversation) copies it in and computes only what follows.
 
 One engine serves many threads: requests are laid out, checked and detokenized concurrently, and their model
 computation (each prefill, each decode step, each chunk ingested) runs one at a time under the engine's compute lock
@@ -30,6 +32,7 @@ from prophet_rag import methods
 from prophet_rag.cache.chunk_cache import ChunkCache, LoadStats, StaleBlocksError, build_tiers
 from prophet_rag.cache.codec import EntryMeta
 from prophet_rag.cache.hot_cache import HotCache
+from prophet_rag.cache.prefix_cache import PrefixCache
 from prophet_rag.cache.store import KVStore, kv_storage
 from prophet_rag.compute.generate import TextAssembler, decode
 from prophet_rag.compute.lock import ComputeLock
@@ -43,7 +46,7 @@ from prophet_rag.compute.stitched import (
     reposition,
     stitched_layout,
 )
-from prophet_rag.config import GenerationConfig, PromptConfig, SelectionConfig, StoreConfig
+from prophet_rag.config import GenerationConfig, PrefixCacheConfig, PromptConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import ContextWindowError, InvalidRequestError, ModelLoadError
 from prophet_rag.layout import PromptBuilder, RequestLayout
 from prophet_rag.results import Answer, RequestStats
@@ -139,7 +142,9 @@ class Prefill:
     cache_hits: int
     cache_misses: int
     cached_tokens: int = 0
-    """Prompt tokens whose KV came from a tier, not from compute (`LoadStats.cached_tokens`)."""
+    """Prompt tokens whose KV came from a tier or the prefix cache, not from compute (`LoadStats.cached_tokens`)."""
+    prefix_cache_tokens: int = 0
+    """Leading prompt tokens whose KV came from the conversation prefix cache."""
 
 
 class AnswerStream:
@@ -167,7 +172,8 @@ class ProphetEngine:
     embedded SmolLM2-135M-Instruct by default). `store` is a `StoreConfig`, an open `KVStore`, or None for the
     default store directory. Defaults for `answer` come from `selection` and `generation`. `hot_cache_bytes` keeps
     that many bytes of recently used chunk KV on the model's device in front of the store, and `host_cache_bytes`
-    that many in (pinned) host memory behind it (see `hot_cache`): set them when serving on a GPU.
+    that many in (pinned) host memory behind it (see `hot_cache`): set them when serving on a GPU. `prefix_cache`
+    keeps finished requests' KV for the next turn of their conversations (see `cache.prefix_cache`; off by default).
     """
 
     def __init__(
@@ -183,6 +189,7 @@ class ProphetEngine:
         model_name: str | None = None,
         hot_cache_bytes: int = 0,
         host_cache_bytes: int = 0,
+        prefix_cache: PrefixCacheConfig | None = None,
     ) -> None:
         self.adapter = ModelAdapter(model)
         self.tokenizer = tokenizer
@@ -197,6 +204,7 @@ class ProphetEngine:
         compute = self._locked(partial(prefill_isolated, self.adapter, kv_dtype=self.kv_dtype))
         tiers = build_tiers(store, hot_cache_bytes, host_cache_bytes, meta)
         self.cache = ChunkCache(tiers, meta, self.sink_ids, compute)
+        self.prefix_cache = PrefixCache(prefix_cache or PrefixCacheConfig())
         self._check_selection(self.selection)
 
     @classmethod
@@ -247,6 +255,7 @@ class ProphetEngine:
 
     def close(self) -> None:
         self.cache.close()
+        self.prefix_cache.clear()
 
     def __enter__(self) -> ProphetEngine:
         return self
@@ -425,12 +434,12 @@ class ProphetEngine:
 
     # ---- the request pipeline ---------------------------------------------------------------------------------
 
-    def _assemble(self, layout: RequestLayout, order: Sequence[int], capacity: int,
-                  global_positions: bool = True) -> tuple[StitchedCache, LoadStats]:
-        """The request's stitched cache with its chunks in `order`, every block filled from the chunk cache and
-        placed (see `stitched.reposition`); the suffix is not added yet."""
+    def _assemble(self, layout: RequestLayout, order: Sequence[int], capacity: int, global_positions: bool = True,
+                  prefix: torch.Tensor | None = None) -> tuple[StitchedCache, LoadStats]:
+        """The request's stitched cache with its chunks in `order`, every block filled from the chunk cache (the
+        prefix from `prefix` when given) and placed (see `stitched.reposition`); the suffix is not added yet."""
         cache = stitched_layout(self.adapter, layout.prefix_ids, layout.chunk_ids, order, capacity, self.kv_dtype)
-        loaded = self.cache.load(layout, cache)
+        loaded = self.cache.load(layout, cache, prefix=prefix)
         reposition(self.adapter, cache, int(self.sink_ids.numel()), global_positions)
         return cache, loaded
 
@@ -457,22 +466,31 @@ class ProphetEngine:
                       pipeline: bool) -> Prefill:
         method = methods.get(selection.method)
         t0 = time.perf_counter()
-        if not method.reuses_cache or not layout.chunk_ids:
+        full = not method.reuses_cache or not layout.chunk_ids
+        past = self._history(layout, method.reuses_cache, full)
+        reused = sum(int(block.shape[2]) for block in past)
+        if full:
             cache, hidden = prefill_full(self.adapter, layout.joined_ids(), int(layout.prefix_ids.numel()), capacity,
-                                         self.kv_dtype)
+                                         self.kv_dtype, past)
             context = torch.arange(cache.prefix_len, cache.prefix_len + layout.context_tokens)
             return Prefill(cache, hidden, context, tuple(range(len(layout.chunk_ids))), 0.0, 0.0, 0.0,
-                           time.perf_counter() - t0, 0, 0)
+                           time.perf_counter() - t0, 0, 0, reused, reused)
+        # A conversation's history: the stored turns, then the rest of the prefix, computed once for every assembly.
+        prefix = None
+        if past:
+            prefix = prefill_full(self.adapter, layout.prefix_ids, int(layout.prefix_ids.numel()),
+                                  int(layout.prefix_ids.numel()), self.kv_dtype, past)[0].kv
+        t_prefix = time.perf_counter()  # the history's time counts as load: it stands in for the prefix's
         request = Selection(self.adapter, selection, layout.chunk_ids, layout.suffix_ids)
         first: list[tuple[StitchedCache, LoadStats, bool]] = []
 
         def assemble(order: Sequence[int], global_positions: bool) -> StitchedCache:
             if global_positions:
-                cache, loaded = self._assemble(layout, order, capacity)
+                cache, loaded = self._assemble(layout, order, capacity, prefix=prefix)
             else:  # blocks as stored: the ordering step's pass waits for each layer, nothing to place
                 cache = stitched_layout(self.adapter, layout.prefix_ids, layout.chunk_ids, order, capacity,
                                         self.kv_dtype)
-                loaded = self.cache.load(layout, cache, pipeline)
+                loaded = self.cache.load(layout, cache, pipeline, prefix)
                 reposition(self.adapter, cache, int(self.sink_ids.numel()), False)
                 if loaded.pending is not None:
                     cache.layer_ready = loaded.pending.wait
@@ -492,7 +510,7 @@ class ProphetEngine:
             copy_blocks(source, cache)
             loaded = LoadStats(counted.hits, counted.misses)
         else:
-            loaded = self.cache.load(layout, cache, pipeline)
+            loaded = self.cache.load(layout, cache, pipeline, prefix)
             counted = first[0][1] if first else loaded
         t2 = time.perf_counter()
         place = partial(reposition, self.adapter, cache, int(self.sink_ids.numel()), True)
@@ -507,8 +525,31 @@ class ProphetEngine:
         hidden, rows = forward_rows(self.adapter, cache, plan.rows, row_filter=plan.row_filter)
         t5 = time.perf_counter()
         selected = plan.selected if plan.selected is not None else rows[rows < cache.context_end]
-        return Prefill(cache, hidden, selected, cache.order, t2 - t1, (t1 - t0) + (t3 - t2), t4 - t3, t5 - t4,
-                       counted.hits, counted.misses, counted.cached_tokens(cache, selected))
+        return Prefill(cache, hidden, selected, cache.order, (t2 - t1) + (t_prefix - t0), (t1 - t_prefix) + (t3 - t2),
+                       t4 - t3, t5 - t4, counted.hits, counted.misses, counted.cached_tokens(cache, selected) + reused,
+                       reused)
+
+    def _history(self, layout: RequestLayout, reuses_cache: bool, full: bool) -> list[torch.Tensor]:
+        """KV blocks of the longest stored prefix of the request's prompt (see `cache.prefix_cache`), leaving at
+        least one token to compute: of the whole prompt when it is prefilled whole (no documents), of the prefix
+        when the prefix holds a conversation's history (another prefix is stored as a segment in the chunk tiers).
+        A method that reuses no cached KV (`full`, the reference) reads none."""
+        if not reuses_cache:
+            return []
+        if full:
+            return self.prefix_cache.lookup(layout.joined_ids(), layout.total_tokens - 1)
+        if layout.transient_prefix:
+            return self.prefix_cache.lookup(layout.prefix_ids, int(layout.prefix_ids.numel()) - 1)
+        return []
+
+    def _keep(self, cache: StitchedCache) -> None:
+        """Keep the KV this request used, prompt and generated tokens, for the next turn of its conversation."""
+        if not self.prefix_cache.enabled:
+            return
+        n = cache.length
+        assert torch.equal(cache.positions[:n].cpu(), torch.arange(n)), "a finished request sits at positions 0..n-1"
+        with self._compute, torch.inference_mode():
+            self.prefix_cache.put(cache.token_ids[:n], cache.kv[:, :, :n])
 
     def _run(self, layout: RequestLayout, selection: SelectionConfig, generation: GenerationConfig,
              return_logits: bool) -> Iterator[str]:
@@ -531,6 +572,7 @@ class ProphetEngine:
         tail = text.finish()
         if tail:
             yield tail
+        self._keep(prefill.cache)
         reused = methods.get(selection.method).reuses_cache and bool(layout.chunk_ids)
         stats = RequestStats(
             method=selection.method if reused else "full",
@@ -549,6 +591,7 @@ class ProphetEngine:
             new_tokens=len(text.ids),
             decode_s=time.perf_counter() - t_decode,
             cached_tokens=prefill.cached_tokens,
+            prefix_cache_tokens=prefill.prefix_cache_tokens,
         )
         return Answer(
             text=text.emitted,

@@ -4,6 +4,8 @@ A request is chat messages rendered by the tokenizer's own chat template, with t
 marked `DOCUMENTS` in one message: everything before that place is the prefix, everything after it the suffix.
 `PromptBuilder.layout(chunks, query)` builds the default RAG messages (system prompt, instruction, documents,
 question); `PromptBuilder.chat_layout(messages, documents)` takes a framework's own.
+A conversation's history may hold documents an earlier turn placed (`PlacedDocuments`), tokenized as that turn's
+chunks were, so the history's ids are the ids that turn's KV was computed for (the engine's prefix cache).
 
 Untrusted text never becomes template structure. The template is rendered around placeholders, and only the
 template's own text is tokenized with special tokens recognised; message contents, documents and queries are
@@ -39,6 +41,25 @@ class _Documents:
 
 DOCUMENTS = _Documents()
 """Put this in a message's content list to mark where the documents go: `["Context:\\n", DOCUMENTS, "\\nQ: ..."]`."""
+
+
+@dataclass(frozen=True)
+class PlacedDocuments:
+    """Documents that an earlier turn of a conversation placed with `DOCUMENTS`, in the order it laid them out
+    (`Answer.chunk_order`), as part of that turn's message in the history: `["Context:\\n", PlacedDocuments(docs),
+    "\\nQuestion: ..."]`. Each is tokenized exactly as a chunk is, so the history's ids are the ids that turn
+    computed, and the conversation prefix cache finds that turn's KV. They are history text, not chunks of the
+    request."""
+
+    texts: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.texts, str) or not isinstance(self.texts, Sequence) or not self.texts:
+            raise InvalidRequestError(
+                f"PlacedDocuments takes the list of documents an earlier turn placed, got {self.texts!r}."
+            )
+        object.__setattr__(self, "texts", tuple(self.texts))
+
 
 _SENTINEL = "\x00prophet-rag-content-{}\x00"
 
@@ -133,9 +154,11 @@ def _check_messages(messages: object, roles: frozenset[str]) -> list[Mapping]:
             )
         content = message.get("content")
         parts = [content] if isinstance(content, str) else content
-        if not isinstance(parts, Sequence) or not all(isinstance(p, str) or p is DOCUMENTS for p in parts):
+        if not isinstance(parts, Sequence) or not all(
+                isinstance(p, (str, PlacedDocuments)) or p is DOCUMENTS for p in parts):
             raise InvalidRequestError(
-                f"message {i} content must be a string or a list of strings and DOCUMENTS, got {content!r}."
+                f"message {i} content must be a string or a list of strings, DOCUMENTS and PlacedDocuments, got "
+                f"{content!r}."
             )
     return list(messages)
 
@@ -225,18 +248,19 @@ class PromptBuilder:
             )
         if not documents and marked:
             raise InvalidRequestError("the messages place DOCUMENTS but no documents were given.")
-        separator = self.prompt.chunk_separator
-        chunk_ids = []
-        for i, chunk in enumerate(documents):
-            if not isinstance(chunk, str) or not chunk.strip():
-                raise InvalidRequestError(f"chunk {i} is empty or not a string; drop it or pass its text.")
-            chunk_ids.append(self.encode(check_text(f"chunk {i}", chunk).strip() + separator))
+        chunk_ids = [self._chunk(f"chunk {i}", chunk) for i, chunk in enumerate(documents)]
         if transient and len(transient) != len(chunk_ids):
             raise InvalidRequestError(f"transient has {len(transient)} flags for {len(chunk_ids)} documents.")
         before, after = self._segments(messages)
         history = sum(1 for m in messages if m["role"] != "system") > 1
         return RequestLayout(before, tuple(chunk_ids), after, tuple(bool(t) for t in transient),
                              transient_prefix=(history or transient_prefix) and bool(documents))
+
+    def _chunk(self, name: str, text: object) -> torch.Tensor:
+        """`[n]` ids of one document as a chunk: on its own, followed by the prompt's chunk separator."""
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidRequestError(f"{name} is empty or not a string; drop it or pass its text.")
+        return self.encode(check_text(name, text).strip() + self.prompt.chunk_separator)
 
     def _render(self, messages: list[dict]) -> list[str]:
         """The chat template's render of `messages` whose contents are placeholders, split into the template's own
@@ -270,6 +294,8 @@ class PromptBuilder:
             for part in [content] if isinstance(content, str) else content:
                 if part is DOCUMENTS:
                     split = len(pieces)
+                elif isinstance(part, PlacedDocuments):
+                    pieces += [self._chunk(f"placed document {j}", text) for j, text in enumerate(part.texts)]
                 elif part:
                     pieces.append(self.encode(_check_unicode(f"the {message['role']} message", part)))
         pieces.append(self.encode(template[-1], template=True))

@@ -32,8 +32,12 @@ class RequestStats:
     new_tokens: int = 0
     decode_s: float = 0.0
     cached_tokens: int = 0
-    """Prompt tokens whose KV came from a cache tier and was used as loaded, not recomputed: the prefix and the
-    chunks found in a tier, less the recomputed tokens among them (0 for full prefill)."""
+    """Prompt tokens whose KV came from a cache and was used as loaded, not recomputed: the prefix and the chunks
+    found in a tier, less the recomputed tokens among them, and the `prefix_cache_tokens` (full prefill of a prompt
+    no earlier request started: 0)."""
+    prefix_cache_tokens: int = 0
+    """Leading prompt tokens whose KV came from the conversation prefix cache (`PrefixCacheConfig`): an earlier
+    request's prompt and answer, not computed again."""
 
     @property
     def reused_tokens(self) -> int:

@@ -158,24 +158,32 @@ class ChunkCache:
                         sink_ids.tolist())
         return ChunkRef(key, token_ids.cpu(), sink_ids.cpu())
 
-    def load(self, layout: RequestLayout, cache: StitchedCache, pipeline: bool = False) -> LoadStats:
+    def load(self, layout: RequestLayout, cache: StitchedCache, pipeline: bool = False,
+             prefix: torch.Tensor | None = None) -> LoadStats:
         """Fill `cache`'s prefix and chunk slots (laid out by `stitched_layout` for `layout`) with the prefix's
         exact KV and each chunk's isolated KV: from the tiers, else computed and stored (unless the layout marks
-        it transient).
+        it transient). `prefix` is the prefix's KV `[L, 2, P, H_kv, D]` when the caller has it (a conversation's
+        history, from the prefix cache): it is copied in, and no tier is asked for the prefix.
 
         With `pipeline`, blocks held by a layered tier (the disk store) are opened here and read layer by layer in
         the background: `LoadStats.pending` then says when each layer is in. Every tier call made here belongs to
         one request (`tier.one_request`: the shared tier's time budget is per request).
         """
         with one_request():
-            return self._load(layout, cache, pipeline)
+            return self._load(layout, cache, pipeline, prefix)
 
-    def _load(self, layout: RequestLayout, cache: StitchedCache, pipeline: bool) -> LoadStats:
+    def _load(self, layout: RequestLayout, cache: StitchedCache, pipeline: bool,
+              prefix: torch.Tensor | None) -> LoadStats:
         empty = self.sink_ids[:0]
         slot_of = {i: span for span, i in zip(cache.chunk_spans, cache.order, strict=True)}
-        wanted = [(self.ref(layout.prefix_ids, empty), (0, cache.prefix_len), not layout.transient_prefix)]
-        wanted += [(self.ref(ids, self.sink_ids), slot_of[i], not layout.is_transient(i))
-                   for i, ids in enumerate(layout.chunk_ids)]
+        chunks = [(self.ref(ids, self.sink_ids), slot_of[i], not layout.is_transient(i))
+                  for i, ids in enumerate(layout.chunk_ids)]
+        head = []
+        if prefix is None:
+            head = [(self.ref(layout.prefix_ids, empty), (0, cache.prefix_len), not layout.transient_prefix)]
+        else:
+            cache.kv[:, :, : cache.prefix_len] = prefix
+        wanted = head + chunks
         filled: dict[str, torch.Tensor] = {}
         reads: dict[str, _Read] = {}
         keep: set[str] = set()
@@ -198,7 +206,6 @@ class ChunkCache:
                 filled[ref.key] = out
             else:
                 missing[ref.key] = (ref, [out])
-        prefix_key = wanted[0][0].key
         for sink in (empty, self.sink_ids):
             group = [(ref, outs) for ref, outs in missing.values() if ref.sink_ids.numel() == sink.numel()]
             if not group:
@@ -210,11 +217,11 @@ class ChunkCache:
                 if ref.key in keep:
                     for tier in reversed(self.tiers):
                         tier.put(ref, chunk, self.meta)
-        chunk_keys = {ref.key for ref, _, _ in wanted[1:]}
-        misses = len(chunk_keys & (set(missing) - {prefix_key}))
+        chunk_keys = {ref.key for ref, _, _ in chunks}
+        misses = len(chunk_keys & set(missing))
         pending = PendingLayers(list(reads.values()), self.meta, int(cache.kv.shape[0])) if reads else None
-        found = frozenset(i for i, (ref, _, _) in enumerate(wanted[1:]) if ref.key not in missing)
-        return LoadStats(len(chunk_keys) - misses, misses, pending, found, prefix_key not in missing)
+        found = frozenset(i for i, (ref, _, _) in enumerate(chunks) if ref.key not in missing)
+        return LoadStats(len(chunk_keys) - misses, misses, pending, found, bool(head) and head[0][0].key not in missing)
 
     def ingest(self, chunk_ids: Sequence[torch.Tensor], batch_tokens: int = 32768) -> int:
         """Compute and store every chunk no tier holds, `batch_tokens` tokens of chunks at a time (so a corpus

@@ -79,11 +79,21 @@ def prefill_isolated(
 
 @torch.inference_mode()
 def prefill_full(adapter: ModelAdapter, ids: torch.Tensor, prefix_len: int, capacity: int,
-                 kv_dtype: torch.dtype) -> tuple[StitchedCache, torch.Tensor]:
+                 kv_dtype: torch.dtype, past: Sequence[torch.Tensor] = ()) -> tuple[StitchedCache, torch.Tensor]:
     """Plain prefill of the prompt `ids` `[T]` into a fresh cache of `capacity` slots (its first `prefix_len` tokens
-    are the prefix); returns the cache and the last layer's hidden states `[T, hidden]`."""
+    are the prefix); returns the cache and the last layer's hidden states of the tokens computed `[T - m, hidden]`.
+
+    `past` holds KV already computed for the first m tokens (blocks `[L, 2, n_i, H_kv, D]` in order, at positions
+    0..m-1, m = sum of n_i, less than T): it is copied in, and only the tokens after it are computed.
+    """
     cache = StitchedCache.empty(adapter, capacity, kv_dtype)
     rows = cache.append_tokens(ids.to(adapter.device))
     cache.prefix_len = prefix_len
-    hidden, _ = forward_rows(adapter, cache, rows)
+    start = 0
+    for block in past:
+        end = start + int(block.shape[2])
+        cache.kv[:, :, start:end] = block
+        start = end
+    assert start < rows.numel(), "past must leave at least one token to compute"
+    hidden, _ = forward_rows(adapter, cache, rows[start:])
     return cache, hidden

@@ -9,7 +9,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from prophet_rag.config import GenerationConfig, SelectionConfig, StoreConfig
+from prophet_rag.config import GenerationConfig, PrefixCacheConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import ProphetRAGError
 from prophet_rag.serve.config import API_KEY_ENV, ServeConfig, read_api_key
 
@@ -39,6 +39,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-documents", type=int, default=defaults.max_documents)
     parser.add_argument("--max-chars", type=int, default=defaults.max_chars,
                         help="characters of documents and messages per request (default %(default)s)")
+    parser.add_argument("--prefix-cache-bytes", type=int, default=0,
+                        help="bytes of finished requests' KV kept so a conversation's next turn computes only its new "
+                             "tokens (PrefixCacheConfig.max_bytes; default 0: off)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -61,7 +64,8 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
     print(f"Loading model {args.model or 'embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
     engine = ProphetEngine.from_pretrained(args.model, device=args.device, store=store,
                                            selection=SelectionConfig(method=args.method, ratio=args.ratio),
-                                           generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
+                                           generation=GenerationConfig(max_new_tokens=args.max_new_tokens),
+                                           prefix_cache=PrefixCacheConfig(max_bytes=args.prefix_cache_bytes))
     if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"Warning: serving on {args.host} without an API key; set {API_KEY_ENV} or --api-key-file.",
               file=sys.stderr, flush=True)

@@ -233,7 +233,8 @@ def finish_reason(answer: Answer, generation: GenerationConfig) -> str:
 
 
 def usage(stats: RequestStats) -> dict[str, Any]:
-    """OpenAI's usage; `cached_tokens` counts prompt tokens whose KV came from a cache tier, not from compute."""
+    """OpenAI's usage; `cached_tokens` counts prompt tokens whose KV came from a cache (a tier, or a conversation's
+    earlier turns in the prefix cache), not from compute."""
     prompt = stats.prefix_tokens + stats.context_tokens + stats.suffix_tokens
     return {"prompt_tokens": prompt, "completion_tokens": stats.new_tokens, "total_tokens": prompt + stats.new_tokens,
             "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
