@@ -55,10 +55,6 @@ from prophet_rag.integrations import langchain_runs
 from prophet_rag.integrations.common import Call, ChatRequest, ProphetSettings, check_documents
 from prophet_rag.integrations.placement import Marks, locate
 
-REMOTE_ONLY = ("timeout", "max_retries", "api_key", "base_url")
-"""LangChain's standard model parameters that only a remote API has: accepted, as LangChain's own tests pass them,
-and unused by a local model."""
-
 DEFAULT_PROMPT = ChatPromptTemplate.from_messages(
     [("human", DEFAULT_INSTRUCTION + "\n\n{context}\n\nQuestion: {question}")]
 )
@@ -94,7 +90,7 @@ class _LangChainModel(ProphetSettings):
     """What both LangChain models add to the shared settings; listed first among their bases, so these win."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**self.accepted(kwargs, ignored=REMOTE_ONLY))
+        super().__init__(**self.accepted(kwargs))
         self._setup()
         langchain_runs.install()
 
