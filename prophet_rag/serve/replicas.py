@@ -7,8 +7,10 @@ HTTP proxy is the one endpoint and routes each request to a replica (the less lo
 Tiers: every replica keeps its own memory tiers and its own disk store, `<store>/replica-<local rank>` (the rank of
 the replica on its node: stable across restarts, so a replacement finds its predecessor's disk), and all share the
 Redis/Valkey tier of `StoreConfig.remote_url`, which needs the same store key on every replica. So a document that
-one replica has computed (an answer, or an ingest through it) is a remote hit for the others. Each response carries
-the replica that answered in an `X-Prophet-Replica` header.
+one replica has computed (an answer, or an ingest through it) is a remote hit for the others. Each response names
+the replica that answered: `X-Prophet-Replica` (its id) and `X-Prophet-Replica-Rank` (`<node rank>.<local rank>`).
+Deploying again (another number of replicas, other settings) replaces every replica: Ray Serve restarts replicas
+whenever an application deployed from Python is deployed anew; autoscaling adds and removes replicas without that.
 
 Admission: a replica takes `max_in_flight + max_queue` requests (Ray's `max_ongoing_requests`), its own scheduler
 runs `max_in_flight` of them and queues the rest; past that Ray's router holds up to `max_queue` more per replica,
@@ -36,7 +38,7 @@ from prophet_rag.errors import InvalidRequestError, ProphetRAGError
 from prophet_rag.serve.config import ServeConfig
 
 APP_NAME = "prophet-rag"
-REPLICA_HEADER = "X-Prophet-Replica"
+REPLICA_HEADER, RANK_HEADER = "X-Prophet-Replica", "X-Prophet-Replica-Rank"
 
 
 @dataclass(frozen=True)
@@ -88,22 +90,22 @@ class EngineReplica:
 
         torch.set_num_threads(spec.threads)
         context = serve.get_replica_context()
-        self.replica_id = context.replica_id.unique_id
+        self.replica_id, self.rank = context.replica_id.unique_id, context.rank
         self.spec = spec
         self.engine = ProphetEngine.from_pretrained(spec.model, device=spec.device,
-                                                    store=replica_store(spec.store, context.rank.local_rank),
+                                                    store=replica_store(spec.store, self.rank.local_rank),
                                                     selection=spec.selection, generation=spec.generation)
 
     def __serve_build_asgi_app__(self):
         from prophet_rag.serve.app import create_app
 
         app = create_app(self.engine, self.spec.serve)
-        replica = self.replica_id
+        named = {REPLICA_HEADER: self.replica_id, RANK_HEADER: f"{self.rank.node_rank}.{self.rank.local_rank}"}
 
         @app.middleware("http")
         async def name_the_replica(request, call_next):
             response = await call_next(request)
-            response.headers[REPLICA_HEADER] = replica
+            response.headers.update(named)
             return response
 
         return app
