@@ -20,6 +20,7 @@ Steps, on a local Ray instance with a redis-server on a free loopback port (both
    answers that differ from the reference (must be 0).
 4. redis-server killed: B answers the other half of the requests, whose documents it has never seen (so it computes
    them, and its writes to the dead server fail): its answers compared with the reference.
+5. Every request through `ProphetClient` (what `ChatProphet(base_url=...)` uses), streamed through Ray's proxy.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import httpx
 
+from prophet_rag.client import ProphetClient
 from prophet_rag.config import GenerationConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import ServerError, ServerUnavailableError
 from prophet_rag.serve.config import ServeConfig
@@ -263,6 +265,14 @@ def main() -> int:
             misses += stats["cache_misses"]
         print(f"[4] Redis killed: B computed the {misses} documents it had never seen; {same}/{len(held)} answers "
               f"equal to the reference ({time.perf_counter() - began:.1f} s)", flush=True)
+
+        # 5. the client helpers' client, streaming through the proxy
+        with ProphetClient(f"http://127.0.0.1:{port}/v1", generation=GenerationConfig(max_new_tokens=args.max_tokens),
+                           max_retries=3) as client:
+            same = sum("".join(client.stream_chat([{"role": "user", "content": question}], docs)) == expected
+                       for (docs, question), expected in zip(requests, reference, strict=True))
+        print(f"[5] ProphetClient, streaming through the endpoint: {same}/{len(requests)} answers equal to the "
+              "reference", flush=True)
     finally:
         if serve is not None and ray.is_initialized():
             serve.shutdown()
