@@ -13,8 +13,8 @@ Steps, on a local Ray instance with a redis-server on a free loopback port (both
    one (the `X-Prophet-Replica-Rank` header names the replica): printed are how many of B's answers equal the
    reference, and the documents B served that it had never seen, each of which must be a cache hit (B's own tiers
    were empty: a remote hit), with the misses (must be 0).
-3. `--clients` threads send `--rounds` rounds of the requests; while they run, the actor of the replica that answered
-   first is killed (Serve starts a replacement). Steps 2 and 3 use the first half of the requests. Each
+3. `--clients` threads send `--rounds` rounds of the requests; while they run, the actor of the rank-0 replica is
+   killed once it has answered one (Serve starts a replacement). Steps 2 and 3 use the first half of the requests. Each
    client retries a call that raises a retryable `ServerUnavailableError` (as `ProphetClient(max_retries=...)`
    does); printed are the requests completed, the retryable errors clients saw, any other error (must be 0) and the
    answers that differ from the reference (must be 0).
@@ -219,7 +219,7 @@ def main() -> int:
                 for j, (docs, question) in enumerate(shared):
                     while True:
                         try:
-                            text, _, replica, _ = mine.ask(docs, question)
+                            text, _, replica, rank = mine.ask(docs, question)
                         except ServerUnavailableError:
                             with lock:
                                 outcome["retryable"] += 1
@@ -230,7 +230,8 @@ def main() -> int:
                                 outcome["other"] += 1
                             break
                         with lock:
-                            victims.append(replica)
+                            if rank == "0.0":  # the rank-0 replica: B (rank 1) stays for step 4
+                                victims.append(replica)
                             outcome["done"] += 1
                             outcome["different"] += text != reference[j]
                         break
@@ -239,8 +240,10 @@ def main() -> int:
         began = time.perf_counter()
         for thread in threads:
             thread.start()
-        while not victims:
+        while not victims and any(thread.is_alive() for thread in threads):
             time.sleep(0.05)
+        if not victims:
+            sys.exit("the rank-0 replica answered none of the requests of step 3")
         time.sleep(0.5)  # let the replica take new requests too
         kill_replica(ray, victims[0])
         killed_at = time.perf_counter() - began
