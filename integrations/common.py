@@ -100,6 +100,12 @@ class Call:
         return {"input_tokens": prompt, "output_tokens": stats.new_tokens, "total_tokens": prompt + stats.new_tokens}
 
     @property
+    def usage_metadata(self) -> dict[str, Any]:
+        """`usage` with the prompt tokens whose KV came from a cache tier (`RequestStats.cached_tokens`) as
+        `input_token_details["cache_read"]`, as LangChain's OpenAI models report cached prompt tokens."""
+        return {**self.usage, "input_token_details": {"cache_read": self.answer.stats.cached_tokens}}
+
+    @property
     def finish_reason(self) -> str:
         return "length" if self.answer.stats.new_tokens >= self._max_new_tokens else "stop"
 

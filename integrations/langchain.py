@@ -190,7 +190,7 @@ class ChatProphet(_LangChainModel, BaseChatModel):
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         call = self._open(messages, stop, kwargs, run_manager)
         text = call.text()
-        message = AIMessage(content=text, usage_metadata=call.usage, response_metadata=call.report())
+        message = AIMessage(content=text, usage_metadata=call.usage_metadata, response_metadata=call.report())
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.model_name, "token_usage": call.usage})
 
@@ -200,7 +200,7 @@ class ChatProphet(_LangChainModel, BaseChatModel):
         call = self._open(messages, stop, kwargs, run_manager)
         for delta in call:
             yield ChatGenerationChunk(message=AIMessageChunk(content=delta))
-        yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=call.usage,
+        yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=call.usage_metadata,
                                                          response_metadata=call.report(), chunk_position="last"))
 
 

@@ -402,7 +402,8 @@ def test_chat_answers_carry_usage_and_statistics(chat):
     message = chat.invoke("Hi")
     stats = message.response_metadata["prophet_rag"]
     assert message.usage_metadata == {"input_tokens": stats["suffix_tokens"], "output_tokens": stats["new_tokens"],
-                                      "total_tokens": stats["suffix_tokens"] + stats["new_tokens"]}
+                                      "total_tokens": stats["suffix_tokens"] + stats["new_tokens"],
+                                      "input_token_details": {"cache_read": stats["cached_tokens"]}}
     assert message.response_metadata["finish_reason"] == "length"
     chunks = list(chat.stream("Hi"))
     assert chunks[-1].chunk_position == "last" and chunks[-1].usage_metadata == message.usage_metadata

@@ -98,6 +98,9 @@ def test_lcel_chain_matches_in_process_with_usage_and_statistics(chats, retrieve
     assert remote.content == local.content
     assert remote.usage_metadata["input_tokens"] == local.usage_metadata["input_tokens"]
     assert remote.usage_metadata["output_tokens"] == local.usage_metadata["output_tokens"]
+    # Both documents were computed by earlier tests on each side: cached on the server as in process.
+    assert remote.usage_metadata["input_token_details"]["cache_read"] == (
+        local.usage_metadata["input_token_details"]["cache_read"]) > 0
     stats = remote.response_metadata["prophet_rag"]
     assert stats["cache_hits"] + stats["cache_misses"] == 2 and stats["context_tokens"] > 0
     assert remote.response_metadata["finish_reason"] == local.response_metadata["finish_reason"]
