@@ -171,15 +171,19 @@ def llms(served, local_engine):
     Settings._llm, llama_index.core.global_tokenizer = saved
 
 
-def _query_engine(llm, streaming=False):
-    from llama_index.core.query_engine import RetrieverQueryEngine
+def _node_retriever():
     from llama_index.core.schema import TextNode
     from llama_index.retrievers.bm25 import BM25Retriever
 
+    return BM25Retriever.from_defaults(nodes=[TextNode(text=t) for t in CHUNKS], similarity_top_k=2)
+
+
+def _query_engine(llm, streaming=False):
+    from llama_index.core.query_engine import RetrieverQueryEngine
+
     from prophet_rag.integrations.llama_index import ProphetKVPostprocessor
 
-    retriever = BM25Retriever.from_defaults(nodes=[TextNode(text=t) for t in CHUNKS], similarity_top_k=2)
-    return RetrieverQueryEngine.from_args(retriever, llm=llm, streaming=streaming,
+    return RetrieverQueryEngine.from_args(_node_retriever(), llm=llm, streaming=streaming,
                                           node_postprocessors=[ProphetKVPostprocessor(llm=llm)])
 
 
@@ -190,6 +194,20 @@ def test_prophet_llm_query_engine_matches_in_process(llms, sent):
     assert len(sent[-1]["documents"]) == 2
     [stats] = response.metadata["prophet_rag"]
     assert stats["cache_hits"] + stats["cache_misses"] == 2
+
+
+def test_prophet_llm_chat_engine_matches_in_process(llms):
+    from llama_index.core.chat_engine import ContextChatEngine
+
+    from prophet_rag.integrations.llama_index import ProphetKVPostprocessor
+
+    remote, local = (ContextChatEngine.from_defaults(retriever=_node_retriever(), llm=llm, system_prompt="Be brief.",
+                                                     node_postprocessors=[ProphetKVPostprocessor(llm=llm)])
+                     for llm in llms)
+    reply = remote.chat(QUERY)
+    assert str(reply) == str(local.chat(QUERY))
+    assert str(remote.chat("And Beta?")) == str(local.chat("And Beta?"))  # with the first turn as history
+    assert reply.metadata["prophet_rag"][0]["context_tokens"] > 0
 
 
 def test_prophet_llm_streams_and_completes_as_in_process(llms):
