@@ -232,6 +232,17 @@ def test_prophet_llm_metadata_and_tokenizer_come_from_the_server(llms, local_eng
 
 # ---- setup and errors -----------------------------------------------------------------------------------------------
 
+def test_tokenize_needs_the_key_and_a_prompt_or_messages(served, local_engine):
+    url = f"{served.base_url}/tokenize"
+    assert httpx.post(url, json={"prompt": "Hi"}).status_code == 401
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for bad in ({}, {"prompt": "Hi", "messages": []}, {"prompt": 3}, {"text": "Hi"}):
+        response = httpx.post(url, json=bad, headers=headers)
+        assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error", bad
+    reply = httpx.post(url, json={"messages": [{"role": "user", "content": "Hi"}]}, headers=headers).json()
+    assert reply["count"] == len(reply["tokens"]) > 0 and reply["max_model_len"] == local_engine.context_window
+
+
 def test_base_url_with_a_local_model_is_refused(served, local_engine):
     from prophet_rag.integrations.langchain import ChatProphet
 
