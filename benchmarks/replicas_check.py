@@ -26,6 +26,7 @@ Steps, on a local Ray instance with a redis-server on a free loopback port (both
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import secrets
 import shutil
@@ -158,6 +159,7 @@ def main() -> int:
     from prophet_rag.serve import replicas
 
     work = Path(tempfile.mkdtemp(prefix="replicas-check-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # on every exit, sys.exit included
     key = work / "store.key"
     key.write_text(secrets.token_hex(32))
     key.chmod(0o600)
@@ -277,12 +279,11 @@ def main() -> int:
         print(f"[5] ProphetClient, streaming through the endpoint: {same}/{len(requests)} answers equal to the "
               "reference", flush=True)
     finally:
-        if serve is not None and ray.is_initialized():
+        if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
         if redis.poll() is None:
             redis.kill()
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
