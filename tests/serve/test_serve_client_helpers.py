@@ -148,6 +148,15 @@ def test_per_call_options_reach_the_server(chats):
     assert message.content == local.invoke(QUERY, max_new_tokens=2, method="full").content
 
 
+def test_the_text_llm_over_a_server_answers_as_in_process(served, local_engine):
+    from prophet_rag.integrations.langchain import ProphetLangChainLLM
+
+    remote = ProphetLangChainLLM(base_url=served.base_url, api_key=API_KEY, **NEW)
+    local = ProphetLangChainLLM(engine=local_engine, **NEW)
+    assert remote.invoke("Name a color.") == local.invoke("Name a color.")
+    assert API_KEY not in repr(remote) and API_KEY not in str(remote.model_dump())
+
+
 def test_a_request_the_server_refuses_raises_invalid_request(chats):
     remote, _ = chats
     with pytest.raises(InvalidRequestError, match="method"):
