@@ -5,6 +5,8 @@
 A call becomes a `ChatRequest`: chat messages for the model's own chat template and, when the call carries retrieved
 documents, those documents and the place they go in one message (placement.py finds it in a framework's prompt).
 A call with no documents is a plain chat: full prefill over the rendered template, nothing stored.
+With `base_url`, the adapter answers through a running `prophet-rag serve` (`prophet_rag.client.ProphetClient`, which
+has the engine's `stream_chat`) instead of loading a model: the same requests, documents as documents.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr
 
 from prophet_rag import GenerationConfig, InvalidRequestError, ProphetEngine, SelectionConfig, StoreConfig
+from prophet_rag.client import ProphetClient
 from prophet_rag.engine import AnswerStream
 from prophet_rag.layout import check_text
 from prophet_rag.results import Answer
@@ -99,6 +102,12 @@ class Call:
                 "input_token_details": {"cache_read": stats.cached_tokens}}
 
     @property
+    def usage_metadata(self) -> dict[str, Any]:
+        """`usage` with the prompt tokens whose KV came from a cache tier (`RequestStats.cached_tokens`) as
+        `input_token_details["cache_read"]`, as LangChain's OpenAI models report cached prompt tokens."""
+        return {**self.usage, "input_token_details": {"cache_read": self.answer.stats.cached_tokens}}
+
+    @property
     def finish_reason(self) -> str:
         return "length" if self.answer.stats.new_tokens >= self._max_new_tokens else "stop"
 
@@ -111,15 +120,24 @@ class Call:
 
 class ProphetSettings(BaseModel):
     """The settings every adapter shares. Pass `engine=` to share a loaded engine (and its store) between adapters;
-    without one, `model` is loaded on `device` with its store in `store_dir`. Every setting is checked when the
+    without one, `model` is loaded on `device` with its store in `store_dir`, or, with `base_url` (and `api_key`),
+    calls go to that `prophet-rag serve` server. Every setting is checked when the
     adapter is built, and `OPTIONS` may be overridden per call."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     # A field rather than a private attribute, so that copies a framework makes (LangChain's configurable_fields,
     # model_copy) keep the loaded engine instead of loading the model again.
-    engine: ProphetEngine | None = Field(default=None, exclude=True, repr=False,
-                                         description="The engine to answer with; None: load `model`.")
+    engine: ProphetEngine | ProphetClient | None = Field(
+        default=None, exclude=True, repr=False,
+        description="The engine to answer with; None: load `model`, or reach the server at `base_url`.")
+    base_url: str | None = Field(default=None, description="A running `prophet-rag serve`'s /v1 URL to answer "
+                                                           "through, instead of loading a model here.")
+    api_key: str | None = Field(default=None, exclude=True, repr=False,
+                                description="The server's API key (with base_url); unused by a local engine.")
+    timeout: float = Field(default=600.0, description="Seconds a call to the server may take (with base_url).")
+    max_retries: int = Field(default=2, description="Retries of a call the server could not take: unreachable, "
+                                                    "overloaded, a replica gone (with base_url).")
     model: str | None = Field(default=None, description="Checkpoint to load when no engine is passed; None: the "
                                                         "embedded SmolLM2-135M-Instruct.")
     store_dir: str | None = Field(default=None, description="KV store directory when no engine is passed; None: "
@@ -144,20 +162,20 @@ class ProphetSettings(BaseModel):
                                                                 "messages bring none of their own.")
 
     @classmethod
-    def accepted(cls, kwargs: Mapping[str, Any], ignored: Sequence[str] = ()) -> dict[str, Any]:
-        """`kwargs` less the `ignored` names; any other name the adapter has no field for is refused, rather than
-        dropped as pydantic would."""
+    def accepted(cls, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """`kwargs`, once every name is known: a name the adapter has no field for is refused, rather than dropped
+        as pydantic would."""
         names = set()
         for name, field in cls.model_fields.items():
             alias = field.validation_alias
             names.update([name, *(alias.choices if isinstance(alias, AliasChoices) else [])])
-        unknown = sorted(set(kwargs) - names - set(ignored))
+        unknown = sorted(set(kwargs) - names)
         if unknown:
             raise InvalidRequestError(
                 f"{cls.__name__} got unknown argument(s) {', '.join(unknown)}; its prophet-rag settings are "
                 f"{', '.join(ProphetSettings.model_fields)}."
             )
-        return {key: value for key, value in kwargs.items() if key not in ignored}
+        return dict(kwargs)
 
     _warned: set[str] = PrivateAttr(default_factory=set)
 
@@ -165,7 +183,14 @@ class ProphetSettings(BaseModel):
         """Load the engine when none was passed, and check every setting now rather than at the first call."""
         if self.store is not None and self.store_dir is not None:
             raise InvalidRequestError("pass store_dir or store, not both: store=StoreConfig(directory=...) holds it.")
-        if self.engine is None:
+        if self.base_url is not None:
+            given = [name for name in ("engine", "model", "store_dir", "store") if getattr(self, name) is not None]
+            if given:
+                raise InvalidRequestError(f"base_url answers through a server, which holds the model and its store; "
+                                          f"drop {', '.join(given)} (or drop base_url to run the model here).")
+            self.engine = ProphetClient(self.base_url, self.api_key, timeout_s=self.timeout,
+                                        max_retries=self.max_retries)
+        elif self.engine is None:
             store = self.store or (StoreConfig(directory=self.store_dir) if self.store_dir is not None else None)
             self.engine = load_engine(self.model, self.device, store)
         self.configs({})
@@ -224,10 +249,14 @@ class ProphetSettings(BaseModel):
 
     def token_ids(self, text: str) -> list[int]:
         """`text`'s ids in the model's own tokenizer, as the engine tokenizes message contents."""
+        if isinstance(self.engine, ProphetClient):
+            return self.engine.token_ids(text)
         return self.engine.builder.encode(text).tolist()  # the tokenizer's own call would flip shared state
 
     def count_chat_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
         """How many tokens `messages` take once rendered with the chat template, generation prompt included."""
+        if isinstance(self.engine, ProphetClient):
+            return self.engine.count_chat_tokens(messages)
         return self.engine.builder.chat_layout(list(messages)).total_tokens
 
 

@@ -55,10 +55,6 @@ from prophet_rag.integrations import langchain_runs
 from prophet_rag.integrations.common import Call, ChatRequest, ProphetSettings, check_documents
 from prophet_rag.integrations.placement import Marks, locate
 
-REMOTE_ONLY = ("timeout", "max_retries", "api_key", "base_url")
-"""LangChain's standard model parameters that only a remote API has: accepted, as LangChain's own tests pass them,
-and unused by a local model."""
-
 DEFAULT_PROMPT = ChatPromptTemplate.from_messages(
     [("human", DEFAULT_INSTRUCTION + "\n\n{context}\n\nQuestion: {question}")]
 )
@@ -94,7 +90,7 @@ class _LangChainModel(ProphetSettings):
     """What both LangChain models add to the shared settings; listed first among their bases, so these win."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**self.accepted(kwargs, ignored=REMOTE_ONLY))
+        super().__init__(**self.accepted(kwargs))
         self._setup()
         langchain_runs.install()
 
@@ -194,7 +190,7 @@ class ChatProphet(_LangChainModel, BaseChatModel):
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         call = self._open(messages, stop, kwargs, run_manager)
         text = call.text()
-        message = AIMessage(content=text, usage_metadata=call.usage, response_metadata=call.report())
+        message = AIMessage(content=text, usage_metadata=call.usage_metadata, response_metadata=call.report())
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={"model_name": self.model_name, "token_usage": call.usage})
 
@@ -204,7 +200,7 @@ class ChatProphet(_LangChainModel, BaseChatModel):
         call = self._open(messages, stop, kwargs, run_manager)
         for delta in call:
             yield ChatGenerationChunk(message=AIMessageChunk(content=delta))
-        yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=call.usage,
+        yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=call.usage_metadata,
                                                          response_metadata=call.report(), chunk_position="last"))
 
 

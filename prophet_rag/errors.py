@@ -44,3 +44,25 @@ class UnauthenticatedEntryError(CacheCorruptionError):
 class UnsupportedFeatureError(ProphetRAGError, NotImplementedError):
     """A framework feature the adapters do not provide yet (tool calling); a NotImplementedError too, so framework
     code that probes for the feature that way still works."""
+
+
+class ServerError(ProphetRAGError):
+    """A `prophet-rag serve` server (or the proxy in front of it) could not answer a client's call. `retryable` says
+    whether the same call may succeed later or on another replica; `status` is the HTTP status (None: no answer)."""
+
+    retryable = False
+
+    def __init__(self, message: str, status: int | None = None, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.retry_after_s = status, retry_after_s
+
+
+class ServerUnavailableError(ServerError):
+    """Retryable: the server cannot be reached, is overloaded (503, 429) or shutting down, a replica went away
+    behind its proxy, or the connection broke mid-answer. Retry the call (after `retry_after_s` when given)."""
+
+    retryable = True
+
+
+class ServerAuthenticationError(ServerError):
+    """The server wants an API key and the call carried none or another (401): pass the server's key as api_key."""

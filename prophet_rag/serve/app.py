@@ -1,8 +1,10 @@
 """The HTTP app: OpenAI's chat-completions API over one engine, with health, model list and Prometheus metrics.
 
-Routes: `GET /health` (200 while the app serves: the model is loaded before it starts), `GET /v1/models`,
-`POST /v1/chat/completions` (openai_api.py; `"stream": true` answers server-sent events ending `data: [DONE]`) and
-`GET /metrics`. With an API key configured, every /v1 route needs `Authorization: Bearer <key>` (401 otherwise);
+Routes: `GET /health` (200 while the app serves: the model is loaded before it starts), `GET /v1/models` (with
+the context window as `max_model_len`, as vLLM lists it), `POST /v1/chat/completions` (openai_api.py;
+`"stream": true` answers server-sent events ending `data: [DONE]`), `POST /v1/tokenize` (the served model's token
+ids of a text or of chat messages, vLLM's shape: what the client helpers count tokens with) and `GET /metrics`.
+With an API key configured, every /v1 route needs `Authorization: Bearer <key>` (401 otherwise);
 /health and /metrics stay open for probes and scrapers, and tell nothing about any request's content.
 
 The handler reads the body within `max_body_bytes` (413 past it), parses it (400), and submits it to the scheduler
@@ -35,7 +37,7 @@ from prophet_rag.serve.scheduler import Job, Overloaded, Scheduler
 
 log = logging.getLogger(__name__)
 
-CHAT, MODELS = "/v1/chat/completions", "/v1/models"
+CHAT, MODELS, TOKENIZE = "/v1/chat/completions", "/v1/models", "/v1/tokenize"
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection first; only metrics see it
 
 
@@ -64,7 +66,7 @@ def create_app(engine, config: ServeConfig | None = None, scheduler: Scheduler |
 
     def refuse(path: str, error: api.APIError) -> JSONResponse:
         # Any other path counts as one label value: a client must not be able to mint metric series.
-        endpoint = path if path in (CHAT, MODELS) else "other"
+        endpoint = path if path in (CHAT, MODELS, TOKENIZE) else "other"
         metrics.requests.labels(endpoint, str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -102,7 +104,18 @@ def create_app(engine, config: ServeConfig | None = None, scheduler: Scheduler |
         authorize(request)
         metrics.requests.labels(MODELS, "200").inc()
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "prophet-rag"}]}
+                                            "owned_by": "prophet-rag", "max_model_len": engine.context_window}]}
+
+    @app.post(TOKENIZE)
+    async def tokenize(request: Request) -> dict[str, Any]:
+        authorize(request)
+        raw = await _read_body(request, config.max_body_bytes)
+        try:
+            ids = await asyncio.to_thread(api.tokenize, raw, engine.builder)
+        except InvalidRequestError as error:
+            raise api.bad_request(str(error)) from None
+        metrics.requests.labels(TOKENIZE, "200").inc()
+        return {"count": len(ids), "max_model_len": engine.context_window, "tokens": ids}
 
     @app.post(CHAT)
     async def chat_completions(request: Request):

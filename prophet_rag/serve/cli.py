@@ -43,6 +43,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bytes of finished requests' KV kept so a conversation's next turn computes only its new "
                              "tokens (PrefixCacheConfig.max_bytes; default 0: off)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    ray = parser.add_argument_group("replicas on Ray Serve (docs/serve.md)")
+    ray.add_argument("--ray", action="store_true", help="serve engine replicas on Ray Serve behind one endpoint")
+    ray.add_argument("--replicas", type=int, default=None, help="replicas (default 1; the minimum when autoscaling)")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
+    ray.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    ray.add_argument("--cpus-per-replica", type=float, default=None, help="CPUs each replica reserves and runs "
+                     "torch on (default 1)")
+    ray.add_argument("--gpus-per-replica", type=float, default=None,
+                     help="GPUs each replica reserves (default: 1 with --device cuda, else 0)")
 
 
 def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
@@ -61,6 +70,12 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
                          max_chars=args.max_chars, max_tokens=args.max_new_tokens)
     if args.remote_url:
         store = replace(store, remote_url=args.remote_url)
+    ray_options = ("replicas", "max_replicas", "address", "cpus_per_replica", "gpus_per_replica")
+    if args.ray:
+        return _serve_on_ray(args, store, config)
+    if any(getattr(args, name) is not None for name in ray_options):
+        raise ProphetRAGError("--replicas, --max-replicas, --address, --cpus-per-replica and --gpus-per-replica "
+                              "need --ray; add --ray or drop them.")
     print(f"Loading model {args.model or 'embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
     engine = ProphetEngine.from_pretrained(args.model, device=args.device, store=store,
                                            selection=SelectionConfig(method=args.method, ratio=args.ratio),
@@ -72,4 +87,23 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
     with engine:
         uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=30)
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, store: StoreConfig, config: ServeConfig) -> int:
+    try:
+        from prophet_rag.serve import replicas
+    except ImportError as error:
+        raise ProphetRAGError(f"--ray needs {error.name}; run `pip install 'prophet-rag[serve-ray]'`.") from None
+    cpus = args.cpus_per_replica if args.cpus_per_replica is not None else 1.0
+    gpus = args.gpus_per_replica if args.gpus_per_replica is not None else float(args.device.startswith("cuda"))
+    scaling = replicas.Scaling(replicas=args.replicas or 1, max_replicas=args.max_replicas, cpus_per_replica=cpus,
+                               gpus_per_replica=gpus)
+    if store.remote_url is None and (scaling.max_replicas or scaling.replicas) > 1:
+        print("Warning: replicas without --remote-url share no tier: each computes every document itself.",
+              file=sys.stderr, flush=True)
+    spec = replicas.ReplicaSpec(args.model, args.device, store, SelectionConfig(method=args.method, ratio=args.ratio),
+                                GenerationConfig(max_new_tokens=args.max_new_tokens), config,
+                                threads=max(1, int(cpus)))
+    replicas.run(spec, scaling, host=args.host, port=args.port, address=args.address)
     return 0

@@ -222,6 +222,23 @@ def _generation(body: Mapping[str, Any], defaults: GenerationConfig, config: Ser
     return replace(defaults, **options)
 
 
+def tokenize(raw: bytes, builder) -> list[int]:
+    """The token ids of a /v1/tokenize body: `{"prompt": text}` as the engine tokenizes a message's content, or
+    `{"messages": [...]}` rendered with the chat template, generation prompt included."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise bad_request(f"the request body is not valid JSON ({error}); send a JSON object.") from None
+    if not isinstance(body, dict) or len(set(body) & {"prompt", "messages"}) != 1 or set(body) - {
+            "prompt", "messages", "model"}:
+        raise bad_request("a tokenize body is {'prompt': text} or {'messages': [...]} (and optionally 'model').")
+    if "prompt" in body:
+        if not isinstance(body["prompt"], str):
+            raise bad_request("'prompt' must be a string.", "prompt")
+        return builder.encode(body["prompt"]).tolist()
+    return builder.chat_layout(_messages(body["messages"])).joined_ids().tolist()
+
+
 # ---- responses ------------------------------------------------------------------------------------------------------
 
 def completion_id() -> str:

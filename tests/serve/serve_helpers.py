@@ -87,6 +87,7 @@ class ScriptedEngine:
     user message says "too long" fails its checks as a context-window error would."""
 
     model_name = "scripted"
+    context_window = 2048
 
     def __init__(self) -> None:
         self.generation = GenerationConfig(max_new_tokens=8)
