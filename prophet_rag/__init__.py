@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prophet_rag.config import GenerationConfig, PromptConfig, SelectionConfig, StoreConfig
+from prophet_rag.config import BatchConfig, GenerationConfig, PromptConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import (
     CacheCorruptionError,
     ContextWindowError,
     IncompatibleCacheError,
     InvalidRequestError,
     ModelLoadError,
+    OverloadedError,
     ProphetRAGError,
     StoreError,
     UnsupportedModelError,
@@ -44,9 +45,9 @@ _LAZY = {
 }
 
 __all__ = [
-    "GenerationConfig", "PromptConfig", "SelectionConfig", "StoreConfig", "CacheCorruptionError",
-    "ContextWindowError", "IncompatibleCacheError", "InvalidRequestError", "ModelLoadError", "ProphetRAGError",
-    "StoreError",
+    "BatchConfig", "GenerationConfig", "PromptConfig", "SelectionConfig", "StoreConfig", "CacheCorruptionError",
+    "ContextWindowError", "IncompatibleCacheError", "InvalidRequestError", "ModelLoadError", "OverloadedError",
+    "ProphetRAGError", "StoreError",
     "UnsupportedModelError", *_LAZY,
 ]
 

@@ -44,3 +44,8 @@ class UnauthenticatedEntryError(CacheCorruptionError):
 class UnsupportedFeatureError(ProphetRAGError, NotImplementedError):
     """A framework feature the adapters do not provide yet (tool calling); a NotImplementedError too, so framework
     code that probes for the feature that way still works."""
+
+
+class OverloadedError(ProphetRAGError):
+    """More requests than the engine or the server admits at once (every place taken and the waiting line full, or a
+    request waited past its time): retry later, or raise the limits (`BatchConfig`, `ServeConfig`)."""
