@@ -63,7 +63,8 @@ class _Running:
         self.admission, self.cache, self.state, self.token = admission, cache, state, token
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = False
-        """Set by the request's thread when it stops reading; the batcher drops the request before its next step."""
+        """Set by the request's thread when it stops reading: the request leaves at once between steps, or after
+        the step under way."""
 
 
 class Admission:
@@ -96,6 +97,8 @@ class DecodeBatcher:
         self._admitted = 0
         self._waiting: deque[object] = deque()
         self._running: list[_Running] = []
+        self._stepping: list[_Running] = []
+        """The requests of the step under way, whose caches the batcher's thread is using."""
         self._thread: threading.Thread | None = None
         self._steps = self._rows = 0
 
@@ -162,23 +165,27 @@ class DecodeBatcher:
                     raise item
                 yield item
         finally:
-            request.cancelled = True
+            with self._cond:
+                request.cancelled = True
+                if request in self._running and request not in self._stepping:
+                    self._leave(request)  # between steps: its place is free at once
 
     def _loop(self) -> None:
         while True:
             with self._cond:
                 for request in [r for r in self._running if r.cancelled]:
-                    self._leave(request)
+                    self._leave(request)  # it stopped reading during the last step
                 if not self._running:
                     self._thread = None
                     return
-                batch = list(self._running)
+                batch = self._stepping = list(self._running)
             try:
                 with self._lock:
                     logits = decode_step(self._adapter, [r.cache for r in batch], [r.token for r in batch])
             except Exception as error:  # every request of the failed step gets the error; the batcher goes on
                 log.exception("a batched decode step failed")
                 with self._cond:
+                    self._stepping = []
                     for request in batch:
                         request.out.put(error)
                         self._leave(request)
@@ -200,6 +207,7 @@ class DecodeBatcher:
             with self._cond:
                 self._steps += 1
                 self._rows += len(batch)
+                self._stepping = []
                 for request in finished:
                     self._leave(request)
 
