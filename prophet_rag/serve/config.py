@@ -24,12 +24,12 @@ def _check_positive(name: str, value: object, kind: type) -> None:
 class ServeConfig:
     """How `prophet-rag serve` admits and bounds requests.
 
-    `max_in_flight` requests run on the engine at once (and are decoded together) and up to `max_queue` more wait; a request beyond those is
-    answered 503 at once, as is one still waiting after `queue_timeout_s`. A running request is stopped after
-    `request_timeout_s` (queue time included). A request body over `max_body_bytes`, more than `max_documents`
-    documents or more than `max_chars` characters of documents and messages together is refused before the engine
-    sees it. `max_tokens` is what a request that names no `max_tokens` gets. With `api_key` set, every /v1 request
-    must carry it as a bearer token.
+    `max_in_flight` requests run on the engine at once (its decode steps batch them) and up to `max_queue` more
+    wait; a request beyond those is answered 503 at once, as is one still waiting after `queue_timeout_s`. A running
+    request is stopped after `request_timeout_s` (queue time included). A request body over `max_body_bytes`, more
+    than `max_documents` documents or more than `max_chars` characters of documents and messages together is refused
+    before the engine sees it. `max_tokens` is what a request that names no `max_tokens` gets. With `api_key` set,
+    every /v1 request must carry it as a bearer token.
     """
 
     api_key: str | None = field(default=None, repr=False)

@@ -135,8 +135,8 @@ class Scheduler:
                 raise OverloadedError("the server is shutting down; retry on another replica.")
             free = self.max_in_flight - self._running
             if len(self._waiting) >= self.max_queue + max(free, 0):
-                raise OverloadedError(f"{self._running} requests are running and {len(self._waiting)} waiting, the most "
-                                 "this server queues; retry later.")
+                raise OverloadedError(f"{self._running} requests are running and {len(self._waiting)} waiting, the "
+                                      "most this server queues; retry later.")
             self._waiting.append(job)
             self._cond.notify()
         return job

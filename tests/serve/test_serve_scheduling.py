@@ -11,8 +11,7 @@ import httpx
 import pytest
 
 from prophet_rag.config import GenerationConfig
-from prophet_rag.errors import ContextWindowError
-from prophet_rag.errors import OverloadedError
+from prophet_rag.errors import ContextWindowError, OverloadedError
 from prophet_rag.serve.scheduler import EngineRequest, Scheduler
 from serve_helpers import ScriptedEngine
 
