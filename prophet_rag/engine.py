@@ -23,6 +23,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -496,14 +497,14 @@ class ProphetEngine:
         eos = set(generation.eos_token_ids or self._default_eos())
         text = TextAssembler(self.tokenizer, generation.stop)
         t_decode = time.perf_counter()
-        tokens = admission.decode(prefill.cache, logits, Decoding(generation, eos))
-        for token in tokens:
-            delta = text.push(token)
-            if delta:
-                yield delta
-            if text.stopped:
-                break
-        tokens.close()  # stopped by a stop string: the request leaves the batch before its next step
+        # Closed however the loop ends (a stop string, the consumer closing the stream): the request leaves the batch.
+        with closing(admission.decode(prefill.cache, logits, Decoding(generation, eos))) as tokens:
+            for token in tokens:
+                delta = text.push(token)
+                if delta:
+                    yield delta
+                if text.stopped:
+                    break
         tail = text.finish()
         if tail:
             yield tail

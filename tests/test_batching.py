@@ -112,6 +112,15 @@ def test_a_closed_stream_leaves_the_batch_and_frees_its_place(make_engine):
     assert engine.batcher.stats().rows < 200  # it did not run to its budget
 
 
+def test_a_stream_dropped_midway_frees_its_place(make_engine):
+    engine = make_engine("llama", batch=BatchConfig(max_batch=1, max_waiting=0))
+    chunks, question, generation = _request(2)
+    next(iter(engine.stream(chunks, question, generation=GenerationConfig(max_new_tokens=200,
+                                                                          eos_token_ids=NO_EOS))))
+    _wait_until(lambda: engine.batcher.stats().admitted == 0)
+    assert len(engine.answer(chunks, question, generation=generation).token_ids) == generation.max_new_tokens
+
+
 def test_a_cancelled_request_leaves_the_others_untouched(make_engine):
     engine = make_engine("llama")
     expected = _answer(engine, 4).token_ids
