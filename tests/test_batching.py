@@ -74,6 +74,25 @@ def test_short_requests_leave_while_long_ones_go_on(make_engine):
     assert engine.batcher.stats().admitted == 0 and engine.batcher.stats().running == 0
 
 
+def test_a_prefill_takes_its_turn_between_the_decode_steps_of_a_running_request(make_engine, monkeypatch):
+    engine = make_engine("llama")
+    real = batcher_module.decode_step
+
+    def slow(*args):  # 400 steps of the long request take >= 2 s
+        time.sleep(0.005)
+        return real(*args)
+
+    monkeypatch.setattr(batcher_module, "decode_step", slow)
+    chunks, question, generation = _request(0)
+    expected = engine.answer(chunks, question, generation=generation).token_ids
+    long = iter(engine.stream(chunks, question, generation=GenerationConfig(max_new_tokens=400,
+                                                                            eos_token_ids=NO_EOS)))
+    next(long)
+    assert engine.answer(chunks, question, generation=generation).token_ids == expected
+    assert engine.batcher.stats().running == 1  # the long request is still decoding: it did not hold the engine
+    long.close()
+
+
 def test_seeded_sampling_is_reproducible_per_request_in_a_batch(make_engine):
     engine = make_engine("llama")
     sampled = {"temperature": 1.0, "top_k": 20}
