@@ -4,6 +4,7 @@ plain Hugging Face `generate` behind the same server code (issue 21).
     python benchmarks/bench_serve.py                                  # embedded SmolLM2-135M, CPU, 2 threads
     python benchmarks/bench_serve.py --levels 1,2,4,8,16 --requests 16 --max-tokens 32 --out bench-results/serve
     python benchmarks/bench_serve.py --device cuda --threads 8
+    python benchmarks/bench_serve.py --requests 8 --max-tokens 16 --hf-levels 1,8     # shorter, on a busy machine
 
 Three real server processes (`python -m prophet_rag.cli serve`, uvicorn, each with a temporary store and
 `OMP_NUM_THREADS=--threads`), all up at once and loaded one at a time:
@@ -193,6 +194,8 @@ def medians(rows: list[dict], levels: list[int], names: list[str]) -> list[dict]
     for clients in levels:
         for name in names:
             runs = [r for r in rows if r["clients"] == clients and r["server"] == name]
+            if not runs:
+                continue
             merged = {key: statistics.median(r[key] for r in runs) for key in runs[0]
                       if key not in ("server", "clients", "requests", "round", "mean_batch", "same_as_serial")}
             batches = [r["mean_batch"] for r in runs if r["mean_batch"] is not None]
@@ -241,6 +244,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the levels; the table shows medians")
     parser.add_argument("--max-batch", type=int, default=16, help="the batched server's --max-batch")
+    parser.add_argument("--hf-levels", default=None,
+                        help="the levels the hf server runs (default: all; it answers one request at a time at any)")
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"a subset of {','.join(SERVERS)}")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each server")
     parser.add_argument("--device", default="cpu")
@@ -249,6 +254,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for serve.json and serve.md")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
+    hf_levels = [int(x) for x in args.hf_levels.split(",")] if args.hf_levels else levels
     names = args.servers.split(",")
     count = max(args.requests, max(levels))
     bodies = make_requests(count, args.docs, args.zipf, args.seed)
@@ -270,6 +276,8 @@ def main() -> None:
             for turn, (round_, clients) in enumerate(runs):
                 order = servers[turn % len(servers):] + servers[: turn % len(servers)]
                 for server in order:
+                    if server.name == "hf" and clients not in hf_levels:
+                        continue
                     steps, rows_before = (server.metric("prophet_rag_decode_steps_total"),
                                           server.metric("prophet_rag_decode_rows_total"))
                     wall, results = run_level(server, bodies, clients, args.max_tokens)
