@@ -258,7 +258,8 @@ def main() -> None:
     names = args.servers.split(",")
     count = max(args.requests, max(levels))
     bodies = make_requests(count, args.docs, args.zipf, args.seed)
-    print(f"bench_serve: servers {names}, levels {levels}, {count} requests per level, {args.docs} documents each, "
+    print(f"bench_serve: servers {names}, levels {levels}, {args.requests} requests per level (at least one per "
+          f"client; {count} for the serial reference), {args.docs} documents each, "
           f"max_tokens {args.max_tokens}, greedy, OMP_NUM_THREADS={args.threads}, device {args.device}, "
           f"load at start {os.getloadavg()[0]:.1f}", flush=True)
     rows: list[dict] = []
@@ -280,7 +281,8 @@ def main() -> None:
                         continue
                     steps, rows_before = (server.metric("prophet_rag_decode_steps_total"),
                                           server.metric("prophet_rag_decode_rows_total"))
-                    wall, results = run_level(server, bodies, clients, args.max_tokens)
+                    sent = bodies[: max(args.requests, clients)]
+                    wall, results = run_level(server, sent, clients, args.max_tokens)
                     steps = server.metric("prophet_rag_decode_steps_total") - steps
                     batch = (server.metric("prophet_rag_decode_rows_total") - rows_before) / steps if steps else None
                     rows.append(summarize(server.name, clients, wall, results, reference[server.name], batch))
