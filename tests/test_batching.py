@@ -170,6 +170,14 @@ def test_a_full_engine_with_no_waiting_room_refuses_with_overloaded(make_engine)
     assert len(engine.answer(chunks, question, generation=generation).token_ids) == generation.max_new_tokens
 
 
+def test_requests_one_after_another_always_find_the_place_free(make_engine):
+    # The batcher lets a finished request's place go before handing over its last token, so a caller that starts
+    # its next request at once is never refused, even with no waiting room.
+    engine = make_engine("llama", batch=BatchConfig(max_batch=1, max_waiting=0))
+    for i in range(20):
+        assert _answer(engine, i).token_ids
+
+
 def test_a_waiting_request_runs_once_a_place_frees(make_engine):
     engine = make_engine("llama", batch=BatchConfig(max_batch=1, max_waiting=1))
     chunks, question, generation = _request(0)

@@ -190,19 +190,19 @@ class DecodeBatcher:
                         request.out.put(error)
                         self._leave(request)
                 continue
-            finished = []
+            delivered, finished = [], []
             for request, row in zip(batch, logits, strict=True):
                 try:
                     token = request.state.take(row)
                 except Exception as error:  # this request's constraint failed: it alone ends
-                    request.out.put(error)
+                    delivered.append((request, [error]))
                     finished.append(request)
                     continue
                 if token is not None:
                     request.token = token
-                    request.out.put(token)
-                if token is None or request.state.finished:
-                    request.out.put(_END)
+                ends = token is None or request.state.finished
+                delivered.append((request, [item for item in (token, _END if ends else None) if item is not None]))
+                if ends:
                     finished.append(request)
             with self._cond:
                 self._steps += 1
@@ -210,6 +210,11 @@ class DecodeBatcher:
                 self._stepping = []
                 for request in finished:
                     self._leave(request)
+            # After the finished requests have left: a caller that has its last token and starts another request at
+            # once finds the place free.
+            for request, items in delivered:
+                for item in items:
+                    request.out.put(item)
 
     def _leave(self, request: _Running) -> None:
         """Under `_cond`: take `request` out of the batch and let its place go."""
