@@ -89,7 +89,7 @@ class Server:
             env["PROPHET_RAG_HOME"] = args.home
         command = [sys.executable, "-m", "prophet_rag.cli", "serve", "--port", str(port), "--store", str(home / "kv"),
                    "--device", args.device, "--max-new-tokens", str(args.max_tokens), "--log-level", "warning",
-                   "--max-queue", "64", *extra]
+                   "--max-queue", "64", "--queue-timeout", "3600", "--request-timeout", "3600", *extra]
         self.log = home / "server.log"
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
