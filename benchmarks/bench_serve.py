@@ -291,6 +291,7 @@ def main() -> None:
                     print(f"round {round_}  {clients:>2} clients  {server.name:<8} {r['requests_per_s']:.3f} req/s  "
                           f"{r['tokens_per_s']:.2f} tok/s  TTFT p50 {r['ttft_p50_s']:.2f} p95 {r['ttft_p95_s']:.2f}  "
                           f"e2e p50 {r['e2e_p50_s']:.2f} p95 {r['e2e_p95_s']:.2f}  hits {r['hit_rate']:.2f}  "
+                          f"batch {batch if batch is None else round(batch, 2)}  "
                           f"same {r['same_as_serial']}/{r['requests']}", flush=True)
         finally:
             for server in servers:
