@@ -9,13 +9,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prophet_rag.config import GenerationConfig, PrefixCacheConfig, PromptConfig, SelectionConfig, StoreConfig
+from prophet_rag.config import (
+    BatchConfig,
+    GenerationConfig,
+    PrefixCacheConfig,
+    PromptConfig,
+    SelectionConfig,
+    StoreConfig,
+)
 from prophet_rag.errors import (
     CacheCorruptionError,
     ContextWindowError,
     IncompatibleCacheError,
     InvalidRequestError,
     ModelLoadError,
+    OverloadedError,
     ProphetRAGError,
     StoreError,
     UnsupportedModelError,
@@ -46,9 +54,9 @@ _LAZY = {
 }
 
 __all__ = [
-    "GenerationConfig", "PrefixCacheConfig", "PromptConfig", "SelectionConfig", "StoreConfig", "CacheCorruptionError",
-    "ContextWindowError", "IncompatibleCacheError", "InvalidRequestError", "ModelLoadError", "ProphetRAGError",
-    "StoreError",
+    "BatchConfig", "GenerationConfig", "PrefixCacheConfig", "PromptConfig", "SelectionConfig", "StoreConfig",
+    "CacheCorruptionError", "ContextWindowError", "IncompatibleCacheError", "InvalidRequestError", "ModelLoadError",
+    "OverloadedError", "ProphetRAGError", "StoreError",
     "UnsupportedModelError", *_LAZY,
 ]
 

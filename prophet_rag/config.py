@@ -1,8 +1,9 @@
 """Typed, frozen configuration, validated where it is built.
 
 `SelectionConfig` says which context tokens are recomputed, `GenerationConfig` how the answer is decoded,
-`PromptConfig` how a request is laid out, `StoreConfig` where chunk KV caches live and `PrefixCacheConfig` how much
-of finished requests' KV is kept for the next turn of their conversations.
+`PromptConfig` how a request is laid out, `StoreConfig` where chunk KV caches live, `PrefixCacheConfig` how much
+of finished requests' KV is kept for the next turn of their conversations and `BatchConfig` how many requests are
+decoded together.
 """
 
 from __future__ import annotations
@@ -110,6 +111,24 @@ class GenerationConfig:
             object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in ids))
         if self.seed is not None:
             _check_int("seed", self.seed, 0, " (or None)")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How many requests an engine decodes together (continuous batching, `compute/batcher.py`).
+
+    Up to `max_batch` requests hold a place at once: each is prefilled on its caller's thread, then decoded with the
+    others, one forward pass per step over all of them. Up to `max_waiting` more callers wait for a place, first come
+    first served; a request beyond those raises `OverloadedError` when it starts. `max_batch=1` turns batching off:
+    requests then run one after another.
+    """
+
+    max_batch: int = 8
+    max_waiting: int = 64
+
+    def __post_init__(self) -> None:
+        _check_int("max_batch", self.max_batch, 1, " (1 turns batching off)")
+        _check_int("max_waiting", self.max_waiting, 0, " (0: refuse a request when every place is taken)")
 
 
 @dataclass(frozen=True)

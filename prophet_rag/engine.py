@@ -4,14 +4,17 @@ A request runs as a pipeline: lay out `prefix | chunks | suffix` (layout.py); ge
 chunk cache, computing what no tier holds (cache/chunk_cache.py); let the selection method order the chunks and
 stitch their blocks behind the exact prefix, re-rotated to their global positions (compute/stitched.py); let the
 method pick the context tokens to recompute (selection/); recompute them with the suffix (stitched.forward_rows);
-decode (compute/generate.py). A method that reuses no cached KV (`full`) is plain full prefill over the same ids.
-With a prefix cache (cache/prefix_cache.py), a finished request's KV is kept, and a later request starting with
-the same tokens (the next turn of a conversation) copies it in and computes only what follows.
+decode with the other running requests (compute/batcher.py). A method that reuses no cached KV (`full`) is plain
+full prefill over the same ids. With a prefix cache (cache/prefix_cache.py), a finished request's KV is kept, and a
+later request starting with the same tokens (the next turn of a conversation) copies it in and computes only what
+follows.
 
 One engine serves many threads: requests are laid out, checked and detokenized concurrently, and their model
 computation (each prefill, each decode step, each chunk ingested) runs one at a time under the engine's compute lock
-(compute/lock.py), first come first served. A stream holds the lock only while it computes its next token, never
-while its consumer has the text, so streams interleave token by token and an abandoned stream blocks nobody.
+(compute/lock.py), first come first served. Up to `BatchConfig.max_batch` requests hold a place at once; each is
+prefilled on its caller's thread, then decoded together with the others, one forward pass per step for all of them
+(continuous batching), its tokens handed to its thread through a queue, so a slow or abandoned consumer blocks
+nobody.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -34,7 +38,8 @@ from prophet_rag.cache.codec import EntryMeta
 from prophet_rag.cache.hot_cache import HotCache
 from prophet_rag.cache.prefix_cache import PrefixCache
 from prophet_rag.cache.store import KVStore, kv_storage
-from prophet_rag.compute.generate import TextAssembler, decode
+from prophet_rag.compute.batcher import Admission, DecodeBatcher
+from prophet_rag.compute.generate import Decoding, TextAssembler
 from prophet_rag.compute.lock import ComputeLock
 from prophet_rag.compute.model_adapter import ModelAdapter
 from prophet_rag.compute.prefill import prefill_full, prefill_isolated
@@ -46,7 +51,14 @@ from prophet_rag.compute.stitched import (
     reposition,
     stitched_layout,
 )
-from prophet_rag.config import GenerationConfig, PrefixCacheConfig, PromptConfig, SelectionConfig, StoreConfig
+from prophet_rag.config import (
+    BatchConfig,
+    GenerationConfig,
+    PrefixCacheConfig,
+    PromptConfig,
+    SelectionConfig,
+    StoreConfig,
+)
 from prophet_rag.errors import ContextWindowError, InvalidRequestError, ModelLoadError
 from prophet_rag.layout import PromptBuilder, RequestLayout
 from prophet_rag.results import Answer, RequestStats
@@ -174,6 +186,7 @@ class ProphetEngine:
     that many bytes of recently used chunk KV on the model's device in front of the store, and `host_cache_bytes`
     that many in (pinned) host memory behind it (see `hot_cache`): set them when serving on a GPU. `prefix_cache`
     keeps finished requests' KV for the next turn of their conversations (see `cache.prefix_cache`; off by default).
+    `batch` bounds how many requests run at once and are decoded together (`BatchConfig`: 8, and 64 waiting).
     """
 
     def __init__(
@@ -190,6 +203,7 @@ class ProphetEngine:
         hot_cache_bytes: int = 0,
         host_cache_bytes: int = 0,
         prefix_cache: PrefixCacheConfig | None = None,
+        batch: BatchConfig | None = None,
     ) -> None:
         self.adapter = ModelAdapter(model)
         self.tokenizer = tokenizer
@@ -201,6 +215,7 @@ class ProphetEngine:
         self.sink_ids = self.builder.sink_ids()
         meta = EntryMeta.for_model(model, tokenizer, self.adapter.spec, self.kv_dtype, kv_storage(store))
         self._compute = ComputeLock()
+        self.batcher = DecodeBatcher(self.adapter, self._compute, batch)
         compute = self._locked(partial(prefill_isolated, self.adapter, kv_dtype=self.kv_dtype))
         tiers = build_tiers(store, hot_cache_bytes, host_cache_bytes, meta)
         self.cache = ChunkCache(tiers, meta, self.sink_ids, compute)
@@ -389,7 +404,14 @@ class ProphetEngine:
                return_logits: bool) -> AnswerStream:
         generation = generation or self.generation
         self._check_window(layout, generation)
-        return AnswerStream(self._run(layout, selection, generation, return_logits))
+        return AnswerStream(self._admitted(partial(self._run, layout, selection, generation, return_logits)))
+
+    def _admitted(self, pipeline) -> Iterator[str]:
+        """`pipeline(admission)`'s deltas, once the request has a place among the requests decoded together
+        (`DecodeBatcher.admit`, when iteration starts; its statistics' times start there); the place is given back
+        when the pipeline ends or is closed."""
+        with self.batcher.admit() as admission:
+            return (yield from pipeline(admission))
 
     # ---- validation -------------------------------------------------------------------------------------------
 
@@ -552,7 +574,7 @@ class ProphetEngine:
             self.prefix_cache.put(cache.token_ids[:n], cache.kv[:, :, :n])
 
     def _run(self, layout: RequestLayout, selection: SelectionConfig, generation: GenerationConfig,
-             return_logits: bool) -> Iterator[str]:
+             return_logits: bool, admission: Admission) -> Iterator[str]:
         t0 = time.perf_counter()
         prefill = self._prefill(layout, selection, layout.total_tokens + generation.max_new_tokens)
         with self._compute, torch.inference_mode():
@@ -562,13 +584,14 @@ class ProphetEngine:
         eos = set(generation.eos_token_ids or self._default_eos())
         text = TextAssembler(self.tokenizer, generation.stop)
         t_decode = time.perf_counter()
-        tokens = decode(self.adapter, prefill.cache, logits, generation, eos)
-        while (token := self._locked(next)(tokens, None)) is not None:
-            delta = text.push(token)
-            if delta:
-                yield delta
-            if text.stopped:
-                break
+        # Closed however the loop ends (a stop string, the consumer closing the stream): the request leaves the batch.
+        with closing(admission.decode(prefill.cache, logits, Decoding(generation, eos))) as tokens:
+            for token in tokens:
+                delta = text.push(token)
+                if delta:
+                    yield delta
+                if text.stopped:
+                    break
         tail = text.finish()
         if tail:
             yield tail

@@ -66,3 +66,8 @@ class ServerUnavailableError(ServerError):
 
 class ServerAuthenticationError(ServerError):
     """The server wants an API key and the call carried none or another (401): pass the server's key as api_key."""
+
+
+class OverloadedError(ProphetRAGError):
+    """More requests than the engine or the server admits at once (every place taken and the waiting line full, or a
+    request waited past its time): retry later, or raise the limits (`BatchConfig`, `ServeConfig`)."""

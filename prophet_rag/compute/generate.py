@@ -55,17 +55,41 @@ def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.
     return token
 
 
+class Decoding:
+    """One request's decoding rules, whichever loop runs its forward passes (`decode` here, the batcher's steps):
+    its sampling generator (seeded per request), its constraint, its EOS ids and its token budget.
+
+    `take(logits)` chooses the next token with `next_token`; None means the request ends here (an EOS id, not
+    emitted). After a token, `finished` says whether it was the last one (the budget is spent or the constraint
+    allows nothing more), so no forward pass is needed for it.
+    """
+
+    def __init__(self, config: GenerationConfig, eos: Collection[int], constraint: LogitsConstraint | None = None):
+        self.config, self.eos, self.constraint = config, frozenset(eos), constraint
+        self.generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        self.produced = 0
+        self.finished = False
+
+    def take(self, logits: torch.Tensor) -> int | None:
+        assert not self.finished, "take after the request finished"
+        token = next_token(logits, self.config, self.generator, self.constraint)
+        if token in self.eos:
+            self.finished = True
+            return None
+        self.produced += 1
+        self.finished = self.produced == self.config.max_new_tokens or (
+            self.constraint is not None and self.constraint.is_finished())
+        return token
+
+
 def decode(adapter: ModelAdapter, cache: StitchedCache, logits: torch.Tensor, config: GenerationConfig,
            eos: Collection[int], constraint: LogitsConstraint | None = None) -> Iterator[int]:
     """Sample up to `config.max_new_tokens` tokens, starting from the first token's `logits`; ends at an EOS id
-    (not yielded) or when `constraint` allows nothing more."""
-    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-    for step in range(config.max_new_tokens):
-        token = next_token(logits, config, generator, constraint)
-        if token in eos:
-            return
+    (not yielded) or when `constraint` allows nothing more. One request alone: `batcher` decodes many together."""
+    state = Decoding(config, eos, constraint)
+    while (token := state.take(logits)) is not None:
         yield token
-        if step == config.max_new_tokens - 1 or (constraint is not None and constraint.is_finished()):
+        if state.finished:
             return
         logits = decode_one(adapter, cache, token)
 

@@ -29,11 +29,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from prophet_rag.errors import ContextWindowError, InvalidRequestError
+from prophet_rag.errors import ContextWindowError, InvalidRequestError, OverloadedError
 from prophet_rag.serve import openai_api as api
 from prophet_rag.serve.config import ServeConfig
 from prophet_rag.serve.metrics import Metrics
-from prophet_rag.serve.scheduler import Job, Overloaded, Scheduler
+from prophet_rag.serve.scheduler import Job, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def _overloaded(message: str, config: ServeConfig) -> api.APIError:
 def _submit(scheduler: Scheduler, request, config: ServeConfig) -> Job:
     try:
         return scheduler.submit(request)
-    except Overloaded as error:
+    except OverloadedError as error:
         raise _overloaded(f"overloaded: {error}", config) from None
 
 
@@ -213,7 +213,7 @@ def _engine_error(error: Exception, config: ServeConfig) -> api.APIError:
         return api.bad_request(str(error), "messages", "context_length_exceeded")
     if isinstance(error, InvalidRequestError):
         return api.bad_request(str(error))
-    if isinstance(error, Overloaded):  # the scheduler closed while the request waited
+    if isinstance(error, OverloadedError):  # the scheduler closed while the request waited, or the engine is full
         return _overloaded(f"overloaded: {error}", config)
     log.error("request failed", exc_info=error)
     return api.APIError(500, f"the engine failed on this request ({type(error).__name__}); see the server's log.",

@@ -9,7 +9,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from prophet_rag.config import GenerationConfig, PrefixCacheConfig, SelectionConfig, StoreConfig
+from prophet_rag.config import BatchConfig, GenerationConfig, PrefixCacheConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import ProphetRAGError
 from prophet_rag.serve.config import API_KEY_ENV, ServeConfig, read_api_key
 
@@ -27,8 +27,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key-file", default=None,
                         help=f"file holding the bearer key every /v1 request must carry (or set {API_KEY_ENV})")
     parser.add_argument("--served-model-name", default=None, help="model id in /v1/models and responses")
-    parser.add_argument("--max-in-flight", type=int, default=defaults.max_in_flight,
-                        help="requests running on the engine at once (default %(default)s)")
+    parser.add_argument("--max-batch", type=int, default=BatchConfig().max_batch,
+                        help="requests the engine decodes together, one forward pass per step (default "
+                             "%(default)s; 1 turns batching off: requests run one after another)")
+    parser.add_argument("--max-in-flight", type=int, default=None,
+                        help="requests running on the engine at once (default: --max-batch)")
+    parser.add_argument("--backend", default="prophet", choices=("prophet", "hf"),
+                        help="prophet (default): the engine, with KV reuse and batching; hf: plain Hugging Face "
+                             "generate on the flattened prompt, one request at a time (a baseline)")
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
                         help="requests waiting beyond those; more are answered 503 (default %(default)s)")
     parser.add_argument("--queue-timeout", type=float, default=defaults.queue_timeout_s,
@@ -63,8 +69,10 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
         raise ProphetRAGError(f"the server needs {error.name}; run `{SERVE_INSTALL}`.") from None
     from prophet_rag.engine import ProphetEngine
 
+    batch = BatchConfig(max_batch=args.max_batch)
+    in_flight = batch.max_batch if args.max_in_flight is None else args.max_in_flight
     config = ServeConfig(api_key=read_api_key(args.api_key_file), model_name=args.served_model_name,
-                         max_in_flight=args.max_in_flight, max_queue=args.max_queue,
+                         max_in_flight=in_flight, max_queue=args.max_queue,
                          queue_timeout_s=args.queue_timeout, request_timeout_s=args.request_timeout,
                          max_body_bytes=args.max_body_bytes, max_documents=args.max_documents,
                          max_chars=args.max_chars, max_tokens=args.max_new_tokens)
@@ -77,10 +85,16 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
         raise ProphetRAGError("--replicas, --max-replicas, --address, --cpus-per-replica and --gpus-per-replica "
                               "need --ray; add --ray or drop them.")
     print(f"Loading model {args.model or 'embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
-    engine = ProphetEngine.from_pretrained(args.model, device=args.device, store=store,
+    # Workers beyond the engine's places wait inside it for one (first come, first served), never refused there.
+    batch = BatchConfig(max_batch=batch.max_batch, max_waiting=max(in_flight - batch.max_batch, 0))
+    engine = ProphetEngine.from_pretrained(args.model, device=args.device, store=store, batch=batch,
                                            selection=SelectionConfig(method=args.method, ratio=args.ratio),
                                            generation=GenerationConfig(max_new_tokens=args.max_new_tokens),
                                            prefix_cache=PrefixCacheConfig(max_bytes=args.prefix_cache_bytes))
+    if args.backend == "hf":
+        from prophet_rag.serve.hf_backend import HFGenerateBackend
+
+        engine = HFGenerateBackend(engine)
     if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"Warning: serving on {args.host} without an API key; set {API_KEY_ENV} or --api-key-file.",
               file=sys.stderr, flush=True)

@@ -24,18 +24,18 @@ def _check_positive(name: str, value: object, kind: type) -> None:
 class ServeConfig:
     """How `prophet-rag serve` admits and bounds requests.
 
-    `max_in_flight` requests run on the engine at once and up to `max_queue` more wait; a request beyond those is
-    answered 503 at once, as is one still waiting after `queue_timeout_s`. A running request is stopped after
-    `request_timeout_s` (queue time included). A request body over `max_body_bytes`, more than `max_documents`
-    documents or more than `max_chars` characters of documents and messages together is refused before the engine
-    sees it. `max_tokens` is what a request that names no `max_tokens` gets. With `api_key` set, every /v1 request
-    must carry it as a bearer token.
+    `max_in_flight` requests run on the engine at once (its decode steps batch them) and up to `max_queue` more
+    wait; a request beyond those is answered 503 at once, as is one still waiting after `queue_timeout_s`. A running
+    request is stopped after `request_timeout_s` (queue time included). A request body over `max_body_bytes`, more
+    than `max_documents` documents or more than `max_chars` characters of documents and messages together is refused
+    before the engine sees it. `max_tokens` is what a request that names no `max_tokens` gets. With `api_key` set,
+    every /v1 request must carry it as a bearer token.
     """
 
     api_key: str | None = field(default=None, repr=False)
     model_name: str | None = None
     """The id /v1/models lists and responses carry (None: the engine's model name)."""
-    max_in_flight: int = 1
+    max_in_flight: int = 8
     max_queue: int = 32
     queue_timeout_s: float = 60.0
     request_timeout_s: float = 600.0

@@ -2,14 +2,15 @@
 
 Per request: counts by endpoint and HTTP status (499: the client went away first), time to first token as the
 client sees it (queue wait included) and end to end, queue wait, and the token counts of `usage` (prompt, cached,
-recomputed, completion). Read at scrape time: queue depth, requests in flight, and every cache tier's hits and
-misses (`engine.cache.stats()`, since the process started).
+recomputed, completion). Read at scrape time: queue depth, requests in flight, every cache tier's hits and misses
+(`engine.cache.stats()`, since the process started), and the decode batch (`engine.batcher.stats()`: requests in
+it now, steps and rows so far, whose ratio is the mean batch size).
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from prophet_rag.results import RequestStats
 
@@ -35,6 +36,26 @@ class _TierCollector:
         yield misses
 
 
+class _BatchCollector:
+    """The engine's decode batch, read when scraped."""
+
+    def __init__(self, batcher) -> None:
+        self._batcher = batcher
+
+    def collect(self):
+        stats = self._batcher.stats()
+        size = GaugeMetricFamily("prophet_rag_decode_batch_size", "Requests in the engine's decode batch now.")
+        size.add_metric([], stats.running)
+        steps = CounterMetricFamily("prophet_rag_decode_steps", "Batched decode steps (forward passes) run.")
+        steps.add_metric([], stats.steps)
+        rows = CounterMetricFamily("prophet_rag_decode_rows", "Request-steps decoded; rows / steps is the mean "
+                                   "batch size.")
+        rows.add_metric([], stats.rows)
+        yield size
+        yield steps
+        yield rows
+
+
 class Metrics:
     def __init__(self, engine, scheduler) -> None:
         self.registry = CollectorRegistry()
@@ -56,6 +77,8 @@ class Metrics:
         Gauge("prophet_rag_requests_in_flight", "Requests running on the engine.", registry=r).set_function(
             lambda: scheduler.in_flight)
         r.register(_TierCollector(engine))
+        if getattr(engine, "batcher", None) is not None:  # the `hf` backend decodes one request at a time
+            r.register(_BatchCollector(engine.batcher))
 
     def finished(self, stats: RequestStats) -> None:
         prompt = stats.prefix_tokens + stats.context_tokens + stats.suffix_tokens

@@ -1,14 +1,16 @@
 """Admission and concurrency for the server: a bounded queue in front of a fixed number of engine workers.
 
-The event loop never runs the engine. `Scheduler.submit` queues a request (or refuses it at once with `Overloaded`
-when the queue is full) and returns its `Job`; a worker thread takes it, starts it on the engine
+The event loop never runs the engine. `Scheduler.submit` queues a request (or refuses it at once with
+`OverloadedError` when the queue is full) and returns its `Job`; a worker thread takes it, starts it on the engine
 (`engine.stream_chat`, which checks the request before any compute) and hands each text delta back to the event
 loop. A job cancelled while it waits leaves the queue at once; one cancelled while it runs stops at its next
 delta, and its generator is closed, so no further forward pass runs for it.
 
-This is the interface the server relies on (`submit`, `Job.started`, iterating a job, `Job.answer`, `Job.cancel`,
-`queue_depth`, `in_flight`, `close`): a scheduler that batches the decode steps of its running requests can take
-this one's place without the server changing.
+The workers are where batching comes from: the engine decodes every request its callers are running together, one
+forward pass per step (continuous batching, `compute/batcher.py`), so `max_in_flight` workers give batches of up to
+`max_in_flight` requests (bounded by the engine's own `BatchConfig.max_batch`). This is the interface the server
+relies on (`submit`, `Job.started`, iterating a job, `Job.answer`, `Job.cancel`, `queue_depth`, `in_flight`,
+`close`).
 """
 
 from __future__ import annotations
@@ -23,14 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from prophet_rag.config import GenerationConfig
-from prophet_rag.errors import ProphetRAGError
+from prophet_rag.errors import OverloadedError
 from prophet_rag.results import Answer
 
 log = logging.getLogger(__name__)
-
-
-class Overloaded(ProphetRAGError):
-    """Every worker is busy and the queue is full (or a request waited past its time): retry later."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ class Scheduler:
     """`max_in_flight` worker threads running requests on `engine` one at a time each, and up to `max_queue`
     requests waiting for them (first come, first served)."""
 
-    def __init__(self, engine, *, max_in_flight: int = 1, max_queue: int = 32) -> None:
+    def __init__(self, engine, *, max_in_flight: int = 8, max_queue: int = 32) -> None:
         self._engine = engine
         self.max_in_flight, self.max_queue = max_in_flight, max_queue
         self._waiting: deque[Job] = deque()
@@ -130,15 +128,15 @@ class Scheduler:
             return self._running
 
     def submit(self, request: EngineRequest) -> Job:
-        """Queue `request`; raises `Overloaded` when `max_queue` requests already wait and no worker is free."""
+        """Queue `request`; raises `OverloadedError` when `max_queue` requests already wait and no worker is free."""
         job = Job(request, asyncio.get_running_loop(), self._withdraw)
         with self._cond:
             if self._closed:
-                raise Overloaded("the server is shutting down; retry on another replica.")
+                raise OverloadedError("the server is shutting down; retry on another replica.")
             free = self.max_in_flight - self._running
             if len(self._waiting) >= self.max_queue + max(free, 0):
-                raise Overloaded(f"{self._running} requests are running and {len(self._waiting)} waiting, the most "
-                                 "this server queues; retry later.")
+                raise OverloadedError(f"{self._running} requests are running and {len(self._waiting)} waiting, the "
+                                      "most this server queues; retry later.")
             self._waiting.append(job)
             self._cond.notify()
         return job
@@ -151,7 +149,7 @@ class Scheduler:
             self._cond.notify_all()
         for job in waiting:
             job._cancelled.set()
-            job._emit("error", Overloaded("the server is shutting down; retry on another replica."))
+            job._emit("error", OverloadedError("the server is shutting down; retry on another replica."))
         for worker in self._workers:
             worker.join(timeout_s)
 

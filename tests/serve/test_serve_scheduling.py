@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from prophet_rag.config import GenerationConfig
-from prophet_rag.errors import ContextWindowError
-from prophet_rag.serve.scheduler import EngineRequest, Overloaded, Scheduler
+from prophet_rag.errors import ContextWindowError, OverloadedError
+from prophet_rag.serve.scheduler import EngineRequest, Scheduler
 from serve_helpers import ScriptedEngine
 
 
@@ -50,7 +50,7 @@ async def test_the_queue_is_bounded_and_a_full_one_refuses_at_once():
     await running.started()
     waiting = [scheduler.submit(request(x)) for x in "bc"]
     assert (scheduler.in_flight, scheduler.queue_depth) == (1, 2)
-    with pytest.raises(Overloaded):
+    with pytest.raises(OverloadedError):
         scheduler.submit(request("d"))
     waiting[0].cancel()  # a cancelled waiting job gives its place back at once
     assert scheduler.queue_depth == 1
@@ -96,9 +96,9 @@ async def test_close_fails_the_waiting_jobs_as_overloaded():
     # The worker may already have taken the waiting job; hold it so close() finds it either running or waiting.
     await asyncio.to_thread(scheduler.close, 0.1)
     if engine.started == ["a"]:
-        with pytest.raises(Overloaded):
+        with pytest.raises(OverloadedError):
             await waiting.started()
-    with pytest.raises(Overloaded):
+    with pytest.raises(OverloadedError):
         scheduler.submit(request("c"))
     engine.release(100)
 

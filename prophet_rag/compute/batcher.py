@@ -1,0 +1,222 @@
+"""Continuous batching: the decode steps of every running request run as one forward pass per step.
+
+A request first takes a place (`DecodeBatcher.admit`): at most `max_batch` requests hold one, so at most that many
+stitched caches are alive; up to `max_waiting` more callers wait for one, first come first served, and a request
+beyond those raises `OverloadedError`. Holding its place, the request is prefilled on its caller's thread and
+chooses its first token there (no forward pass is needed for it); then `Admission.decode` hands it to the batcher.
+
+The batcher's thread runs `batch.decode_step` over every running request, under the engine's compute lock, and
+chooses each request's next token with that request's own `generate.Decoding` (`next_token`: its generator, its
+constraint), outside the lock. Tokens reach the request's thread through a queue of its own, so a slow consumer
+holds up no one. Requests join after their prefill and leave between steps: at an EOS id, at their token budget,
+when their constraint allows nothing more, or when their consumer closes the token iterator (a stream closed, or
+dropped, or stopped by a stop string), which the batcher sees before its next step. A place is given back once the
+request has left the batch and its thread has let it go, so no more than `max_batch` caches are ever in use.
+
+The compute lock grants in arrival order, so other requests' prefills take turns with decode steps: a prefill waits
+for at most the step under way, and a step waits for the prefills that asked before it. The thread runs only while
+some request is decoding, and starts again with the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from prophet_rag.compute.batch import decode_step
+from prophet_rag.compute.generate import Decoding
+from prophet_rag.compute.lock import ComputeLock
+from prophet_rag.compute.model_adapter import ModelAdapter
+from prophet_rag.compute.stitched import StitchedCache
+from prophet_rag.config import BatchConfig
+from prophet_rag.errors import OverloadedError
+
+log = logging.getLogger(__name__)
+
+_END = object()
+"""Put on a request's queue after its last token."""
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What the batcher has done since it was built: `running` requests in the batch now, `admitted` holding a
+    place, `waiting` for one; `steps` forward passes run and `rows` request-steps in them (`rows / steps` is the
+    mean batch size)."""
+
+    running: int
+    admitted: int
+    waiting: int
+    steps: int
+    rows: int
+
+
+class _Running:
+    """A request in the batch: its cache, its decoding rules, the token its next step takes, and its queue."""
+
+    def __init__(self, admission: Admission, cache: StitchedCache, state: Decoding, token: int) -> None:
+        self.admission, self.cache, self.state, self.token = admission, cache, state, token
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = False
+        """Set by the request's thread when it stops reading: the request leaves at once between steps, or after
+        the step under way."""
+
+
+class Admission:
+    """A request's place (a context manager). Its holders are the request's thread and, while the request is in
+    the batch, the batcher: the place is free again once both have let it go."""
+
+    def __init__(self, batcher: DecodeBatcher) -> None:
+        self._batcher = batcher
+        self._holders = 1
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._batcher._release(self)
+
+    def decode(self, cache: StitchedCache, logits: torch.Tensor, state: Decoding) -> Iterator[int]:
+        """The request's tokens, the first chosen from its prefill's `[vocab]` `logits` on this thread, the others
+        by the batcher. Close the iterator to leave the batch early."""
+        return self._batcher._decode(self, cache, logits, state)
+
+
+class DecodeBatcher:
+    """Admits requests and decodes the admitted ones together; one per engine, sharing the engine's `lock`."""
+
+    def __init__(self, adapter: ModelAdapter, lock: ComputeLock, config: BatchConfig | None = None) -> None:
+        self._adapter, self._lock = adapter, lock
+        self.config = config or BatchConfig()
+        self._cond = threading.Condition()
+        self._admitted = 0
+        self._waiting: deque[object] = deque()
+        self._running: list[_Running] = []
+        self._stepping: list[_Running] = []
+        """The requests of the step under way, whose caches the batcher's thread is using."""
+        self._thread: threading.Thread | None = None
+        self._steps = self._rows = 0
+
+    def stats(self) -> BatchStats:
+        with self._cond:
+            return BatchStats(len(self._running), self._admitted, len(self._waiting), self._steps, self._rows)
+
+    def admit(self) -> Admission:
+        """A place for one request, once one is free and the callers who asked before have theirs; raises
+        `OverloadedError` at once when `max_waiting` callers already wait."""
+        limit = self.config.max_batch
+        with self._cond:
+            if self._admitted < limit and not self._waiting:
+                self._admitted += 1
+                return Admission(self)
+            if len(self._waiting) >= self.config.max_waiting:
+                raise OverloadedError(
+                    f"the engine is decoding {self._admitted} requests (max_batch) and {len(self._waiting)} more "
+                    "wait (max_waiting); retry later, or raise BatchConfig(max_batch=..., max_waiting=...).")
+            ticket = object()
+            self._waiting.append(ticket)
+            try:
+                while self._waiting[0] is not ticket or self._admitted >= limit:
+                    self._cond.wait()
+            except BaseException:  # interrupted while waiting: give the place in line up
+                self._waiting.remove(ticket)
+                self._cond.notify_all()
+                raise
+            self._waiting.popleft()
+            self._admitted += 1
+            self._cond.notify_all()  # the next in line may fit too
+            return Admission(self)
+
+    def _release(self, admission: Admission) -> None:
+        with self._cond:
+            self._let_go(admission)
+
+    def _let_go(self, admission: Admission) -> None:
+        """Under `_cond`: one holder of `admission` is done with it; the last one frees the place."""
+        admission._holders -= 1
+        if admission._holders == 0:
+            self._admitted -= 1
+            self._cond.notify_all()
+
+    def _decode(self, admission: Admission, cache: StitchedCache, logits: torch.Tensor,
+                state: Decoding) -> Iterator[int]:
+        token = state.take(logits)
+        if token is None:
+            return
+        if state.finished:
+            yield token
+            return
+        request = _Running(admission, cache, state, token)
+        with self._cond:
+            admission._holders += 1
+            self._running.append(request)  # its next token comes from the next step
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="prophet-rag-decode", daemon=True)
+                self._thread.start()
+        try:
+            yield token
+            while (item := request.out.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            with self._cond:
+                request.cancelled = True
+                if request in self._running and request not in self._stepping:
+                    self._leave(request)  # between steps: its place is free at once
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                for request in [r for r in self._running if r.cancelled]:
+                    self._leave(request)  # it stopped reading during the last step
+                if not self._running:
+                    self._thread = None
+                    return
+                batch = self._stepping = list(self._running)
+            try:
+                with self._lock:
+                    logits = decode_step(self._adapter, [r.cache for r in batch], [r.token for r in batch])
+            except Exception as error:  # every request of the failed step gets the error; the batcher goes on
+                log.exception("a batched decode step failed")
+                with self._cond:
+                    self._stepping = []
+                    for request in batch:
+                        request.out.put(error)
+                        self._leave(request)
+                continue
+            delivered, finished = [], []
+            for request, row in zip(batch, logits, strict=True):
+                try:
+                    token = request.state.take(row)
+                except Exception as error:  # this request's constraint failed: it alone ends
+                    delivered.append((request, [error]))
+                    finished.append(request)
+                    continue
+                if token is not None:
+                    request.token = token
+                ends = token is None or request.state.finished
+                delivered.append((request, [item for item in (token, _END if ends else None) if item is not None]))
+                if ends:
+                    finished.append(request)
+            with self._cond:
+                self._steps += 1
+                self._rows += len(batch)
+                self._stepping = []
+                for request in finished:
+                    self._leave(request)
+            # After the finished requests have left: a caller that has its last token and starts another request at
+            # once finds the place free.
+            for request, items in delivered:
+                for item in items:
+                    request.out.put(item)
+
+    def _leave(self, request: _Running) -> None:
+        """Under `_cond`: take `request` out of the batch and let its place go."""
+        self._running.remove(request)
+        self._let_go(request.admission)

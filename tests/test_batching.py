@@ -1,0 +1,261 @@
+"""Continuous batching in the engine: concurrent requests decoded together answer exactly as they do one by one,
+join and leave between steps, can be cancelled, and are bounded (issue 21)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from prophet_rag.compute import batcher as batcher_module
+from prophet_rag.compute.generate import Decoding
+from prophet_rag.compute.prefill import prefill_full
+from prophet_rag.config import BatchConfig, GenerationConfig
+from prophet_rag.errors import InvalidRequestError, OverloadedError
+from tiny import CHUNKS, QUERY
+
+QUESTIONS = (QUERY, "Which city is the capital of France?", "What jumps over the lazy dog?", "Who is Beta?")
+NO_EOS = (10**6,)  # an id no tiny model emits: every request runs to its own budget
+
+
+def _request(i: int) -> tuple[list[str], str, GenerationConfig]:
+    """Request i: its own documents, question and budget, so requests differ in length and finish apart."""
+    chunks = [CHUNKS[(i + j) % len(CHUNKS)] for j in range(1 + i % 3)]
+    return chunks, QUESTIONS[i % len(QUESTIONS)], GenerationConfig(max_new_tokens=2 + (i * 5) % 11,
+                                                                    eos_token_ids=NO_EOS)
+
+
+def _answer(engine, i: int, **generation):
+    chunks, question, config = _request(i)
+    if generation:
+        config = GenerationConfig(**{**config.__dict__, **generation})
+    return engine.answer(chunks, question, generation=config)
+
+
+def _together(engine, count: int, **generation):
+    """`count` requests from as many threads at once; their answers in request order."""
+    start = threading.Barrier(count)
+
+    def run(i):
+        start.wait()
+        return _answer(engine, i, **generation)
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(run, range(count)))
+
+
+def _wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_concurrent_requests_get_the_tokens_they_get_one_by_one(make_engine, family):
+    engine = make_engine(family)
+    serial = [_answer(engine, i).token_ids for i in range(12)]
+    before = engine.batcher.stats()
+    together = [answer.token_ids for answer in _together(engine, 12)]
+    assert together == serial
+    after = engine.batcher.stats()
+    steps, rows = after.steps - before.steps, after.rows - before.rows
+    assert rows > steps  # some steps decoded several requests at once
+
+
+def test_short_requests_leave_while_long_ones_go_on(make_engine):
+    engine = make_engine("llama")
+    answers = _together(engine, 6)
+    budgets = [_request(i)[2].max_new_tokens for i in range(6)]
+    assert [len(a.token_ids) for a in answers] == budgets and len(set(budgets)) > 1
+    assert engine.batcher.stats().admitted == 0 and engine.batcher.stats().running == 0
+
+
+def test_a_prefill_takes_its_turn_between_the_decode_steps_of_a_running_request(make_engine, monkeypatch):
+    engine = make_engine("llama")
+    real = batcher_module.decode_step
+
+    def slow(*args):  # 400 steps of the long request take >= 2 s
+        time.sleep(0.005)
+        return real(*args)
+
+    monkeypatch.setattr(batcher_module, "decode_step", slow)
+    chunks, question, generation = _request(0)
+    expected = engine.answer(chunks, question, generation=generation).token_ids
+    long = iter(engine.stream(chunks, question, generation=GenerationConfig(max_new_tokens=400,
+                                                                            eos_token_ids=NO_EOS)))
+    next(long)
+    assert engine.answer(chunks, question, generation=generation).token_ids == expected
+    assert engine.batcher.stats().running == 1  # the long request is still decoding: it did not hold the engine
+    long.close()
+
+
+def test_seeded_sampling_is_reproducible_per_request_in_a_batch(make_engine):
+    engine = make_engine("llama")
+    sampled = {"temperature": 1.0, "top_k": 20}
+    serial = [_answer(engine, i, seed=100 + i, **sampled).token_ids for i in range(8)]
+    start = threading.Barrier(8)
+
+    def run(i):
+        start.wait()
+        return _answer(engine, i, seed=100 + i, **sampled).token_ids
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(run, range(8))) == serial
+    assert len(set(serial)) > 1
+
+
+def test_stop_strings_end_a_request_inside_a_batch_as_they_do_alone(make_engine):
+    engine = make_engine("llama")
+    alone = _answer(engine, 3)
+    stop = alone.text[len(alone.text) // 2 :][:2]
+    assert stop.strip()
+    expected = _answer(engine, 3, stop=(stop,))
+    assert len(expected.token_ids) < len(alone.token_ids)
+    answers = _together(engine, 6, stop=(stop,))
+    assert answers[3].token_ids == expected.token_ids and answers[3].text == expected.text
+
+
+def test_a_closed_stream_leaves_the_batch_and_frees_its_place(make_engine):
+    engine = make_engine("llama", batch=BatchConfig(max_batch=2))
+    chunks, question, _ = _request(0)
+    stream = engine.stream(chunks, question, generation=GenerationConfig(max_new_tokens=200, eos_token_ids=NO_EOS))
+    deltas = iter(stream)
+    next(deltas)
+    assert engine.batcher.stats().admitted == 1
+    deltas.close()
+    _wait_until(lambda: engine.batcher.stats().admitted == 0)
+    assert engine.batcher.stats().rows < 200  # it did not run to its budget
+
+
+def test_a_stream_dropped_midway_frees_its_place(make_engine):
+    engine = make_engine("llama", batch=BatchConfig(max_batch=1, max_waiting=0))
+    chunks, question, generation = _request(2)
+    next(iter(engine.stream(chunks, question, generation=GenerationConfig(max_new_tokens=200,
+                                                                          eos_token_ids=NO_EOS))))
+    _wait_until(lambda: engine.batcher.stats().admitted == 0)
+    assert len(engine.answer(chunks, question, generation=generation).token_ids) == generation.max_new_tokens
+
+
+def test_a_cancelled_request_leaves_the_others_untouched(make_engine):
+    engine = make_engine("llama")
+    expected = _answer(engine, 4).token_ids
+    chunks, question, _ = _request(1)
+    stream = iter(engine.stream(chunks, question, generation=GenerationConfig(max_new_tokens=200,
+                                                                              eos_token_ids=NO_EOS)))
+    next(stream)
+    other: list = []
+    thread = threading.Thread(target=lambda: other.append(_answer(engine, 4).token_ids))
+    thread.start()
+    _wait_until(lambda: engine.batcher.stats().running == 2)  # both decoding together
+    stream.close()
+    thread.join(60)
+    assert other == [expected]
+    _wait_until(lambda: engine.batcher.stats().admitted == 0)
+
+
+def test_a_full_engine_with_no_waiting_room_refuses_with_overloaded(make_engine):
+    engine = make_engine("llama", batch=BatchConfig(max_batch=1, max_waiting=0))
+    chunks, question, generation = _request(0)
+    held = iter(engine.stream(chunks, question, generation=GenerationConfig(max_new_tokens=50,
+                                                                            eos_token_ids=NO_EOS)))
+    next(held)
+    with pytest.raises(OverloadedError, match="max_batch"):
+        engine.answer(chunks, question, generation=generation)
+    held.close()
+    _wait_until(lambda: engine.batcher.stats().admitted == 0)  # freed after the step under way, if any
+    assert len(engine.answer(chunks, question, generation=generation).token_ids) == generation.max_new_tokens
+
+
+def test_requests_one_after_another_always_find_the_place_free(make_engine):
+    # The batcher lets a finished request's place go before handing over its last token, so a caller that starts
+    # its next request at once is never refused, even with no waiting room.
+    engine = make_engine("llama", batch=BatchConfig(max_batch=1, max_waiting=0))
+    for i in range(20):
+        assert _answer(engine, i).token_ids
+
+
+def test_a_waiting_request_runs_once_a_place_frees(make_engine):
+    engine = make_engine("llama", batch=BatchConfig(max_batch=1, max_waiting=1))
+    chunks, question, generation = _request(0)
+    expected = engine.answer(chunks, question, generation=generation).token_ids
+    held = iter(engine.stream(chunks, question, generation=GenerationConfig(max_new_tokens=50,
+                                                                            eos_token_ids=NO_EOS)))
+    next(held)
+    waiter: list = []
+    thread = threading.Thread(target=lambda: waiter.append(engine.answer(chunks, question,
+                                                                         generation=generation).token_ids))
+    thread.start()
+    _wait_until(lambda: engine.batcher.stats().waiting == 1)
+    with pytest.raises(OverloadedError):  # the one place in line is taken
+        engine.answer(chunks, question, generation=generation)
+    assert not waiter
+    held.close()
+    thread.join(60)
+    assert waiter == [expected]
+
+
+def test_a_failed_step_fails_its_requests_and_frees_their_places(make_engine, monkeypatch):
+    engine = make_engine("llama")
+
+    def broken(*args):
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(batcher_module, "decode_step", broken)
+    with pytest.raises(RuntimeError, match="step failed"):
+        _answer(engine, 2)
+    _wait_until(lambda: engine.batcher.stats().admitted == 0)
+    monkeypatch.undo()
+    assert len(_answer(engine, 2).token_ids) == _request(2)[2].max_new_tokens
+
+
+class _Forced:
+    """A constraint that allows one token, `steps` times, then nothing more."""
+
+    def __init__(self, token: int, steps: int) -> None:
+        self.token, self.steps, self.masked, self.taken = token, steps, 0, []
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        self.masked += 1
+        keep = logits[self.token].clone()
+        logits.fill_(float("-inf"))
+        logits[self.token] = keep
+        return logits
+
+    def advance(self, token: int) -> None:
+        self.taken.append(token)
+
+    def is_finished(self) -> bool:
+        return len(self.taken) >= self.steps
+
+
+def test_each_batched_request_keeps_its_own_constraint(make_engine):
+    engine = make_engine("llama")
+    runs = []
+    for i, steps in enumerate((2, 5)):
+        layout = engine.builder.layout(CHUNKS[: i + 1], QUESTIONS[i])
+        ids = layout.joined_ids()
+        cache, hidden = prefill_full(engine.adapter, ids, int(layout.prefix_ids.numel()), ids.numel() + 8,
+                                     torch.float32)
+        with torch.inference_mode():
+            logits = engine.adapter.logits(hidden[-1:])[0]
+        constraint = _Forced(int(torch.argmin(logits)), steps)
+        admission = engine.batcher.admit()
+        state = Decoding(GenerationConfig(max_new_tokens=8), NO_EOS, constraint)
+        runs.append((admission, admission.decode(cache, logits, state), constraint))
+    firsts = [next(tokens) for _, tokens, _ in runs]  # both requests join the batch
+    for (admission, tokens, constraint), first in zip(runs, firsts, strict=True):
+        with admission:
+            assert [first, *tokens] == [constraint.token] * constraint.steps
+        assert constraint.masked == constraint.steps  # one mask per token, none after the grammar ended
+    _wait_until(lambda: engine.batcher.stats().admitted == 0)
+
+
+@pytest.mark.parametrize("field, value", [("max_batch", 0), ("max_batch", 1.5), ("max_waiting", -1),
+                                          ("max_waiting", True)])
+def test_batch_config_is_checked_where_it_is_built(field, value):
+    with pytest.raises(InvalidRequestError, match=field):
+        BatchConfig(**{field: value})
