@@ -212,12 +212,13 @@ class ProphetSettings(BaseModel):
         request = ChatRequest(tuple(dict(message) for message in messages))
         return self.with_system_prompt(request) if system_prompt else request
 
-    def start(self, request: ChatRequest, options: Mapping[str, Any]) -> Call:
-        """Start answering `request`; bad input raises here, before any token is generated."""
+    def start(self, request: ChatRequest, options: Mapping[str, Any], **structured: Any) -> Call:
+        """Start answering `request`; bad input raises here, before any token is generated. `structured` holds the
+        engine's `tools`, `tool_choice` and `grammar` (see `ProphetEngine.chat`)."""
         selection, generation = self.configs(options)
         stream = self.engine.stream_chat(list(request.messages), request.documents, transient=request.transient,
                                          transient_prefix=request.transient_prefix, selection=selection,
-                                         generation=generation)
+                                         generation=generation, **structured)
         return Call(stream, generation, self.model_name)
 
     def token_ids(self, text: str) -> list[int]:
