@@ -21,6 +21,7 @@ from prophet_rag import GenerationConfig, InvalidRequestError, ProphetEngine, Se
 from prophet_rag.engine import AnswerStream
 from prophet_rag.layout import check_text
 from prophet_rag.results import Answer
+from prophet_rag.structured import Tool, as_tools, tool_choice
 
 OPTIONS = ("method", "ratio", "max_new_tokens", "temperature", "stop", "top_k", "top_p", "seed", "eos_token_ids")
 """What one call may override (`llm.invoke(..., max_new_tokens=8)`, `llm.complete(..., stop=["\\n"])`)."""
@@ -228,6 +229,16 @@ class ProphetSettings(BaseModel):
     def count_chat_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
         """How many tokens `messages` take once rendered with the chat template, generation prompt included."""
         return self.engine.builder.chat_layout(list(messages)).total_tokens
+
+
+def tool_request(engine: ProphetEngine, tools: Sequence[Mapping[str, Any]], choice: Any = None,
+                 parallel: bool | None = None) -> tuple[tuple[Tool, ...], dict[str, Any]]:
+    """The tools of a call (OpenAI-format mappings) and the engine's `tools` and `grammar` for them: calls of
+    `choice` (see `structured.tool_choice`), one call per answer unless `parallel` (a small model allowed several
+    tends to repeat its call until the budget ends)."""
+    bound = as_tools(tools)
+    fmt = engine.tool_format if parallel else replace(engine.tool_format, parallel=False)
+    return bound, {"tools": bound, "grammar": fmt.grammar(bound, tool_choice(choice, bound))}
 
 
 async def iterate_in_thread(deltas: Iterable[str]) -> AsyncIterator[str]:

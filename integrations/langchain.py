@@ -59,7 +59,7 @@ from pydantic import ConfigDict, Field, field_validator
 from prophet_rag import InvalidRequestError
 from prophet_rag.config import DEFAULT_INSTRUCTION
 from prophet_rag.integrations import langchain_runs
-from prophet_rag.integrations.common import Call, ChatRequest, ProphetSettings, check_documents
+from prophet_rag.integrations.common import Call, ChatRequest, ProphetSettings, check_documents, tool_request
 from prophet_rag.integrations.placement import Marks, locate
 from prophet_rag.structured import Grammar, ParsedOutput, Tool, as_tools
 from prophet_rag.structured import tool_choice as parse_tool_choice
@@ -320,8 +320,7 @@ class ChatProphet(_LangChainModel, BaseChatModel):
         tools = as_tools([convert_to_openai_tool(t) for t in tools])
         if max_chars is not None:
             tools = tuple(replace(t, parameters=bound_schema(t.parameters, max_chars, None)) for t in tools)
-        fmt = self.engine.tool_format if parallel else replace(self.engine.tool_format, parallel=False)
-        return tools, {"tools": tools, "grammar": fmt.grammar(tools, parse_tool_choice(choice, tools))}
+        return tool_request(self.engine, tools, choice, parallel)
 
     def _open(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any],
               run_manager: CallbackManagerForLLMRun | None) -> tuple[Call, tuple[Tool, ...]]:
