@@ -171,29 +171,33 @@ class _LangChainModel(ProphetSettings):
         return self.token_ids(text)
 
     def _call_start(self, messages: Sequence[Mapping[str, Any]], stop: list[str] | None, kwargs: dict[str, Any],
-                    run_manager: CallbackManagerForLLMRun | None, structured: Mapping[str, Any] | None = None) -> Call:
+                    run_manager: CallbackManagerForLLMRun | None, structured: Mapping[str, Any] | None = None,
+                    artifacts: Sequence[str] = ()) -> Call:
         """Start answering the call: the request `ProphetRAG` passed, else `messages` with the documents the run
         retrieved at their place (see `_recovered`); `structured`: the engine's tools and grammar."""
         request = kwargs.pop("prophet_request", None) or self._recovered(
-            messages, langchain_runs.call_parent(run_manager))
+            messages, langchain_runs.call_parent(run_manager), artifacts)
         # `stream` is LangChain's own flag for whether a call streams; every other keyword is a per-call option.
         options = {key: value for key, value in kwargs.items() if key != "stream"}
         if stop is not None:
             options["stop"] = stop
         return self.start(self.with_system_prompt(request), options, **(structured or {}))
 
-    def _recovered(self, messages: Sequence[Mapping[str, str]], parent_run_id: Any) -> ChatRequest:
-        """`messages` as a request, with the documents that the run around the call retrieved taken out of the
-        prompt as documents where they are found verbatim; a plain chat when the run retrieved none."""
+    def _recovered(self, messages: Sequence[Mapping[str, Any]], parent_run_id: Any,
+                   artifacts: Sequence[str] = ()) -> ChatRequest:
+        """`messages` as a request, with the documents that the run around the call retrieved (and the documents
+        tool results carry as their artifact, `artifacts`) taken out of the prompt as documents where they are found
+        verbatim; a plain chat when there are none."""
         seen = langchain_runs.RUNS.seen(parent_run_id)
-        if seen is None or not seen.documents:
+        documents = dict.fromkeys([*(seen.documents if seen is not None else ()), *artifacts])
+        if not documents:
             return ChatRequest(tuple(dict(message) for message in messages))
-        check_documents(list(seen.documents), "retrieved document")
-        request = locate(messages, seen.documents, seen.values)
+        check_documents(list(documents), "retrieved document")
+        request = locate(messages, documents, seen.values if seen is not None else ())
         if request is None:
             self._warn_once(
                 "documents",
-                f"{type(self).__name__} was called in a run that retrieved {len(seen.documents)} document(s), but "
+                f"{type(self).__name__} was called in a run that retrieved {len(documents)} document(s), but "
                 "none of them is in its prompt verbatim, so the prompt is answered as plain text with no KV reuse. "
                 "Put each document's page_content into the prompt unchanged (create_stuff_documents_chain does, and "
                 "so does '\\n\\n'.join(doc.page_content for doc in docs)), or use ProphetRAG in place of "
@@ -326,7 +330,9 @@ class ChatProphet(_LangChainModel, BaseChatModel):
               run_manager: CallbackManagerForLLMRun | None) -> tuple[Call, tuple[Tool, ...]]:
         tools, structured = self._structured(kwargs)
         converted = [_message(m, i) for i, m in enumerate(messages)]
-        return self._call_start(converted, stop, kwargs, run_manager, structured), tools
+        artifacts = [doc.page_content for m in messages if isinstance(m, ToolMessage)
+                     for doc in (m.artifact if isinstance(m.artifact, list) else []) if isinstance(doc, Document)]
+        return self._call_start(converted, stop, kwargs, run_manager, structured, artifacts), tools
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:

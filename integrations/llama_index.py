@@ -73,6 +73,7 @@ from prophet_rag.integrations.common import (
 )
 from prophet_rag.integrations.placement import Marks
 from prophet_rag.integrations.registry import ChunkRegistry
+from prophet_rag.layout import DOCUMENTS
 from prophet_rag.structured import ParsedOutput, Tool
 from prophet_rag.structured.stream import TextDelta, ToolCallStream
 
@@ -405,6 +406,24 @@ class ProphetLLM(FunctionCallingLLM, ProphetSettings):
             raise ValueError(f"expected at least one tool call, got none{f': {invalid}' if invalid else ''}.")
         return calls
 
+    def _tool_results(self, messages: list[dict[str, Any]], system_prompt: bool) -> ChatRequest | None:
+        """`messages` with the latest tool result that holds registered nodes (a `RetrieverTool` or
+        `QueryEngineTool` given `node_postprocessors=[ProphetKVPostprocessor(llm=...)]`) cut into them, each node a
+        cached chunk and the text between them one-off; None when no tool result holds one."""
+        if not len(self._registry):
+            return None
+        for index in reversed(range(len(messages))):
+            if messages[index]["role"] != "tool":
+                continue
+            pieces = self._registry.segment(messages[index]["content"])
+            if any(registered for _, registered in pieces):
+                request = [dict(message) for message in messages]
+                request[index] = {**messages[index], "content": [DOCUMENTS]}
+                chat = ChatRequest(tuple(request), tuple(text for text, _ in pieces),
+                                   tuple(not registered for _, registered in pieces))
+                return self.with_system_prompt(chat) if system_prompt else chat
+        return None
+
     # ---- message level: answer --------------------------------------------------------------------------------
 
     def _start(self, messages: Sequence[ChatMessage], options: Mapping[str, Any],
@@ -416,8 +435,9 @@ class ProphetLLM(FunctionCallingLLM, ProphetSettings):
         specs, choice = options.pop("tools", None), options.pop("tool_choice", None)
         parallel = options.pop("parallel_tool_calls", None)
         tools, structured = tool_request(self.engine, specs, choice, parallel) if specs else ((), {})
-        request = _REQUEST.get() or self.plain_request([_message(m, i) for i, m in enumerate(messages)],
-                                                       system_prompt=system_prompt)
+        converted = [_message(m, i) for i, m in enumerate(messages)]
+        request = _REQUEST.get() or self._tool_results(converted, system_prompt) or self.plain_request(
+            converted, system_prompt=system_prompt)
         call = self.start(request, options, **structured)
         entry: dict[str, Any] = {}
         for reports in _SCOPES.get():

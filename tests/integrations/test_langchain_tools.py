@@ -175,3 +175,48 @@ def test_structured_output_refuses_unknown_methods_and_arguments(chat):
         chat.with_structured_output(Person, method="xml")
     with pytest.raises(InvalidRequestError, match="unsupported"):
         chat.with_structured_output(Person, colour="red")
+
+
+# ---- documents that arrive as tool results are cached chunks ----------------------------------------------------
+
+FACTS = [f"Fact {i}: widget {i} weighs {i} kg." for i in range(3)]
+
+
+def _retriever_tool(response_format):
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+    from langchain_core.tools import create_retriever_tool
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    store = InMemoryVectorStore(DeterministicFakeEmbedding(size=8))
+    store.add_texts(FACTS)
+    # Every question retrieves all three facts, whatever query a random model writes.
+    retriever = store.as_retriever(search_kwargs={"k": len(FACTS)})
+    return create_retriever_tool(retriever, "search", "Search the facts.", response_format=response_format)
+
+
+def _agent_turn(chat, search, question):
+    """One retrieval round of an agent: a forced call of the retriever tool, its result, the answer."""
+    asked = [HumanMessage(question)]
+    ai = chat.bind_tools([search], tool_choice="any", max_string_chars=8).invoke(asked)
+    result = search.invoke(ai.tool_calls[0])
+    return chat.invoke([*asked, ai, result], max_new_tokens=4)
+
+
+def test_documents_a_retriever_tool_returns_as_artifact_are_cached_chunks(chat, calls):
+    search = _retriever_tool("content_and_artifact")
+    first = _agent_turn(chat, search, "What does widget 1 weigh?")
+    second = _agent_turn(chat, search, "And widget 2?")
+    assert sorted(calls[-1]["documents"]) == FACTS and calls[-1]["messages"][2]["role"] == "tool"
+    assert first.response_metadata["prophet_rag"]["cache_misses"] == len(FACTS)
+    assert second.response_metadata["prophet_rag"]["cache_hits"] == len(FACTS)
+
+
+def test_documents_of_a_content_only_retriever_tool_are_found_within_the_run(chat, calls):
+    from langchain_core.runnables import RunnableLambda
+
+    search = _retriever_tool("content")
+    agent = RunnableLambda(lambda question: _agent_turn(chat, search, question))
+    agent.invoke("What does widget 1 weigh?")
+    second = agent.invoke("And widget 2?")
+    assert sorted(calls[-1]["documents"]) == FACTS
+    assert second.response_metadata["prophet_rag"]["cache_hits"] == len(FACTS)

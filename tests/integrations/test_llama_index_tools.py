@@ -141,3 +141,54 @@ def test_structured_predict_gives_a_valid_instance(llm):
 def test_as_structured_llm_answers_chat_with_the_instance_as_json(llm):
     response = llm.as_structured_llm(Small).chat([ChatMessage(role="user", content="Two numbers?")])
     assert isinstance(response.raw, Small) and Small.model_validate_json(response.message.content) == response.raw
+
+
+# ---- nodes that arrive as tool results are cached chunks ---------------------------------------------------------
+
+
+def _retriever_tool(llm):
+    from llama_index.core import VectorStoreIndex
+    from llama_index.core.embeddings import MockEmbedding
+    from llama_index.core.schema import TextNode
+    from llama_index.core.tools import RetrieverTool, ToolMetadata
+
+    from prophet_rag.integrations.llama_index import ProphetKVPostprocessor
+
+    nodes = [TextNode(text=f"Fact {i}: widget {i} weighs {i} kg.") for i in range(3)]
+    # Every question retrieves all three facts, whatever query a random model writes.
+    retriever = VectorStoreIndex(nodes, embed_model=MockEmbedding(embed_dim=8)).as_retriever(similarity_top_k=3)
+    metadata = ToolMetadata(name="search", description="Search the facts.", fn_schema=Query)
+    return RetrieverTool(retriever, metadata, node_postprocessors=[ProphetKVPostprocessor(llm=llm)])
+
+
+class Query(BaseModel):
+    input: str = Field(max_length=8)
+
+
+def _agent_turn(llm, search, question):
+    """One retrieval round of an agent: a forced call of the retriever tool, its result, the answer."""
+    asked = [ChatMessage(role="user", content=question)]
+    called = llm.chat_with_tools([search], chat_history=list(asked), tool_required=True)
+    (selection,) = llm.get_tool_calls_from_response(called)
+    output = search.call(**selection.tool_kwargs)
+    result = ChatMessage(role="tool", content=output.content, additional_kwargs={"tool_call_id": selection.tool_id})
+    return llm.chat_with_tools([search], chat_history=[*asked, called.message, result], max_new_tokens=4)
+
+
+def test_nodes_a_retriever_tool_returns_are_cached_chunks(llm):
+    search = _retriever_tool(llm)
+    first = _agent_turn(llm, search, "What does widget 1 weigh?")
+    second = _agent_turn(llm, search, "And widget 2?")
+    assert first.additional_kwargs["prophet_rag"]["cache_misses"] == 3
+    assert second.additional_kwargs["prophet_rag"]["cache_hits"] == 3
+
+
+def test_a_tool_result_with_no_registered_node_is_plain_text(llm, engine):
+    _retriever_tool(llm)
+    history = [ChatMessage(role="user", content="Hi"),
+               ChatMessage(role="assistant", blocks=[ToolCallBlock(tool_call_id="c1", tool_name="search",
+                                                                   tool_kwargs={"input": "x"})]),
+               ChatMessage(role="tool", content="Nothing found.", additional_kwargs={"tool_call_id": "c1"})]
+    response = llm.chat(history, max_new_tokens=2)
+    stats = response.additional_kwargs["prophet_rag"]
+    assert (stats["cache_hits"], stats["cache_misses"], stats["method"]) == (0, 0, "full")
