@@ -220,3 +220,25 @@ def test_documents_of_a_content_only_retriever_tool_are_found_within_the_run(cha
     second = agent.invoke("And widget 2?")
     assert sorted(calls[-1]["documents"]) == FACTS
     assert second.response_metadata["prophet_rag"]["cache_hits"] == len(FACTS)
+
+
+def test_a_langgraph_agent_reuses_the_documents_of_its_retriever_tool(chat):
+    pytest.importorskip("langgraph")
+    from langgraph.graph import END, START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+
+    search = _retriever_tool("content_and_artifact")
+    caller = chat.bind_tools([search], tool_choice="any", max_string_chars=8)
+    graph = StateGraph(MessagesState)
+    graph.add_node("retrieve", lambda state: {"messages": [caller.invoke(state["messages"])]})
+    graph.add_node("tools", ToolNode([search]))
+    graph.add_node("answer", lambda state: {"messages": [chat.invoke(state["messages"], max_new_tokens=4)]})
+    graph.add_edge(START, "retrieve")
+    graph.add_edge("retrieve", "tools")
+    graph.add_edge("tools", "answer")
+    graph.add_edge("answer", END)
+    agent = graph.compile()
+    stats = [agent.invoke({"messages": [HumanMessage(q)]})["messages"][-1].response_metadata["prophet_rag"]
+             for q in ("What does widget 1 weigh?", "And widget 2?")]
+    assert (stats[0]["cache_misses"], stats[0]["cache_hits"]) == (len(FACTS), 0)
+    assert (stats[1]["cache_misses"], stats[1]["cache_hits"]) == (0, len(FACTS))
