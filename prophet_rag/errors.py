@@ -39,8 +39,3 @@ class IncompatibleCacheError(StoreError):
 class UnauthenticatedEntryError(CacheCorruptionError):
     """A stored entry's MAC did not verify with the store's key: it was written without the key, with another key,
     or altered since. Such an entry is never used."""
-
-
-class UnsupportedFeatureError(ProphetRAGError, NotImplementedError):
-    """A framework feature the adapters do not provide yet (tool calling); a NotImplementedError too, so framework
-    code that probes for the feature that way still works."""
