@@ -264,7 +264,8 @@ class ChatProphet(_LangChainModel, BaseChatModel):
         always follows the tools' schemas, so `strict` changes nothing.
         """
         formatted = [convert_to_openai_tool(t) for t in tools]
-        parse_tool_choice(tool_choice, as_tools(formatted))  # a bad name fails here, not at the first call
+        # A bad tool or tool_choice fails here rather than at the first call; two tools of one name fail there.
+        parse_tool_choice(tool_choice, [Tool.from_openai(t) for t in formatted])
         bound: dict[str, Any] = {"tools": formatted}
         if tool_choice is not None:
             bound["tool_choice"] = tool_choice

@@ -70,6 +70,12 @@ def test_bind_tools_binds_openai_format_tools_and_checks_tool_choice_at_once(cha
         chat.bind_tools([get_weather], tool_choice="missing")
 
 
+def test_two_tools_of_one_name_bind_but_are_refused_when_called(chat):
+    bound = chat.bind_tools([Person, Person.model_json_schema()])  # as LangChain's standard unit suite binds them
+    with pytest.raises(InvalidRequestError, match="unique"):
+        bound.invoke("Hi")
+
+
 @pytest.mark.parametrize("choice", ["any", "required", True])
 def test_a_required_tool_choice_always_gives_one_valid_call(chat, choice):
     message = chat.bind_tools([get_weather, add], tool_choice=choice).invoke("Weather in Oslo?")
