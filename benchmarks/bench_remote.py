@@ -61,7 +61,7 @@ def run(args, url: str, directory: Path) -> None:
     os.environ["BENCH_REMOTE_KEY"] = "k" * 64
     config = StoreConfig(directory=directory, size_limit_bytes=4 * total + 2**30, max_entry_bytes=2 * kv_bytes + 2**20,
                          kv_storage=args.storage, auth_key_env="BENCH_REMOTE_KEY", remote_url=url,
-                         remote_timeout_s=30, remote_namespace=f"bench-{os.getpid()}")
+                         remote_timeout_s=30, remote_request_budget_s=600, remote_namespace=f"bench-{os.getpid()}")
     cache = torch.zeros(args.layers, 2, args.tokens + 64, args.kv_heads, args.head_dim, dtype=dtype)
     out = cache[:, :, 32 : 32 + args.tokens]
     with KVStore(config) as disk:

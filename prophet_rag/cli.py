@@ -9,7 +9,14 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from prophet_rag.config import STORAGES, GenerationConfig, SelectionConfig, StoreConfig, default_store_dir
+from prophet_rag.config import (
+    STORAGES,
+    GenerationConfig,
+    PromptConfig,
+    SelectionConfig,
+    StoreConfig,
+    default_store_dir,
+)
 from prophet_rag.errors import ProphetRAGError
 from prophet_rag.ingest import RAY_INSTALL, read_document, text_files
 from prophet_rag.methods import METHODS
@@ -24,11 +31,11 @@ def _store_config(args: argparse.Namespace) -> StoreConfig:
     return StoreConfig(directory=args.store, **options) if args.store else StoreConfig(**options)
 
 
-def _engine(args: argparse.Namespace):
+def _engine(args: argparse.Namespace, prompt: PromptConfig | None = None):
     from prophet_rag.engine import ProphetEngine
 
     _progress(f"Loading model {args.model or 'embedded SmolLM2-135M-Instruct'} ...")
-    return ProphetEngine.from_pretrained(args.model, store=_store_config(args))
+    return ProphetEngine.from_pretrained(args.model, store=_store_config(args), prompt=prompt)
 
 
 def _read_text(path: Path) -> str:
@@ -104,8 +111,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
             stats = store.stats()
             print(f"store: {store.directory}\nentries: {stats.entries}\nbytes: {stats.volume_bytes}\n"
                   f"orphaned value files reclaimed on open: {stats.orphans_reclaimed}")
+            if store.read_only is not None:
+                print(f"read-only: {store.read_only}")
         elif args.action == "verify":
             report = store.verify()
+            if report.index_repaired:
+                print("the store's index (cache.db) was damaged: repaired or rebuilt from the value files")
             print(f"checked {report.checked}: {report.ok} ok, {report.removed} damaged or inconsistent entries "
                   f"removed, {report.other_version} of another format version and {report.unverifiable} "
                   f"authenticated with a key this store lacks kept; {report.orphans} orphaned value files removed")
@@ -141,7 +152,7 @@ def _cache_ingest(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from prophet_rag.bench.cli import run_bench_command
 
-    return run_bench_command(args, lambda: _engine(args))
+    return run_bench_command(args, lambda prompt: _engine(args, prompt))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

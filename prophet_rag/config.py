@@ -160,8 +160,10 @@ class StoreConfig:
     URL holds the scheme, host, port and database number only: every other option is a setting of its own. The
     password is read from the environment variable `remote_password_env` (never written into the config), the ACL
     user is `remote_username`. Over TLS the server's certificate and host name are always verified, against the
-    system's CAs or the PEM file `remote_tls_ca_file`. Every operation on the server waits at most `remote_timeout_s`;
-    after `remote_breaker_failures` failures in a row the server is skipped for `remote_breaker_cooldown_s`, then
+    system's CAs or the PEM file `remote_tls_ca_file`. Every operation on the server waits at most `remote_timeout_s`,
+    and one request spends at most `remote_request_budget_s` on the server (plus the operation under way when it runs
+    out): the rest of its reads and writes there are skipped and recomputed, and the request counts as a failure.
+    After `remote_breaker_failures` failures in a row the server is skipped for `remote_breaker_cooldown_s`, then
     probed again. `remote_ttl_s` (None: no expiry) gives entries a lifetime; otherwise the server's `maxmemory` policy
     evicts.
     """
@@ -178,6 +180,7 @@ class StoreConfig:
     remote_password_env: str | None = None
     remote_tls_ca_file: Path | None = None
     remote_timeout_s: float = 1.0
+    remote_request_budget_s: float = 1.0
     remote_namespace: str = "prophet-rag"
     remote_ttl_s: int | None = None
     remote_breaker_failures: int = 3
@@ -241,6 +244,12 @@ class StoreConfig:
             raise InvalidRequestError(
                 f"remote_timeout_s must be a number of seconds in (0, 60], got {self.remote_timeout_s!r}; every "
                 "request may wait this long for the server before it recomputes."
+            )
+        if not _is_number(self.remote_request_budget_s) or not 0 < self.remote_request_budget_s <= 600:
+            raise InvalidRequestError(
+                f"remote_request_budget_s must be a number of seconds in (0, 600], got "
+                f"{self.remote_request_budget_s!r}; set it near what recomputing a request's chunks costs, since a "
+                "request that spends it on the server recomputes the rest."
             )
         if not isinstance(self.remote_namespace, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}",
                                                                           self.remote_namespace):

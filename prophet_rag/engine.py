@@ -396,6 +396,45 @@ class ProphetEngine:
         choice = parse_tool_choice(choice, tools)
         return grammar if grammar is not None else self.tool_format.grammar(tools, choice)
 
+    def continuation_logits(
+        self,
+        chunks: Sequence[str],
+        query: str,
+        continuations: Sequence[Sequence[int]],
+        *,
+        method: str | None = None,
+        ratio: float | None = None,
+        selection: SelectionConfig | None = None,
+    ) -> list[torch.Tensor]:
+        """Teacher forcing: the `[n, vocab]` fp32 logits the model gives each token of every continuation (token
+        ids of n >= 1 tokens) after the prompt of `answer(chunks, query)` prefilled by the selected method.
+
+        Row i of a result predicts `continuation[i]`: row 0 comes from the prompt, row i from the prompt and the
+        continuation's first i tokens. The prompt is prefilled once; every continuation is forced on top of it.
+        For evaluation (log-likelihood of a gold answer, divergence from full prefill along the same tokens).
+        """
+        selection = self._selection(selection, method, ratio)
+        if not continuations or any(len(c) == 0 for c in continuations):
+            raise InvalidRequestError("continuations must be a non-empty list of non-empty token id lists.")
+        layout = self.builder.layout(chunks, query)
+        longest = max(len(c) for c in continuations)
+        self._check_window(layout, replace(self.generation, max_new_tokens=longest))
+        prefill = self._prefill(layout, selection, layout.total_tokens + longest)
+        cache = prefill.cache
+        out = []
+        with self._compute, torch.inference_mode():
+            first = self.adapter.logits(prefill.hidden[-1:]).float()
+            end = cache.length
+            for continuation in continuations:
+                forced = torch.as_tensor(list(continuation)[:-1], dtype=torch.long, device=self.adapter.device)
+                rows = [first]
+                if forced.numel():
+                    hidden, _ = forward_rows(self.adapter, cache, cache.append_tokens(forced))
+                    rows.append(self.adapter.logits(hidden).float())
+                out.append(torch.cat(rows).cpu())
+                cache.length = end  # the next continuation is forced on the prompt alone
+        return out
+
     def _start(self, layout: RequestLayout, selection: SelectionConfig, generation: GenerationConfig | None,
                return_logits: bool, grammar: Grammar | None = None, special_tokens: bool = False) -> AnswerStream:
         generation = generation or self.generation

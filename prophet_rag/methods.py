@@ -84,5 +84,8 @@ register(Method("prophet_plus", "ProphetKV plus a lexical chunk prior (chunks mo
 register(Method("prophet_focus", "ProphetKV in the parallel geometry; the chunks its attention is anchored on "
                 "moved last and recomputed whole", f"{_FOCUS}:focus_plan", order_at=f"{_FOCUS}:focus_order"))
 
+register(Method("prophet_anchor", "prophet_focus's selection with every chunk in its retrieval place (no move)",
+                f"{_FOCUS}:focus_plan", order_at=f"{_FOCUS}:anchored_in_place"))
+
 METHODS: tuple[str, ...] = tuple(REGISTRY)
 """Selection methods, by name, in registration order."""

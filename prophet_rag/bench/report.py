@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
+from prophet_rag.bench import fidelity
 from prophet_rag.bench.runner import slug
 
 _METRICS = ("score", "f1", "first_token_agree", "kl", "ttft_s", "load_s", "rerotate_s", "select_s", "recompute_s",
@@ -244,20 +245,30 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _with_fidelity(text: str, summary: dict) -> str:
+    if "fidelity" not in summary:
+        return text
+    return text + "\n## Fidelity to full prefill\n\n" + fidelity.markdown(summary["fidelity"])
+
+
 def write_reports(results_path: Path, output_dir: Path, with_plot: bool = True, baseline: str = "prophet") -> dict:
     """`summary.json`, `results.md` and a plot. Records of several models are summarised apart: the summary then
     maps each model to its own (`{"models": {...}}`), the report has one part per model and each model its plot."""
     by_model = split_by_model(load_records(results_path))
     summaries = {model: summarize(rows, baseline) for model, rows in sorted(by_model.items())}
+    for model, rows in by_model.items():
+        if any("gold_ll" in r for r in rows):
+            summaries[model]["fidelity"] = fidelity.summarize(rows)
     output_dir.mkdir(parents=True, exist_ok=True)
     if len(summaries) == 1:
         summary = next(iter(summaries.values()))
-        text = markdown(summary)
+        text = _with_fidelity(markdown(summary), summary)
         if with_plot:
             plot(summary, output_dir / "plot.png")
     else:
         summary = {"models": summaries}
-        text = "\n".join(f"# {model}\n\n" + markdown(s).replace("\n## ", "\n### ") for model, s in summaries.items())
+        text = "\n".join(f"# {model}\n\n" + _with_fidelity(markdown(s), s).replace("\n## ", "\n### ")
+                         for model, s in summaries.items())
         if with_plot:
             for model, s in summaries.items():
                 plot(s, output_dir / f"plot-{slug(model)}.png")

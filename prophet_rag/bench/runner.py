@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from prophet_rag import methods
-from prophet_rag.bench import scoring
+from prophet_rag.bench import fidelity, scoring
+from prophet_rag.bench.musique import load_musique
 from prophet_rag.bench.tasks import TASKS, Case, Span, load_jsonl, span_bounds
 from prophet_rag.config import GenerationConfig, SelectionConfig
 from prophet_rag.errors import InvalidRequestError
@@ -36,11 +37,21 @@ class BenchConfig:
     model_tag: str | None = None
     """Written into every record's `model` field (default: the engine's model name), so the records of several
     models can share one results file and be reported side by side."""
+    musique: Path | None = None
+    """CacheBlend's `musique_s.json`: its cases `first_case` to `first_case + num_cases - 1` replace the tasks (run
+    them on an engine built with `musique.MUSIQUE_PROMPT`)."""
+    first_case: int = 0
+    fidelity: bool | None = None
+    """Measure fidelity to full prefill per record (`bench.fidelity`); None: on for `musique`, off otherwise."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_dir", Path(self.output_dir))
+        if self.fidelity is None:
+            object.__setattr__(self, "fidelity", self.musique is not None)
+        if self.musique is not None and self.jsonl is not None:
+            raise InvalidRequestError("give either musique or jsonl cases, not both.")
         unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown and self.jsonl is None:
+        if unknown and self.jsonl is None and self.musique is None:
             raise InvalidRequestError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}.")
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
@@ -68,6 +79,8 @@ class BenchConfig:
 
 
 def make_cases(config: BenchConfig, tokenizer) -> list[Case]:
+    if config.musique is not None:
+        return load_musique(config.musique, range(config.first_case, config.first_case + config.num_cases))
     if config.jsonl is not None:
         return load_jsonl(config.jsonl)[: config.num_cases]
     return [case for task in config.tasks
@@ -118,7 +131,8 @@ def _record(case: Case, method: str, ratio: float, answer, reference, model: str
         "select_s": stats.select_s, "recompute_s": stats.recompute_s,
         "recomputed_tokens": stats.recomputed_tokens, "context_tokens": stats.context_tokens,
         "evidence_chunks": list(case.evidence_chunks), "chunk_tokens": lengths,
-        "selected_per_chunk": selected_per_chunk(answer, lengths), "text": answer.text,
+        "selected_per_chunk": selected_per_chunk(answer, lengths), "chunk_order": list(answer.chunk_order),
+        "text": answer.text,
     }
 
 
@@ -201,20 +215,31 @@ def run_bench(engine, config: BenchConfig, progress: Callable[[str], None] | Non
             if not todo:
                 continue
             engine.ingest(list(case.chunks))  # warm store: TTFT below never includes a chunk prefill
-            # Every record compares with full prefill's first-token logits. They are kept beside the results, so
-            # extending a run with new methods does not pay for a full prefill per case again.
-            full, reference = None, references.get(case.case_id) if ("full", 1.0) not in todo else None
-            if reference is None:
+            # Every record compares with full prefill's first-token logits (and, with fidelity, its answer). They are
+            # kept beside the results, so extending a run with new methods does not pay for full prefill again.
+            fid_path = references.folder / f"{slug(case.case_id)}.fidelity.pt"
+            reference = references.get(case.case_id) if ("full", 1.0) not in todo else None
+            ref = fidelity.Reference.load(fid_path) if config.fidelity and reference is not None else None
+            full = None
+            if reference is None or (config.fidelity and ref is None):
                 full = engine.answer(list(case.chunks), case.query, method="full", generation=generation,
                                      return_logits=True)
                 reference = full.first_token_logits
                 references.put(case.case_id, reference)
+                if config.fidelity:
+                    ref = fidelity.reference(engine, list(case.chunks), case.query, case.answers, full.text,
+                                             full.token_ids)
+                    ref.save(fid_path)
             lengths = chunk_lengths(engine, case)
             for method, ratio in todo:
-                answer = full if method == "full" else engine.answer(
-                    list(case.chunks), case.query, selection=SelectionConfig(method=method, ratio=ratio),
-                    generation=generation, return_logits=True, **_answer_kwargs(case))
+                selection = SelectionConfig(method=method, ratio=ratio)
+                answer = full if method == "full" and full is not None else engine.answer(
+                    list(case.chunks), case.query, selection=selection, generation=generation, return_logits=True,
+                    **_answer_kwargs(case))
                 record = _record(case, method, ratio, answer, reference, model, lengths)
+                if config.fidelity:
+                    record.update(fidelity.measure(engine, list(case.chunks), case.query, case.answers, selection,
+                                                   answer.text, ref))
                 out.write(json.dumps(record) + "\n")
                 out.flush()
     return path

@@ -15,11 +15,16 @@ def substring_score(text: str, answers: tuple[str, ...]) -> float:
     return sum(answer.lower() in lowered for answer in answers) / len(answers)
 
 
-def _normalize(text: str) -> list[str]:
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
     text = text.lower()
     text = "".join(ch for ch in text if ch not in set(string.punctuation))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return text.split()
+    return " ".join(text.split())
+
+
+def _normalize(text: str) -> list[str]:
+    return normalize_answer(text).split()
 
 
 def token_f1(text: str, answers: tuple[str, ...]) -> float:

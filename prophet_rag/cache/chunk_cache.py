@@ -22,7 +22,7 @@ from prophet_rag.cache.hot_cache import HotCache
 from prophet_rag.cache.keys import chunk_key
 from prophet_rag.cache.remote import RedisTier
 from prophet_rag.cache.store import KVStore
-from prophet_rag.cache.tier import ChunkRef, KVTier, LayeredEntry, LayeredTier
+from prophet_rag.cache.tier import ChunkRef, KVTier, LayeredEntry, LayeredTier, one_request
 from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.compute.stitched import StitchedCache
 from prophet_rag.config import StoreConfig
@@ -164,8 +164,13 @@ class ChunkCache:
         it transient).
 
         With `pipeline`, blocks held by a layered tier (the disk store) are opened here and read layer by layer in
-        the background: `LoadStats.pending` then says when each layer is in.
+        the background: `LoadStats.pending` then says when each layer is in. Every tier call made here belongs to
+        one request (`tier.one_request`: the shared tier's time budget is per request).
         """
+        with one_request():
+            return self._load(layout, cache, pipeline)
+
+    def _load(self, layout: RequestLayout, cache: StitchedCache, pipeline: bool) -> LoadStats:
         empty = self.sink_ids[:0]
         slot_of = {i: span for span, i in zip(cache.chunk_spans, cache.order, strict=True)}
         wanted = [(self.ref(layout.prefix_ids, empty), (0, cache.prefix_len), not layout.transient_prefix)]

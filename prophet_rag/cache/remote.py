@@ -23,9 +23,15 @@ may drop any value, a layer without its header included: a read that finds a lay
 deletes what is left and recomputes.
 
 Failure means recompute. Every operation waits at most `remote_timeout_s` (connect and each read or write, no
-retries); a failed one is a miss or a skipped put, counted in `failures`. After `remote_breaker_failures` failures in
-a row the circuit breaker opens: for `remote_breaker_cooldown_s` the server is not asked at all (`breaker_skips`),
-then one operation probes it, and its success closes the breaker. Nothing raises out of `get`, `put` or `contains`.
+retries); a failed one is a miss or a skipped put, counted in `failures`. A server that answers, but slowly, would
+pass every timeout while a request waits for dozens of round trips, so time on the server is also budgeted per
+request (`remote_request_budget_s`, a request being the calls `chunk_cache` makes for one layout, `tier.one_request`):
+the round trip that spends the budget ends the request's use of the server (the rest of its gets are misses and its
+puts are skipped, counted in `over_budget_skips`) and counts as one failure (`over_budget`). After
+`remote_breaker_failures` failures in a row the circuit breaker opens: for `remote_breaker_cooldown_s` the server is
+not asked at all (`breaker_skips`), then one operation probes it, and its success within the budget closes the
+breaker. A value of the wrong type (a list where a layer should be: planted or clobbered) is a bad entry, deleted and
+counted as `corrupt`, never a server failure. Nothing raises out of `get`, `put` or `contains`.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import torch
 from prophet_rag.cache import codec
 from prophet_rag.cache.codec import EntryMeta, Header, Sealer
 from prophet_rag.cache.keys import FORMAT_VERSION, chunk_key
-from prophet_rag.cache.tier import ChunkRef, refusal_counter
+from prophet_rag.cache.tier import ChunkRef, one_request, refusal_counter, request_state
 from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import CacheCorruptionError, IncompatibleCacheError, InvalidRequestError, StoreError
@@ -69,9 +75,11 @@ class RemoteStats:
     """Counters since the tier was opened (this process).
 
     Every `get` counts exactly one of hits, misses, corrupt, incompatible, unauthenticated, partial (a layer missing
-    under its header: the server evicted or expired it), failures (the server down, slow, refusing) and
-    breaker_skips (not asked: the breaker was open). `skipped` counts puts that stored nothing (not storable, too
-    large, failed or not asked: those also count in failures or breaker_skips). `breaker_opens` counts how often the
+    under its header: the server evicted or expired it), failures (the server down, slow, refusing), breaker_skips
+    (not asked: the breaker was open) and over_budget_skips (not asked or abandoned: its request had spent
+    `remote_request_budget_s` on the server). `skipped` counts puts that stored nothing (not storable, too large,
+    failed or not asked: those also count in failures, breaker_skips or over_budget_skips). `over_budget` counts
+    requests that spent their budget (each also a failure for the breaker). `breaker_opens` counts how often the
     breaker opened; `breaker_open` is its state.
     """
 
@@ -83,6 +91,8 @@ class RemoteStats:
     partial: int
     failures: int
     breaker_skips: int
+    over_budget_skips: int
+    over_budget: int
     skipped: int
     breaker_opens: int
     bytes_read: int
@@ -120,6 +130,15 @@ class CircuitBreaker:
             self._probing = True
             return True
 
+    def answered(self) -> None:
+        """An operation answered in time, its request not yet over: a probe's answer closes the breaker on
+        probation (one more failure opens it again), so the rest of the probing request uses the server, and the
+        request's end within its budget (`succeeded`) clears it."""
+        with self._lock:
+            if self._probing:
+                self._open_until, self._probing = None, False
+                self._failed = self._threshold - 1
+
     def succeeded(self) -> None:
         with self._lock:
             self._failed, self._open_until, self._probing = 0, None, False
@@ -138,6 +157,42 @@ class CircuitBreaker:
 
 class _Evicted(Exception):
     """A layer value is gone while its header is there (server eviction or expiry)."""
+
+
+class _OverBudget(Exception):
+    """The request spent its time budget on the server part way through an operation."""
+
+
+class _Budget:
+    """One request's time on the server: `remote_request_budget_s`, less every round trip it waited for (a
+    `tier.RequestState`). A request that answered within its budget closes the breaker when it ends: its early
+    answers must not reset the count of failures in a row before its budget runs out."""
+
+    def __init__(self, seconds: float, breaker: CircuitBreaker) -> None:
+        self.left = seconds
+        self.spent = False
+        """Set once the budget is gone (and counted): the request no longer asks the server."""
+        self.answered = False
+        self._breaker = breaker
+        self._since: float | None = None
+
+    def finish(self) -> None:
+        if self.answered and not self.spent:
+            self._breaker.succeeded()
+
+    def begin(self) -> None:
+        self._since = time.monotonic()
+
+    def end(self) -> None:
+        """Charge the time since `begin`."""
+        if self._since is not None:
+            self.left -= time.monotonic() - self._since
+            self._since = None
+
+    def check(self) -> None:
+        """Between the round trips of one operation: stop once the budget is gone."""
+        if self._since is not None and self.left - (time.monotonic() - self._since) <= 0:
+            raise _OverBudget
 
 
 def _redis():
@@ -165,7 +220,9 @@ def _readable(path, setting: str) -> str:
 
 
 def _wrong_type(error: Exception) -> bool:
-    return str(error).startswith("WRONGTYPE")
+    """A reply saying a value is not a string. Alone it starts with WRONGTYPE; inside a pipeline redis-py words it
+    "Command # 2 (GETRANGE ...) of pipeline caused error: WRONGTYPE ..."."""
+    return "WRONGTYPE Operation against a key holding the wrong kind of value" in str(error)
 
 
 class RedisTier:
@@ -196,9 +253,11 @@ class RedisTier:
         timeout = config.remote_timeout_s
         # No retries: one attempt per operation, so a request waits at most one timeout per operation and the
         # breaker sees every failure. from_url connects lazily: a server that is down does not stop the engine.
+        # lib_name/lib_version None: no CLIENT SETINFO, two round trips fewer per new connection (each one paid
+        # in full on a slow server, before any budget check can stop it).
         options = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=no_retry,
                        health_check_interval=0, client_name="prophet-rag", password=password,
-                       socket_read_size=_READ_SIZE)
+                       socket_read_size=_READ_SIZE, lib_name=None, lib_version=None)
         if config.remote_username is not None:
             options["username"] = config.remote_username
         if config.remote_url.startswith("rediss://"):
@@ -223,35 +282,44 @@ class RedisTier:
         """The chunk `ref` names, checked against `ref.key`, `meta` and its MAC, or None. With `out`
         (`[L, 2, T, H_kv, D]` in `meta.kv_dtype`) the KV is written into it, else into a new CPU tensor."""
         self._check_model(meta)
-        if not self._breaker.allow():
-            self._count(breaker_skips=1)
+        with one_request():
+            return self._get(ref, meta, out)
+
+    def _get(self, ref: ChunkRef, meta: EntryMeta, out: torch.Tensor | None) -> ChunkKV | None:
+        budget = self._budget()
+        if not self._may_ask(budget):
             return None
         head, layers = self.names(ref.key, meta.num_layers)
+        budget.begin()
         try:
-            header = self._read_header(head, ref, meta)
+            header = self._read_header(head, ref, meta, budget)
             if header is None:
-                self._answered(misses=1)
+                self._answered(budget, misses=1)
                 return None
             kv = out if out is not None else torch.empty(header.shape, dtype=meta.kv_dtype)
             if tuple(kv.shape) != header.shape or kv.dtype != meta.kv_dtype:
                 raise InvalidRequestError(f"out must be {meta.kv_dtype} {header.shape}, got {kv.dtype} "
                                           f"{tuple(kv.shape)}.")
-            self._read_layers(layers, header, kv)
+            self._read_layers(layers, header, kv, budget)
+        except _OverBudget:
+            # `out` may hold some layers: the caller recomputes the whole chunk into it.
+            self._answered(budget, over_budget_skips=1)
+            return None
         except _Evicted:
-            self._drop(ref.key, head, layers, "partial", "a layer value is missing (evicted or expired)")
+            self._drop(budget, ref.key, head, layers, "partial", "a layer value is missing (evicted or expired)")
             return None
         except (CacheCorruptionError, IncompatibleCacheError) as error:
             # The key names the model, tokenizer, layout and tokens, so an entry that disagrees or fails its MAC
             # is a bad entry, not another replica's valid one: it goes, so the recomputed chunk can be stored.
-            self._drop(ref.key, head, layers, refusal_counter(error), str(error))
+            self._drop(budget, ref.key, head, layers, refusal_counter(error), str(error))
             return None
         except self._server_errors as error:
             if _wrong_type(error):  # a value that is not a string: planted or clobbered, not a server failure
-                self._drop(ref.key, head, layers, "corrupt", str(error))
+                self._drop(budget, ref.key, head, layers, "corrupt", str(error))
             else:
-                self._failed("get", error)
+                self._failed(budget, "get", error)
             return None
-        self._answered(hits=1, bytes_read=header.size + header.num_layers * header.layer_bytes)
+        self._answered(budget, hits=1, bytes_read=header.size + header.num_layers * header.layer_bytes)
         return ChunkKV(header.token_ids, header.positions, kv)
 
     def put(self, ref: ChunkRef, chunk: ChunkKV, meta: EntryMeta) -> bool:
@@ -259,22 +327,29 @@ class RedisTier:
         self._check_model(meta)
         if chunk_key(meta.model_fp, meta.tokenizer_fp, meta.kv_spec, chunk.token_ids, ref.sink_ids) != ref.key:
             raise InvalidRequestError(f"ref.key {ref.key} is not the key of this chunk under this EntryMeta.")
-        if not self._breaker.allow():
-            self._count(breaker_skips=1, skipped=1)
+        with one_request():
+            return self._put(ref, chunk, meta)
+
+    def _put(self, ref: ChunkRef, chunk: ChunkKV, meta: EntryMeta) -> bool:
+        budget = self._budget()
+        if not self._may_ask(budget, skipped=1):
             return False
         head, layers = self.names(ref.key, meta.num_layers)
+        budget.begin()
         try:
             # Content-addressed: an entry under the key is this chunk; checking first saves encoding and sending.
-            if self._client.exists(head):
-                self._answered()
+            # A header of another type is no entry ("none" when there is none): the transaction below replaces it.
+            if self._client.type(head) == b"string":
+                self._answered(budget)
                 return True
+            budget.check()
             try:
                 encoded = codec.encode(chunk, ref.sink_ids, meta, self._sealer)
             except ValueError as error:
-                self._answered()
+                self._answered(budget)
                 return self._skip("not storable", error)
             if encoded.size > self.config.max_entry_bytes:
-                self._answered()
+                self._answered(budget)
                 return self._skip(f"{encoded.size} bytes over max_entry_bytes={self.config.max_entry_bytes}", None)
             _, header_size, _ = codec.read_frame(encoded.header)
             ttl = self.config.remote_ttl_s
@@ -283,37 +358,49 @@ class RedisTier:
                     pipe.set(name, b"".join(buffers), ex=ttl)
                 pipe.set(head, encoded.header[:header_size], ex=ttl)  # last, inside MULTI: all or nothing
                 pipe.execute()
+        except _OverBudget:
+            self._answered(budget, over_budget_skips=1, skipped=1)
+            return False
         except self._server_errors as error:
-            self._failed("put", error)
+            self._failed(budget, "put", error)
             self._count(skipped=1)
             return False
-        self._answered(bytes_written=header_size + sum(b.nbytes for buffers in encoded.layers for b in buffers))
+        self._answered(budget,
+                       bytes_written=header_size + sum(b.nbytes for buffers in encoded.layers for b in buffers))
         return True
 
     def contains(self, key: str) -> bool:
         """Whether the server holds `key`'s header (not read: `get` may still refuse the entry); False when the
         server cannot say."""
-        if not self._breaker.allow():
-            self._count(breaker_skips=1)
+        with one_request():
+            return self._contains(key)
+
+    def _contains(self, key: str) -> bool:
+        budget = self._budget()
+        if not self._may_ask(budget):
             return False
+        budget.begin()
         try:
             found = bool(self._client.exists(self.names(key, 0)[0]))
         except self._server_errors as error:
-            self._failed("contains", error)
+            self._failed(budget, "contains", error)
             return False
-        self._answered()
+        self._answered(budget)
         return found
 
     def delete(self, key: str, num_layers: int) -> bool:
         """Remove `key`'s entry (header and `num_layers` layers); True when its header was there."""
         head, layers = self.names(key, num_layers)
+        budget = _Budget(self.config.remote_request_budget_s, self._breaker)  # administrative: never in a request
+        budget.begin()
         try:
             found = self._client.exists(head)
             self._client.unlink(head, *layers)
         except self._server_errors as error:
-            self._failed("delete", error)
+            self._failed(budget, "delete", error)
             return False
-        self._answered()
+        self._answered(budget)
+        budget.finish()
         return bool(found)
 
     def stats(self) -> RemoteStats:
@@ -330,12 +417,26 @@ class RedisTier:
         if meta.model_fp != self._model_fp:
             raise InvalidRequestError("this RedisTier was built for another model's namespace; build one per model.")
 
-    def _read_header(self, head: str, ref: ChunkRef, meta: EntryMeta) -> Header | None:
+    def _budget(self) -> _Budget:
+        return request_state(self, lambda: _Budget(self.config.remote_request_budget_s, self._breaker))
+
+    def _may_ask(self, budget: _Budget, **counts: int) -> bool:
+        """Whether an operation may go to the server; when not, why is counted (with `counts`)."""
+        if budget.spent:
+            self._count(over_budget_skips=1, **counts)
+            return False
+        if not self._breaker.allow():
+            self._count(breaker_skips=1, **counts)
+            return False
+        return True
+
+    def _read_header(self, head: str, ref: ChunkRef, meta: EntryMeta, budget: _Budget) -> Header | None:
         """The header stored under `head`, checked (its MAC, then against `meta` and `ref.key`), or None."""
         data = self._client.getrange(head, 0, _FIRST_READ - 1)
         if not data:
             return None
         _, size, _ = codec.read_frame(data)
+        budget.check()
         if len(data) < size <= codec.MAX_HEADER_BYTES:
             data += self._client.getrange(head, len(data), size)  # one byte past the end: a longer value shows
         if len(data) != size:
@@ -346,12 +447,13 @@ class RedisTier:
             raise CacheCorruptionError("entry is over max_entry_bytes; not read.")
         return header
 
-    def _read_layers(self, names: list[str], header: Header, kv: torch.Tensor) -> None:
+    def _read_layers(self, names: list[str], header: Header, kv: torch.Tensor, budget: _Budget) -> None:
         """Read every layer into `kv`, a pipelined round trip per `_BATCH_BYTES`, checking each against its tag
         before it is written into the cache."""
         size = header.layer_bytes
         step = max(1, _BATCH_BYTES // size)
         for start in range(0, header.num_layers, step):
+            budget.check()
             with self._client.pipeline(transaction=False) as pipe:
                 for name in names[start : start + step]:
                     pipe.getrange(name, 0, size)  # inclusive end: one byte more than a layer shows a longer value
@@ -367,21 +469,35 @@ class RedisTier:
                 region = torch.frombuffer(value, dtype=torch.uint8)
                 codec.dequantize(region.to(kv.device, non_blocking=False), header, kv[layer])
 
-    def _drop(self, key: str, head: str, layers: list[str], counter: str, reason: str) -> None:
+    def _drop(self, budget: _Budget, key: str, head: str, layers: list[str], counter: str, reason: str) -> None:
         logger.warning("dropping %s remote KV entry %s: %s", counter, key, reason)
-        self._answered(**{counter: 1})
         try:
             self._client.unlink(head, *layers)
         except self._server_errors as error:
             logger.warning("could not delete remote KV entry %s (%s); the next read retries", key, error)
+        self._answered(budget, **{counter: 1})
 
-    def _answered(self, **counts: int) -> None:
-        """The server answered: the breaker closes and `counts` are added."""
-        self._breaker.succeeded()
+    def _answered(self, budget: _Budget, **counts: int) -> None:
+        """The server answered: `counts` are added; the breaker closes when the request ends within its budget, and
+        an answer that spent the budget is a failure."""
+        budget.end()
         self._count(**counts)
+        budget.answered = True
+        if budget.left > 0:
+            self._breaker.answered()
+        elif not budget.spent:
+            budget.spent = True
+            self._count(over_budget=1)
+            self._trip("request", f"it spent remote_request_budget_s={self.config.remote_request_budget_s} s "
+                                  "on the server")
 
-    def _failed(self, action: str, error: Exception) -> None:
+    def _failed(self, budget: _Budget, action: str, error: Exception) -> None:
+        budget.end()
+        budget.spent = budget.left <= 0  # one failure, counted here: the rest of the request is skipped
         self._count(failures=1)
+        self._trip(action, error)
+
+    def _trip(self, action: str, error: Exception | str) -> None:
         if self._breaker.failed():
             logger.warning("remote KV tier %s failed (%s); skipping the server for %.1f s, then probing it",
                            action, error, self.config.remote_breaker_cooldown_s)

@@ -56,14 +56,21 @@ logger = logging.getLogger(__name__)
 _TOUCH_FLUSH_S = 2.0
 """Reads record access times in memory and write them at most this often (and before each eviction), so a hit
 never waits for the write lock or a disk sync."""
+_CLEAR_WAIT_S = 60.0
+"""`clear` deletes rows in short transactions, each waiting its turn at the database; busy turns are retried for this
+long in all before it gives up (writers keep the database busy, but never for long)."""
+_CLEAR_BATCH = 100
+"""Rows `clear` deletes per transaction: each holds the write lock only briefly."""
 
 @dataclass(frozen=True)
 class StoreStats:
     """Counters since the store was opened (this process), plus the directory's current size.
 
     Every `get` counts exactly one of hits, misses, corrupt, incompatible, unauthenticated and timeouts (an `open`
-    whose entry is read to the end, or fails, counts the same way). `skipped` counts puts that stored nothing (too
-    large, not finite, lock timeout, disk full); those that timed out also count in `timeouts`.
+    whose entry is read to the end, or fails, counts the same way; a read racing eviction is a miss). `skipped`
+    counts puts that stored nothing (too large, not finite, lock timeout, disk full, a read-only store); those that
+    timed out also count in `timeouts`. `repairs` counts damaged indexes (cache.db) rebuilt. `read_only` says
+    the store writes nothing (it could not write its directory when it was opened: see `KVStore.read_only`).
     """
 
     hits: int
@@ -77,8 +84,10 @@ class StoreStats:
     orphans_reclaimed: int
     bytes_read: int
     bytes_written: int
+    repairs: int
     entries: int
     volume_bytes: int
+    read_only: bool
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,7 @@ class VerifyReport:
     """`checked` entries: `ok` intact, `removed` damaged or inconsistent and deleted; kept without being checked:
     `other_version` (another format version: another prophet-rag may share the directory; eviction reclaims them)
     and `unverifiable` (authenticated with a key this store does not have). `orphans` value files no entry named
-    were deleted."""
+    were deleted. `index_repaired`: cache.db failed SQLite's integrity check and was repaired or rebuilt first."""
 
     checked: int
     ok: int
@@ -94,9 +103,10 @@ class VerifyReport:
     other_version: int
     unverifiable: int
     orphans: int
+    index_repaired: bool = False
 
 
-_COUNTERS = tuple(f.name for f in fields(StoreStats) if f.name not in ("entries", "volume_bytes"))
+_COUNTERS = tuple(f.name for f in fields(StoreStats) if f.name not in ("entries", "volume_bytes", "read_only"))
 class KVStore:
     """Chunk KV caches on disk, keyed by `keys.chunk_key`, bounded by `StoreConfig.size_limit_bytes`.
 
@@ -108,24 +118,64 @@ class KVStore:
 
     def __init__(self, config: StoreConfig, *, create: bool = True) -> None:
         self.config = config
-        self._directory = store_files.prepare_directory(Path(config.directory), create)
+        self._directory, unwritable = store_files.prepare_directory(Path(config.directory), create)
         self._sealer = Sealer(codec.load_key(config))
+        self._local = threading.local()
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._lock = threading.Lock()
+        self._repair_lock = threading.Lock()
+        self._generation = 0
+        """Bumped when cache.db is rebuilt: connections made before then are to the old file."""
+        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._touches: dict[str, int] = {}
+        self._touched_at = time.monotonic()
+        self._cache: diskcache.Cache | None = None
+        self._write_lock: store_files.WriteLock | None = None
+        self.read_only: str | None = None
+        """Why this store writes nothing (a full disk, a read-only folder), or None."""
+        self._indexed = True
+        """False for a read-only store without a readable cache.db: every lookup misses."""
+        self._files: ValueFiles | None = ValueFiles(self._directory) if self._directory.is_dir() else None
+        self._reader = EntryReader(self._files, self._sealer, config.max_entry_bytes)
+        if unwritable is None:
+            unwritable = self._open_database()
+        if unwritable is not None:
+            self._run_read_only(unwritable)
+            return
+        self.reclaim_orphans()
+
+    def _open_database(self) -> str | None:
+        """Open cache.db for writing (rebuilding a damaged one); returns why it cannot be written, or None."""
         try:
-            self._cache = store_db.open_cache(self._directory, config)
+            try:
+                self._cache = store_db.open_cache(self._directory, self.config)
+            except sqlite3.DatabaseError as error:
+                if not store_db.damaged(error):
+                    raise
+                self._rebuild(str(error))
+            self._write_lock = store_files.WriteLock(self._files)
         except (OSError, sqlite3.Error, diskcache.Timeout) as error:
+            if store_db.cannot_write(error):
+                return f"cannot write the KV store database in {self._directory}: {error}"
             raise StoreError(
                 f"cannot open the KV store database in {self._directory}: {error}. If another process holds it, "
                 "retry; if it is damaged, delete the folder (it only holds caches) or choose another directory."
             ) from None
-        self._files: ValueFiles = self._cache.disk.files
-        self._reader = EntryReader(self._files, self._sealer, config.max_entry_bytes)
-        self._local = threading.local()
-        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
-        self._lock = threading.Lock()
-        self._counts = dict.fromkeys(_COUNTERS, 0)
-        self._touches: dict[str, int] = {}
-        self._touched_at = time.monotonic()
-        self.reclaim_orphans()
+        return None
+
+    def _run_read_only(self, reason: str) -> None:
+        """From now on nothing is written: entries are read if cache.db can be, puts are skipped (counted)."""
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+        self.read_only = reason
+        self._generation += 1  # connections from now on are read-only ones
+        try:
+            self._indexed = self._files is not None and store_db.has_index(self._con())
+        except sqlite3.Error:  # no cache.db, or one that cannot be read: a store without entries
+            self._indexed = False
+        logger.warning("%s; the KV store runs read-only: stored chunks are still read, new ones are recomputed "
+                       "and not stored (reopen the store once it can be written)", reason)
 
     @property
     def directory(self) -> Path:
@@ -183,29 +233,43 @@ class KVStore:
         except (*DB_ERRORS, CacheCorruptionError):
             return False
 
-    def discard(self, key: str, error: Exception, filename: object = None) -> None:
+    def discard(self, key: str, error: Exception, filename: object = None) -> bool:
         """Count `error` (a CacheCorruptionError or IncompatibleCacheError) against `key` and delete its entry, so
-        the recomputed chunk can be stored again. With `filename`, only an entry still naming that file goes (a
-        concurrent writer may have replaced it)."""
+        the recomputed chunk can be stored again; True when it did. With `filename`, only an entry still naming that
+        file goes. An entry that no longer does was evicted, deleted or replaced since it was looked up: the failure
+        was a read racing that (its file is gone on purpose), counted as a miss, not as damage; False."""
         kind = refusal_counter(error)
-        logger.warning("dropping %s KV store entry %s: %s", kind, key, error)
-        self._count(**{kind: 1})
+        if self.read_only is not None:
+            logger.warning("%s KV store entry %s (%s); kept: the store is read-only", kind, key, error)
+            self._count(**{kind: 1})
+            return True
         try:
             con = self._con()
             con.execute("BEGIN IMMEDIATE")
             try:
                 row = con.execute("SELECT rowid, filename FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
-                if row is not None and (filename is None or row[1] == filename):
+                ours = row is not None and (filename is None or row[1] == filename)
+                if ours:
                     con.execute("DELETE FROM Cache WHERE rowid = ?", (row[0],))
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                with contextlib.suppress(*DB_ERRORS):
+                    con.execute("ROLLBACK")
                 raise
-        except DB_ERRORS as error:
-            logger.warning("could not delete KV store entry %s (%s); the next read retries", key, error)
-            return
-        if row is not None and row[1] is not None and (filename is None or row[1] == filename):
+        except DB_ERRORS as db_error:
+            logger.warning("%s KV store entry %s (%s); could not delete it (%s), the next read retries", kind, key,
+                           error, db_error)
+            self._count(**{kind: 1})
+            return True
+        if not ours:
+            logger.debug("KV store entry %s went while it was read (%s): a miss", key, error)
+            self._count(misses=1)
+            return False
+        logger.warning("dropping %s KV store entry %s: %s", kind, key, error)
+        self._count(**{kind: 1})
+        if row[1] is not None:
             self._files.remove(row[1])
+        return True
 
     # ---- writes ------------------------------------------------------------------------------------------------
 
@@ -215,6 +279,9 @@ class KVStore:
         key = ref.key
         if chunk_key(meta.model_fp, meta.tokenizer_fp, meta.kv_spec, chunk.token_ids, ref.sink_ids) != key:
             raise InvalidRequestError(f"ref.key {key} is not the key of this chunk under this EntryMeta.")
+        if self.read_only is not None:
+            self._count(skipped=1)  # warned once, when the store was opened
+            return False
         try:
             row = self._row(key)
             if row is not None:
@@ -232,6 +299,22 @@ class KVStore:
             return self._skip("not storable", error)
         if encoded.size > self.config.max_entry_bytes:
             return self._skip(f"{encoded.size} bytes over max_entry_bytes={self.config.max_entry_bytes}", None)
+        self._flush_touches(wait=True)  # eviction below goes by access times
+        try:
+            # One writer at a time makes room for its entry, then writes it: the directory never holds more than
+            # the limit because entries were being written at once (each of which fit only on its own).
+            with self._write_lock.hold(store_db.SQLITE_TIMEOUT_S):
+                return self._write(key, encoded)
+        except TimeoutError as error:
+            return self._skip("other writers held the store", error, timeouts=1)
+
+    def _write(self, key: str, encoded: codec.Encoded) -> bool:
+        """Under the write lock: evict until `encoded` fits, write its value file, commit its row."""
+        if self.read_only is not None:  # a failed repair made it read-only while this put waited for the lock
+            self._count(skipped=1)
+            return False
+        if not self._cull(reserve=encoded.size):
+            return self._skip(f"no room for {encoded.size} bytes under size_limit_bytes", None)
         try:
             name, fd = self._files.create()
         except OSError as error:
@@ -241,6 +324,7 @@ class KVStore:
             added = self._cache.add(key, Written(name, encoded.size))
         except DB_ERRORS as error:
             self._files.remove(name)
+            self._end_transaction()
             return self._skip("database busy or failing", error, timeouts=1)
         except OSError as error:
             self._files.remove(name)
@@ -249,23 +333,57 @@ class KVStore:
             os.close(fd)  # after the commit: releases the lock that keeps orphan reclamation off the file
         if added:
             self._count(bytes_written=encoded.size)
-            self._flush_touches(wait=True)
-            self._cull()
+            self._cull()  # the database itself may have grown
         return True
+
+    def _end_transaction(self) -> None:
+        """diskcache leaves its transaction open when COMMIT fails (busy): roll it back, or this thread's
+        connection would hold the write lock and refuse every later BEGIN."""
+        con = self._cache._con
+        if con.in_transaction:
+            with contextlib.suppress(*DB_ERRORS):
+                con.execute("ROLLBACK")
+            self._cache._txn_id = None
 
     def delete(self, key: str) -> bool:
         """Remove `key`'s entry; True when there was one."""
+        if self._cache is None:
+            return False
         try:
             return bool(self._cache.delete(key))
         except DB_ERRORS:
             return False
 
     def clear(self) -> int:
-        """Delete every entry and every orphaned value file; returns how many entries there were."""
-        try:
-            removed = self._cache.clear()
-        except DB_ERRORS as error:
-            raise self._db_failure("clear", error) from None
+        """Delete every entry and every orphaned value file; returns how many entries there were. Safe while
+        others read and write: rows go in short transactions (their files after each commit), and a transaction
+        that finds the database busy is retried for up to `_CLEAR_WAIT_S` seconds in all."""
+        self._check_writable("clear")
+        removed = 0
+        deadline = time.monotonic() + _CLEAR_WAIT_S
+        con = self._con()
+        select = "SELECT rowid, filename FROM Cache ORDER BY rowid LIMIT ?"
+        while True:
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    rows = con.execute(select, (_CLEAR_BATCH,)).fetchall()
+                    con.executemany("DELETE FROM Cache WHERE rowid = ?", [(rowid,) for rowid, _ in rows])
+                    con.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(*DB_ERRORS):
+                        con.execute("ROLLBACK")
+                    raise
+            except DB_ERRORS as error:
+                if time.monotonic() > deadline:
+                    raise self._db_failure("clear", error) from None
+                continue
+            if not rows:
+                break
+            removed += len(rows)
+            for _, filename in rows:
+                if filename is not None:
+                    self._files.remove(filename)
         self.reclaim_orphans()
         return removed
 
@@ -275,14 +393,18 @@ class KVStore:
         """Check every entry as `get` would, against its own row key: header tag, fields, sizes, every layer's tag
         and finiteness; delete the damaged or inconsistent ones, then reclaim orphaned value files. Reads the whole
         directory without touching access times (a scan must not reorder eviction)."""
+        self._check_writable("verify")
         counts = dict.fromkeys(("checked", "ok", "removed", "other_version", "unverifiable"), 0)
         staging = Staging(pinned=False)
         try:
+            # A damaged page of an index leaves the table scan below intact while every lookup by key fails.
+            problem = store_db.integrity(self._directory)
+            if problem is not None:
+                self._repair(problem, self._generation)
             rows = list(self._rows())
         except DB_ERRORS as error:
             raise self._db_failure("verify", error) from None
         for key, row in rows:
-            counts["checked"] += 1
             filename, fd = row.filename, -1
             try:
                 filename = row.check()
@@ -300,16 +422,20 @@ class KVStore:
             except (CacheCorruptionError, OSError) as error:
                 if isinstance(error, OSError):
                     error = CacheCorruptionError(f"value file cannot be read: {error.strerror}.")
-                self.discard(key, error, filename)
+                if not self.discard(key, error, filename):
+                    continue  # evicted or deleted during the scan: neither checked nor damaged
                 counts["removed"] += 1
             finally:
                 if fd >= 0:
                     os.close(fd)
-        return VerifyReport(**counts, orphans=self.reclaim_orphans())
+        counts["checked"] = counts["ok"] + counts["removed"] + counts["other_version"] + counts["unverifiable"]
+        return VerifyReport(**counts, orphans=self.reclaim_orphans(), index_repaired=problem is not None)
 
     def reclaim_orphans(self) -> int:
         """Delete value files that no row names (left by writers killed between writing a file and committing its
         row); returns how many. Files still being written are skipped."""
+        if self.read_only is not None:
+            return 0
         try:
             named = {name for (name,) in self._con().execute("SELECT filename FROM Cache WHERE filename IS NOT NULL")}
 
@@ -328,7 +454,8 @@ class KVStore:
     def stats(self) -> StoreStats:
         with self._lock:
             counts = dict(self._counts)
-        return StoreStats(**counts, entries=len(self), volume_bytes=self.volume())
+        return StoreStats(**counts, entries=len(self), volume_bytes=self.volume(),
+                          read_only=self.read_only is not None)
 
     def volume(self) -> int:
         """Bytes on disk: the entries' value files (as their rows record them) plus the database and its journal."""
@@ -350,12 +477,16 @@ class KVStore:
 
     def close(self) -> None:
         self._flush_touches(wait=True)
-        self._cache.close()
+        if self._cache is not None:
+            self._cache.close()
         with self._lock:
             connections, self._connections = self._connections, []
         for _, con in connections:
             con.close()
-        self._files.close()
+        if self._write_lock is not None:
+            self._write_lock.close()
+        if self._files is not None:
+            self._files.close()
 
     def __enter__(self) -> KVStore:
         return self
@@ -366,13 +497,18 @@ class KVStore:
     # ---- internals ---------------------------------------------------------------------------------------------
 
     def _con(self) -> sqlite3.Connection:
-        """This thread's own connection to cache.db (reconnected after a fork). Connections of threads that have
-        ended are closed when a new one is made: a server starting a thread per request would pile them up."""
+        """This thread's own connection to cache.db (reconnected after a fork or a rebuild; read-only in a
+        read-only store). Connections of threads that have ended are closed when a new one is made: a server
+        starting a thread per request would pile them up."""
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
-            local.con, local.pid = None, os.getpid()
+            local.con, local.pid, local.generation = None, os.getpid(), self._generation
+        if local.generation != self._generation:
+            if local.con is not None:
+                local.con.close()  # this thread's own, to the database a repair replaced
+            local.con, local.generation = None, self._generation
         if local.con is None:
-            local.con = store_db.connect(self._directory)
+            local.con = store_db.connect(self._directory, read_only=self.read_only is not None)
             with self._lock:
                 ended = [con for thread, con in self._connections if not thread.is_alive()]
                 self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
@@ -382,8 +518,67 @@ class KVStore:
         return local.con
 
     def _row(self, key: str) -> Row | None:
-        row = self._con().execute("SELECT filename, size, mode FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
+        """`key`'s row; a damaged index is repaired (`_repair`) and the lookup made again. Nothing in a store that
+        has no index (read-only, never written)."""
+        if self.read_only is not None and not self._indexed:
+            return None
+        select = "SELECT filename, size, mode FROM Cache WHERE key = ? AND raw = 1"
+        generation = self._generation
+        try:
+            row = self._con().execute(select, (key,)).fetchone()
+        except sqlite3.DatabaseError as error:
+            if not store_db.damaged(error) or self.read_only is not None:
+                raise
+            self._repair(str(error), generation)
+            row = self._con().execute(select, (key,)).fetchone()
         return None if row is None else Row(*row)
+
+    def _repair(self, problem: str, generation: int) -> None:
+        """cache.db is damaged (`problem`): rebuild its indexes from the table, or when the table is damaged too,
+        start a new database and index the value files again. Once, whichever thread finds it first: `generation`
+        is the one the caller's failure happened under."""
+        with self._repair_lock:
+            if self._generation != generation:
+                return  # repaired meanwhile
+            logger.warning("the KV store index %s is damaged (%s); repairing it", self._directory / "cache.db",
+                           problem)
+            if store_db.reindex(self._directory):
+                self._generation += 1
+                self._count(repairs=1)
+                return
+            assert self._write_lock is not None, "a writable store holds its write lock"
+            try:
+                with self._write_lock.hold(store_db.SQLITE_TIMEOUT_S):
+                    try:
+                        self._rebuild(problem)
+                    except (OSError, sqlite3.Error, diskcache.Timeout) as error:
+                        # Under the write lock: no put is between its check of read_only and its write.
+                        self._run_read_only(f"cannot rebuild the KV store index in {self._directory}: {error}")
+            except TimeoutError as error:
+                logger.warning("KV store index rebuild postponed (%s); the next failing lookup retries", error)
+
+    def _rebuild(self, problem: str) -> None:
+        """Replace a damaged cache.db by a new one indexing every value file whose header checks (the key is the
+        hash of the header's own fields); the others are orphans, reclaimed. Entries stay checked on every read,
+        so an index rebuilt from the files cannot make a read return another chunk."""
+        logger.warning("rebuilding the KV store index in %s from its value files (%s)", self._directory, problem)
+        if self._cache is not None:
+            self._cache.close()
+        store_db.remove_database(self._directory)
+        self._cache = store_db.open_cache(self._directory, self.config)
+        self._generation += 1
+        indexed = 0
+        for name in list(self._files.names()) if self._files is not None else []:
+            try:
+                fd, size = self._files.open(name)
+                os.close(fd)
+                fd, header = self._reader.open_file(name, size)
+                os.close(fd)
+            except (CacheCorruptionError, IncompatibleCacheError, KeepEntry, OSError):
+                continue
+            indexed += bool(self._cache.add(header.key(), Written(name, size)))
+        logger.warning("KV store index rebuilt: %d entries", indexed)
+        self._count(repairs=1)
 
     def _rows(self) -> Iterator[tuple[str, Row]]:
         """Every row with a str key (a snapshot); rows with pickled keys are not entries and eviction reclaims them."""
@@ -414,7 +609,7 @@ class KVStore:
         with self._lock:
             touches, self._touches = self._touches, {}
             self._touched_at = time.monotonic()
-        if not touches:
+        if not touches or self.read_only is not None:
             return
         now = time.time()
         if self.config.eviction_policy == "least-recently-used":
@@ -443,6 +638,10 @@ class KVStore:
             for name, delta in deltas.items():
                 self._counts[name] += delta
 
+    def _check_writable(self, action: str) -> None:
+        if self.read_only is not None:
+            raise StoreError(f"cannot {action} the KV store: {self.read_only}")
+
     def _db_failure(self, action: str, error: Exception) -> StoreError:
         return StoreError(
             f"cannot {action} the KV store in {self._directory}: its database failed ({error}). If another process "
@@ -454,8 +653,10 @@ class KVStore:
         self._count(skipped=1, **counts)
         return False
 
-    def _cull(self) -> None:
-        """Evict entries one at a time, in policy order, until the volume is within the size limit.
+    def _cull(self, reserve: int = 0) -> bool:
+        """Evict entries one at a time, in policy order, until the volume plus `reserve` bytes is within the size
+        limit; False when nothing is left to evict and it still is not. A failing database stops eviction early
+        (True: the put goes ahead, and eviction resumes after the next one).
 
         diskcache's `cull()` deletes ten rows per step: with entries of 0.1-1 GiB that discards far more than the
         overflow, often the entry just stored. One short transaction per entry; the file goes after the commit.
@@ -463,8 +664,9 @@ class KVStore:
         select = EVICTION_POLICY[self.config.eviction_policy]["cull"].format(fields="rowid, filename")
         evicted = 0
         con = self._con()
+        fits = False
         try:
-            while self.volume() > self.config.size_limit_bytes:
+            while not (fits := self.volume() + reserve <= self.config.size_limit_bytes):
                 con.execute("BEGIN IMMEDIATE")
                 row = con.execute(select, (1,)).fetchone()
                 if row is not None:
@@ -479,7 +681,9 @@ class KVStore:
             with contextlib.suppress(sqlite3.Error):
                 con.execute("ROLLBACK")
             logger.warning("KV store eviction stopped early (%s); it resumes after the next put", error)
+            fits = True
         self._count(evicted=evicted)
+        return fits
 
 
 def kv_storage(store: StoreConfig | KVTier | None) -> str:

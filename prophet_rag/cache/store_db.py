@@ -7,11 +7,13 @@ diskcache (`SafeDisk`): `store.KVStore` writes the value files and reads them th
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import diskcache
 from diskcache.core import DEFAULT_SETTINGS, METADATA, MODE_BINARY, UNKNOWN
@@ -41,6 +43,29 @@ sqlite_synchronous=0 only holds for diskcache's setup connection, whose ~40 smal
 sync; every later connection gets `_PRAGMAS`."""
 
 DB_ERRORS = (diskcache.Timeout, sqlite3.Error)
+
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+_WRITE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN,
+                          sqlite3.SQLITE_IOERR, sqlite3.SQLITE_PERM})
+_DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+
+def _code(error: BaseException) -> int | None:
+    code = getattr(error, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF  # extended codes carry the primary one in the low byte
+
+
+def cannot_write(error: BaseException) -> bool:
+    """Whether `error` says the store's files cannot be written: a full disk or quota, a read-only file system or
+    folder, a file size limit, an I/O error."""
+    if isinstance(error, OSError):
+        return error.errno in _WRITE_ERRNOS
+    return _code(error) in _WRITE_CODES
+
+
+def damaged(error: BaseException) -> bool:
+    """Whether `error` says cache.db is damaged (a zeroed or overwritten page, not a database at all)."""
+    return isinstance(error, sqlite3.DatabaseError) and _code(error) in _DAMAGE_CODES
 
 
 @dataclass(frozen=True)
@@ -84,12 +109,63 @@ class SafeDisk(diskcache.Disk):
         self.files.remove(file_path)
 
 
-def connect(directory: Path, timeout: float | None = None) -> sqlite3.Connection:
+def connect(directory: Path, timeout: float | None = None, read_only: bool = False) -> sqlite3.Connection:
+    """A connection to cache.db with `_PRAGMAS`; `read_only` opens it so that nothing is ever written (a store on a
+    full disk or a read-only folder)."""
     timeout = SQLITE_TIMEOUT_S if timeout is None else timeout
-    con = sqlite3.connect(directory / "cache.db", timeout=timeout, isolation_level=None, check_same_thread=False)
+    path = directory / "cache.db"
+    target, uri = (f"file:{quote(str(path))}?mode=ro", True) if read_only else (path, False)
+    con = sqlite3.connect(target, timeout=timeout, isolation_level=None, check_same_thread=False, uri=uri)
     for name, value in _PRAGMAS.items():
         con.execute(f"PRAGMA {name} = {value}")
     return con
+
+
+def has_index(con: sqlite3.Connection) -> bool:
+    """Whether the database holds diskcache's Cache table (a store never written holds none)."""
+    return con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'Cache'").fetchone() is not None
+
+
+def integrity(directory: Path) -> str | None:
+    """None when cache.db passes SQLite's integrity check (every page, and every index against its table), else
+    what failed."""
+    try:
+        con = connect(directory)
+        try:
+            problems = [row[0] for row in con.execute("PRAGMA integrity_check(5)")]
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as error:
+        if not damaged(error):
+            raise
+        return str(error)
+    return None if problems == ["ok"] else "; ".join(problems)
+
+
+def reindex(directory: Path) -> bool:
+    """Rebuild every index of cache.db from its tables; True when the database then passes `integrity`."""
+    try:
+        con = connect(directory)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("REINDEX")
+            con.execute("COMMIT")
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as error:
+        if not damaged(error):
+            raise
+        return False
+    return integrity(directory) is None
+
+
+def remove_database(directory: Path) -> None:
+    """Delete cache.db and its companions (a damaged index: the value files stay, to be indexed again)."""
+    for name in store_files.DB_FILES:
+        try:
+            os.unlink(directory / name)
+        except FileNotFoundError:
+            pass
 
 
 class _PinnedCache(diskcache.Cache):

@@ -26,8 +26,9 @@ class KeepEntry(Exception):
 class EntryOwner(Protocol):
     """The store an entry was opened from (`store.KVStore`)."""
 
-    def discard(self, key: str, error: Exception, filename: object = None) -> None:
-        """Count `error` against `key` and delete its entry (if it still names `filename`)."""
+    def discard(self, key: str, error: Exception, filename: object = None) -> bool:
+        """Count `error` against `key` and delete its entry (if it still names `filename`; else it was evicted
+        meanwhile and counts as a miss); True when it was deleted."""
 
     def entry_read(self, key: str, nbytes: int, complete: bool) -> None:
         """`nbytes` more of `key`'s entry were read and checked; `complete` when that read its last unread layer."""

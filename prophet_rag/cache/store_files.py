@@ -7,7 +7,9 @@ files are opened O_NONBLOCK, so a FIFO or device in place of one can neither blo
 regular-file check on the open descriptor. New folders are 0700 and new files 0600.
 
 A writer holds an exclusive flock on its value file until the row naming it is committed, so orphan reclamation
-(value files no row names, left by a crashed writer) never takes a file that is still being written.
+(value files no row names, left by a crashed writer) never takes a file that is still being written. Writers take
+turns (`WriteLock`, an flock on `write.lock`): each makes room for its entry before writing it, so the directory never
+holds more than its size limit because several entries were being written at once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,6 +37,8 @@ VALUE_NAME = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val\Z")
 _HEX2 = re.compile(r"[0-9a-f]{2}\Z")
 DB_FILES = ("cache.db", "cache.db-journal", "cache.db-wal", "cache.db-shm")
 """SQLite's database and the companions it may create next to it."""
+LOCK_FILE = "write.lock"
+"""Empty; writers of every process take turns by an flock on it (`WriteLock`)."""
 ORPHAN_GRACE_S = 10.0
 """A value file modified this recently may belong to a writer that has not locked it yet; reclamation skips it."""
 PIECE_BYTES = 2**20
@@ -52,11 +57,16 @@ def _kind(mode: int) -> str:
     return "regular file"
 
 
-def prepare_directory(directory: Path, create: bool) -> Path:
-    """Create `directory` (0700) or check an existing one: a writable folder others cannot write.
+_UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def prepare_directory(directory: Path, create: bool) -> tuple[Path, str | None]:
+    """Create `directory` (0700) or check an existing one, a folder others cannot write; returns it and why this
+    user cannot write it (None when it can: the store then runs read-only).
 
     A folder that other users can read (an existing 0755 one, say) is accepted with a warning: the store's own
-    files and folders are private, so others only see how many entries there are.
+    files and folders are private, so others only see how many entries there are. A folder that cannot be created
+    for want of space or permission is no store at all: every lookup misses.
     """
     hint = "Pass StoreConfig(directory=...) (or --store) pointing to a writable folder, or set PROPHET_RAG_HOME."
     if not create and not directory.is_dir():
@@ -65,9 +75,9 @@ def prepare_directory(directory: Path, create: bool) -> Path:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = directory.stat()
     except OSError as error:
+        if error.errno in _UNWRITABLE and not directory.exists():
+            return directory, f"cannot create the KV store directory {directory}: {error.strerror}. {hint}"
         raise StoreError(f"cannot create the KV store directory {directory}: {error.strerror}. {hint}") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise StoreError(f"the KV store directory {directory} is not writable by this user. {hint}")
     mode = stat.S_IMODE(info.st_mode)
     foreign = info.st_uid != os.geteuid()
     if mode & stat.S_IWOTH or (mode & stat.S_IWGRP and foreign):
@@ -81,7 +91,9 @@ def prepare_directory(directory: Path, create: bool) -> Path:
             "the KV store directory %s has mode %#o: other users can list it (its files stay private, 0600). "
             "Run `chmod 700 %s` to hide it.", directory, mode, directory,
         )
-    return directory
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return directory, f"the KV store directory {directory} is not writable by this user. {hint}"
+    return directory, None
 
 
 def prepare_db_files(directory: Path) -> None:
@@ -281,6 +293,59 @@ class ValueFiles:
                 os.fchmod(fd, 0o600)
             finally:
                 os.close(fd)
+
+
+_THREAD_LOCKS: dict[tuple[int, int], threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+class WriteLock:
+    """Writers' turns at a store directory: among this process's threads, whichever store instance they write
+    through, a lock per directory (so they wait in line rather than poll), and among processes an exclusive flock
+    on `LOCK_FILE`. `hold(timeout)` waits at most `timeout` seconds, then raises TimeoutError."""
+
+    def __init__(self, files: ValueFiles) -> None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            self._fd = os.open(LOCK_FILE, flags, 0o600, dir_fd=files._root)
+        except OSError as error:
+            raise StoreError(f"cannot open {files.directory / LOCK_FILE}: {error.strerror}; delete it if it is not a "
+                             "regular file (the store only holds caches).") from None
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            os.close(self._fd)
+            raise StoreError(f"{files.directory / LOCK_FILE} is not a regular file; delete it (the store only holds "
+                             "caches).")
+        info = os.fstat(files._root)
+        with _THREAD_LOCKS_GUARD:
+            self._lock = _THREAD_LOCKS.setdefault((info.st_dev, info.st_ino), threading.Lock())
+
+    @contextlib.contextmanager
+    def hold(self, timeout: float) -> Iterator[None]:
+        deadline = time.monotonic() + timeout
+        if not self._lock.acquire(timeout=timeout):
+            raise TimeoutError(f"another writer of this process held the store for {timeout} s")
+        try:
+            pause = 0.0005
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"another process held the store for {timeout} s") from None
+                    time.sleep(pause)
+                    pause = min(2 * pause, 0.01)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class Staging:

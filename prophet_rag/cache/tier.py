@@ -7,6 +7,9 @@ cache or another tier (what the checking tiers share, such as `refusal_counter`,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -83,6 +86,42 @@ class LayeredTier(KVTier, Protocol):
     later layers are still being read (the disk store)."""
 
     def open(self, ref: ChunkRef, meta: EntryMeta) -> LayeredEntry | None: ...
+
+
+class RequestState(Protocol):
+    """What a tier keeps for one request (`request_state`); `finish` runs when the request's tier calls are done."""
+
+    def finish(self) -> None: ...
+
+
+_REQUEST: ContextVar[dict[object, RequestState] | None] = ContextVar("prophet_rag_request", default=None)
+
+
+@contextmanager
+def one_request() -> Iterator[None]:
+    """Marks the tier calls made inside (in this thread or task) as one request's, so a tier can keep per-request
+    state (`request_state`): the shared tier's time budget. Nested scopes belong to the outermost one."""
+    if _REQUEST.get() is not None:
+        yield
+        return
+    scope: dict[object, RequestState] = {}
+    token = _REQUEST.set(scope)
+    try:
+        yield
+    finally:
+        _REQUEST.reset(token)
+        for state in scope.values():
+            state.finish()
+
+
+def request_state(owner: object, make: Callable[[], RequestState]) -> RequestState:
+    """`owner`'s state for the current request, made by `make()` on its first call in the request. Only inside
+    `one_request` (a tier wraps its own methods in one, so a call outside any request is a request of its own)."""
+    scope = _REQUEST.get()
+    assert scope is not None, "request_state is called inside one_request"
+    if owner not in scope:
+        scope[owner] = make()
+    return scope[owner]
 
 
 _COUNTER_OF = ((UnauthenticatedEntryError, "unauthenticated"), (CacheCorruptionError, "corrupt"),

@@ -30,6 +30,14 @@ def focus_order(selection: Selection, assemble: Assemble) -> list[int]:
     return [i for i in identity if i not in focus] + [i for i in identity if i in focus]
 
 
+def anchored_in_place(selection: Selection, assemble: Assemble) -> list[int]:
+    """`focus_order`'s parallel Stage I without its move: every chunk keeps its retrieval place, so the layout is
+    full prefill's. For questions whose answer needs a chain of passages, where moving the first hop's chunks away
+    from the passages they lead to may cost more than being nearer the question gains."""
+    focus_order(selection, assemble)
+    return list(range(len(selection.chunk_ids)))
+
+
 def anchor_window(weights: torch.Tensor, size: int) -> tuple[int, int]:
     """`[start, end)` of the `size` consecutive tokens of a chunk centred on its strongest anchor (the largest of
     its tokens' anchored `weights` `[n]`), moved inward at the chunk's edges."""

@@ -11,7 +11,7 @@ from prophet_rag.cache.chunk_cache import ChunkCache, build_tiers
 from prophet_rag.cache.codec import EntryMeta
 from prophet_rag.cache.hot_cache import HotCache
 from prophet_rag.cache.store import KVStore
-from prophet_rag.cache.tier import ChunkRef, KVTier
+from prophet_rag.cache.tier import ChunkRef, KVTier, one_request, request_state
 from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.compute.stitched import StitchedCache
 from prophet_rag.config import GenerationConfig, StoreConfig
@@ -199,6 +199,59 @@ def test_engine_with_a_third_tier_answers_identically(make_engine):
     assert second.stats.cache_hits == len(CHUNKS)
     assert first.token_ids == second.token_ids == reference.token_ids
     torch.testing.assert_close(second.first_token_logits, reference.first_token_logits, rtol=0, atol=0)
+
+
+class _Counted:
+    """A tier's per-request state (`tier.request_state`): the calls it saw, and whether its request ended."""
+
+    def __init__(self) -> None:
+        self.calls, self.finished = 0, False
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+class RequestTier(DictTier):
+    """A DictTier that records its per-request state on every call."""
+
+    def __init__(self) -> None:
+        super().__init__("per-request")
+        self.states: list[_Counted] = []
+
+    def _state(self) -> None:
+        state = request_state(self, _Counted)
+        state.calls += 1
+        if state not in self.states:
+            self.states.append(state)
+
+    def get(self, ref, meta, out=None):
+        self._state()
+        return super().get(ref, meta, out)
+
+    def put(self, ref, chunk, meta):
+        self._state()
+        return super().put(ref, chunk, meta)
+
+
+def test_one_load_is_one_request_for_every_tier_call(make_engine):
+    engine = make_engine("llama")
+    tier = RequestTier()
+    engine.cache.tiers.append(tier)
+    engine.answer(CHUNKS, QUERY, generation=GEN)
+    engine.answer([CHUNKS[0] + " One more line."], QUERY, generation=GEN)  # a chunk no tier holds yet
+    # Each answer's gets and puts share one state, finished when its load ended.
+    assert len(tier.states) == 2 and all(state.finished for state in tier.states)
+    assert tier.states[0].calls == 2 * (len(CHUNKS) + 1)  # a get, then a put, for the prefix and every chunk
+
+
+def test_nested_requests_belong_to_the_outer_one():
+    owner = object()
+    with one_request():
+        outer = request_state(owner, _Counted)
+        with one_request():
+            assert request_state(owner, _Counted) is outer
+        assert not outer.finished
+    assert outer.finished
 
 
 def test_engine_exposes_its_context_window(make_engine):

@@ -11,7 +11,8 @@ from prophet_rag.selection.request import Selection, budget_for, plan, top_slots
 from prophet_rag.selection.signals import FOCUS_SHARE, default_infoflow_layers, lexical_relevance
 from tiny import CHUNKS, QUERY
 
-METHODS = ("reuse", "random", "epic", "prophet", "infoflow", "cacheblend", "prophet_plus", "prophet_focus")
+METHODS = ("reuse", "random", "epic", "prophet", "infoflow", "cacheblend", "prophet_plus", "prophet_focus",
+           "prophet_anchor")
 
 
 def _stitched(engine):
@@ -243,3 +244,12 @@ def test_prophet_focus_splits_what_whole_chunks_leave_among_the_other_focus_chun
     second_start, third_end = _span_of(cache, 1)[0], _span_of(cache, 2)[1]
     assert picked & second == set(range(second_start + 1, second_start + 5))  # centred on its anchor, token 3
     assert picked & third == set(range(third_end - 4, third_end))  # its anchor is its last token
+
+
+def test_prophet_anchor_selects_like_focus_but_moves_no_chunk(make_engine):
+    engine = make_engine("llama")
+    focus = engine.answer(CHUNKS, QUERY, method="prophet_focus", ratio=0.3)
+    anchor = engine.answer(CHUNKS, QUERY, method="prophet_anchor", ratio=0.3)
+    assert list(focus.chunk_order) != list(range(len(CHUNKS)))  # here the default moves a chunk
+    assert list(anchor.chunk_order) == list(range(len(CHUNKS)))
+    assert anchor.stats.recomputed_tokens == int(0.3 * anchor.stats.context_tokens)

@@ -1,87 +1,30 @@
-"""A real redis-server per test, on a free loopback port, started and stopped here (`make install` installs it)."""
+"""A real redis-server per test, on a free loopback port, started and stopped here (redis_processes.py)."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
 from prophet_rag.config import StoreConfig
+from redis_processes import RedisServer, SlowProxy
 
 KEY_ENV = "PROPHET_RAG_TEST_REMOTE_KEY"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@pytest.fixture
+def slow_proxy(redis_server):
+    """`slow_proxy(delay_s)`: a `SlowProxy` in front of `redis_server`, closed after the test."""
+    proxies: list[SlowProxy] = []
 
+    def start(delay_s: float) -> SlowProxy:
+        proxies.append(SlowProxy(redis_server.port, delay_s))
+        return proxies[-1]
 
-class RedisServer:
-    """One redis-server process bound to 127.0.0.1 only, without persistence."""
-
-    def __init__(self, binary: str, directory: Path, *args: str) -> None:
-        self.binary, self.directory, self.args = binary, directory, args
-        self.port = _free_port()
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        command = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-                   "--dir", str(self.directory), "--daemonize", "no", *self.args]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    reply = sock.recv(64)
-                    if reply.startswith((b"+PONG", b"-NOAUTH")):
-                        return
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def client(self, **options):
-        import redis
-
-        return redis.Redis.from_url(self.url, socket_timeout=5, **options)
-
-    def kill(self) -> None:
-        """SIGKILL: the server vanishes, connections are refused."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def pause(self) -> None:
-        """SIGSTOP: connections are accepted by the kernel but nothing answers (a hung or overloaded server)."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    yield start
+    for proxy in proxies:
+        proxy.close()
 
 
 @pytest.fixture(scope="session")
