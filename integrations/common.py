@@ -24,6 +24,7 @@ from prophet_rag.client import ProphetClient
 from prophet_rag.engine import AnswerStream
 from prophet_rag.layout import check_text
 from prophet_rag.results import Answer
+from prophet_rag.structured import Tool, as_tools, tool_choice
 
 OPTIONS = ("method", "ratio", "max_new_tokens", "temperature", "stop", "top_k", "top_p", "seed", "eos_token_ids")
 """What one call may override (`llm.invoke(..., max_new_tokens=8)`, `llm.complete(..., stop=["\\n"])`)."""
@@ -100,12 +101,6 @@ class Call:
         prompt = stats.prefix_tokens + stats.context_tokens + stats.suffix_tokens
         return {"input_tokens": prompt, "output_tokens": stats.new_tokens, "total_tokens": prompt + stats.new_tokens,
                 "input_token_details": {"cache_read": stats.cached_tokens}}
-
-    @property
-    def usage_metadata(self) -> dict[str, Any]:
-        """`usage` with the prompt tokens whose KV came from a cache tier (`RequestStats.cached_tokens`) as
-        `input_token_details["cache_read"]`, as LangChain's OpenAI models report cached prompt tokens."""
-        return {**self.usage, "input_token_details": {"cache_read": self.answer.stats.cached_tokens}}
 
     @property
     def finish_reason(self) -> str:
@@ -239,12 +234,13 @@ class ProphetSettings(BaseModel):
         request = ChatRequest(tuple(dict(message) for message in messages))
         return self.with_system_prompt(request) if system_prompt else request
 
-    def start(self, request: ChatRequest, options: Mapping[str, Any]) -> Call:
-        """Start answering `request`; bad input raises here, before any token is generated."""
+    def start(self, request: ChatRequest, options: Mapping[str, Any], **structured: Any) -> Call:
+        """Start answering `request`; bad input raises here, before any token is generated. `structured` holds the
+        engine's `tools`, `tool_choice` and `grammar` (see `ProphetEngine.chat`)."""
         selection, generation = self.configs(options)
         stream = self.engine.stream_chat(list(request.messages), request.documents, transient=request.transient,
                                          transient_prefix=request.transient_prefix, selection=selection,
-                                         generation=generation)
+                                         generation=generation, **structured)
         return Call(stream, generation, self.model_name)
 
     def token_ids(self, text: str) -> list[int]:
@@ -258,6 +254,16 @@ class ProphetSettings(BaseModel):
         if isinstance(self.engine, ProphetClient):
             return self.engine.count_chat_tokens(messages)
         return self.engine.builder.chat_layout(list(messages)).total_tokens
+
+
+def tool_request(engine: ProphetEngine, tools: Sequence[Mapping[str, Any]], choice: Any = None,
+                 parallel: bool | None = None) -> tuple[tuple[Tool, ...], dict[str, Any]]:
+    """The tools of a call (OpenAI-format mappings) and the engine's `tools` and `grammar` for them: calls of
+    `choice` (see `structured.tool_choice`), one call per answer unless `parallel` (a small model allowed several
+    tends to repeat its call until the budget ends)."""
+    bound = as_tools(tools)
+    fmt = engine.tool_format if parallel else replace(engine.tool_format, parallel=False)
+    return bound, {"tools": bound, "grammar": fmt.grammar(bound, tool_choice(choice, bound))}
 
 
 async def iterate_in_thread(deltas: Iterable[str]) -> AsyncIterator[str]:

@@ -46,24 +46,36 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
     TextBlock,
+    ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.chat_engine.types import BaseChatEngine
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
-from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.prompts import BasePromptTemplate
 from llama_index.core.prompts.default_prompt_selectors import DEFAULT_TEXT_QA_PROMPT_SEL
 from llama_index.core.response_synthesizers import BaseSynthesizer
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+from llama_index.core.tools import ToolSelection
 from llama_index.core.types import TokenAsyncGen, TokenGen
 
 from prophet_rag import InvalidRequestError, ProphetRAGError
-from prophet_rag.integrations.common import Call, ChatRequest, ProphetSettings, check_documents, iterate_in_thread
+from prophet_rag.integrations.common import (
+    Call,
+    ChatRequest,
+    ProphetSettings,
+    check_documents,
+    iterate_in_thread,
+    tool_request,
+)
 from prophet_rag.integrations.placement import Marks
 from prophet_rag.integrations.registry import ChunkRegistry
+from prophet_rag.layout import DOCUMENTS
+from prophet_rag.structured import ParsedOutput, Tool
+from prophet_rag.structured.stream import TextDelta, ToolCallStream
 
 CONTEXT_KEYS = ("context_str", "context_msg")
 """The template variables LlamaIndex's synthesizers put the retrieved text in (context_msg: refine steps)."""
@@ -208,25 +220,49 @@ def _install_collector() -> None:
             root.add_span_handler(_StatsScopes())
 
 
-def _message(message: ChatMessage, index: int) -> dict[str, str]:
-    """A LlamaIndex message as the engine takes it; only text can be read."""
+def _message(message: ChatMessage, index: int) -> dict[str, Any]:
+    """A LlamaIndex message as the engine takes it: its text, an assistant's tool calls (`ToolCallBlock`s, or
+    OpenAI-format `additional_kwargs["tool_calls"]`) and a tool result's `tool_call_id`."""
+    calls = []
     for block in message.blocks:
-        if not isinstance(block, TextBlock):
+        if isinstance(block, ToolCallBlock):
+            calls.append({"id": block.tool_call_id or f"call_{index}_{len(calls)}", "type": "function",
+                          "function": {"name": block.tool_name, "arguments": block.tool_kwargs}})
+        elif not isinstance(block, TextBlock):
             raise InvalidRequestError(
                 f"message {index} holds a {type(block).__name__}; ProphetLLM reads text only, so pass text blocks."
             )
-    return {"role": _ROLES.get(message.role, message.role.value), "content": message.content or ""}
+    calls = calls or list(message.additional_kwargs.get("tool_calls") or [])
+    text = "".join(block.text for block in message.blocks if isinstance(block, TextBlock))
+    out: dict[str, Any] = {"role": _ROLES.get(message.role, message.role.value), "content": text}
+    if calls:
+        out["tool_calls"] = calls
+    if message.additional_kwargs.get("tool_call_id") is not None:
+        out["tool_call_id"] = message.additional_kwargs["tool_call_id"]
+    return out
 
 
-def _chat_response(text: str, delta: str | None = None, **details: Any) -> ChatResponse:
-    return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta, **details)
+def _chat_response(text: str, delta: str | None = None, parsed: ParsedOutput | None = None,
+                   **details: Any) -> ChatResponse:
+    """A chat response; with `parsed`, its text is the parsed content and its calls are `ToolCallBlock`s (calls
+    that did not parse are listed in `additional_kwargs["invalid_tool_calls"]`)."""
+    if parsed is None:
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta, **details)
+    blocks = [TextBlock(text=parsed.content)] if parsed.content else []
+    blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in parsed.tool_calls]
+    message = ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks)
+    if parsed.invalid_tool_calls:
+        details.setdefault("additional_kwargs", {})["invalid_tool_calls"] = [
+            {"id": c.id, "name": c.name, "arguments": c.arguments, "error": c.error}
+            for c in parsed.invalid_tool_calls]
+    return ChatResponse(message=message, delta=delta, **details)
 
 
 def _completion_response(text: str, delta: str | None = None, **details: Any) -> CompletionResponse:
     return CompletionResponse(text=text, delta=delta, **details)
 
 
-class ProphetLLM(CustomLLM, ProphetSettings):
+class ProphetLLM(FunctionCallingLLM, ProphetSettings):
     """A LlamaIndex chat LLM over a `ProphetEngine`; retrieved nodes are answered over their cached KV.
 
     `ProphetLLM(engine=engine)` wraps an engine; without one `model` is loaded (None: the embedded SmolLM2-135M) on
@@ -235,6 +271,12 @@ class ProphetLLM(CustomLLM, ProphetSettings):
     per-call options of `prophet_rag.integrations.common.OPTIONS` (`max_new_tokens`, `stop`, ...); any other keyword
     is refused. Responses carry usage in `raw["usage"]` (read by TokenCountingHandler) and the request's statistics
     in `additional_kwargs["prophet_rag"]`; a stream's last response, whose delta is empty, carries them.
+
+    A function-calling LLM: `chat_with_tools`, `predict_and_call` and the agents (`FunctionAgent`) render the tools
+    with the model's own tool format and decode under the tools' grammar, so with `tool_required=True` (or a tool
+    named in `tool_choice`) every answer is a valid call of a given tool. `structured_predict` and
+    `as_structured_llm` go through a required call of the output class as a tool, so their answers are always valid
+    instances when they end within `max_new_tokens`.
     """
 
     context_window: int | None = Field(
@@ -275,6 +317,7 @@ class ProphetLLM(CustomLLM, ProphetSettings):
             context_window=self.context_window or self.engine.context_window,
             num_output=self.max_new_tokens,
             is_chat_model=True,
+            is_function_calling_model=True,
             model_name=self.model_name,
         )
 
@@ -335,19 +378,71 @@ class ProphetLLM(CustomLLM, ProphetSettings):
         with self._template_scope(prompt, prompt_args):
             return await super().astream(prompt, **prompt_args)
 
+    # ---- tools -------------------------------------------------------------------------------------------------
+
+    def _prepare_chat_with_tools(self, tools: Sequence[Any], user_msg: str | ChatMessage | None = None,
+                                 chat_history: list[ChatMessage] | None = None, verbose: bool = False,
+                                 allow_parallel_tool_calls: bool = False, tool_required: bool = False,
+                                 tool_choice: str | dict | None = None, **kwargs: Any) -> dict[str, Any]:
+        """The `chat` arguments of a call with `tools`: the messages, the tools in OpenAI format, `tool_choice`
+        (`"required"` when `tool_required`, else `"auto"`, unless given) and whether calls may be parallel."""
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str)
+                            else user_msg)
+        specs = [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools]
+        choice = tool_choice if tool_choice is not None else "required" if tool_required else "auto"
+        return {"messages": messages, "tools": specs, "tool_choice": choice,
+                "parallel_tool_calls": allow_parallel_tool_calls, **kwargs}
+
+    def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
+                                     **kwargs: Any) -> list[ToolSelection]:
+        """The tool calls of a response (its `ToolCallBlock`s)."""
+        calls = [ToolSelection(tool_id=block.tool_call_id or "", tool_name=block.tool_name,
+                               tool_kwargs=block.tool_kwargs if isinstance(block.tool_kwargs, dict) else {})
+                 for block in response.message.blocks if isinstance(block, ToolCallBlock)]
+        if not calls and error_on_no_tool_call:
+            invalid = response.additional_kwargs.get("invalid_tool_calls")
+            raise ValueError(f"expected at least one tool call, got none{f': {invalid}' if invalid else ''}.")
+        return calls
+
+    def _tool_results(self, messages: list[dict[str, Any]], system_prompt: bool) -> ChatRequest | None:
+        """`messages` with the latest tool result that holds registered nodes (a `RetrieverTool` or
+        `QueryEngineTool` given `node_postprocessors=[ProphetKVPostprocessor(llm=...)]`) cut into them, each node a
+        cached chunk and the text between them one-off; None when no tool result holds one."""
+        if not len(self._registry):
+            return None
+        for index in reversed(range(len(messages))):
+            if messages[index]["role"] != "tool":
+                continue
+            pieces = self._registry.segment(messages[index]["content"])
+            if any(registered for _, registered in pieces):
+                request = [dict(message) for message in messages]
+                request[index] = {**messages[index], "content": [DOCUMENTS]}
+                chat = ChatRequest(tuple(request), tuple(text for text, _ in pieces),
+                                   tuple(not registered for _, registered in pieces))
+                return self.with_system_prompt(chat) if system_prompt else chat
+        return None
+
     # ---- message level: answer --------------------------------------------------------------------------------
 
     def _start(self, messages: Sequence[ChatMessage], options: Mapping[str, Any],
-               system_prompt: bool = True) -> tuple[Call, dict[str, Any]]:
+               system_prompt: bool = True) -> tuple[Call, dict[str, Any], tuple[Tool, ...]]:
         """Start answering the scoped request, else `messages` as a plain chat; bad input raises here. The second
-        value is this call's entry in the current synthesis's statistics, filled by `_details` at the end."""
-        request = _REQUEST.get() or self.plain_request([_message(m, i) for i, m in enumerate(messages)],
-                                                       system_prompt=system_prompt)
-        call = self.start(request, options)
+        value is this call's entry in the current synthesis's statistics, filled by `_details` at the end; the
+        third the call's tools (`tools`, `tool_choice` and `parallel_tool_calls` in `options`)."""
+        options = dict(options)
+        specs, choice = options.pop("tools", None), options.pop("tool_choice", None)
+        parallel = options.pop("parallel_tool_calls", None)
+        tools, structured = tool_request(self.engine, specs, choice, parallel) if specs else ((), {})
+        converted = [_message(m, i) for i, m in enumerate(messages)]
+        request = _REQUEST.get() or self._tool_results(converted, system_prompt) or self.plain_request(
+            converted, system_prompt=system_prompt)
+        call = self.start(request, options, **structured)
         entry: dict[str, Any] = {}
         for reports in _SCOPES.get():
             reports.append(entry)
-        return call, entry
+        return call, entry, tools
 
     @staticmethod
     def _details(call: Call, entry: dict[str, Any]) -> dict[str, Any]:
@@ -356,29 +451,48 @@ class ProphetLLM(CustomLLM, ProphetSettings):
         # raw: what agents pass on (AgentOutput.raw); TokenCountingHandler reads the usage there.
         return {"raw": {"usage": call.usage, "prophet_rag": report["prophet_rag"]}, "additional_kwargs": report}
 
-    def _answer(self, call: Call, entry: dict[str, Any], make: Callable[..., Any]) -> Any:
-        return make(call.text(), **self._details(call, entry))
+    def _answer(self, call: Call, entry: dict[str, Any], make: Callable[..., Any], tools: Sequence[Tool] = ()) -> Any:
+        text = call.text()
+        if not tools:
+            return make(text, **self._details(call, entry))
+        return make(text, parsed=self.engine.tool_format.parse(text, tools), **self._details(call, entry))
 
-    def _responses(self, call: Call, entry: dict[str, Any], make: Callable[..., Any]) -> Iterator[Any]:
-        text = ""
+    def _responses(self, call: Call, entry: dict[str, Any], make: Callable[..., Any],
+                   tools: Sequence[Tool] = ()) -> Iterator[Any]:
+        calls, text = self._calls(tools), ""
         for delta in call:
-            text += delta
-            yield make(text, delta)
-        yield make(text, "", **self._details(call, entry))
+            for piece in calls.feed(delta) if calls else [delta]:
+                text += piece
+                yield make(text, piece)
+        yield self._last(call, entry, make, calls, tools, text)
 
-    async def _aresponses(self, call: Call, entry: dict[str, Any], make: Callable[..., Any]) -> AsyncIterator[Any]:
-        text = ""
+    async def _aresponses(self, call: Call, entry: dict[str, Any], make: Callable[..., Any],
+                          tools: Sequence[Tool] = ()) -> AsyncIterator[Any]:
+        calls, text = self._calls(tools), ""
         async for delta in iterate_in_thread(call):
-            text += delta
-            yield make(text, delta)
-        yield make(text, "", **self._details(call, entry))
+            for piece in calls.feed(delta) if calls else [delta]:
+                text += piece
+                yield make(text, piece)
+        yield self._last(call, entry, make, calls, tools, text)
+
+    def _calls(self, tools: Sequence[Tool]) -> _TextOfCalls | None:
+        return _TextOfCalls(ToolCallStream(self.engine.tool_format)) if tools else None
+
+    def _last(self, call: Call, entry: dict[str, Any], make: Callable[..., Any], calls: _TextOfCalls | None,
+              tools: Sequence[Tool], text: str) -> Any:
+        """A stream's last response: empty delta, the statistics and, with tools, the parsed calls."""
+        if calls is None:
+            return make(text, "", **self._details(call, entry))
+        parsed = calls.finish(tools)
+        return make(text, "", parsed=parsed, **self._details(call, entry))
 
     def _chat(self, messages: Sequence[ChatMessage], options: Mapping[str, Any]) -> ChatResponse:
-        return self._answer(*self._start(messages, options), _chat_response)
+        call, entry, tools = self._start(messages, options)
+        return self._answer(call, entry, _chat_response, tools)
 
     def _complete(self, prompt: str, formatted: bool, options: Mapping[str, Any]) -> CompletionResponse:
         # `formatted=True` means the prompt has been through the LLM's own prompt rules, system prompt included.
-        call, entry = self._start([ChatMessage(role=MessageRole.USER, content=prompt)], options, not formatted)
+        call, entry, _ = self._start([ChatMessage(role=MessageRole.USER, content=prompt)], options, not formatted)
         return self._answer(call, entry, _completion_response)
 
     @llm_chat_callback()
@@ -387,7 +501,8 @@ class ProphetLLM(CustomLLM, ProphetSettings):
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        return self._responses(*self._start(messages, kwargs), _chat_response)
+        call, entry, tools = self._start(messages, kwargs)
+        return self._responses(call, entry, _chat_response, tools)
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -397,7 +512,8 @@ class ProphetLLM(CustomLLM, ProphetSettings):
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        return self._aresponses(*self._start(messages, kwargs), _chat_response)
+        call, entry, tools = self._start(messages, kwargs)
+        return self._aresponses(call, entry, _chat_response, tools)
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
@@ -406,7 +522,7 @@ class ProphetLLM(CustomLLM, ProphetSettings):
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        call, entry = self._start([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs, not formatted)
+        call, entry, _ = self._start([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs, not formatted)
         return self._responses(call, entry, _completion_response)
 
     @llm_completion_callback()
@@ -415,8 +531,22 @@ class ProphetLLM(CustomLLM, ProphetSettings):
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        call, entry = self._start([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs, not formatted)
+        call, entry, _ = self._start([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs, not formatted)
         return self._aresponses(call, entry, _completion_response)
+
+
+class _TextOfCalls:
+    """The text deltas of a stream with tools (a call's own text is not content; the last response carries the
+    parsed calls)."""
+
+    def __init__(self, calls: ToolCallStream) -> None:
+        self._calls = calls
+
+    def feed(self, delta: str) -> list[str]:
+        return [event.text for event in self._calls.feed(delta) if isinstance(event, TextDelta)]
+
+    def finish(self, tools: Sequence[Tool]) -> ParsedOutput:
+        return self._calls.finish(tools)[1]
 
 
 def _prophet_llm(llm: ProphetLLM | None, user: str) -> ProphetLLM:

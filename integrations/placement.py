@@ -122,7 +122,8 @@ def locate(messages: Sequence[Mapping[str, str]], texts: Iterable[str],
         transient.append(False)
     before, after = content[:spans[0][0]], content[spans[-1][1]:]
     request = [dict(message) for message in messages]
-    request[index] = {"role": messages[index]["role"], "content": [before, DOCUMENTS, after.lstrip()]}
+    # The message keeps its other keys (a tool result's `tool_call_id`, an assistant's `tool_calls`).
+    request[index] = {**messages[index], "content": [before, DOCUMENTS, after.lstrip()]}
     ahead = "".join(message["content"] for message in messages[:index]) + before
     one_off = any(value.strip() and value in ahead for value in per_call)
     return ChatRequest(tuple(request), tuple(documents), tuple(transient), transient_prefix=one_off)

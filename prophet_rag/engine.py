@@ -64,6 +64,10 @@ from prophet_rag.layout import PromptBuilder, RequestLayout
 from prophet_rag.results import Answer, RequestStats
 from prophet_rag.selection.request import Selection
 from prophet_rag.selection.request import plan as plan_recompute
+from prophet_rag.structured import Grammar, GrammarCache, TokenConstraint, Tool, ToolFormat, as_tools, tool_format
+from prophet_rag.structured import tool_choice as parse_tool_choice
+from prophet_rag.structured.render import chat_layout as tool_chat_layout
+from prophet_rag.structured.render import uses_tools
 
 
 def _model_location(name_or_path: str | os.PathLike) -> str:
@@ -221,6 +225,10 @@ class ProphetEngine:
         self.cache = ChunkCache(tiers, meta, self.sink_ids, compute)
         self.prefix_cache = PrefixCache(prefix_cache or PrefixCacheConfig())
         self._check_selection(self.selection)
+        self.grammars = GrammarCache()
+        """Grammars prepared for this engine's tokenizer (constrained decoding)."""
+        self.tool_format: ToolFormat = tool_format(tokenizer)
+        """How this model's tools are rendered and its calls written (`structured.formats`)."""
 
     @classmethod
     def from_pretrained(
@@ -297,10 +305,22 @@ class ProphetEngine:
         selection: SelectionConfig | None = None,
         generation: GenerationConfig | None = None,
         return_logits: bool = False,
+        grammar: Grammar | None = None,
+        tools: Sequence[Tool | Mapping] = (),
+        tool_choice: object = None,
     ) -> Answer:
-        """Answer `query` over `chunks` (retrieved documents, in retrieval order)."""
+        """Answer `query` over `chunks` (retrieved documents, in retrieval order).
+
+        `grammar` constrains the answer (a `structured.Grammar`: a JSON schema, a regex, a Lark grammar): each
+        token is chosen among those the grammar allows, so the answer matches it whenever it ends by the grammar's
+        own end rather than `max_new_tokens`. `tools` (OpenAI-format mappings or `structured.Tool`s) are rendered
+        in the model's own tool format; `tool_choice` (`"auto"`, the default, `"none"`, `"required"` or a tool's
+        name) picks the grammar of the answer unless `grammar` is given. With tools, the answer's text keeps the
+        special tokens of the call format; `engine.tool_format.parse(answer.text, tools)` splits out the calls.
+        """
         return self.stream(chunks, query, method=method, ratio=ratio, selection=selection, generation=generation,
-                           return_logits=return_logits).result()
+                           return_logits=return_logits, grammar=grammar, tools=tools,
+                           tool_choice=tool_choice).result()
 
     def stream(
         self,
@@ -312,10 +332,18 @@ class ProphetEngine:
         selection: SelectionConfig | None = None,
         generation: GenerationConfig | None = None,
         return_logits: bool = False,
+        grammar: Grammar | None = None,
+        tools: Sequence[Tool | Mapping] = (),
+        tool_choice: object = None,
     ) -> AnswerStream:
         """Like `answer`, but iterate the returned stream for text deltas. Bad input raises here, not mid-stream."""
         selection = self._selection(selection, method, ratio)
-        return self._start(self.builder.layout(chunks, query), selection, generation, return_logits)
+        layout = self.builder.layout(chunks, query)
+        tools = as_tools(tools) if tools else ()
+        if tools:  # the same messages, with the tools rendered too
+            layout = tool_chat_layout(self.builder, self.builder.rag_messages(query), chunks, tools, self.tool_format)
+        return self._start(layout, selection, generation, return_logits,
+                           self._grammar(grammar, tools, tool_choice), bool(tools))
 
     def chat(
         self,
@@ -329,6 +357,9 @@ class ProphetEngine:
         selection: SelectionConfig | None = None,
         generation: GenerationConfig | None = None,
         return_logits: bool = False,
+        grammar: Grammar | None = None,
+        tools: Sequence[Tool | Mapping] = (),
+        tool_choice: object = None,
     ) -> Answer:
         """Answer chat `messages` (`{"role", "content"}` mappings) rendered with the model's chat template.
 
@@ -338,10 +369,15 @@ class ProphetEngine:
         (computed, never stored); `transient_prefix=True` does the same for the prefix, for a prefix that holds
         per-call text (a refine step's answer so far, a question placed before the documents). Without documents
         the prompt is answered with plain full prefill.
+
+        `grammar`, `tools` and `tool_choice` are as for `answer`. An assistant message may carry `tool_calls`
+        (OpenAI-format calls) and a `tool` message its `tool_call_id` and `name`: such a conversation is rendered
+        in the model's tool format (`structured.render`), tools bound or not.
         """
         return self.stream_chat(messages, documents, transient=transient, transient_prefix=transient_prefix,
                                 method=method, ratio=ratio, selection=selection, generation=generation,
-                                return_logits=return_logits).result()
+                                return_logits=return_logits, grammar=grammar, tools=tools,
+                                tool_choice=tool_choice).result()
 
     def stream_chat(
         self,
@@ -355,11 +391,34 @@ class ProphetEngine:
         selection: SelectionConfig | None = None,
         generation: GenerationConfig | None = None,
         return_logits: bool = False,
+        grammar: Grammar | None = None,
+        tools: Sequence[Tool | Mapping] = (),
+        tool_choice: object = None,
     ) -> AnswerStream:
         """Like `chat`, but iterate the returned stream for text deltas."""
         selection = self._selection(selection, method, ratio)
-        layout = self.builder.chat_layout(messages, documents, transient, transient_prefix)
-        return self._start(layout, selection, generation, return_logits)
+        tools = as_tools(tools) if tools else ()
+        if tools or uses_tools(messages):
+            layout = tool_chat_layout(self.builder, messages, documents, tools, self.tool_format, transient,
+                                      transient_prefix)
+        else:
+            layout = self.builder.chat_layout(messages, documents, transient, transient_prefix)
+        return self._start(layout, selection, generation, return_logits,
+                           self._grammar(grammar, tools, tool_choice), bool(tools))
+
+    def _grammar(self, grammar: Grammar | None, tools: Sequence[Tool], choice: object) -> Grammar | None:
+        """The request's grammar: `grammar`, else that of `choice` over `tools`, else none."""
+        if grammar is not None and not isinstance(grammar, Grammar):
+            raise InvalidRequestError(
+                f"grammar must be a structured.Grammar (Grammar.json_schema(schema), Grammar.regex(...)), got "
+                f"{type(grammar).__name__}."
+            )
+        if not tools:
+            if choice is not None:
+                raise InvalidRequestError(f"tool_choice {choice!r} was given without tools; pass the tools too.")
+            return grammar
+        choice = parse_tool_choice(choice, tools)
+        return grammar if grammar is not None else self.tool_format.grammar(tools, choice)
 
     def continuation_logits(
         self,
@@ -401,10 +460,15 @@ class ProphetEngine:
         return out
 
     def _start(self, layout: RequestLayout, selection: SelectionConfig, generation: GenerationConfig | None,
-               return_logits: bool) -> AnswerStream:
+               return_logits: bool, grammar: Grammar | None = None, special_tokens: bool = False) -> AnswerStream:
         generation = generation or self.generation
         self._check_window(layout, generation)
-        return AnswerStream(self._admitted(partial(self._run, layout, selection, generation, return_logits)))
+        constraint = None
+        if grammar is not None:  # built here, so that a grammar that cannot compile fails before the stream starts
+            constraint = TokenConstraint.build(grammar, self.tokenizer, self.adapter.spec.vocab_size,
+                                               self._eos(generation), self.grammars)
+        return AnswerStream(self._admitted(partial(self._run, layout, selection, generation, return_logits, constraint,
+                                                   special_tokens)))
 
     def _admitted(self, pipeline) -> Iterator[str]:
         """`pipeline(admission)`'s deltas, once the request has a place among the requests decoded together
@@ -574,18 +638,19 @@ class ProphetEngine:
             self.prefix_cache.put(cache.token_ids[:n], cache.kv[:, :, :n])
 
     def _run(self, layout: RequestLayout, selection: SelectionConfig, generation: GenerationConfig,
-             return_logits: bool, admission: Admission) -> Iterator[str]:
+             return_logits: bool, constraint: TokenConstraint | None, special_tokens: bool,
+             admission: Admission) -> Iterator[str]:
         t0 = time.perf_counter()
         prefill = self._prefill(layout, selection, layout.total_tokens + generation.max_new_tokens)
         with self._compute, torch.inference_mode():
             logits = self.adapter.logits(prefill.hidden[-1:])[0]
         first_logits = logits.clone() if return_logits else None
         ttft = time.perf_counter() - t0
-        eos = set(generation.eos_token_ids or self._default_eos())
-        text = TextAssembler(self.tokenizer, generation.stop)
+        eos = self._eos(generation)
+        text = TextAssembler(self.tokenizer, generation.stop, skip_special_tokens=not special_tokens)
         t_decode = time.perf_counter()
         # Closed however the loop ends (a stop string, the consumer closing the stream): the request leaves the batch.
-        with closing(admission.decode(prefill.cache, logits, Decoding(generation, eos))) as tokens:
+        with closing(admission.decode(prefill.cache, logits, Decoding(generation, eos, constraint))) as tokens:
             for token in tokens:
                 delta = text.push(token)
                 if delta:
@@ -624,6 +689,10 @@ class ProphetEngine:
             first_token_logits=first_logits,
             chunk_order=prefill.order,
         )
+
+    def _eos(self, generation: GenerationConfig) -> set[int]:
+        """The ids that end an answer (`eos_token_ids`, else the model's own)."""
+        return set(generation.eos_token_ids or self._default_eos())
 
     def _default_eos(self) -> list[int]:
         ids = self.adapter.model.generation_config.eos_token_id

@@ -41,11 +41,6 @@ class UnauthenticatedEntryError(CacheCorruptionError):
     or altered since. Such an entry is never used."""
 
 
-class UnsupportedFeatureError(ProphetRAGError, NotImplementedError):
-    """A framework feature the adapters do not provide yet (tool calling); a NotImplementedError too, so framework
-    code that probes for the feature that way still works."""
-
-
 class ServerError(ProphetRAGError):
     """A `prophet-rag serve` server (or the proxy in front of it) could not answer a client's call. `retryable` says
     whether the same call may succeed later or on another replica; `status` is the HTTP status (None: no answer)."""

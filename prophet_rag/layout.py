@@ -248,13 +248,41 @@ class PromptBuilder:
             )
         if not documents and marked:
             raise InvalidRequestError("the messages place DOCUMENTS but no documents were given.")
+        chunk_ids = self._chunk_ids(documents, transient)
+        before, after = self._segments(messages)
+        history = sum(1 for m in messages if m["role"] != "system") > 1
+        return RequestLayout(before, chunk_ids, after, tuple(bool(t) for t in transient),
+                             transient_prefix=(history or transient_prefix) and bool(documents))
+
+    def pieces_layout(self, pieces: Sequence[object], documents: Sequence[str] = (), transient: Sequence[bool] = (),
+                      transient_prefix: bool = False) -> RequestLayout:
+        """A prompt already rendered as pieces (`structured.render`: objects with `text` and `trusted`, where only
+        trusted text may produce special tokens), with `documents` where the one `DOCUMENTS` piece is; as
+        `chat_layout`, the prefix is one-off when `transient_prefix`."""
+        marked = sum(1 for piece in pieces if piece is DOCUMENTS)
+        if marked != (1 if documents else 0):
+            raise InvalidRequestError(
+                f"pass DOCUMENTS exactly once in the messages' content when there are documents (and never without "
+                f"them), found {marked} for {len(documents)} document(s)."
+            )
+        chunk_ids = self._chunk_ids(documents, transient)
+        ids = [torch.zeros(0, dtype=torch.long)]
+        split = 0
+        for piece in pieces:
+            if piece is DOCUMENTS:
+                split = len(ids)
+            else:
+                ids.append(self.encode(_check_unicode("a message", piece.text), template=piece.trusted))
+        before, after = torch.cat(ids[:split] or ids[:1]), torch.cat(ids[:1] + ids[split:])
+        return RequestLayout(before, chunk_ids, after, tuple(bool(t) for t in transient),
+                             transient_prefix=transient_prefix and bool(documents))
+
+    def _chunk_ids(self, documents: Sequence[str], transient: Sequence[bool]) -> tuple[torch.Tensor, ...]:
+        """Each document's ids: its text stripped, then the chunk separator, tokenized on its own."""
         chunk_ids = [self._chunk(f"chunk {i}", chunk) for i, chunk in enumerate(documents)]
         if transient and len(transient) != len(chunk_ids):
             raise InvalidRequestError(f"transient has {len(transient)} flags for {len(chunk_ids)} documents.")
-        before, after = self._segments(messages)
-        history = sum(1 for m in messages if m["role"] != "system") > 1
-        return RequestLayout(before, tuple(chunk_ids), after, tuple(bool(t) for t in transient),
-                             transient_prefix=(history or transient_prefix) and bool(documents))
+        return tuple(chunk_ids)
 
     def _chunk(self, name: str, text: object) -> torch.Tensor:
         """`[n]` ids of one document as a chunk: on its own, followed by the prompt's chunk separator."""

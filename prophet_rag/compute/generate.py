@@ -115,15 +115,17 @@ def sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gene
 class TextAssembler:
     """Accumulates generated token ids and yields the text that is final."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer, stop: tuple[str, ...], skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
+        self.skip_special_tokens = skip_special_tokens
+        """False keeps special tokens in the text (a tool-call format's `[TOOL_CALLS]`, `<|python_tag|>`)."""
         self.ids: list[int] = []
         self.emitted = ""
         self.stopped = False
 
     def _text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         """Add a token; return the newly final text (possibly empty). Sets `stopped` at a stop string."""

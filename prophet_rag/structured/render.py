@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from prophet_rag.errors import InvalidRequestError
+from prophet_rag.layout import PromptBuilder, RequestLayout
 from prophet_rag.structured.formats import ToolFormat
 from prophet_rag.structured.tools import TOOL_NAME, Tool, ToolCall
 
@@ -184,7 +185,7 @@ def render(tokenizer, messages: Sequence[Mapping], tools: Sequence[Tool] = (), f
         fmt = tool_format(tokenizer)
     if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or not messages:
         raise InvalidRequestError("messages must be a non-empty list of {'role': ..., 'content': ...} mappings.")
-    if tools and not fmt.native_tools:
+    if not fmt.native_tools and (tools or uses_tools(messages)):  # a template without tools drops calls too
         messages, tools = fold_tools(messages, tools, fmt), ()
     hold = _Values()
     held_messages = _messages(messages, hold, real=False)
@@ -263,3 +264,20 @@ def _solve(texts: list[str], candidates: list[list[str]], actual: str) -> list[s
             return None
         (pos, c), k = chosen.pop(), k - 1
         c += 1
+
+
+def chat_layout(builder: PromptBuilder, messages: Sequence[Mapping], documents: Sequence[str] = (),
+                tools: Sequence[Tool] = (), fmt: ToolFormat | None = None, transient: Sequence[bool] = (),
+                transient_prefix: bool = False) -> RequestLayout:
+    """`PromptBuilder.chat_layout` for a conversation with tools, earlier tool calls or tool results: `messages`
+    rendered by `render` (each message's content may hold `DOCUMENTS` once, where `documents` go), its pieces
+    tokenized by trust. As there, a prefix that holds a conversation's history is one-off."""
+    pieces = render(builder.tokenizer, messages, tools, fmt)
+    history = sum(1 for m in messages if isinstance(m, Mapping) and m.get("role") != "system") > 1
+    return builder.pieces_layout(pieces, documents, transient, history or transient_prefix)
+
+
+def uses_tools(messages: Sequence[Mapping]) -> bool:
+    """Whether `messages` hold earlier tool calls or results of them (a tool message naming its call), which only
+    `render` places in the template as the model's tool format has them."""
+    return any(isinstance(m, Mapping) and (m.get("tool_calls") or m.get("tool_call_id")) for m in messages)

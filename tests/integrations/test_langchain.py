@@ -27,7 +27,6 @@ from langchain_core.vectorstores import InMemoryVectorStore
 
 from prophet_rag import InvalidRequestError
 from prophet_rag.config import DEFAULT_INSTRUCTION, SelectionConfig
-from prophet_rag.errors import UnsupportedFeatureError
 from prophet_rag.integrations import common, langchain_runs
 from prophet_rag.integrations.langchain import ChatProphet, ProphetLangChainLLM, ProphetRAG
 from prophet_rag.layout import DOCUMENTS
@@ -339,14 +338,6 @@ def test_an_empty_retrieved_document_is_refused_on_both_paths(chat, path):
                else ProphetRAG(llm=chat, prompt=TUTORIAL_PROMPT))
     with pytest.raises(InvalidRequestError, match="document 1 is empty.*Drop empty documents"):
         combine.invoke({"context": docs, "input": QUESTION})
-
-
-def test_tool_calling_is_refused_with_the_reason(chat):
-    with pytest.raises(UnsupportedFeatureError, match="does not support tool calling") as raised:
-        chat.bind_tools([format_docs])
-    assert isinstance(raised.value, NotImplementedError)
-    with pytest.raises(UnsupportedFeatureError):
-        chat.with_structured_output({"title": "Answer", "type": "object", "properties": {}})
 
 
 # ---- ProphetRAG takes bound models and per-call options; its output ----------------------------------------------
