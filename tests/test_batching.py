@@ -15,7 +15,7 @@ from prophet_rag.compute.generate import Decoding
 from prophet_rag.compute.prefill import prefill_full
 from prophet_rag.config import BatchConfig, GenerationConfig
 from prophet_rag.errors import InvalidRequestError, OverloadedError
-from tiny import CHUNKS, QUERY
+from tiny import CHUNKS, QUERY, ForcedToken
 
 QUESTIONS = (QUERY, "Which city is the capital of France?", "What jumps over the lazy dog?", "Who is Beta?")
 NO_EOS = (10**6,)  # an id no tiny model emits: every request runs to its own budget
@@ -212,26 +212,6 @@ def test_a_failed_step_fails_its_requests_and_frees_their_places(make_engine, mo
     assert len(_answer(engine, 2).token_ids) == _request(2)[2].max_new_tokens
 
 
-class _Forced:
-    """A constraint that allows one token, `steps` times, then nothing more."""
-
-    def __init__(self, token: int, steps: int) -> None:
-        self.token, self.steps, self.masked, self.taken = token, steps, 0, []
-
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        self.masked += 1
-        keep = logits[self.token].clone()
-        logits.fill_(float("-inf"))
-        logits[self.token] = keep
-        return logits
-
-    def advance(self, token: int) -> None:
-        self.taken.append(token)
-
-    def is_finished(self) -> bool:
-        return len(self.taken) >= self.steps
-
-
 def test_each_batched_request_keeps_its_own_constraint(make_engine):
     engine = make_engine("llama")
     runs = []
@@ -242,7 +222,7 @@ def test_each_batched_request_keeps_its_own_constraint(make_engine):
                                      torch.float32)
         with torch.inference_mode():
             logits = engine.adapter.logits(hidden[-1:])[0]
-        constraint = _Forced(int(torch.argmin(logits)), steps)
+        constraint = ForcedToken(int(torch.argmin(logits)), steps)
         admission = engine.batcher.admit()
         state = Decoding(GenerationConfig(max_new_tokens=8), NO_EOS, constraint)
         runs.append((admission, admission.decode(cache, logits, state), constraint))

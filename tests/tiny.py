@@ -101,3 +101,23 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 param.mul_(4.0)
     return model.eval()
+
+
+class ForcedToken:
+    """A decoding constraint for tests: allows one token, `steps` times, then nothing more; counts its masks."""
+
+    def __init__(self, token: int, steps: int) -> None:
+        self.token, self.steps, self.masked, self.taken = token, steps, 0, []
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        self.masked += 1
+        keep = logits[self.token].clone()
+        logits.fill_(float("-inf"))
+        logits[self.token] = keep
+        return logits
+
+    def advance(self, token: int) -> None:
+        self.taken.append(token)
+
+    def is_finished(self) -> bool:
+        return len(self.taken) >= self.steps

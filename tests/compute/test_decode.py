@@ -7,7 +7,7 @@ import torch
 from prophet_rag.compute.generate import decode, decode_one, next_token
 from prophet_rag.compute.prefill import prefill_full
 from prophet_rag.config import GenerationConfig
-from tiny import CHUNKS, QUERY
+from tiny import CHUNKS, QUERY, ForcedToken
 
 
 def _prefilled(engine, extra: int):
@@ -52,28 +52,9 @@ def test_one_decode_step_matches_a_full_forward(make_engine):
         reference = engine.adapter.model(torch.cat([ids, torch.tensor([token])])[None]).logits[0, -1].float()
     torch.testing.assert_close(step, reference, atol=1e-5, rtol=1e-5)
 
-class _Only:
-    """A constraint that allows one token, `steps` times, then nothing more."""
-
-    def __init__(self, token: int, steps: int) -> None:
-        self.token, self.steps, self.taken = token, steps, []
-
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        keep = logits[self.token].clone()
-        logits.fill_(float("-inf"))
-        logits[self.token] = keep
-        return logits
-
-    def advance(self, token: int) -> None:
-        self.taken.append(token)
-
-    def is_finished(self) -> bool:
-        return len(self.taken) >= self.steps
-
-
 def test_next_token_takes_only_what_the_constraint_allows():
     logits = torch.tensor([5.0, 1.0, 0.0])
-    constraint = _Only(2, steps=3)
+    constraint = ForcedToken(2, steps=3)
     assert next_token(logits, GenerationConfig(), None, constraint) == 2
     assert constraint.taken == [2]
 
@@ -82,7 +63,7 @@ def test_decode_follows_the_constraint_and_ends_when_it_is_finished(make_engine)
     engine = make_engine("llama")
     _, cache, logits = _prefilled(engine, 8)
     forced = int(torch.argmin(logits))
-    constraint = _Only(forced, steps=2)
+    constraint = ForcedToken(forced, steps=2)
     tokens = list(decode(engine.adapter, cache, logits, GenerationConfig(max_new_tokens=8), (), constraint))
     assert tokens == [forced, forced]
     assert cache.length == cache.capacity - 7  # one step run, for the second token; none after the grammar ended
