@@ -19,7 +19,14 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr
 
-from prophet_rag import GenerationConfig, InvalidRequestError, ProphetEngine, SelectionConfig, StoreConfig
+from prophet_rag import (
+    GenerationConfig,
+    InvalidRequestError,
+    PrefixCacheConfig,
+    ProphetEngine,
+    SelectionConfig,
+    StoreConfig,
+)
 from prophet_rag.client import ProphetClient
 from prophet_rag.engine import AnswerStream
 from prophet_rag.layout import check_text
@@ -47,14 +54,17 @@ class ChatRequest:
     """True when per-call text (the question, an answer so far) comes before the documents: not stored."""
 
 
-def load_engine(model: str | None, device: str, store: StoreConfig | None) -> ProphetEngine:
+def load_engine(model: str | None, device: str, store: StoreConfig | None,
+                prefix_cache_bytes: int = 0) -> ProphetEngine:
     """`ProphetEngine.from_pretrained(model)` (None: the embedded SmolLM2-135M) on `device` ("auto": CUDA when
-    available), with `store` (None: the default store directory)."""
+    available), with `store` (None: the default store directory) and a conversation prefix cache of
+    `prefix_cache_bytes` (0: none)."""
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ProphetEngine.from_pretrained(model, device=device, store=store)
+    return ProphetEngine.from_pretrained(model, device=device, store=store,
+                                         prefix_cache=PrefixCacheConfig(max_bytes=prefix_cache_bytes))
 
 
 def check_documents(texts: Sequence[object], name: str) -> list[str]:
@@ -141,6 +151,9 @@ class ProphetSettings(BaseModel):
                                       description="The whole store configuration when no engine is passed (an "
                                                   "authentication key, a shared Redis tier, a size limit...); "
                                                   "instead of store_dir.")
+    prefix_cache_bytes: int = Field(default=0, description="Bytes of finished calls' KV kept when no engine is "
+                                    "passed, so the next turn of a conversation computes only its new tokens "
+                                    "(`PrefixCacheConfig`); 0: off. With `engine` or `base_url`, set it there.")
     device: str = Field(default="auto", validation_alias=AliasChoices("device", "device_map"),
                         description="Where to load the model when no engine is passed: 'auto' (CUDA when "
                                     "available), 'cpu', 'cuda' or 'cuda:N'; also accepted as `device_map`.")
@@ -178,6 +191,12 @@ class ProphetSettings(BaseModel):
         """Load the engine when none was passed, and check every setting now rather than at the first call."""
         if self.store is not None and self.store_dir is not None:
             raise InvalidRequestError("pass store_dir or store, not both: store=StoreConfig(directory=...) holds it.")
+        if self.prefix_cache_bytes and (self.engine is not None or self.base_url is not None):
+            raise InvalidRequestError(
+                "prefix_cache_bytes sizes the engine the adapter loads; with engine= pass "
+                "ProphetEngine(..., prefix_cache=PrefixCacheConfig(max_bytes=...)), with base_url start the server "
+                "with --prefix-cache-bytes."
+            )
         if self.base_url is not None:
             given = [name for name in ("engine", "model", "store_dir", "store") if getattr(self, name) is not None]
             if given:
@@ -187,7 +206,7 @@ class ProphetSettings(BaseModel):
                                         max_retries=self.max_retries)
         elif self.engine is None:
             store = self.store or (StoreConfig(directory=self.store_dir) if self.store_dir is not None else None)
-            self.engine = load_engine(self.model, self.device, store)
+            self.engine = load_engine(self.model, self.device, store, self.prefix_cache_bytes)
         self.configs({})
 
     def _warn_once(self, kind: str, message: str) -> None:

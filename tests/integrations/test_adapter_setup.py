@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from prophet_rag import InvalidRequestError, ModelLoadError, StoreConfig
+from prophet_rag import InvalidRequestError, ModelLoadError, PrefixCacheConfig, StoreConfig
 from prophet_rag.integrations import common
 
 pytest.importorskip("langchain_core")
@@ -25,9 +25,9 @@ def loads(make_engine, monkeypatch):
     """The arguments each engine load gets; the load itself returns a tiny engine."""
     seen = []
 
-    def load(model, device, store):
-        seen.append({"model": model, "device": device, "store": store})
-        return make_engine("llama")
+    def load(model, device, store, prefix_cache_bytes=0):
+        seen.append({"model": model, "device": device, "store": store, "prefix_cache_bytes": prefix_cache_bytes})
+        return make_engine("llama", prefix_cache=PrefixCacheConfig(max_bytes=prefix_cache_bytes))
 
     monkeypatch.setattr(common, "load_engine", load)
     return seen
@@ -47,6 +47,27 @@ def test_store_and_store_dir_together_are_refused(adapter, loads, tmp_path):
     with pytest.raises(InvalidRequestError, match="store_dir or store, not both"):
         adapter(store=StoreConfig(directory=tmp_path), store_dir=str(tmp_path))
     assert loads == []
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=lambda a: a.__name__)
+def test_a_prefix_cache_size_reaches_the_engine_the_adapter_loads(adapter, loads):
+    model = adapter(prefix_cache_bytes=1 << 20)
+    assert loads[-1]["prefix_cache_bytes"] == 1 << 20
+    assert model.engine.prefix_cache.enabled
+    assert not adapter().engine.prefix_cache.enabled  # off unless asked for
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=lambda a: a.__name__)
+def test_a_prefix_cache_size_beside_a_given_engine_is_refused(adapter, make_engine):
+    with pytest.raises(InvalidRequestError, match="prefix_cache=PrefixCacheConfig"):
+        adapter(engine=make_engine("llama"), prefix_cache_bytes=1 << 20)
+
+
+def test_load_engine_builds_the_prefix_cache(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(common.ProphetEngine, "from_pretrained", lambda model, **kw: seen.update(kw) or "engine")
+    assert common.load_engine(None, "cpu", None, 4096) == "engine"
+    assert seen["prefix_cache"] == PrefixCacheConfig(max_bytes=4096)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
