@@ -245,17 +245,11 @@ class KVStore:
             return True
         try:
             con = self._con()
-            con.execute("BEGIN IMMEDIATE")
-            try:
+            with store_db.immediate(con):
                 row = con.execute("SELECT rowid, filename FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
                 ours = row is not None and (filename is None or row[1] == filename)
                 if ours:
                     con.execute("DELETE FROM Cache WHERE rowid = ?", (row[0],))
-                con.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(*DB_ERRORS):
-                    con.execute("ROLLBACK")
-                raise
         except DB_ERRORS as db_error:
             logger.warning("%s KV store entry %s (%s); could not delete it (%s), the next read retries", kind, key,
                            error, db_error)
@@ -365,15 +359,9 @@ class KVStore:
         select = "SELECT rowid, filename FROM Cache ORDER BY rowid LIMIT ?"
         while True:
             try:
-                con.execute("BEGIN IMMEDIATE")
-                try:
+                with store_db.immediate(con):
                     rows = con.execute(select, (_CLEAR_BATCH,)).fetchall()
                     con.executemany("DELETE FROM Cache WHERE rowid = ?", [(rowid,) for rowid, _ in rows])
-                    con.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(*DB_ERRORS):
-                        con.execute("ROLLBACK")
-                    raise
             except DB_ERRORS as error:
                 if time.monotonic() > deadline:
                     raise self._db_failure("clear", error) from None
@@ -621,12 +609,9 @@ class KVStore:
         try:
             if not wait:
                 con.execute("PRAGMA busy_timeout = 0")
-            con.execute("BEGIN IMMEDIATE")
-            con.executemany(update, args)
-            con.execute("COMMIT")
+            with store_db.immediate(con):
+                con.executemany(update, args)
         except DB_ERRORS:
-            with contextlib.suppress(*DB_ERRORS):
-                con.execute("ROLLBACK")
             with self._lock:
                 for key, count in touches.items():
                     self._touches[key] = self._touches.get(key, 0) + count
@@ -667,19 +652,16 @@ class KVStore:
         fits = False
         try:
             while not (fits := self.volume() + reserve <= self.config.size_limit_bytes):
-                con.execute("BEGIN IMMEDIATE")
-                row = con.execute(select, (1,)).fetchone()
-                if row is not None:
-                    con.execute("DELETE FROM Cache WHERE rowid = ?", (row[0],))
-                con.execute("COMMIT")
+                with store_db.immediate(con):
+                    row = con.execute(select, (1,)).fetchone()
+                    if row is not None:
+                        con.execute("DELETE FROM Cache WHERE rowid = ?", (row[0],))
                 if row is None:
                     break
                 evicted += 1
                 if row[1] is not None:
                     self._files.remove(row[1])
         except sqlite3.Error as error:
-            with contextlib.suppress(sqlite3.Error):
-                con.execute("ROLLBACK")
             logger.warning("KV store eviction stopped early (%s); it resumes after the next put", error)
             fits = True
         self._count(evicted=evicted)

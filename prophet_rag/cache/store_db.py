@@ -7,6 +7,7 @@ diskcache (`SafeDisk`): `store.KVStore` writes the value files and reads them th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -43,6 +44,20 @@ sqlite_synchronous=0 only holds for diskcache's setup connection, whose ~40 smal
 sync; every later connection gets `_PRAGMAS`."""
 
 DB_ERRORS = (diskcache.Timeout, sqlite3.Error)
+
+
+@contextlib.contextmanager
+def immediate(con: sqlite3.Connection):
+    """A write transaction on `con`, taken at once (BEGIN IMMEDIATE, so a busy database fails here rather than at
+    the first write); committed when the block ends, rolled back when it raises."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(*DB_ERRORS):
+            con.execute("ROLLBACK")
+        raise
 
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 _WRITE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN,
@@ -147,9 +162,8 @@ def reindex(directory: Path) -> bool:
     try:
         con = connect(directory)
         try:
-            con.execute("BEGIN IMMEDIATE")
-            con.execute("REINDEX")
-            con.execute("COMMIT")
+            with immediate(con):
+                con.execute("REINDEX")
         finally:
             con.close()
     except sqlite3.DatabaseError as error:
@@ -196,12 +210,11 @@ def _prepare_database(directory: Path) -> None:
             raise sqlite3.OperationalError(f"journal mode stays {mode!r}: another process holds the database")
         tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "Settings" in tables:
-            con.execute("BEGIN IMMEDIATE")
-            con.execute(f"DELETE FROM Settings WHERE key NOT IN ({', '.join('?' * len(known))})", known)
-            if "Cache" in tables:
-                con.execute("UPDATE Settings SET value = (SELECT COUNT(*) FROM Cache) WHERE key = 'count'")
-                con.execute("UPDATE Settings SET value = (SELECT TOTAL(size) FROM Cache) WHERE key = 'size'")
-            con.execute("COMMIT")
+            with immediate(con):
+                con.execute(f"DELETE FROM Settings WHERE key NOT IN ({', '.join('?' * len(known))})", known)
+                if "Cache" in tables:
+                    con.execute("UPDATE Settings SET value = (SELECT COUNT(*) FROM Cache) WHERE key = 'count'")
+                    con.execute("UPDATE Settings SET value = (SELECT TOTAL(size) FROM Cache) WHERE key = 'size'")
     finally:
         con.close()
 
