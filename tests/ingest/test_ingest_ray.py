@@ -122,8 +122,7 @@ def test_a_dead_worker_fails_its_files_by_name_and_the_other_finishes(local_ray,
     try:
         info = ingest.load_workers(local_ray, actors)
         local_ray.kill(actors[1])  # dies after loading, before any task: both of its tasks fail
-        with pytest.raises(RayActorError):  # the kill has landed before the run starts
-            local_ray.get(actors[1].close.remote(), timeout=60)
+        wait_dead(local_ray, actors[1])  # `kill` only asks: the run must start once the actor is gone
         summary = ingest.ingest_with(local_ray, actors, info, files, store)
         assert summary.sent == len(GOOD) and summary.computed == len(GOOD) - 2 and len(summary.failed) == 2
         assert all(reason.startswith("Ray worker failed: ") for _, reason in summary.failed)
@@ -133,6 +132,19 @@ def test_a_dead_worker_fails_its_files_by_name_and_the_other_finishes(local_ray,
         assert again.sent == 2 and again.computed == 2 and not again.failed
     finally:
         ingest.close_workers(local_ray, actors)
+
+
+def wait_dead(ray_module, actor, timeout_s: float = 60.0) -> None:
+    """Return once calls to `actor` fail with RayActorError; `__ray_ready__` is Ray's no-op actor method, so the
+    probes change nothing in the actor while it lives."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray_module.get(actor.__ray_ready__.remote(), timeout=timeout_s)
+        except RayActorError:
+            return
+        assert time.monotonic() < deadline, f"the killed actor still answers after {timeout_s:.0f} s"
+        time.sleep(0.05)
 
 
 @pytest.fixture
