@@ -249,3 +249,50 @@ def test_an_agent_over_a_server_reuses_the_documents_its_retriever_tool_returned
         stats.append(chat.invoke([*asked, called, result], max_new_tokens=4).response_metadata["prophet_rag"])
     assert (stats[0]["cache_misses"], stats[0]["cache_hits"]) == (len(notes), 0)
     assert (stats[1]["cache_misses"], stats[1]["cache_hits"]) == (0, len(notes))
+
+
+# ---- LlamaIndex ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def prophet_llms(served_tools, local_engine):
+    import llama_index.core
+    from llama_index.core import Settings
+
+    from prophet_rag.integrations.llama_index import ProphetLLM
+
+    kept = Settings._llm, llama_index.core.global_tokenizer
+    yield (ProphetLLM(base_url=served_tools.base_url, api_key=API_KEY, max_new_tokens=BUDGET),
+           ProphetLLM(engine=local_engine, max_new_tokens=BUDGET))
+    Settings._llm, llama_index.core.global_tokenizer = kept
+
+
+def _small_sum():
+    from llama_index.core.tools import FunctionTool
+    from pydantic import BaseModel, Field
+
+    class Small(BaseModel):
+        """Two small numbers."""
+
+        a: int = Field(ge=0, le=9)
+        b: int = Field(ge=0, le=9)
+
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        return a + b
+
+    return FunctionTool.from_defaults(fn=add, fn_schema=Small)
+
+
+def test_prophet_llm_over_a_server_calls_tools_as_in_process(prophet_llms):
+    calls = [[(c.tool_name, c.tool_kwargs) for c in llm.get_tool_calls_from_response(
+        llm.chat_with_tools([_small_sum()], user_msg="Add 2 and 3.", tool_required=True))] for llm in prophet_llms]
+    assert calls[0] and calls[0] == calls[1] and calls[0][0][0] == "add"
+
+
+def test_prophet_llm_over_a_server_predicts_and_calls(prophet_llms):
+    remote, local = prophet_llms
+    outputs = [llm.predict_and_call([_small_sum()], user_msg="Add 2 and 3.", tool_required=True)
+               for llm in (remote, local)]
+    (source,) = outputs[0].sources
+    assert outputs[0].response == outputs[1].response == str(source.raw_input["kwargs"]["a"]
+                                                             + source.raw_input["kwargs"]["b"])
