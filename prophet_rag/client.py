@@ -10,9 +10,13 @@ and recomputed positions do not travel: `Answer.token_ids` is empty and `recompu
 `model_name`, `context_window`, `token_ids(text)` and `count_chat_tokens(messages)` come from the server, so token
 counts are the served model's own.
 
-Differences from an in-process engine: one-off text (`transient`, `transient_prefix`) is computed and also stored by
-the server, since the wire format has no field for it (answers are the same, the server's store keeps more);
-`eos_token_ids` cannot be sent; roles are those the server takes (system, developer, user, assistant).
+Tools and grammars travel too: `stream_chat(..., tools=, tool_choice=, grammar=)` sends the tools and the grammar
+(built here with the served model's `tool_format`, listed by the server) and asks for the answer's text as the model
+wrote it (`parse_tool_calls: false`), so `tool_format.parse` splits out the calls as it does in process. One-off
+text (`transient` documents, `transient_prefix`) is marked so, and the server computes it without storing it.
+
+Differences from an in-process engine: `eos_token_ids` cannot be sent; roles are those the server takes (system,
+developer, user, assistant, tool).
 
 Errors: a request the server refuses raises what the engine would (`InvalidRequestError`, `ContextWindowError`); a
 missing or wrong key `ServerAuthenticationError`; a server that cannot be reached, is overloaded (503, 429), or a
@@ -45,6 +49,7 @@ from prophet_rag.errors import (
 )
 from prophet_rag.layout import DOCUMENTS
 from prophet_rag.results import Answer, RequestStats
+from prophet_rag.structured import Grammar, Tool, ToolCall, ToolFormat, as_tools
 
 CLIENT_INSTALL = "pip install 'prophet-rag[client]'"
 _STATS = tuple(field.name for field in fields(RequestStats))
@@ -68,10 +73,25 @@ def _check_url(base_url: object) -> str:
     return url if url.endswith("/v1") else url + "/v1"
 
 
-def _wire_content(content: str | Sequence) -> str | list[dict[str, str]]:
-    if isinstance(content, str):
-        return content
-    return [{"type": "documents"} if part is DOCUMENTS else {"type": "text", "text": part} for part in content]
+def _wire_message(message: Mapping) -> dict[str, Any]:
+    """An engine message as the server takes it: documents' place as a content part, calls in OpenAI's shape."""
+    content = message.get("content")
+    wire: dict[str, Any] = {"role": message["role"], "content": content if content is None or isinstance(
+        content, str) else [{"type": "documents"} if part is DOCUMENTS else {"type": "text", "text": part}
+                            for part in content]}
+    if message.get("tool_calls"):
+        wire["tool_calls"] = [_wire_call(call) for call in message["tool_calls"]]
+    for key in ("tool_call_id", "name"):
+        if message.get(key) is not None:
+            wire[key] = message[key]
+    return wire
+
+
+def _wire_call(call: ToolCall | Mapping) -> Mapping:
+    if isinstance(call, ToolCall):
+        return {"id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+    return call
 
 
 def _error_message(response) -> tuple[str, str | None, str | None]:
@@ -139,6 +159,8 @@ class ProphetClient:
         model = self._json("GET", "/models")["data"][0]
         self.model_name: str = model["id"]
         self.context_window: int = int(model["max_model_len"])
+        listed = model.get("prophet_rag", {}).get("tool_format")
+        self._tool_format = ToolFormat(**listed) if listed else None
         self._token_ids = lru_cache(maxsize=4096)(self._tokenize_text)
 
     def close(self) -> None:
@@ -152,13 +174,35 @@ class ProphetClient:
 
     # ---- the engine's surface ---------------------------------------------------------------------------------
 
+    @property
+    def tool_format(self) -> ToolFormat:
+        """The served model's tool-call format (`ProphetEngine.tool_format`)."""
+        if self._tool_format is None:
+            raise InvalidRequestError(f"{self._where} serves a backend without tools (`--backend hf`); serve the "
+                                      "prophet-rag engine to call tools.")
+        return self._tool_format
+
     def stream_chat(self, messages: Sequence[Mapping], documents: Sequence[str] = (), *,
                     transient: Sequence[bool] = (), transient_prefix: bool = False,
-                    selection: SelectionConfig | None = None,
-                    generation: GenerationConfig | None = None) -> AnswerStream:
-        """Start answering on the server; a refused request raises here, before any text. `transient` and
-        `transient_prefix` are accepted for the engine's signature; the server stores such text too."""
+                    selection: SelectionConfig | None = None, generation: GenerationConfig | None = None,
+                    grammar: Grammar | None = None, tools: Sequence[Tool | Mapping] = (),
+                    tool_choice: object = None) -> AnswerStream:
+        """Start answering on the server, as `ProphetEngine.stream_chat` does in process; a refused request raises
+        here, before any text."""
         body = self._body(messages, documents, selection or self.selection, generation or self.generation)
+        if transient_prefix:
+            body["transient_prefix"] = True
+        if any(transient):
+            body["documents"] = [{"text": text, "transient": bool(one_off)}
+                                 for text, one_off in zip(documents, transient, strict=True)]
+        if tools:
+            body.update(tools=[t.openai() for t in as_tools(tools)], parse_tool_calls=False)
+            if tool_choice is not None and grammar is None:
+                body["tool_choice"] = tool_choice
+        if grammar is not None:
+            if not isinstance(grammar, Grammar):
+                raise InvalidRequestError(f"grammar must be a structured.Grammar, got {type(grammar).__name__}.")
+            body["grammar"] = {"kind": grammar.kind, "source": grammar.source}
         response = self._with_retries(lambda: self._send("POST", "/chat/completions", body, stream=True))
         return AnswerStream(self._events(response))
 
@@ -168,7 +212,7 @@ class ProphetClient:
 
     def count_chat_tokens(self, messages: Sequence[Mapping]) -> int:
         """How many tokens `messages` take once rendered with the served model's chat template."""
-        wire = [{"role": m["role"], "content": _wire_content(m["content"])} for m in messages]
+        wire = [_wire_message(m) for m in messages]
         return int(self._json("POST", "/tokenize", {"messages": wire})["count"])
 
     # ---- HTTP -------------------------------------------------------------------------------------------------
@@ -183,7 +227,7 @@ class ProphetClient:
                                       "decides its end tokens); drop it, or use stop strings.")
         body: dict[str, Any] = {
             "model": self.model_name, "stream": True, "stream_options": {"include_usage": True},
-            "messages": [{"role": m["role"], "content": _wire_content(m["content"])} for m in messages],
+            "messages": [_wire_message(m) for m in messages],
             "method": selection.method, "ratio": selection.ratio, "max_tokens": generation.max_new_tokens,
             "temperature": generation.temperature, "stop": list(generation.stop),
         }

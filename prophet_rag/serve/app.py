@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,6 +35,7 @@ from prophet_rag.serve import openai_api as api
 from prophet_rag.serve.config import ServeConfig
 from prophet_rag.serve.metrics import Metrics
 from prophet_rag.serve.scheduler import Job, Scheduler
+from prophet_rag.structured.stream import ToolCallStream
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,11 @@ def create_app(engine, config: ServeConfig | None = None, scheduler: Scheduler |
     model_name = config.model_name or engine.model_name
     created = int(time.time())
     expected = config.api_key.encode() if config.api_key else None
+    tool_format = getattr(engine, "tool_format", None)  # None: a backend without tools (`--backend hf`)
+    listing = {"id": model_name, "object": "model", "created": created, "owned_by": "prophet-rag",
+               "max_model_len": engine.context_window}
+    if tool_format is not None:  # what a ProphetClient parses calls with (see openai_api: parse_tool_calls)
+        listing["prophet_rag"] = {"tool_format": asdict(tool_format)}
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -103,8 +110,7 @@ def create_app(engine, config: ServeConfig | None = None, scheduler: Scheduler |
     async def models(request: Request) -> dict[str, Any]:
         authorize(request)
         metrics.requests.labels(MODELS, "200").inc()
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "prophet-rag", "max_model_len": engine.context_window}]}
+        return {"object": "list", "data": [listing]}
 
     @app.post(TOKENIZE)
     async def tokenize(request: Request) -> dict[str, Any]:
@@ -123,7 +129,7 @@ def create_app(engine, config: ServeConfig | None = None, scheduler: Scheduler |
         authorize(request)
         raw = await _read_body(request, config.max_body_bytes)
         try:
-            call = api.parse_chat_body(raw, engine.generation, config, engine.builder.rag_messages)
+            call = api.parse_chat_body(raw, engine.generation, config, engine.builder.rag_messages, tool_format)
         except InvalidRequestError as error:
             raise api.bad_request(str(error)) from None
         job = _submit(scheduler, call.request, config)
@@ -151,7 +157,7 @@ def create_app(engine, config: ServeConfig | None = None, scheduler: Scheduler |
             raise
         _observe(metrics, job, arrived)
         metrics.requests.labels(CHAT, "200").inc()
-        return JSONResponse(api.completion(cid, model_name, job.answer, call.request.generation))
+        return JSONResponse(api.completion(cid, model_name, job.answer, call))
 
     return app
 
@@ -245,13 +251,21 @@ async def _events(job: Job, call: api.ChatCall, cid: str, model: str, arrived: f
     created = int(time.time())
     usage = call.include_usage
     status = CLIENT_GONE  # unless the stream reaches an end of its own
+    calls = ToolCallStream(call.tool_format) if call.tool_format is not None else None
+    called = False
     try:
         yield api.chunk(cid, created, model, {"role": "assistant", "content": ""}, include_usage=usage)
         async with asyncio.timeout(config.request_timeout_s - (time.perf_counter() - arrived)):
             async for delta in job:
-                yield api.chunk(cid, created, model, {"content": delta}, include_usage=usage)
+                for piece in api.stream_deltas(calls.feed(delta)) if calls else ({"content": delta},):
+                    yield api.chunk(cid, created, model, piece, include_usage=usage)
+        if calls is not None:
+            events, parsed = calls.finish(call.request.tools)
+            called = bool(parsed.tool_calls)
+            for piece in api.stream_deltas(events):
+                yield api.chunk(cid, created, model, piece, include_usage=usage)
         _observe(metrics, job, arrived)
-        finish = api.finish_reason(job.answer, call.request.generation)
+        finish = api.finish_reason(job.answer, call.request.generation, called)
         yield api.chunk(cid, created, model, {}, finish, include_usage=usage, answer=job.answer)
         if usage:
             yield api.chunk(cid, created, model, None, include_usage=True, answer=job.answer)

@@ -82,8 +82,10 @@ class HFGenerateBackend:
         self.close()
 
     def stream_chat(self, messages: Sequence[Mapping], documents: Sequence[str] = (), *, method: str | None = None,
-                    ratio: float | None = None, generation: GenerationConfig | None = None) -> AnswerStream:
-        """Like `ProphetEngine.stream_chat`; `method` and `ratio` are ignored (every token is computed)."""
+                    ratio: float | None = None, generation: GenerationConfig | None = None,
+                    transient: Sequence[bool] = (), transient_prefix: bool = False) -> AnswerStream:
+        """Like `ProphetEngine.stream_chat`; `method` and `ratio` are ignored (every token is computed), and so are
+        the one-off marks (`transient`, `transient_prefix`): this backend stores nothing."""
         generation = generation or self.generation
         layout = self.builder.chat_layout(messages, documents, (), False)
         window = self._engine.context_window

@@ -11,8 +11,21 @@ documents is a plain chat (full prefill), its messages as sent.
 
 Decoding follows the body: `temperature` 0 is greedy (a body without one gets the engine's default, greedy),
 `top_p`, `seed`, `stop`, `max_completion_tokens` (or the older `max_tokens`). `method` and `ratio` choose how much
-context is recomputed, and `top_k` bounds sampling, as in-process calls do. Fields the engine cannot honour (tools,
-logprobs, several choices, penalties, response formats) are refused with a 400 that names them, never ignored.
+context is recomputed, and `top_k` bounds sampling, as in-process calls do.
+
+Structured answers are constrained decoding in the engine, so they always parse:
+- `tools` (OpenAI format), `tool_choice` (`auto`, `none`, `required`, or `{"type": "function", "function":
+  {"name": ...}}`) and `parallel_tool_calls`: the tools reach the prompt through the model's chat template, the
+  calls come back as the message's `tool_calls` (streamed as `tool_calls` deltas) with `finish_reason`
+  `"tool_calls"`; text that opened a call but did not parse is listed under `invalid_tool_calls` (LangChain's
+  name). History may hold assistant `tool_calls` and `tool` messages.
+- `response_format`: `{"type": "json_object"}` or `{"type": "json_schema", "json_schema": {"schema": {...}}}`.
+- prophet-rag's own fields: `grammar` (`{"kind": "json_schema" | "regex" | "lark" | "any_json", "source": ...}`,
+  `structured.Grammar`) and `parse_tool_calls: false`, which returns a call's text as the model wrote it (what
+  `ProphetClient` parses with the served model's `tool_format`, listed on /v1/models).
+A document object may say `"transient": true` (one-off text: computed, never stored), and `transient_prefix: true`
+marks the text before the documents the same way. Fields the engine cannot honour (logprobs, several choices,
+penalties) are refused with a 400 that names them, never ignored.
 """
 
 from __future__ import annotations
@@ -20,23 +33,26 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from prophet_rag.config import GenerationConfig
+from prophet_rag.errors import InvalidRequestError
 from prophet_rag.layout import DOCUMENTS
 from prophet_rag.results import Answer, RequestStats
 from prophet_rag.serve.config import ServeConfig
 from prophet_rag.serve.scheduler import EngineRequest
+from prophet_rag.structured import Grammar, Tool, ToolFormat, as_tools, tool_choice
+from prophet_rag.structured.stream import Event, TextDelta
 
 SUPPORTED = ("model", "messages", "documents", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
-             "seed", "n", "stream", "stream_options", "user", "method", "ratio", "top_k")
+             "seed", "n", "stream", "stream_options", "user", "method", "ratio", "top_k", "tools", "tool_choice",
+             "parallel_tool_calls", "response_format", "grammar", "parse_tool_calls", "transient_prefix")
 # Fields a client may send at their neutral value (some send them always); any other value is refused.
-NEUTRAL = {"n": (1,), "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,),
-           "tools": ([],), "parallel_tool_calls": (True, False)}
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-MESSAGE_KEYS = ("role", "content", "name")
+NEUTRAL = {"n": (1,), "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False,)}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
 
 
 class APIError(Exception):
@@ -64,14 +80,18 @@ class ChatCall:
     stream: bool
     include_usage: bool
     """`stream_options.include_usage`: a last chunk carries the usage."""
+    tool_format: ToolFormat | None = None
+    """Set when the answer's tool calls are parsed out of its text (a request with tools, unless
+    `parse_tool_calls` is false)."""
 
 
 def parse_chat_body(raw: bytes, defaults: GenerationConfig, config: ServeConfig,
-                    rag_messages: Callable[[str], list[dict[str, Any]]]) -> ChatCall:
+                    rag_messages: Callable[[str], list[dict[str, Any]]],
+                    tool_format: ToolFormat | None = None) -> ChatCall:
     """`raw` (a JSON body) as a `ChatCall`; any problem is an `APIError` 400 that names the field and the fix.
     `defaults` is the engine's generation config (temperature, EOS ids); limits come from `config`;
     `rag_messages` is the engine's `PromptBuilder.rag_messages`, whose user message lays out a question with
-    documents that no content part places."""
+    documents that no content part places; `tool_format` is the engine's (None: a backend without tools)."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
@@ -86,7 +106,7 @@ def parse_chat_body(raw: bytes, defaults: GenerationConfig, config: ServeConfig,
         elif name not in SUPPORTED:
             raise bad_request(f"'{name}' is not supported by prophet-rag; its parameters are {', '.join(SUPPORTED)}.",
                               name, "unsupported_parameter")
-    documents = _documents(body.get("documents"), config)
+    documents, transient = _documents(body.get("documents"), config)
     messages = _messages(body.get("messages"))
     chars = sum(map(len, documents)) + sum(len(p) for m in messages for p in _parts(m) if isinstance(p, str))
     if chars > config.max_chars:
@@ -101,9 +121,13 @@ def parse_chat_body(raw: bytes, defaults: GenerationConfig, config: ServeConfig,
     include_usage = _typed(options or {}, "include_usage", bool, False)
     _typed(body, "model", str, None)
     _typed(body, "user", str, None)
+    tools, grammar = _structure(body, tool_format)
     request = EngineRequest(tuple(messages), tuple(documents), _generation(body, defaults, config),
-                            method=_typed(body, "method", str, None), ratio=_number(body, "ratio"))
-    return ChatCall(request, stream, include_usage)
+                            method=_typed(body, "method", str, None), ratio=_number(body, "ratio"),
+                            transient=tuple(transient), transient_prefix=_typed(body, "transient_prefix", bool, False),
+                            tools=tools, grammar=grammar)
+    parse = tools and _typed(body, "parse_tool_calls", bool, True)
+    return ChatCall(request, stream, include_usage, tool_format if parse else None)
 
 
 def _typed(body: Mapping[str, Any], name: str, kind: type, default: Any) -> Any:
@@ -122,22 +146,78 @@ def _number(body: Mapping[str, Any], name: str) -> float | None:
     return value
 
 
-def _documents(value: Any, config: ServeConfig) -> list[str]:
+def _documents(value: Any, config: ServeConfig) -> tuple[list[str], list[bool]]:
+    """The documents' texts, and per document whether it is one-off text (`"transient": true`)."""
     if value is None:
-        return []
+        return [], []
     if not isinstance(value, list):
         raise bad_request("'documents' must be a list of strings or of {'text': ...} objects.", "documents")
     if len(value) > config.max_documents:
         raise bad_request(f"{len(value)} documents, over this server's limit of {config.max_documents}; send the "
                           "most relevant ones.", "documents", "request_too_large")
-    texts = []
+    texts, transient = [], []
     for i, document in enumerate(value):
         text = document.get("text") if isinstance(document, dict) else document
         if not isinstance(text, str):
             raise bad_request(f"documents[{i}] must be a string or an object with a string 'text', got "
                               f"{document!r:.80}.", "documents")
         texts.append(text)
-    return texts
+        transient.append(_typed(document, "transient", bool, False) if isinstance(document, dict) else False)
+    return texts, transient
+
+
+def _structure(body: Mapping[str, Any], fmt: ToolFormat | None) -> tuple[tuple[Tool, ...], Grammar | None]:
+    """The request's tools and the grammar its answer must match: `grammar`, else `response_format`'s, else the
+    calls `tool_choice` allows over the tools (the engine's own choice of grammar, see `ProphetEngine.chat`)."""
+    parsed = {}
+    for name, parse in (("tools", as_tools), ("grammar", _grammar), ("response_format", _response_format)):
+        try:
+            parsed[name] = parse(body.get(name) or ([] if name == "tools" else None))
+        except InvalidRequestError as error:
+            raise bad_request(str(error), name) from None
+    tools, grammar, formatted = parsed["tools"], parsed["grammar"], parsed["response_format"]
+    if tools and fmt is None:
+        raise bad_request("this server's backend cannot call tools (`--backend hf`); serve the prophet-rag engine "
+                          "for tools.", "tools")
+    if grammar is not None and formatted is not None:
+        raise bad_request("send 'grammar' or 'response_format', not both.", "grammar")
+    choice = body.get("tool_choice")
+    if choice is not None and not tools:
+        raise bad_request("'tool_choice' was sent without 'tools'; send the tools too, or drop it.", "tool_choice")
+    if formatted is not None and tools and choice != "none":
+        raise bad_request("'response_format' with tools is not supported (an answer is either a call or a JSON "
+                          "value); send tool_choice 'none' to answer in the format, or drop one of them.",
+                          "response_format")
+    grammar = grammar if grammar is not None else formatted
+    if grammar is None and tools:
+        parallel = _typed(body, "parallel_tool_calls", bool, True)
+        try:
+            grammar = replace(fmt, parallel=fmt.parallel and parallel).grammar(tools, tool_choice(choice, tools))
+        except InvalidRequestError as error:
+            raise bad_request(str(error), "tool_choice") from None
+    return tools, grammar
+
+
+def _grammar(value: Any) -> Grammar | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"kind", "source"} or "kind" not in value:
+        raise InvalidRequestError("'grammar' must be {'kind': 'json_schema' | 'regex' | 'lark' | 'any_json', "
+                                  "'source': text}.")
+    return Grammar(value["kind"], value.get("source", ""))
+
+
+def _response_format(value: Any) -> Grammar | None:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if value is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar.any_json()
+    spec = value.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise InvalidRequestError("'response_format' must be {'type': 'text'}, {'type': 'json_object'} or "
+                                  "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}.")
+    return Grammar.json_schema(spec["schema"])
 
 
 def _parts(message: Mapping[str, Any]) -> list:
@@ -178,12 +258,24 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             raise bad_request(f"messages[{i}] must be an object with 'role' and 'content'.", "messages")
         extra = sorted(set(message) - set(MESSAGE_KEYS))
         if extra:
-            raise bad_request(f"messages[{i}] has {', '.join(extra)}, which prophet-rag does not support (no tool "
-                              "calls); send 'role' and 'content'.", "messages")
+            raise bad_request(f"messages[{i}] has {', '.join(extra)}, which prophet-rag does not support; send "
+                          f"{', '.join(MESSAGE_KEYS)}.", "messages")
         role = message.get("role")
         if role not in ROLES:
             raise bad_request(f"messages[{i}].role is {role!r}; prophet-rag takes {', '.join(ROLES)}.", "messages")
-        messages.append({"role": ROLES[role], "content": _content(i, message.get("content"))})
+        calls = message.get("tool_calls")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list)):
+            raise bad_request(f"messages[{i}].tool_calls must be a list, on an assistant message.", "messages")
+        if role == "tool" and not any(m.get("tool_calls") for m in messages):
+            raise bad_request(f"messages[{i}] is a tool result, but no assistant message before it has tool_calls; "
+                              "send the assistant's call before its result.", "messages")
+        # An assistant turn that only called tools has no content (OpenAI sends null).
+        content = "" if calls and message.get("content") is None else _content(i, message.get("content"))
+        out = {"role": ROLES[role], "content": content}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if message.get(key) is not None and (key != "name" or role == "tool"):
+                out[key] = message[key]  # the engine's renderer checks calls, ids and names
+        messages.append(out)
     return messages
 
 
@@ -245,8 +337,42 @@ def completion_id() -> str:
     return f"chatcmpl-{secrets.token_hex(12)}"
 
 
-def finish_reason(answer: Answer, generation: GenerationConfig) -> str:
+def finish_reason(answer: Answer, generation: GenerationConfig, called: bool = False) -> str:
+    if called:
+        return "tool_calls"
     return "length" if answer.stats.new_tokens >= generation.max_new_tokens else "stop"
+
+
+def message(answer: Answer, call: ChatCall) -> dict[str, Any]:
+    """The assistant message of an answer: its text, or with tools its text outside the calls and the calls."""
+    if call.tool_format is None:
+        return {"role": "assistant", "content": answer.text}
+    parsed = call.tool_format.parse(answer.text, call.request.tools)
+    out: dict[str, Any] = {"role": "assistant", "content": parsed.content or None}
+    if parsed.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function",
+                              "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+                             for c in parsed.tool_calls]
+    if parsed.invalid_tool_calls:
+        out["invalid_tool_calls"] = [asdict(c) for c in parsed.invalid_tool_calls]
+    return out
+
+
+def stream_deltas(events: Sequence[Event]) -> list[dict[str, Any]]:
+    """`ToolCallStream` events as chat-completion chunk deltas: text as `content`, calls as `tool_calls` pieces
+    (the id, type and name on a call's first piece, as OpenAI streams them)."""
+    deltas = []
+    for item in events:
+        if isinstance(item, TextDelta):
+            deltas.append({"content": item.text})
+            continue
+        piece: dict[str, Any] = {"index": item.index, "function": {"arguments": item.arguments}}
+        if item.id is not None:
+            piece.update(id=item.id, type="function")
+        if item.name is not None:
+            piece["function"]["name"] = item.name
+        deltas.append({"tool_calls": [piece]})
+    return deltas
 
 
 def usage(stats: RequestStats) -> dict[str, Any]:
@@ -257,11 +383,12 @@ def usage(stats: RequestStats) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
-def completion(cid: str, model: str, answer: Answer, generation: GenerationConfig) -> dict[str, Any]:
+def completion(cid: str, model: str, answer: Answer, call: ChatCall) -> dict[str, Any]:
     """A whole `chat.completion`; `prophet_rag` carries the request's statistics (cache hits, recomputed tokens)."""
+    said = message(answer, call)
+    finish = finish_reason(answer, call.request.generation, bool(said.get("tool_calls")))
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                         "logprobs": None, "finish_reason": finish_reason(answer, generation)}],
+            "choices": [{"index": 0, "message": said, "logprobs": None, "finish_reason": finish}],
             "usage": usage(answer.stats), "prophet_rag": answer.stats.to_dict()}
 
 

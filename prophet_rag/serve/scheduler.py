@@ -27,6 +27,7 @@ from typing import Any
 from prophet_rag.config import GenerationConfig
 from prophet_rag.errors import OverloadedError
 from prophet_rag.results import Answer
+from prophet_rag.structured import Grammar, Tool
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,20 @@ class EngineRequest:
     generation: GenerationConfig
     method: str | None = None
     ratio: float | None = None
+    transient: tuple[bool, ...] = ()
+    """Per document: one-off text, computed and never stored."""
+    transient_prefix: bool = False
+    tools: tuple[Tool, ...] = ()
+    grammar: Grammar | None = None
+    """What the answer must match: a response format's, or the tool calls' that `tool_choice` asks for."""
+
+    def extras(self) -> dict[str, Any]:
+        """`stream_chat`'s keyword arguments beyond a plain chat, only those this request sets: a backend without
+        tools or one-off text (`--backend hf`) is never sent what it cannot take."""
+        extras: dict[str, Any] = {"transient": self.transient if any(self.transient) else (),
+                                  "transient_prefix": self.transient_prefix, "tools": self.tools,
+                                  "grammar": self.grammar}
+        return {name: value for name, value in extras.items() if value}
 
 
 class Job:
@@ -177,7 +192,7 @@ class Scheduler:
         request = job.request
         try:
             stream = self._engine.stream_chat(list(request.messages), list(request.documents), method=request.method,
-                                              ratio=request.ratio, generation=request.generation)
+                                              ratio=request.ratio, generation=request.generation, **request.extras())
         except Exception as error:  # the handler answers it: 400 for a bad request, 500 otherwise
             job._emit("error", error)
             return

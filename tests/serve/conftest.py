@@ -4,6 +4,7 @@ loopback ports."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -14,22 +15,24 @@ from serve_helpers import API_KEY, LIMITS, LiveServer, ScriptedEngine, Served, f
 from tiny import tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """The tiny llama and its tokenizer saved as a model folder, as `prophet-rag serve --model` loads one."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_model("llama").save_pretrained(folder)
+def _model_dir(folder, **overrides):
+    tiny_model("llama", **overrides).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
-def served(tiny_model_dir, tmp_path_factory):
-    """`prophet-rag serve` over the tiny model, with an API key and small limits, for the whole session."""
+def tiny_model_dir(tmp_path_factory):
+    """The tiny llama and its tokenizer saved as a model folder, as `prophet-rag serve --model` loads one."""
+    return _model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@contextlib.contextmanager
+def _serving(model_dir, home):
+    """`prophet-rag serve` over `model_dir`, with an API key and small limits, until the block ends."""
     port = free_port()
-    home = tmp_path_factory.mktemp("serve-home")
     env = {**os.environ, "PROPHET_RAG_API_KEY": API_KEY, "PROPHET_RAG_HOME": str(home)}
-    command = [sys.executable, "-m", "prophet_rag.cli", "serve", "--model", str(tiny_model_dir), "--store",
+    command = [sys.executable, "-m", "prophet_rag.cli", "serve", "--model", str(model_dir), "--store",
                str(home / "kv"), "--port", str(port), "--log-level", "warning",
                *(f"--{name.replace('_', '-')}={value}" for name, value in LIMITS.items())]
     log = home / "server.log"
@@ -38,7 +41,7 @@ def served(tiny_model_dir, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log)
-        yield Served(url, tiny_model_dir, proc)
+        yield Served(url, model_dir, proc)
     finally:
         proc.terminate()
         try:
@@ -46,6 +49,22 @@ def served(tiny_model_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def served(tiny_model_dir, tmp_path_factory):
+    """`prophet-rag serve` over the tiny model for the whole session."""
+    with _serving(tiny_model_dir, tmp_path_factory.mktemp("serve-home")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def served_tools(tmp_path_factory):
+    """`prophet-rag serve` over a tiny model with 2,048 positions: a tool list in the system prompt takes more than
+    the default 512."""
+    model_dir = _model_dir(tmp_path_factory.mktemp("tiny-model-2k"), max_position_embeddings=2048)
+    with _serving(model_dir, tmp_path_factory.mktemp("serve-tools-home")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -125,7 +125,7 @@ def test_openai_client_sees_401_as_authentication_error(served):
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"messages": QUESTION, "n": 2}, "n"),
-    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": QUESTION, "tools": [{"type": "function"}]}, "tools"),
     ({"messages": QUESTION, "logprobs": True}, "logprobs"),
     ({"messages": QUESTION, "frobnicate": 1}, "frobnicate"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),

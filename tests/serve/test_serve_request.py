@@ -140,3 +140,44 @@ def test_cached_tokens_leave_out_a_chunk_computed_in_the_request(make_engine):
     new_chunk = engine.builder.layout(CHUNKS, QUERY).chunk_ids[2].numel()
     assert (stats.cache_hits, stats.cache_misses) == (2, 1)
     assert stats.cached_tokens == stats.prefix_tokens + stats.context_tokens - new_chunk
+
+
+# ---- tools, grammars, one-off text --------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+ASKED = [{"role": "user", "content": "Weather?"}]
+
+
+def test_a_plain_request_sends_the_engine_nothing_beyond_a_chat():
+    assert parse(messages=ASKED, documents=["a", {"text": "b", "transient": False}]).request.extras() == {}
+
+
+def test_transient_documents_and_prefix_reach_the_engine():
+    call = parse(messages=ASKED, documents=["a", {"text": "b", "transient": True}], transient_prefix=True)
+    assert call.request.extras() == {"transient": (False, True), "transient_prefix": True}
+
+
+def test_tools_on_a_backend_without_tools_are_refused():
+    with pytest.raises(APIError) as caught:
+        parse(messages=ASKED, tools=[WEATHER])
+    assert caught.value.param == "tools" and "--backend hf" in caught.value.message
+
+
+def test_tools_build_the_grammar_of_the_choice_and_calls_are_parsed(make_engine):
+    engine = make_engine("llama")
+    body = json.dumps({"messages": ASKED, "tools": [WEATHER], "tool_choice": "required"}).encode()
+    call = parse_chat_body(body, DEFAULTS, ServeConfig(), RAG.rag_messages, engine.tool_format)
+    assert [t.name for t in call.request.tools] == ["get_weather"] and call.tool_format == engine.tool_format
+    assert call.request.grammar == engine.tool_format.grammar(call.request.tools, "required")
+    raw = parse_chat_body(json.dumps({**json.loads(body), "parse_tool_calls": False}).encode(), DEFAULTS,
+                          ServeConfig(), RAG.rag_messages, engine.tool_format)
+    assert raw.tool_format is None and raw.request.grammar == call.request.grammar
+
+
+def test_a_response_format_is_a_json_grammar():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    call = parse(messages=ASKED,
+                 response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    assert call.request.grammar.kind == "json_schema" and '"n"' in call.request.grammar.source
+    assert parse(messages=ASKED, response_format={"type": "text"}).request.grammar is None
