@@ -4,10 +4,14 @@ the server."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from prophet_rag.config import (
     STORAGES,
@@ -17,7 +21,7 @@ from prophet_rag.config import (
     StoreConfig,
     default_store_dir,
 )
-from prophet_rag.errors import ProphetRAGError
+from prophet_rag.errors import InvalidRequestError, ProphetRAGError
 from prophet_rag.ingest import RAY_INSTALL, read_document, text_files
 from prophet_rag.methods import METHODS
 
@@ -228,6 +232,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     bench.set_defaults(run=cmd_bench)
     return parser
+
+
+RAY_SERVE_OWNED = ("host", "port", "address", "ray")
+"""`prophet-rag serve` options a Serve config does not take: Ray Serve's own `http_options` and cluster decide."""
+
+
+def ray_app(args: Mapping[str, Any]):
+    """Ray Serve's application builder, so `serve run` and Serve config files deploy the replicas that
+    `prophet-rag serve --ray` deploys: `serve run prophet_rag.cli:ray_app model=/models/qwen replicas=2`, or a
+    config's `import_path: prophet_rag.cli:ray_app` with `args:` (docs/serve.md).
+
+    `args` holds `prophet-rag serve`'s options by name (`max_batch` or `max-batch`): `true` sets a flag, `false` or
+    null leaves it out, any other value is the option's value, checked as the command checks it. Host, port and
+    cluster address are Serve's own settings (`http_options`, `RAY_ADDRESS`), not these options.
+    """
+    from prophet_rag.serve.cli import ray_application
+
+    if not isinstance(args, Mapping):
+        raise InvalidRequestError(f"ray_app takes prophet-rag serve's options as a mapping, got {type(args).__name__}.")
+    argv = ["serve", "--ray"]
+    for name, value in args.items():
+        option = str(name).replace("_", "-")
+        if option.replace("-", "_") in RAY_SERVE_OWNED:
+            raise InvalidRequestError(f"ray_app does not take {name!r}: set it in the Serve config (http_options: "
+                                      "host, port) or RAY_ADDRESS.")
+        if value is True:
+            argv.append(f"--{option}")
+        elif value is not False and value is not None:
+            argv.append(f"--{option}={value}")
+    complaint = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(complaint):
+            parsed = build_parser().parse_args(argv)
+    except SystemExit:
+        said = complaint.getvalue().strip().splitlines()
+        raise InvalidRequestError(f"ray_app args: {said[-1] if said else 'not valid'}; the options are those of "
+                                  "`prophet-rag serve --help`.") from None
+    return ray_application(parsed, _store_config(parsed))
 
 
 def main(argv: list[str] | None = None) -> int:

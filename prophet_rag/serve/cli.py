@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
+from typing import Any
 
 from prophet_rag.config import BatchConfig, GenerationConfig, PrefixCacheConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import ProphetRAGError
 from prophet_rag.serve.config import API_KEY_ENV, ServeConfig, read_api_key
 
 SERVE_INSTALL = "pip install 'prophet-rag[serve]'"
+RAY_OPTIONS = ("replicas", "max_replicas", "address", "cpus_per_replica", "gpus_per_replica")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +62,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                      help="GPUs each replica reserves (default: 1 with --device cuda, else 0)")
 
 
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The server's settings from the command's options."""
+    return ServeConfig(api_key=read_api_key(args.api_key_file), model_name=args.served_model_name,
+                       max_in_flight=args.max_batch if args.max_in_flight is None else args.max_in_flight,
+                       max_queue=args.max_queue, queue_timeout_s=args.queue_timeout,
+                       request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                       max_documents=args.max_documents, max_chars=args.max_chars, max_tokens=args.max_new_tokens)
+
+
+def engine_options(args: argparse.Namespace, config: ServeConfig) -> dict[str, Any]:
+    """`ProphetEngine.from_pretrained`'s configs from the command's options: the same for one server and for every
+    replica. Workers beyond the engine's batch wait inside it for a place (first come, first served), never refused
+    there."""
+    batch = BatchConfig(max_batch=args.max_batch)
+    return {"batch": replace(batch, max_waiting=max(config.max_in_flight - batch.max_batch, 0)),
+            "selection": SelectionConfig(method=args.method, ratio=args.ratio),
+            "generation": GenerationConfig(max_new_tokens=args.max_new_tokens),
+            "prefix_cache": PrefixCacheConfig(max_bytes=args.prefix_cache_bytes)}
+
+
 def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
     try:
         import uvicorn
@@ -69,28 +91,18 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
         raise ProphetRAGError(f"the server needs {error.name}; run `{SERVE_INSTALL}`.") from None
     from prophet_rag.engine import ProphetEngine
 
-    batch = BatchConfig(max_batch=args.max_batch)
-    in_flight = batch.max_batch if args.max_in_flight is None else args.max_in_flight
-    config = ServeConfig(api_key=read_api_key(args.api_key_file), model_name=args.served_model_name,
-                         max_in_flight=in_flight, max_queue=args.max_queue,
-                         queue_timeout_s=args.queue_timeout, request_timeout_s=args.request_timeout,
-                         max_body_bytes=args.max_body_bytes, max_documents=args.max_documents,
-                         max_chars=args.max_chars, max_tokens=args.max_new_tokens)
-    if args.remote_url:
-        store = replace(store, remote_url=args.remote_url)
-    ray_options = ("replicas", "max_replicas", "address", "cpus_per_replica", "gpus_per_replica")
+    config = serve_config(args)
+    store = _with_remote(args, store)
     if args.ray:
-        return _serve_on_ray(args, store, config)
-    if any(getattr(args, name) is not None for name in ray_options):
+        from prophet_rag.serve import replicas
+
+        replicas.run(*ray_plan(args, store, config), host=args.host, port=args.port, address=args.address)
+        return 0
+    if any(getattr(args, name) is not None for name in RAY_OPTIONS):
         raise ProphetRAGError("--replicas, --max-replicas, --address, --cpus-per-replica and --gpus-per-replica "
                               "need --ray; add --ray or drop them.")
     print(f"Loading model {args.model or 'embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
-    # Workers beyond the engine's places wait inside it for one (first come, first served), never refused there.
-    batch = BatchConfig(max_batch=batch.max_batch, max_waiting=max(in_flight - batch.max_batch, 0))
-    engine = ProphetEngine.from_pretrained(args.model, device=args.device, store=store, batch=batch,
-                                           selection=SelectionConfig(method=args.method, ratio=args.ratio),
-                                           generation=GenerationConfig(max_new_tokens=args.max_new_tokens),
-                                           prefix_cache=PrefixCacheConfig(max_bytes=args.prefix_cache_bytes))
+    engine = ProphetEngine.from_pretrained(args.model, device=args.device, store=store, **engine_options(args, config))
     if args.backend == "hf":
         from prophet_rag.serve.hf_backend import HFGenerateBackend
 
@@ -104,11 +116,25 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
     return 0
 
 
-def _serve_on_ray(args: argparse.Namespace, store: StoreConfig, config: ServeConfig) -> int:
+def _with_remote(args: argparse.Namespace, store: StoreConfig) -> StoreConfig:
+    return replace(store, remote_url=args.remote_url) if args.remote_url else store
+
+
+def ray_application(args: argparse.Namespace, store: StoreConfig):
+    """The Ray Serve application `--ray` deploys, for a caller that runs it itself (`prophet_rag.cli:ray_app`)."""
+    from prophet_rag.serve import replicas
+
+    return replicas.application(*ray_plan(args, _with_remote(args, store), serve_config(args)))
+
+
+def ray_plan(args: argparse.Namespace, store: StoreConfig, config: ServeConfig):
+    """What `--ray` deploys: the replicas' `ReplicaSpec` and their `Scaling`, from the command's options."""
     try:
         from prophet_rag.serve import replicas
     except ImportError as error:
         raise ProphetRAGError(f"--ray needs {error.name}; run `pip install 'prophet-rag[serve-ray]'`.") from None
+    if args.backend != "prophet":
+        raise ProphetRAGError("--backend hf is a one-process baseline; drop --ray, or serve the prophet-rag engine.")
     cpus = args.cpus_per_replica if args.cpus_per_replica is not None else 1.0
     gpus = args.gpus_per_replica if args.gpus_per_replica is not None else float(args.device.startswith("cuda"))
     scaling = replicas.Scaling(replicas=args.replicas or 1, max_replicas=args.max_replicas, cpus_per_replica=cpus,
@@ -116,8 +142,6 @@ def _serve_on_ray(args: argparse.Namespace, store: StoreConfig, config: ServeCon
     if store.remote_url is None and (scaling.max_replicas or scaling.replicas) > 1:
         print("Warning: replicas without --remote-url share no tier: each computes every document itself.",
               file=sys.stderr, flush=True)
-    spec = replicas.ReplicaSpec(args.model, args.device, store, SelectionConfig(method=args.method, ratio=args.ratio),
-                                GenerationConfig(max_new_tokens=args.max_new_tokens), config,
-                                threads=max(1, int(cpus)))
-    replicas.run(spec, scaling, host=args.host, port=args.port, address=args.address)
-    return 0
+    spec = replicas.ReplicaSpec(args.model, args.device, store, serve=config, threads=max(1, int(cpus)),
+                                **engine_options(args, config))
+    return spec, scaling

@@ -33,7 +33,7 @@ from typing import Any
 
 from ray import serve
 
-from prophet_rag.config import GenerationConfig, SelectionConfig, StoreConfig
+from prophet_rag.config import BatchConfig, GenerationConfig, PrefixCacheConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import InvalidRequestError, ProphetRAGError
 from prophet_rag.serve.config import ServeConfig
 
@@ -53,6 +53,8 @@ class ReplicaSpec:
     serve: ServeConfig
     threads: int = 1
     """torch threads per replica (its CPUs)."""
+    batch: BatchConfig = BatchConfig()
+    prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,8 @@ class EngineReplica:
         self.spec = spec
         self.engine = ProphetEngine.from_pretrained(spec.model, device=spec.device,
                                                     store=replica_store(spec.store, self.rank.local_rank),
-                                                    selection=spec.selection, generation=spec.generation)
+                                                    selection=spec.selection, generation=spec.generation,
+                                                    batch=spec.batch, prefix_cache=spec.prefix_cache)
 
     def __serve_build_asgi_app__(self):
         from prophet_rag.serve.app import create_app

@@ -14,13 +14,14 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from prophet_rag.cli import build_parser
+from prophet_rag.cli import _store_config, build_parser, ray_app
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import InvalidRequestError, ProphetRAGError
-from prophet_rag.serve.cli import run_serve_command
+from prophet_rag.serve.cli import ray_application, run_serve_command
 from prophet_rag.serve.replicas import Scaling, replica_store
 
 CHECK = Path(__file__).resolve().parents[2] / "benchmarks" / "replicas_check.py"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "serve.md"
 
 
 @pytest.mark.parametrize("option", [["--replicas", "2"], ["--max-replicas", "3"], ["--cpus-per-replica", "2"]])
@@ -36,6 +37,70 @@ def test_ray_options_without_ray_are_refused(option):
 def test_scaling_is_checked(scaling, message):
     with pytest.raises(InvalidRequestError, match=message):
         Scaling(**scaling)
+
+
+@pytest.fixture
+def deployed(monkeypatch):
+    """What `replicas.application` is asked to build, instead of building it."""
+    from prophet_rag.serve import replicas
+
+    plans = []
+    monkeypatch.setattr(replicas, "application", lambda spec, scaling: plans.append((spec, scaling)) or "app")
+    return plans
+
+
+def test_replicas_get_the_batch_and_prefix_cache_settings_of_the_command(deployed, tmp_path):
+    args = build_parser().parse_args(["serve", "--ray", "--replicas", "2", "--max-batch", "4", "--max-in-flight", "6",
+                                      "--prefix-cache-bytes", "1000000", "--ratio", "0.3", "--max-new-tokens", "9"])
+    assert ray_application(args, StoreConfig(directory=tmp_path)) == "app"
+    ((spec, scaling),) = deployed
+    assert (spec.batch.max_batch, spec.batch.max_waiting, spec.serve.max_in_flight) == (4, 2, 6)
+    assert spec.prefix_cache.max_bytes == 1_000_000 and spec.selection.ratio == 0.3
+    assert spec.generation.max_new_tokens == 9 and scaling.replicas == 2
+
+
+def test_the_serve_config_builder_deploys_what_the_command_deploys(deployed, tmp_path):
+    options = {"model": "/models/m", "store": str(tmp_path), "replicas": 2, "max_replicas": 4, "max-batch": 3,
+               "remote_url": "redis://cache:6379/0", "key_file": str(tmp_path / "key"), "method": "prophet",
+               "gpus_per_replica": None, "log_level": "warning"}
+    assert ray_app(options) == "app"
+    command = build_parser().parse_args(["serve", "--ray", "--model", "/models/m", "--store", str(tmp_path),
+                                         "--replicas", "2", "--max-replicas", "4", "--max-batch", "3",
+                                         "--remote-url", "redis://cache:6379/0", "--key-file", str(tmp_path / "key"),
+                                         "--method", "prophet"])
+    ray_application(command, _store_config(command))
+    assert deployed[0] == deployed[1]
+    spec, scaling = deployed[0]
+    assert spec.store.remote_url == "redis://cache:6379/0" and (scaling.replicas, scaling.max_replicas) == (2, 4)
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    ({"port": 9000}, "http_options"),
+    ({"replicas": "two"}, "--replicas"),
+    ({"no_such_option": 1}, "unrecognized"),
+    ({"backend": "hf"}, "--backend hf"),
+])
+def test_the_serve_config_builder_refuses_what_it_cannot_deploy(deployed, options, words):
+    with pytest.raises(ProphetRAGError, match=words):
+        ray_app(options)
+    assert not deployed
+
+
+def test_the_config_file_in_the_docs_deploys_through_the_builder(deployed, tmp_path):
+    import yaml
+
+    block = DOC.read_text(encoding="utf-8").split("```yaml\n", 1)[1].split("```", 1)[0]
+    (application,) = yaml.safe_load(block)["applications"]
+    module, name = application["import_path"].split(":")
+    assert (module, name) == ("prophet_rag.cli", "ray_app")
+    api_key = tmp_path / "api-key"  # the builder reads the API key file where it runs
+    api_key.write_text("a-served-key-0123456789abcdef")
+    api_key.chmod(0o600)
+    ray_app({**application["args"], "api_key_file": str(api_key)})
+    ((spec, scaling),) = deployed
+    assert spec.model == application["args"]["model"] and spec.prefix_cache.max_bytes == 268435456
+    assert spec.serve.api_key == "a-served-key-0123456789abcdef"
+    assert (scaling.replicas, scaling.max_replicas, spec.batch.max_batch) == (2, 8, 8)
 
 
 def test_each_replica_has_its_own_disk_store_and_the_shared_tier(tmp_path):
