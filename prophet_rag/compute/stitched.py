@@ -92,16 +92,43 @@ def stitched_layout(adapter: ModelAdapter, prefix_ids: torch.Tensor, chunk_ids: 
     return cache
 
 
-def copy_blocks(source: StitchedCache, target: StitchedCache) -> None:
-    """Fill `target`'s prefix and chunk slots from `source`, the same request laid out in another order and not yet
-    placed (parallel geometry: every block as stored), so a method that scored chunks before ordering them reads
-    no tier twice. Passes over `source` only wrote slots past its context, which are not copied."""
-    assert source.prefix_len == target.prefix_len and sorted(source.order) == sorted(target.order)
-    target.kv[:, :, : target.prefix_len] = source.kv[:, :, : source.prefix_len]
-    where = dict(zip(source.order, source.chunk_spans, strict=True))
-    for i, (start, end) in zip(target.order, target.chunk_spans, strict=True):
+def reorder(adapter: ModelAdapter, cache: StitchedCache, order: Sequence[int], sink_len: int) -> None:
+    """Lay `cache` out again in `order`, in its own buffers, and place its blocks at their global positions.
+
+    `cache` holds the request in another order with its blocks as stored (parallel geometry, every layer in): a
+    method that scored chunks before ordering them. The result is what `stitched_layout` in `order`, a copy of every
+    block and `reposition` give, without a second cache. The chunks before the first one that moves stay where
+    they are and are only re-rotated; the rest is gathered once and written back rotated (one pass: `rope_shift`'s
+    `source`); layer 0 is recomputed for every chunk token, as `reposition` does. Slots past the context (the
+    scoring pass's suffix) are dropped.
+    """
+    assert sorted(order) == sorted(cache.order), "order must hold every chunk of the request once"
+    where = dict(zip(cache.order, cache.chunk_spans, strict=True))
+    spans, start = [], cache.prefix_len
+    for i in order:
         src_start, src_end = where[i]
-        target.kv[:, :, start:end] = source.kv[:, :, src_start:src_end]
+        spans.append((start, start + src_end - src_start))
+        start += src_end - src_start
+    first = next((j for j, i in enumerate(order) if spans[j] != where[i]), len(spans))
+    tail = slice(spans[first][0] if first < len(spans) else cache.context_end, cache.context_end)
+    gather = [torch.arange(*where[i], device=cache.kv.device) for i in order[first:]]
+    cache.chunk_spans, cache.order = tuple(spans), tuple(order)
+    cache.length, cache.layer_ready = cache.context_end, None
+    context = slice(cache.prefix_len, cache.context_end)
+    cache.positions[context] = torch.arange(cache.prefix_len, cache.context_end, device=cache.positions.device)
+    delta = cache.positions[context] - _stored_positions(cache, sink_len)
+    # Layer 0 is recomputed below: only layers 1.. are moved and rotated.
+    keys, values = cache.kv[1:, 0], cache.kv[1:, 1]
+    kept = slice(cache.prefix_len, tail.start)
+    rope_shift(keys[:, kept], delta[: tail.start - cache.prefix_len], adapter.inv_freq, interleaved=True)
+    if gather:
+        index = torch.cat(gather)
+        cache.token_ids[tail] = cache.token_ids[index]
+        moved = cache.kv[1:, :, index]  # a copy: the tail's blocks overlap their new slots
+        values[:, tail] = moved[:, 1]
+        rope_shift(keys[:, tail], delta[tail.start - cache.prefix_len :], adapter.inv_freq, interleaved=True,
+                   source=moved[:, 0])
+    _repair_layer0(adapter, cache)
 
 
 def reposition(adapter: ModelAdapter, cache: StitchedCache, sink_len: int, global_positions: bool = True,
@@ -122,11 +149,17 @@ def reposition(adapter: ModelAdapter, cache: StitchedCache, sink_len: int, globa
     delta = cache.positions[context] - _stored_positions(cache, sink_len)
     rope_shift(cache.kv[layers.start : layers.stop, 0, context], delta, adapter.inv_freq, interleaved=True)
     if 0 in layers:
-        ids, positions = cache.token_ids[context], cache.positions[context]
-        with torch.no_grad():
-            hidden = adapter.embed(ids)
-            k, v = adapter.kv(0, hidden, adapter.rope_tables(positions, hidden.dtype))
-        cache.kv[0, 0, context], cache.kv[0, 1, context] = k, v
+        _repair_layer0(adapter, cache)
+
+
+def _repair_layer0(adapter: ModelAdapter, cache: StitchedCache) -> None:
+    """Layer 0's K/V of every chunk token from its id and position alone (exact: layer 0 sees no other token)."""
+    context = slice(cache.prefix_len, cache.context_end)
+    ids, positions = cache.token_ids[context], cache.positions[context]
+    with torch.no_grad():
+        hidden = adapter.embed(ids)
+        k, v = adapter.kv(0, hidden, adapter.rope_tables(positions, hidden.dtype))
+    cache.kv[0, 0, context], cache.kv[0, 1, context] = k, v
 
 
 class LayerGate:
