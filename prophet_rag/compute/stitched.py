@@ -97,37 +97,62 @@ def reorder(adapter: ModelAdapter, cache: StitchedCache, order: Sequence[int], s
 
     `cache` holds the request in another order with its blocks as stored (parallel geometry, every layer in): a
     method that scored chunks before ordering them. The result is what `stitched_layout` in `order`, a copy of every
-    block and `reposition` give, without a second cache. The chunks before the first one that moves stay where
-    they are and are only re-rotated; the rest is gathered once and written back rotated (one pass: `rope_shift`'s
-    `source`); layer 0 is recomputed for every chunk token, as `reposition` does. Slots past the context (the
+    block and `reposition` give, without a second cache (a fresh one costs more in page faults than the copy
+    itself). Every key is read and written once, rotated on the way (`rope_shift`'s `source`): a chunk that stays
+    is rotated in place; one that moves towards the front is moved piece by piece, each piece no longer than the
+    distance moved, so no piece overwrites keys not read yet; the others (moved back, or forward by little) go
+    through a copy. Layer 0 is recomputed for every chunk token, as `reposition` does. Slots past the context (the
     scoring pass's suffix) are dropped.
     """
     assert sorted(order) == sorted(cache.order), "order must hold every chunk of the request once"
     where = dict(zip(cache.order, cache.chunk_spans, strict=True))
-    spans, start = [], cache.prefix_len
+    moves, start = [], cache.prefix_len
     for i in order:
-        src_start, src_end = where[i]
-        spans.append((start, start + src_end - src_start))
-        start += src_end - src_start
-    first = next((j for j, i in enumerate(order) if spans[j] != where[i]), len(spans))
-    tail = slice(spans[first][0] if first < len(spans) else cache.context_end, cache.context_end)
-    gather = [torch.arange(*where[i], device=cache.kv.device) for i in order[first:]]
-    cache.chunk_spans, cache.order = tuple(spans), tuple(order)
+        src, n = where[i][0], where[i][1] - where[i][0]
+        moves.append((src, start, n))
+        start += n
+    cache.chunk_spans, cache.order = tuple((dst, dst + n) for _, dst, n in moves), tuple(order)
     cache.length, cache.layer_ready = cache.context_end, None
-    context = slice(cache.prefix_len, cache.context_end)
-    cache.positions[context] = torch.arange(cache.prefix_len, cache.context_end, device=cache.positions.device)
-    delta = cache.positions[context] - _stored_positions(cache, sink_len)
+    ids = cache.token_ids[cache.prefix_len : cache.context_end].clone()
+    stored = cache.positions[cache.prefix_len : cache.context_end].clone()
     # Layer 0 is recomputed below: only layers 1.. are moved and rotated.
     keys, values = cache.kv[1:, 0], cache.kv[1:, 1]
-    kept = slice(cache.prefix_len, tail.start)
-    rope_shift(keys[:, kept], delta[: tail.start - cache.prefix_len], adapter.inv_freq, interleaved=True)
-    if gather:
-        index = torch.cat(gather)
-        cache.token_ids[tail] = cache.token_ids[index]
-        moved = cache.kv[1:, :, index]  # a copy: the tail's blocks overlap their new slots
-        values[:, tail] = moved[:, 1]
-        rope_shift(keys[:, tail], delta[tail.start - cache.prefix_len :], adapter.inv_freq, interleaved=True,
-                   source=moved[:, 0])
+
+    def put(src: int, dst: int, n: int, source: torch.Tensor | None) -> None:
+        """Slots `[dst, dst + n)` get the block at `[src, src + n)` (from `source` when given), rotated."""
+        delta = torch.arange(dst, dst + n, device=stored.device) - stored[src - cache.prefix_len :][:n]
+        cache.token_ids[dst : dst + n] = ids[src - cache.prefix_len :][:n]
+        if source is not None:
+            values[:, dst : dst + n] = source[:, 1]
+            rope_shift(keys[:, dst : dst + n], delta, adapter.inv_freq, interleaved=True, source=source[:, 0])
+        elif src == dst:
+            rope_shift(keys[:, dst : dst + n], delta, adapter.inv_freq, interleaved=True)
+        else:
+            values[:, dst : dst + n] = values[:, src : src + n]
+            rope_shift(keys[:, dst : dst + n], delta, adapter.inv_freq, interleaved=True,
+                       source=keys[:, src : src + n])
+
+    forward = [m for m in moves if m[1] < m[0] and 4 * (m[0] - m[1]) >= m[2]]
+    copied = [m for m in moves if m[1] != m[0] and m not in forward]
+    # Copies first, before any slot is written; then the blocks moved forward, front first (a block's new slots end
+    # before the next one's old slots start); the copies last, into slots whose blocks have all been read.
+    saved = [cache.kv[1:, :, src : src + n].clone() for src, _, n in copied]
+    stays = [m for m in moves if m[1] == m[0]]
+    lead = 0  # the chunks that stay at the front are rotated in one call
+    while lead < len(stays) and stays[lead][1] == cache.prefix_len + sum(m[2] for m in stays[:lead]):
+        lead += 1
+    if lead:
+        put(cache.prefix_len, cache.prefix_len, sum(m[2] for m in stays[:lead]), None)
+    for src, dst, n in stays[lead:]:
+        put(src, dst, n, None)
+    for src, dst, n in forward:
+        step = src - dst
+        for piece in range(0, n, step):
+            put(src + piece, dst + piece, min(step, n - piece), None)
+    for (src, dst, n), block in zip(copied, saved, strict=True):
+        put(src, dst, n, block)
+    cache.positions[cache.prefix_len : cache.context_end] = torch.arange(cache.prefix_len, cache.context_end,
+                                                                          device=cache.positions.device)
     _repair_layer0(adapter, cache)
 
 

@@ -67,3 +67,23 @@ def test_reorder_keeps_the_buffers_of_the_cache(make_engine):
     reorder(engine.adapter, cache, [1, 0, 2, 3, 4], int(engine.sink_ids.numel()))
 
     assert cache.kv is kv and cache.layer_ready is None
+
+
+@torch.no_grad()
+def test_a_long_block_moved_forward_by_a_short_one_moves_piece_by_piece(make_engine):
+    """The short first chunk goes last, the long one moves forward by less than its own length: it is copied in
+    several pieces inside its own overlapping slots, and must still come out whole."""
+    engine = make_engine("llama")
+    docs = ("fox dog " * 5, "Paris is the capital of France. " * 4, QUERY)
+    layout = engine.builder.layout(docs, QUERY)
+    short, long = (int(ids.numel()) for ids in layout.chunk_ids[:2])
+    assert short < long <= 4 * short  # moved forward by `short`: ceil(long / short) > 1 pieces
+    engine.ingest(docs)
+    cache = parallel(engine, layout, [0, 1, 2])
+    expected = placed(engine, layout, [1, 2, 0])
+
+    reorder(engine.adapter, cache, [1, 2, 0], int(engine.sink_ids.numel()))
+
+    n = expected.length
+    assert torch.equal(cache.token_ids[:n], expected.token_ids[:n])
+    assert torch.equal(cache.kv[:, :, :n], expected.kv[:, :, :n])
