@@ -614,9 +614,10 @@ class ProphetEngine:
         hidden, rows = forward_rows(self.adapter, cache, plan.rows, row_filter=plan.row_filter)
         t5 = time.perf_counter()
         selected = plan.selected if plan.selected is not None else rows[rows < cache.context_end]
-        return Prefill(cache, hidden, selected, cache.order, (t2 - t1) + (t_prefix - t0), (t1 - t_prefix) + (t3 - t2),
-                       t4 - t3, t5 - t4, counted.hits, counted.misses, counted.cached_tokens(cache, selected) + reused,
-                       reused)
+        # The ordering step is a method's scoring (prophet_focus's Stage I): it counts as selection.
+        return Prefill(cache, hidden, selected, cache.order, (t2 - t1) + (t_prefix - t0), t3 - t2,
+                       (t1 - t_prefix) + (t4 - t3), t5 - t4, counted.hits, counted.misses,
+                       counted.cached_tokens(cache, selected) + reused, reused)
 
     def _history(self, layout: RequestLayout, reuses_cache: bool, full: bool) -> list[torch.Tensor]:
         """KV blocks of the longest stored prefix of the request's prompt (see `cache.prefix_cache`), leaving at
