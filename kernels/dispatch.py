@@ -60,13 +60,15 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced = previous
 
 
-def rope_shift(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool = False) -> None:
-    """Rotate keys `[..., tokens, kv_heads, head_dim]` in place by `delta` `[tokens]` positions (see rope_shift_ref)."""
+def rope_shift(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool = False,
+               source: torch.Tensor | None = None) -> None:
+    """Rotate keys `[..., tokens, kv_heads, head_dim]` in place by `delta` `[tokens]` positions, or write `source`
+    rotated into them (see rope_shift_ref)."""
     if backend_for(keys) == "triton":
         from .rope_shift import rope_shift_triton
 
-        return rope_shift_triton(keys, delta, inv_freq, interleaved)
-    return rope_shift_ref(keys, delta, inv_freq, interleaved)
+        return rope_shift_triton(keys, delta, inv_freq, interleaved, source)
+    return rope_shift_ref(keys, delta, inv_freq, interleaved, source)
 
 
 def query_scores(

@@ -19,22 +19,31 @@ def _complex_view_ok(keys: torch.Tensor) -> bool:
     return keys.stride(-1) == 1 and keys.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in keys.stride()[:-1])
 
 
-def rope_shift_ref(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool = False) -> None:
-    """Rotate `keys` in place by `delta` positions.
+def rope_shift_ref(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool = False,
+                   source: torch.Tensor | None = None) -> None:
+    """Rotate `keys` in place by `delta` positions; with `source`, write `source` rotated into `keys` instead.
 
     keys: `[..., tokens, kv_heads, head_dim]`, any float dtype, any strides.
     delta: `[tokens]` integer, new position minus stored position.
     inv_freq: `[head_dim // 2]` fp32, the model's RoPE inverse frequencies (after any scaling).
+    source: None, or a tensor of `keys`' shape and dtype not overlapping it: the keys to rotate, so that moving
+    keys and re-positioning them is one pass over their bytes (`keys`' own values are not read).
     """
+    src = keys if source is None else source
+    assert src.shape == keys.shape and src.dtype == keys.dtype, "source must match keys' shape and dtype"
     half = keys.shape[-1] // 2
     angle = delta.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
-    if interleaved and keys.dtype == torch.float32 and _complex_view_ok(keys):
-        # One pass in place: each channel pair is a complex number, rotated by multiplying with e^(i * angle).
+    if interleaved and keys.dtype == torch.float32 and _complex_view_ok(keys) and _complex_view_ok(src):
+        # One pass: each channel pair is a complex number, rotated by multiplying with e^(i * angle).
         phase = torch.polar(torch.ones_like(angle), angle)[:, None, :]
-        torch.view_as_complex(keys.unflatten(-1, (half, 2))).mul_(phase)
+        out = torch.view_as_complex(keys.unflatten(-1, (half, 2)))
+        if source is None:
+            out.mul_(phase)
+        else:
+            torch.mul(torch.view_as_complex(src.unflatten(-1, (half, 2))), phase, out=out)
         return
     cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
-    k = keys.to(torch.float32)
+    k = src.to(torch.float32)
     x1, x2 = (k[..., 0::2], k[..., 1::2]) if interleaved else (k[..., :half], k[..., half:])
     r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     out = torch.stack((r1, r2), dim=-1).flatten(-2) if interleaved else torch.cat((r1, r2), dim=-1)
@@ -99,9 +108,13 @@ def _rope_shift_kernel(
 
 
 def rope_shift_triton(
-    keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool = False
+    keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool = False,
+    source: torch.Tensor | None = None,
 ) -> None:
-    """Triton version of `rope_shift_ref`, same contract (keys `[..., tokens, kv_heads, head_dim]`, any strides)."""
+    """Triton version of `rope_shift_ref`, same contract (keys `[..., tokens, kv_heads, head_dim]`, any strides).
+    With `source` the keys are copied in first and rotated in place: two passes, where the reference makes one."""
+    if source is not None:
+        keys.copy_(source)
     if keys.dim() > 4:
         try:
             keys = keys.view(-1, *keys.shape[-3:])

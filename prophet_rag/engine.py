@@ -46,8 +46,8 @@ from prophet_rag.compute.prefill import prefill_full, prefill_isolated
 from prophet_rag.compute.stitched import (
     LayerGate,
     StitchedCache,
-    copy_blocks,
     forward_rows,
+    reorder,
     reposition,
     stitched_layout,
 )
@@ -585,25 +585,28 @@ class ProphetEngine:
 
         order = method.order(request, assemble) if method.order else None
         t1 = time.perf_counter()
-        cache = stitched_layout(self.adapter, layout.prefix_ids, layout.chunk_ids,
-                                range(len(layout.chunk_ids)) if order is None else order, capacity, self.kv_dtype)
-        if first and not first[0][2]:
-            # The ordering step assembled the blocks as stored (parallel geometry): copy them, read no tier again.
-            source, counted, _ = first[0]
+        layout_order = range(len(layout.chunk_ids)) if order is None else order
+        sink = int(self.sink_ids.numel())
+        # The ordering step assembled the blocks as stored (parallel geometry): they are laid out again in place.
+        in_place = bool(first) and not first[0][2]
+        if in_place:
+            cache, counted, _ = first[0]
             if counted.pending is not None:
                 for layer in range(self.adapter.spec.num_layers):
                     counted.pending.wait(layer)
-            copy_blocks(source, cache)
             loaded = LoadStats(counted.hits, counted.misses)
         else:
+            cache = stitched_layout(self.adapter, layout.prefix_ids, layout.chunk_ids, layout_order, capacity,
+                                    self.kv_dtype)
             loaded = self.cache.load(layout, cache, pipeline, prefix)
             counted = first[0][1] if first else loaded
         t2 = time.perf_counter()
-        place = partial(reposition, self.adapter, cache, int(self.sink_ids.numel()), True)
-        if loaded.pending is None:
-            place()
+        if in_place:
+            reorder(self.adapter, cache, layout_order, sink)
+        elif loaded.pending is None:
+            reposition(self.adapter, cache, sink)
         else:  # stored blocks arrive layer by layer: each pass waits for, and places, the layers it reaches
-            cache.layer_ready = LayerGate(loaded.pending.wait, place)
+            cache.layer_ready = LayerGate(loaded.pending.wait, partial(reposition, self.adapter, cache, sink, True))
         suffix_rows = cache.append_tokens(layout.suffix_ids.to(self.adapter.device))
         t3 = time.perf_counter()
         plan = plan_recompute(self.adapter, cache, suffix_rows, selection, request)
@@ -611,9 +614,10 @@ class ProphetEngine:
         hidden, rows = forward_rows(self.adapter, cache, plan.rows, row_filter=plan.row_filter)
         t5 = time.perf_counter()
         selected = plan.selected if plan.selected is not None else rows[rows < cache.context_end]
-        return Prefill(cache, hidden, selected, cache.order, (t2 - t1) + (t_prefix - t0), (t1 - t_prefix) + (t3 - t2),
-                       t4 - t3, t5 - t4, counted.hits, counted.misses, counted.cached_tokens(cache, selected) + reused,
-                       reused)
+        # The ordering step is a method's scoring (prophet_focus's Stage I): it counts as selection.
+        return Prefill(cache, hidden, selected, cache.order, (t2 - t1) + (t_prefix - t0), t3 - t2,
+                       (t1 - t_prefix) + (t4 - t3), t5 - t4, counted.hits, counted.misses,
+                       counted.cached_tokens(cache, selected) + reused, reused)
 
     def _history(self, layout: RequestLayout, reuses_cache: bool, full: bool) -> list[torch.Tensor]:
         """KV blocks of the longest stored prefix of the request's prompt (see `cache.prefix_cache`), leaving at

@@ -178,7 +178,9 @@ def markdown(summary: dict) -> str:
     base = summary.get("baseline", "prophet")
     lines = [f"Model {summary.get('model', '?')}: {summary['cases']} cases; {summary['discriminative_cases']} "
              "discriminative (full right, reuse wrong). Accuracy [Wilson 95% interval]; +W/-L: paired wins and "
-             f"losses case by case against full and against {base} at the same ratio; spent: recomputed/context.",
+             f"losses case by case against full and against {base} at the same ratio; spent: recomputed/context. "
+             "TTFT x full: against the engine's own full prefill in this run, where methods ran at different times; "
+             "the TTFT ratios to quote are against hf_last, generate's prefill (benchmarks/bench_ttft.py).",
              "", "## Overall (mean over tasks)", "",
              f"| method | accuracy | rel. to full | discriminative | vs full | vs {base} | spent | first-token agree "
              "| KL | TTFT s | TTFT x full |",

@@ -92,16 +92,68 @@ def stitched_layout(adapter: ModelAdapter, prefix_ids: torch.Tensor, chunk_ids: 
     return cache
 
 
-def copy_blocks(source: StitchedCache, target: StitchedCache) -> None:
-    """Fill `target`'s prefix and chunk slots from `source`, the same request laid out in another order and not yet
-    placed (parallel geometry: every block as stored), so a method that scored chunks before ordering them reads
-    no tier twice. Passes over `source` only wrote slots past its context, which are not copied."""
-    assert source.prefix_len == target.prefix_len and sorted(source.order) == sorted(target.order)
-    target.kv[:, :, : target.prefix_len] = source.kv[:, :, : source.prefix_len]
-    where = dict(zip(source.order, source.chunk_spans, strict=True))
-    for i, (start, end) in zip(target.order, target.chunk_spans, strict=True):
-        src_start, src_end = where[i]
-        target.kv[:, :, start:end] = source.kv[:, :, src_start:src_end]
+def reorder(adapter: ModelAdapter, cache: StitchedCache, order: Sequence[int], sink_len: int) -> None:
+    """Lay `cache` out again in `order`, in its own buffers, and place its blocks at their global positions.
+
+    `cache` holds the request in another order with its blocks as stored (parallel geometry, every layer in): a
+    method that scored chunks before ordering them. The result is what `stitched_layout` in `order`, a copy of every
+    block and `reposition` give, without a second cache (a fresh one costs more in page faults than the copy
+    itself). Every key is read and written once, rotated on the way (`rope_shift`'s `source`): a chunk that stays
+    is rotated in place; one that moves towards the front is moved piece by piece, each piece no longer than the
+    distance moved, so no piece overwrites keys not read yet; the others (moved back, or forward by little) go
+    through a copy. Layer 0 is recomputed for every chunk token, as `reposition` does. Slots past the context (the
+    scoring pass's suffix) are dropped.
+    """
+    assert sorted(order) == sorted(cache.order), "order must hold every chunk of the request once"
+    where = dict(zip(cache.order, cache.chunk_spans, strict=True))
+    moves, start = [], cache.prefix_len
+    for i in order:
+        src, n = where[i][0], where[i][1] - where[i][0]
+        moves.append((src, start, n))
+        start += n
+    cache.chunk_spans, cache.order = tuple((dst, dst + n) for _, dst, n in moves), tuple(order)
+    cache.length, cache.layer_ready = cache.context_end, None
+    ids = cache.token_ids[cache.prefix_len : cache.context_end].clone()
+    stored = cache.positions[cache.prefix_len : cache.context_end].clone()
+    # Layer 0 is recomputed below: only layers 1.. are moved and rotated.
+    keys, values = cache.kv[1:, 0], cache.kv[1:, 1]
+
+    def put(src: int, dst: int, n: int, source: torch.Tensor | None) -> None:
+        """Slots `[dst, dst + n)` get the block at `[src, src + n)` (from `source` when given), rotated."""
+        delta = torch.arange(dst, dst + n, device=stored.device) - stored[src - cache.prefix_len :][:n]
+        cache.token_ids[dst : dst + n] = ids[src - cache.prefix_len :][:n]
+        if source is not None:
+            values[:, dst : dst + n] = source[:, 1]
+            rope_shift(keys[:, dst : dst + n], delta, adapter.inv_freq, interleaved=True, source=source[:, 0])
+        elif src == dst:
+            rope_shift(keys[:, dst : dst + n], delta, adapter.inv_freq, interleaved=True)
+        else:
+            values[:, dst : dst + n] = values[:, src : src + n]
+            rope_shift(keys[:, dst : dst + n], delta, adapter.inv_freq, interleaved=True,
+                       source=keys[:, src : src + n])
+
+    forward = [m for m in moves if m[1] < m[0] and 4 * (m[0] - m[1]) >= m[2]]
+    copied = [m for m in moves if m[1] != m[0] and m not in forward]
+    # Copies first, before any slot is written; then the blocks moved forward, front first (a block's new slots end
+    # before the next one's old slots start); the copies last, into slots whose blocks have all been read.
+    saved = [cache.kv[1:, :, src : src + n].clone() for src, _, n in copied]
+    stays = [m for m in moves if m[1] == m[0]]
+    lead = 0  # the chunks that stay at the front are rotated in one call
+    while lead < len(stays) and stays[lead][1] == cache.prefix_len + sum(m[2] for m in stays[:lead]):
+        lead += 1
+    if lead:
+        put(cache.prefix_len, cache.prefix_len, sum(m[2] for m in stays[:lead]), None)
+    for src, dst, n in stays[lead:]:
+        put(src, dst, n, None)
+    for src, dst, n in forward:
+        step = src - dst
+        for piece in range(0, n, step):
+            put(src + piece, dst + piece, min(step, n - piece), None)
+    for (src, dst, n), block in zip(copied, saved, strict=True):
+        put(src, dst, n, block)
+    cache.positions[cache.prefix_len : cache.context_end] = torch.arange(cache.prefix_len, cache.context_end,
+                                                                          device=cache.positions.device)
+    _repair_layer0(adapter, cache)
 
 
 def reposition(adapter: ModelAdapter, cache: StitchedCache, sink_len: int, global_positions: bool = True,
@@ -122,11 +174,17 @@ def reposition(adapter: ModelAdapter, cache: StitchedCache, sink_len: int, globa
     delta = cache.positions[context] - _stored_positions(cache, sink_len)
     rope_shift(cache.kv[layers.start : layers.stop, 0, context], delta, adapter.inv_freq, interleaved=True)
     if 0 in layers:
-        ids, positions = cache.token_ids[context], cache.positions[context]
-        with torch.no_grad():
-            hidden = adapter.embed(ids)
-            k, v = adapter.kv(0, hidden, adapter.rope_tables(positions, hidden.dtype))
-        cache.kv[0, 0, context], cache.kv[0, 1, context] = k, v
+        _repair_layer0(adapter, cache)
+
+
+def _repair_layer0(adapter: ModelAdapter, cache: StitchedCache) -> None:
+    """Layer 0's K/V of every chunk token from its id and position alone (exact: layer 0 sees no other token)."""
+    context = slice(cache.prefix_len, cache.context_end)
+    ids, positions = cache.token_ids[context], cache.positions[context]
+    with torch.no_grad():
+        hidden = adapter.embed(ids)
+        k, v = adapter.kv(0, hidden, adapter.rope_tables(positions, hidden.dtype))
+    cache.kv[0, 0, context], cache.kv[0, 1, context] = k, v
 
 
 class LayerGate:

@@ -138,3 +138,27 @@ def test_interleaved_fp32_reference_is_a_rotation_of_each_pair(layout):
     mask = torch.ones_like(base, dtype=torch.bool)
     make_keys_like(mask, base, keys).fill_(False)
     assert torch.equal(base[mask], untouched[mask])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", INTERLEAVED)
+def test_source_writes_the_rotated_source(backend, dtype, interleaved, device, assert_close):
+    """With `source`, the keys become the source rotated (rotate-then-copy in one call); the source is unchanged
+    and the keys' old values play no part."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 2, 63, 2, 64, generator=gen).to(device=device, dtype=dtype)  # a [L, 2, T, H, D] cache
+    source = torch.randn(3, 63, 2, 64, generator=gen).to(device=device, dtype=dtype)
+    delta, freq = ragged_delta([40, 23], gen).to(device), inv_freq(64).to(device)
+    expected = source.clone()
+    rope_shift_ref(expected, delta, freq, interleaved)
+    untouched, kept = base[:, 1].clone(), source.clone()
+
+    with use_backend(backend):
+        rope_shift(base[:, 0], delta, freq, interleaved, source=source)
+
+    assert torch.equal(source, kept) and torch.equal(base[:, 1], untouched)
+    if backend == "torch":
+        assert torch.equal(base[:, 0], expected)  # the same arithmetic as rotating in place
+    else:
+        assert_close(base[:, 0], expected, dtype)
