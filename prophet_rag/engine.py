@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -38,6 +38,7 @@ from prophet_rag.cache.codec import EntryMeta
 from prophet_rag.cache.hot_cache import HotCache
 from prophet_rag.cache.prefix_cache import PrefixCache
 from prophet_rag.cache.store import KVStore, kv_storage
+from prophet_rag.compute import batch as batched
 from prophet_rag.compute.batcher import Admission, DecodeBatcher
 from prophet_rag.compute.generate import Decoding, TextAssembler
 from prophet_rag.compute.lock import ComputeLock
@@ -540,7 +541,9 @@ class ProphetEngine:
 
     @torch.inference_mode()
     def _prefill(self, layout: RequestLayout, selection: SelectionConfig, capacity: int) -> Prefill:
-        with self._compute:
+        # With batch_prefills, the passes of prefills under way together run as one, in the batcher's steps.
+        joined = batched.joined(self.batcher.run_pass) if self.batcher.config.batch_prefills else nullcontext()
+        with self._compute, joined:
             try:
                 return self._prefill_once(layout, selection, capacity, pipeline=True)
             except StaleBlocksError:
@@ -608,7 +611,7 @@ class ProphetEngine:
         t3 = time.perf_counter()
         plan = plan_recompute(self.adapter, cache, suffix_rows, selection, request)
         t4 = time.perf_counter()
-        hidden, rows = forward_rows(self.adapter, cache, plan.rows, row_filter=plan.row_filter)
+        hidden, rows = batched.forward(self.adapter, cache, plan.rows, row_filter=plan.row_filter)
         t5 = time.perf_counter()
         selected = plan.selected if plan.selected is not None else rows[rows < cache.context_end]
         return Prefill(cache, hidden, selected, cache.order, (t2 - t1) + (t_prefix - t0), (t1 - t_prefix) + (t3 - t2),

@@ -76,13 +76,13 @@ def test_short_requests_leave_while_long_ones_go_on(make_engine):
 
 def test_a_prefill_takes_its_turn_between_the_decode_steps_of_a_running_request(make_engine, monkeypatch):
     engine = make_engine("llama")
-    real = batcher_module.decode_step
+    real = batcher_module.forward_passes
 
     def slow(*args):  # 400 steps of the long request take >= 2 s
         time.sleep(0.005)
         return real(*args)
 
-    monkeypatch.setattr(batcher_module, "decode_step", slow)
+    monkeypatch.setattr(batcher_module, "forward_passes", slow)
     chunks, question, generation = _request(0)
     expected = engine.answer(chunks, question, generation=generation).token_ids
     long = iter(engine.stream(chunks, question, generation=GenerationConfig(max_new_tokens=400,
@@ -204,7 +204,7 @@ def test_a_failed_step_fails_its_requests_and_frees_their_places(make_engine, mo
     def broken(*args):
         raise RuntimeError("step failed")
 
-    monkeypatch.setattr(batcher_module, "decode_step", broken)
+    monkeypatch.setattr(batcher_module, "forward_passes", broken)
     with pytest.raises(RuntimeError, match="step failed"):
         _answer(engine, 2)
     _wait_until(lambda: engine.batcher.stats().admitted == 0)
