@@ -52,14 +52,17 @@ _END = object()
 @dataclass(frozen=True)
 class BatchStats:
     """What the batcher has done since it was built: `running` requests in the batch now, `admitted` holding a
-    place, `waiting` for one; `steps` forward passes run and `rows` request-steps in them (`rows / steps` is the
-    mean batch size)."""
+    place, `waiting` for one; `steps` decode steps run and `rows` request-steps in them (`rows / steps` is the mean
+    decode batch); `passes` prefill passes run in `pass_steps` steps (`passes / pass_steps` is how many ran
+    together)."""
 
     running: int
     admitted: int
     waiting: int
     steps: int
     rows: int
+    passes: int = 0
+    pass_steps: int = 0
 
 
 class _Running:
@@ -117,11 +120,12 @@ class DecodeBatcher:
         """The requests of the step under way, whose caches the batcher's thread is using."""
         self._passes: list[_Waiting] = []
         self._thread: threading.Thread | None = None
-        self._steps = self._rows = 0
+        self._steps = self._rows = self._passes_run = self._pass_steps = 0
 
     def stats(self) -> BatchStats:
         with self._cond:
-            return BatchStats(len(self._running), self._admitted, len(self._waiting), self._steps, self._rows)
+            return BatchStats(len(self._running), self._admitted, len(self._waiting), self._steps, self._rows,
+                              self._passes_run, self._pass_steps)
 
     def admit(self) -> Admission:
         """A place for one request, once one is free and the callers who asked before have theirs; raises
@@ -237,6 +241,10 @@ class DecodeBatcher:
                         waiting.error = error
                         waiting.done.set()
                     continue
+            if passes:
+                with self._cond:
+                    self._passes_run += len(passes)
+                    self._pass_steps += 1
             for waiting, result in zip(passes, results, strict=True):
                 waiting.result = result
                 waiting.done.set()

@@ -30,6 +30,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=BatchConfig().max_batch,
                         help="requests the engine decodes together, one forward pass per step (default "
                              "%(default)s; 1 turns batching off: requests run one after another)")
+    parser.add_argument("--no-batch-prefills", dest="batch_prefills", action="store_false",
+                        help="run each request's prefill passes alone between the decode steps, instead of in them "
+                             "together with the other requests' (BatchConfig.batch_prefills)")
     parser.add_argument("--max-in-flight", type=int, default=None,
                         help="requests running on the engine at once (default: --max-batch)")
     parser.add_argument("--backend", default="prophet", choices=("prophet", "hf"),
@@ -69,7 +72,7 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
         raise ProphetRAGError(f"the server needs {error.name}; run `{SERVE_INSTALL}`.") from None
     from prophet_rag.engine import ProphetEngine
 
-    batch = BatchConfig(max_batch=args.max_batch)
+    batch = BatchConfig(max_batch=args.max_batch, batch_prefills=args.batch_prefills)
     in_flight = batch.max_batch if args.max_in_flight is None else args.max_in_flight
     config = ServeConfig(api_key=read_api_key(args.api_key_file), model_name=args.served_model_name,
                          max_in_flight=in_flight, max_queue=args.max_queue,
@@ -86,7 +89,7 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
                               "need --ray; add --ray or drop them.")
     print(f"Loading model {args.model or 'embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
     # Workers beyond the engine's places wait inside it for one (first come, first served), never refused there.
-    batch = BatchConfig(max_batch=batch.max_batch, max_waiting=max(in_flight - batch.max_batch, 0))
+    batch = replace(batch, max_waiting=max(in_flight - batch.max_batch, 0))
     engine = ProphetEngine.from_pretrained(args.model, device=args.device, store=store, batch=batch,
                                            selection=SelectionConfig(method=args.method, ratio=args.ratio),
                                            generation=GenerationConfig(max_new_tokens=args.max_new_tokens),
