@@ -644,8 +644,10 @@ class ProphetEngine:
              return_logits: bool, constraint: TokenConstraint | None, special_tokens: bool,
              admission: Admission) -> Iterator[str]:
         t0 = time.perf_counter()
-        prefill = self._prefill(layout, selection, layout.total_tokens + generation.max_new_tokens)
+        # The first token's logits in the same hold of the lock as the prefill's end: a prefill whose passes ran in
+        # the batcher's steps waits in line for the lock once after its last pass, not twice.
         with self._compute, torch.inference_mode():
+            prefill = self._prefill(layout, selection, layout.total_tokens + generation.max_new_tokens)
             logits = self.adapter.logits(prefill.hidden[-1:])[0]
         first_logits = logits.clone() if return_logits else None
         ttft = time.perf_counter() - t0
