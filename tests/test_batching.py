@@ -77,6 +77,22 @@ def test_prefills_arriving_together_run_their_passes_in_shared_steps(make_engine
     assert passes >= 8 and passes > steps  # every prefill's passes went through the steps, several per step
 
 
+def test_a_request_alone_runs_its_passes_on_its_own_thread(make_engine, monkeypatch):
+    engine = make_engine("llama")
+    real, threads = batcher_module.forward_passes, []
+
+    def recorded(adapter, passes):
+        threads.append(threading.current_thread().name)
+        return real(adapter, passes)
+
+    monkeypatch.setattr(batcher_module, "forward_passes", recorded)
+    _answer(engine, 4)
+    stats = engine.batcher.stats()
+    assert stats.passes == stats.pass_steps == 2  # Stage I and the selective forward, each in a call of its own
+    assert threads[:2] == [threading.current_thread().name] * 2  # no hand-off to the batcher's thread
+    assert set(threads[2:]) == {"prophet-rag-decode"}
+
+
 def test_without_batch_prefills_no_pass_goes_through_the_steps(make_engine):
     engine = make_engine("llama", batch=BatchConfig(batch_prefills=False))
     _together(engine, 4)

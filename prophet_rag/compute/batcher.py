@@ -19,6 +19,7 @@ The compute lock grants in arrival order. A prefill holds it while it assembles 
 pass waits for the next step (`ComputeLock.released`), and the batcher asks for the lock only once it has work: the
 prefills that asked for the lock before it (requests arriving together) have all handed over their passes when the
 step starts, so their passes run together, with the decode steps, instead of one after another each stalling them.
+A pass with nothing to run with (no request decoding, no other prefill in line) runs at once on its own thread.
 A pass of one request alone is what `forward_rows` computes (`batch.forward_passes`), so batching changes no
 request's tokens. The thread runs only while some request is decoding or some pass waits, and starts again with the
 next one.
@@ -191,14 +192,22 @@ class DecodeBatcher:
 
     def run_pass(self, item: Pass) -> tuple[torch.Tensor, torch.Tensor]:
         """What `forward_rows` returns for `item`, run in the next step with the other requests' passes and decode
-        rows. Called by a prefill holding the compute lock, which it lets go until the step is done."""
+        rows. Called by a prefill holding the compute lock, which it lets go until the step is done. With no request
+    decoding and no other prefill in line for the lock, the pass runs at once on the caller's thread instead."""
         waiting = _Waiting(item)
         with self._lock:
             if item.cache.layer_ready is not None:  # its stored blocks, in place before the step (a failed read
                 item.cache.layer_ready(self._adapter.spec.num_layers - 1)  # raises here, on the request's thread)
             with self._cond:
-                self._passes.append(waiting)
-                self._start()
+                alone = self._thread is None and not self._lock.contended
+                if alone:  # nothing to batch it with, and no one in line: run here, sparing two thread hand-offs
+                    self._passes_run += 1
+                    self._pass_steps += 1
+                else:
+                    self._passes.append(waiting)
+                    self._start()
+            if alone:
+                return forward_passes(self._adapter, [item])[0]
             with self._lock.released():
                 waiting.done.wait()
         if waiting.error is not None:

@@ -68,6 +68,12 @@ class ComputeLock:
             else:
                 self._owner = None
 
+    @property
+    def contended(self) -> bool:
+        """Whether some thread waits for the lock."""
+        with self._mutex:
+            return bool(self._waiting)
+
     @contextmanager
     def released(self) -> Iterator[None]:
         """Let the lock go, however deep it is held, while this thread waits for a computation run by another (its
