@@ -10,11 +10,12 @@ later request starting with the same tokens (the next turn of a conversation) co
 follows.
 
 One engine serves many threads: requests are laid out, checked and detokenized concurrently, and their model
-computation (each prefill, each decode step, each chunk ingested) runs one at a time under the engine's compute lock
-(compute/lock.py), first come first served. Up to `BatchConfig.max_batch` requests hold a place at once; each is
-prefilled on its caller's thread, then decoded together with the others, one forward pass per step for all of them
-(continuous batching), its tokens handed to its thread through a queue, so a slow or abandoned consumer blocks
-nobody.
+computation (each prefill's assembly, each batched step, each chunk ingested) runs one at a time under the engine's
+compute lock (compute/lock.py), first come first served. Up to `BatchConfig.max_batch` requests hold a place at once;
+each is prefilled on its caller's thread, its forward passes run in the batcher's steps with those of the requests
+prefilling at the same time (`BatchConfig.batch_prefills`), then decoded together with the others, one forward pass
+per step for all of them (continuous batching), its tokens handed to its thread through a queue, so a slow or
+abandoned consumer blocks nobody.
 """
 
 from __future__ import annotations
