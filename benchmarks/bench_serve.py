@@ -6,11 +6,13 @@ plain Hugging Face `generate` behind the same server code (issue 21).
     python benchmarks/bench_serve.py --device cuda --threads 8
     python benchmarks/bench_serve.py --requests 8 --max-tokens 16 --hf-levels 1,8     # shorter, on a busy machine
 
-Three real server processes (`python -m prophet_rag.cli serve`, uvicorn, each with a temporary store and
+Real server processes (three by default; `python -m prophet_rag.cli serve`, uvicorn, each with a temporary store and
 `OMP_NUM_THREADS=--threads`), all up at once and loaded one at a time:
 
 - `batched`: the engine with continuous batching (`--max-batch`, default 16: every client's request decoded in one
-  forward pass per step);
+  forward pass per step, and the prefill passes of requests prefilling together run in those steps too);
+- `decode-only`: the same with `--no-batch-prefills`: decode steps batched, each prefill's passes run alone between
+  them (the engine before prefill batching; not run unless named in `--servers`);
 - `serial`: the same engine with batching off (`--max-batch 1`: one request at a time, the others queued);
 - `hf`: `--backend hf`, plain `model.generate` on the flattened prompt, one request at a time, no reuse.
 
@@ -50,6 +52,7 @@ import httpx
 
 SERVERS = {
     "batched": lambda args: ["--max-batch", str(args.max_batch)],
+    "decode-only": lambda args: ["--max-batch", str(args.max_batch), "--no-batch-prefills"],
     "serial": lambda args: ["--max-batch", "1"],
     "hf": lambda args: ["--backend", "hf", "--max-batch", "1"],
 }
@@ -197,7 +200,8 @@ def medians(rows: list[dict], levels: list[int], names: list[str]) -> list[dict]
             if not runs:
                 continue
             merged = {key: statistics.median(r[key] for r in runs) for key in runs[0]
-                      if key not in ("server", "clients", "requests", "round", "mean_batch", "same_as_serial")}
+                      if key not in ("server", "clients", "requests", "round", "mean_batch", "same_as_serial",
+                                     "prefills_together")}
             batches = [r["mean_batch"] for r in runs if r["mean_batch"] is not None]
             out.append({"server": name, "clients": clients, "requests": sum(r["requests"] for r in runs),
                         **merged, "mean_batch": statistics.median(batches) if batches else None,
@@ -229,6 +233,12 @@ def targets(rows: list[dict]) -> list[str]:
     if hf_one is not None:
         ratio = eight["requests_per_s"] / hf_one["requests_per_s"]
         out.append(f"batched, 8 clients / hf generate, 1 client: {ratio:.2f}x requests/s (target >= 4x)")
+    decode_only, decode_only_one = row("decode-only", 8), row("decode-only", 1)
+    if decode_only is not None and decode_only_one is not None:
+        out.append(f"decode-only (prefills not batched), 8 clients / 1 client: "
+                   f"{decode_only['requests_per_s'] / decode_only_one['requests_per_s']:.2f}x requests/s, TTFT p95 "
+                   f"{decode_only['ttft_p95_s'] / decode_only_one['ttft_p95_s']:.2f}x; batched / decode-only at 8 "
+                   f"clients: {eight['requests_per_s'] / decode_only['requests_per_s']:.2f}x requests/s")
     out.append(f"batched TTFT p95 at 8 clients / p95 at 1 client: {eight['ttft_p95_s'] / one['ttft_p95_s']:.2f}x "
                f"(target <= 2x; p95 at 8 / p50 at 1: {eight['ttft_p95_s'] / one['ttft_p50_s']:.2f}x)")
     return out
@@ -246,7 +256,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="the batched server's --max-batch")
     parser.add_argument("--hf-levels", default=None,
                         help="the levels the hf server runs (default: all; it answers one request at a time at any)")
-    parser.add_argument("--servers", default=",".join(SERVERS), help=f"a subset of {','.join(SERVERS)}")
+    parser.add_argument("--servers", default="batched,serial,hf", help=f"a subset of {','.join(SERVERS)}")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each server")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--home", default=None, help="PROPHET_RAG_HOME for the servers (where the model is)")
@@ -279,19 +289,22 @@ def main() -> None:
                 for server in order:
                     if server.name == "hf" and clients not in hf_levels:
                         continue
-                    steps, rows_before = (server.metric("prophet_rag_decode_steps_total"),
-                                          server.metric("prophet_rag_decode_rows_total"))
+                    names_ = ("decode_steps", "decode_rows", "prefill_passes", "prefill_pass_steps")
+                    before = [server.metric(f"prophet_rag_{n}_total") for n in names_]
                     sent = bodies[: max(args.requests, clients)]
                     wall, results = run_level(server, sent, clients, args.max_tokens)
-                    steps = server.metric("prophet_rag_decode_steps_total") - steps
-                    batch = (server.metric("prophet_rag_decode_rows_total") - rows_before) / steps if steps else None
+                    steps, rows_, passes, pass_steps = (server.metric(f"prophet_rag_{n}_total") - b
+                                                        for n, b in zip(names_, before, strict=True))
+                    batch = rows_ / steps if steps else None
                     rows.append(summarize(server.name, clients, wall, results, reference[server.name], batch))
                     r = rows[-1]
                     r["round"] = round_
+                    r["prefills_together"] = passes / pass_steps if pass_steps else None
                     print(f"round {round_}  {clients:>2} clients  {server.name:<8} {r['requests_per_s']:.3f} req/s  "
                           f"{r['tokens_per_s']:.2f} tok/s  TTFT p50 {r['ttft_p50_s']:.2f} p95 {r['ttft_p95_s']:.2f}  "
                           f"e2e p50 {r['e2e_p50_s']:.2f} p95 {r['e2e_p95_s']:.2f}  hits {r['hit_rate']:.2f}  "
                           f"batch {batch if batch is None else round(batch, 2)}  "
+                          f"prefills/step {r['prefills_together'] and round(r['prefills_together'], 2)}  "
                           f"same {r['same_as_serial']}/{r['requests']}", flush=True)
         finally:
             for server in servers:

@@ -120,15 +120,20 @@ class BatchConfig:
     Up to `max_batch` requests hold a place at once: each is prefilled on its caller's thread, then decoded with the
     others, one forward pass per step over all of them. Up to `max_waiting` more callers wait for a place, first come
     first served; a request beyond those raises `OverloadedError` when it starts. `max_batch=1` turns batching off:
-    requests then run one after another.
+    requests then run one after another. With `batch_prefills`, the forward passes of prefills (the question's Stage I
+    pass, the selective forward) run in the decode steps too, together with those of the other requests prefilling
+    at the same time; without it, each prefill runs its passes alone, between the steps.
     """
 
     max_batch: int = 8
     max_waiting: int = 64
+    batch_prefills: bool = True
 
     def __post_init__(self) -> None:
         _check_int("max_batch", self.max_batch, 1, " (1 turns batching off)")
         _check_int("max_waiting", self.max_waiting, 0, " (0: refuse a request when every place is taken)")
+        if not isinstance(self.batch_prefills, bool):
+            raise InvalidRequestError(f"batch_prefills must be True or False, got {self.batch_prefills!r}.")
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,12 @@ later request starting with the same tokens (the next turn of a conversation) co
 follows.
 
 One engine serves many threads: requests are laid out, checked and detokenized concurrently, and their model
-computation (each prefill, each decode step, each chunk ingested) runs one at a time under the engine's compute lock
-(compute/lock.py), first come first served. Up to `BatchConfig.max_batch` requests hold a place at once; each is
-prefilled on its caller's thread, then decoded together with the others, one forward pass per step for all of them
-(continuous batching), its tokens handed to its thread through a queue, so a slow or abandoned consumer blocks
-nobody.
+computation (each prefill's assembly, each batched step, each chunk ingested) runs one at a time under the engine's
+compute lock (compute/lock.py), first come first served. Up to `BatchConfig.max_batch` requests hold a place at once;
+each is prefilled on its caller's thread, its forward passes run in the batcher's steps with those of the requests
+prefilling at the same time (`BatchConfig.batch_prefills`), then decoded together with the others, one forward pass
+per step for all of them (continuous batching), its tokens handed to its thread through a queue, so a slow or
+abandoned consumer blocks nobody.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -38,6 +39,7 @@ from prophet_rag.cache.codec import EntryMeta
 from prophet_rag.cache.hot_cache import HotCache
 from prophet_rag.cache.prefix_cache import PrefixCache
 from prophet_rag.cache.store import KVStore, kv_storage
+from prophet_rag.compute import batch as batched
 from prophet_rag.compute.batcher import Admission, DecodeBatcher
 from prophet_rag.compute.generate import Decoding, TextAssembler
 from prophet_rag.compute.lock import ComputeLock
@@ -540,7 +542,9 @@ class ProphetEngine:
 
     @torch.inference_mode()
     def _prefill(self, layout: RequestLayout, selection: SelectionConfig, capacity: int) -> Prefill:
-        with self._compute:
+        # With batch_prefills, the passes of prefills under way together run as one, in the batcher's steps.
+        joined = batched.joined(self.batcher.run_pass) if self.batcher.config.batch_prefills else nullcontext()
+        with self._compute, joined:
             try:
                 return self._prefill_once(layout, selection, capacity, pipeline=True)
             except StaleBlocksError:
@@ -611,7 +615,7 @@ class ProphetEngine:
         t3 = time.perf_counter()
         plan = plan_recompute(self.adapter, cache, suffix_rows, selection, request)
         t4 = time.perf_counter()
-        hidden, rows = forward_rows(self.adapter, cache, plan.rows, row_filter=plan.row_filter)
+        hidden, rows = batched.forward(self.adapter, cache, plan.rows, row_filter=plan.row_filter)
         t5 = time.perf_counter()
         selected = plan.selected if plan.selected is not None else rows[rows < cache.context_end]
         # The ordering step is a method's scoring (prophet_focus's Stage I): it counts as selection.
@@ -645,8 +649,10 @@ class ProphetEngine:
              return_logits: bool, constraint: TokenConstraint | None, special_tokens: bool,
              admission: Admission) -> Iterator[str]:
         t0 = time.perf_counter()
-        prefill = self._prefill(layout, selection, layout.total_tokens + generation.max_new_tokens)
+        # The first token's logits in the same hold of the lock as the prefill's end: a prefill whose passes ran in
+        # the batcher's steps waits in line for the lock once after its last pass, not twice.
         with self._compute, torch.inference_mode():
+            prefill = self._prefill(layout, selection, layout.total_tokens + generation.max_new_tokens)
             logits = self.adapter.logits(prefill.hidden[-1:])[0]
         first_logits = logits.clone() if return_logits else None
         ttft = time.perf_counter() - t0

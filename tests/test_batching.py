@@ -13,7 +13,7 @@ import torch
 from prophet_rag.compute import batcher as batcher_module
 from prophet_rag.compute.generate import Decoding
 from prophet_rag.compute.prefill import prefill_full
-from prophet_rag.config import BatchConfig, GenerationConfig
+from prophet_rag.config import BatchConfig, GenerationConfig, SelectionConfig
 from prophet_rag.errors import InvalidRequestError, OverloadedError
 from tiny import CHUNKS, QUERY, ForcedToken
 
@@ -54,9 +54,9 @@ def _wait_until(condition, timeout: float = 60.0) -> None:
         time.sleep(0.002)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_concurrent_requests_get_the_tokens_they_get_one_by_one(make_engine, family):
-    engine = make_engine(family)
+@pytest.mark.parametrize("family, batch_prefills", [("llama", True), ("qwen2", True), ("llama", False)])
+def test_concurrent_requests_get_the_tokens_they_get_one_by_one(make_engine, family, batch_prefills):
+    engine = make_engine(family, batch=BatchConfig(batch_prefills=batch_prefills))
     serial = [_answer(engine, i).token_ids for i in range(12)]
     before = engine.batcher.stats()
     together = [answer.token_ids for answer in _together(engine, 12)]
@@ -64,6 +64,39 @@ def test_concurrent_requests_get_the_tokens_they_get_one_by_one(make_engine, fam
     after = engine.batcher.stats()
     steps, rows = after.steps - before.steps, after.rows - before.rows
     assert rows > steps  # some steps decoded several requests at once
+
+
+@pytest.mark.parametrize("method", ["prophet_focus", "prophet", "cacheblend"])
+def test_prefills_arriving_together_run_their_passes_in_shared_steps(make_engine, method):
+    engine = make_engine("llama", selection=SelectionConfig(method=method))
+    serial = [_answer(engine, i).token_ids for i in range(8)]
+    before = engine.batcher.stats()
+    assert [answer.token_ids for answer in _together(engine, 8)] == serial
+    after = engine.batcher.stats()
+    passes, steps = after.passes - before.passes, after.pass_steps - before.pass_steps
+    assert passes >= 8 and passes > steps  # every prefill's passes went through the steps, several per step
+
+
+def test_a_request_alone_runs_its_passes_on_its_own_thread(make_engine, monkeypatch):
+    engine = make_engine("llama")
+    real, threads = batcher_module.forward_passes, []
+
+    def recorded(adapter, passes):
+        threads.append(threading.current_thread().name)
+        return real(adapter, passes)
+
+    monkeypatch.setattr(batcher_module, "forward_passes", recorded)
+    _answer(engine, 4)
+    stats = engine.batcher.stats()
+    assert stats.passes == stats.pass_steps == 2  # Stage I and the selective forward, each in a call of its own
+    assert threads[:2] == [threading.current_thread().name] * 2  # no hand-off to the batcher's thread
+    assert set(threads[2:]) == {"prophet-rag-decode"}
+
+
+def test_without_batch_prefills_no_pass_goes_through_the_steps(make_engine):
+    engine = make_engine("llama", batch=BatchConfig(batch_prefills=False))
+    _together(engine, 4)
+    assert engine.batcher.stats().passes == 0 and engine.batcher.stats().steps > 0
 
 
 def test_short_requests_leave_while_long_ones_go_on(make_engine):
@@ -76,13 +109,13 @@ def test_short_requests_leave_while_long_ones_go_on(make_engine):
 
 def test_a_prefill_takes_its_turn_between_the_decode_steps_of_a_running_request(make_engine, monkeypatch):
     engine = make_engine("llama")
-    real = batcher_module.decode_step
+    real = batcher_module.forward_passes
 
     def slow(*args):  # 400 steps of the long request take >= 2 s
         time.sleep(0.005)
         return real(*args)
 
-    monkeypatch.setattr(batcher_module, "decode_step", slow)
+    monkeypatch.setattr(batcher_module, "forward_passes", slow)
     chunks, question, generation = _request(0)
     expected = engine.answer(chunks, question, generation=generation).token_ids
     long = iter(engine.stream(chunks, question, generation=GenerationConfig(max_new_tokens=400,
@@ -204,7 +237,7 @@ def test_a_failed_step_fails_its_requests_and_frees_their_places(make_engine, mo
     def broken(*args):
         raise RuntimeError("step failed")
 
-    monkeypatch.setattr(batcher_module, "decode_step", broken)
+    monkeypatch.setattr(batcher_module, "forward_passes", broken)
     with pytest.raises(RuntimeError, match="step failed"):
         _answer(engine, 2)
     _wait_until(lambda: engine.batcher.stats().admitted == 0)
@@ -235,7 +268,7 @@ def test_each_batched_request_keeps_its_own_constraint(make_engine):
 
 
 @pytest.mark.parametrize("field, value", [("max_batch", 0), ("max_batch", 1.5), ("max_waiting", -1),
-                                          ("max_waiting", True)])
+                                          ("max_waiting", True), ("batch_prefills", 1)])
 def test_batch_config_is_checked_where_it_is_built(field, value):
     with pytest.raises(InvalidRequestError, match=field):
         BatchConfig(**{field: value})

@@ -1,29 +1,110 @@
-"""One decode step of N requests in one forward pass: the step continuous batching repeats.
+"""Forward passes of several requests as one: the step continuous batching repeats, and prefills joined to it.
 
-Request i has its own `StitchedCache` `caches[i]` (its own length, positions and capacity) and its last token
-`tokens[i]`. The step appends each token to its request's cache, then runs every layer once for all N rows:
+A pass is `stitched.forward_rows` for one request: rows (slot indices) of its own `StitchedCache` recomputed through
+the layers, with its own scoring (ProphetKV's Stage I), row filter and last layer. `forward_passes` runs N requests'
+passes layer by layer together:
 
-- embedding, norms, the Q/K/V, O and MLP projections and the LM head over hidden `[N, hidden]` (q `[N, Hq, D]`,
-  k and v `[N, Hkv, D]`): the weights are read once per step instead of once per request, which is what a decode
-  step on its own is bound by;
-- each row's fresh K/V written into its own cache at its new slot, and attention per request: row i over its cache's
-  first `length` slots (`[length, Hkv, D]`, exact position mask), with `kernels.sparse_attention` as
-  `stitched.forward_rows` runs it for one request.
+- embedding, norms, the Q/K/V, O and MLP projections and the LM head over the rows of all of them stacked
+  (`[sum R_i, hidden]`): the weights are read once per layer instead of once per request, which is what a pass of
+  a few rows (a decode step's one row, a question's twenty, a selective forward's sixty) is bound by;
+- per request, as `forward_rows` does it: its fresh K/V written into its own cache, its row filter, its scoring, and
+  attention over its own cache's first `length` slots (exact position mask, `kernels.sparse_attention`).
 
-So a row's attention is what `generate.decode_one` computes for that request alone, and its projections are the
-same products over a taller matrix. `benchmarks/spike_batched_decode.py` measured this step at N=8 against eight
-one-row steps on the embedded SmolLM2-135M (CPU, 2 threads): 3.6-4.2x the tokens per second, the same greedy tokens.
+So a row's attention is what `forward_rows` computes for that request alone, and its projections are the same
+products over a taller matrix. `decode_step` is the case of one appended token per request.
+`benchmarks/spike_batched_decode.py` measured that step at N=8 against eight one-row steps on the embedded
+SmolLM2-135M (CPU, 2 threads): 3.6-4.2x the tokens per second, the same greedy tokens.
+
+`forward` is what a request's prefill calls for its passes: plain `forward_rows`, or, while the request's thread
+has joined a batcher (`joined`), the batcher runs the pass together with the other requests' passes and decode rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 
 from prophet_rag.compute.model_adapter import ModelAdapter
-from prophet_rag.compute.stitched import StitchedCache
-from prophet_rag.kernels import attention_plan, sparse_attention
+from prophet_rag.compute.stitched import RowFilter, Scoring, StitchedCache, forward_rows
+from prophet_rag.kernels import attention_plan, sparse_attention, stage1_attention
+
+
+@dataclass
+class Pass:
+    """`forward_rows(adapter, cache, rows, scoring=..., row_filter=..., last_layer=...)` of one request."""
+
+    cache: StitchedCache
+    rows: torch.Tensor
+    scoring: Scoring | None = None
+    row_filter: tuple[int, RowFilter] | None = None
+    last_layer: int | None = None
+
+
+class _Rows:
+    """A pass under way: its rows still recomputed, their positions and attention plan."""
+
+    def __init__(self, adapter: ModelAdapter, index: int, item: Pass, group: int, dtype: torch.dtype) -> None:
+        self.index, self.item, self.group, self.dtype = index, item, group, dtype
+        self.n = item.cache.length
+        self.positions = item.cache.positions[: self.n]
+        self.stop = adapter.spec.num_layers - 1 if item.last_layer is None else item.last_layer
+        self.rows = item.rows
+        self.row_pos = self.positions[self.rows]
+        self.plan = attention_plan(self.row_pos, self.positions, dtype, group)
+
+    def keep(self, keep: torch.Tensor) -> None:
+        self.rows, self.row_pos = self.rows[keep], self.row_pos[keep]
+        self.plan = attention_plan(self.row_pos, self.positions, self.dtype, self.group)
+
+
+@torch.inference_mode()
+def forward_passes(adapter: ModelAdapter, passes: Sequence[Pass]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run every pass; for each, what `forward_rows` returns for it alone: the final hidden states of the rows still
+    recomputed at its end (its `last_layer`'s output) and those rows."""
+    assert passes, "at least one pass"
+    group = adapter.spec.num_heads // adapter.spec.num_kv_heads
+    hidden = adapter.embed(torch.cat([p.cache.token_ids[p.rows] for p in passes]))
+    live = [_Rows(adapter, i, p, group, hidden.dtype) for i, p in enumerate(passes)]
+    # Positions are the same in every layer: RoPE tables change only when a pass's rows do.
+    rope = adapter.rope_tables(torch.cat([r.row_pos for r in live]), hidden.dtype)
+    results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(passes)
+    for layer in range(max(r.stop for r in live) + 1):
+        q, k, v = adapter.qkv(layer, hidden, rope)
+        sizes = [int(r.rows.numel()) for r in live]
+        kept_hidden, outs, changed = [], [], False
+        for r, h, q_r, k_r, v_r in zip(live, *(t.split(sizes) for t in (hidden, q, k, v)), strict=True):
+            cache, item = r.item.cache, r.item
+            if cache.layer_ready is not None:
+                cache.layer_ready(layer)
+            rows = r.rows
+            if item.row_filter is not None and item.row_filter[0] == layer:
+                keep = item.row_filter[1](layer, rows, k_r, v_r)
+                h, q_r, changed = h[keep], q_r[keep], True
+                r.keep(keep)
+            cache.kv[layer, 0, rows], cache.kv[layer, 1, rows] = k_r, v_r
+            keys_k, keys_v = cache.kv[layer, 0, : r.n], cache.kv[layer, 1, : r.n]
+            if item.scoring is not None and layer in item.scoring.layers:
+                s = item.scoring
+                outs.append(stage1_attention(q_r, keys_k, keys_v, r.row_pos, r.positions, adapter.scale,
+                                             s.context_end, s.prophet, s.norm, s.bounds, r.plan))
+            else:
+                outs.append(sparse_attention(q_r, keys_k, keys_v, r.row_pos, r.positions, adapter.scale, r.plan))
+            kept_hidden.append(h)
+        hidden = adapter.finish_layer(layer, torch.cat(kept_hidden), torch.cat(outs))
+        ending = [i for i, r in enumerate(live) if r.stop == layer]
+        if ending or changed:
+            parts = hidden.split([int(r.rows.numel()) for r in live])
+            for i in ending:
+                results[live[i].index] = (parts[i], live[i].rows)
+            staying = [i for i, r in enumerate(live) if r.stop != layer]
+            live, hidden = [live[i] for i in staying], torch.cat([parts[i] for i in staying]) if staying else hidden
+            if live:
+                rope = adapter.rope_tables(torch.cat([r.row_pos for r in live]), hidden.dtype)
+    return results
 
 
 @torch.inference_mode()
@@ -32,23 +113,32 @@ def decode_step(adapter: ModelAdapter, caches: Sequence[StitchedCache], tokens: 
     being request i's next-token logits."""
     assert len(caches) == len(tokens) and caches, "one token per cache, at least one request"
     ids = torch.tensor(list(tokens), device=adapter.device)
-    slots = [cache.append_tokens(ids[i : i + 1]) for i, cache in enumerate(caches)]
-    row_pos = [cache.positions[slot] for cache, slot in zip(caches, slots, strict=True)]
-    hidden = adapter.embed(ids)
-    rope = adapter.rope_tables(torch.cat(row_pos), hidden.dtype)
-    group = adapter.spec.num_heads // adapter.spec.num_kv_heads
-    # Each request's keys and positions are the same in every layer: its attention plan is worked out once.
-    plans = [attention_plan(pos, cache.positions[: cache.length], hidden.dtype, group)
-             for cache, pos in zip(caches, row_pos, strict=True)]
-    for layer in range(adapter.spec.num_layers):
-        q, k, v = adapter.qkv(layer, hidden, rope)
-        outs = []
-        for i, cache in enumerate(caches):
-            if cache.layer_ready is not None:
-                cache.layer_ready(layer)
-            cache.kv[layer, 0, slots[i]], cache.kv[layer, 1, slots[i]] = k[i : i + 1], v[i : i + 1]
-            n = cache.length
-            outs.append(sparse_attention(q[i : i + 1], cache.kv[layer, 0, :n], cache.kv[layer, 1, :n], row_pos[i],
-                                         cache.positions[:n], adapter.scale, plans[i]))
-        hidden = adapter.finish_layer(layer, hidden, torch.cat(outs))
-    return adapter.logits(hidden)
+    passes = [Pass(cache, cache.append_tokens(ids[i : i + 1])) for i, cache in enumerate(caches)]
+    return adapter.logits(torch.cat([hidden for hidden, _ in forward_passes(adapter, passes)]))
+
+
+RunPass = Callable[[Pass], tuple[torch.Tensor, torch.Tensor]]
+
+_runner: ContextVar[RunPass | None] = ContextVar("prophet_rag_pass_runner", default=None)
+"""The batcher this thread's request has joined (`joined`), if any."""
+
+
+def forward(adapter: ModelAdapter, cache: StitchedCache, rows: torch.Tensor, *, scoring: Scoring | None = None,
+            row_filter: tuple[int, RowFilter] | None = None,
+            last_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`forward_rows(adapter, cache, rows, ...)`, run by the batcher this thread has joined, if any, together with
+    other requests' passes."""
+    run = _runner.get()
+    if run is None:
+        return forward_rows(adapter, cache, rows, scoring=scoring, row_filter=row_filter, last_layer=last_layer)
+    return run(Pass(cache, rows, scoring, row_filter, last_layer))
+
+
+@contextmanager
+def joined(run: RunPass) -> Iterator[None]:
+    """Within it, this thread's `forward` calls go to `run` (a batcher's `run_pass`)."""
+    token = _runner.set(run)
+    try:
+        yield
+    finally:
+        _runner.reset(token)

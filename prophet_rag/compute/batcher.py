@@ -1,11 +1,13 @@
-"""Continuous batching: the decode steps of every running request run as one forward pass per step.
+"""Continuous batching: every running request's decode step, and the passes of the prefills waiting for one, run as
+one forward pass per step.
 
 A request first takes a place (`DecodeBatcher.admit`): at most `max_batch` requests hold one, so at most that many
 stitched caches are alive; up to `max_waiting` more callers wait for one, first come first served, and a request
 beyond those raises `OverloadedError`. Holding its place, the request is prefilled on its caller's thread and
 chooses its first token there (no forward pass is needed for it); then `Admission.decode` hands it to the batcher.
 
-The batcher's thread runs `batch.decode_step` over every running request, under the engine's compute lock, and
+The batcher's thread runs `batch.forward_passes` over every running request's next token and every pass a prefill
+has handed it (`run_pass`: the question's Stage I pass, the selective forward), under the engine's compute lock, and
 chooses each request's next token with that request's own `generate.Decoding` (`next_token`: its generator, its
 constraint), outside the lock. Tokens reach the request's thread through a queue of its own, so a slow consumer
 holds up no one. Requests join after their prefill and leave between steps: at an EOS id, at their token budget,
@@ -13,9 +15,14 @@ when their constraint allows nothing more, or when their consumer closes the tok
 dropped, or stopped by a stop string), which the batcher sees before its next step. A place is given back once the
 request has left the batch and its thread has let it go, so no more than `max_batch` caches are ever in use.
 
-The compute lock grants in arrival order, so other requests' prefills take turns with decode steps: a prefill waits
-for at most the step under way, and a step waits for the prefills that asked before it. The thread runs only while
-some request is decoding, and starts again with the next one.
+The compute lock grants in arrival order. A prefill holds it while it assembles its cache, then lets it go while its
+pass waits for the next step (`ComputeLock.released`), and the batcher asks for the lock only once it has work: the
+prefills that asked for the lock before it (requests arriving together) have all handed over their passes when the
+step starts, so their passes run together, with the decode steps, instead of one after another each stalling them.
+A pass with nothing to run with (no request decoding, no other prefill in line) runs at once on its own thread.
+A pass of one request alone is what `forward_rows` computes (`batch.forward_passes`), so batching changes no
+request's tokens. The thread runs only while some request is decoding or some pass waits, and starts again with the
+next one.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prophet_rag.compute.batch import decode_step
+from prophet_rag.compute.batch import Pass, forward_passes
 from prophet_rag.compute.generate import Decoding
 from prophet_rag.compute.lock import ComputeLock
 from prophet_rag.compute.model_adapter import ModelAdapter
@@ -46,14 +53,17 @@ _END = object()
 @dataclass(frozen=True)
 class BatchStats:
     """What the batcher has done since it was built: `running` requests in the batch now, `admitted` holding a
-    place, `waiting` for one; `steps` forward passes run and `rows` request-steps in them (`rows / steps` is the
-    mean batch size)."""
+    place, `waiting` for one; `steps` decode steps run and `rows` request-steps in them (`rows / steps` is the mean
+    decode batch); `passes` prefill passes run in `pass_steps` steps (`passes / pass_steps` is how many ran
+    together)."""
 
     running: int
     admitted: int
     waiting: int
     steps: int
     rows: int
+    passes: int = 0
+    pass_steps: int = 0
 
 
 class _Running:
@@ -65,6 +75,16 @@ class _Running:
         self.cancelled = False
         """Set by the request's thread when it stops reading: the request leaves at once between steps, or after
         the step under way."""
+
+
+class _Waiting:
+    """A prefill's pass waiting for the next step, and then its result or error."""
+
+    def __init__(self, item: Pass) -> None:
+        self.item = item
+        self.done = threading.Event()
+        self.result: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.error: BaseException | None = None
 
 
 class Admission:
@@ -99,12 +119,14 @@ class DecodeBatcher:
         self._running: list[_Running] = []
         self._stepping: list[_Running] = []
         """The requests of the step under way, whose caches the batcher's thread is using."""
+        self._passes: list[_Waiting] = []
         self._thread: threading.Thread | None = None
-        self._steps = self._rows = 0
+        self._steps = self._rows = self._passes_run = self._pass_steps = 0
 
     def stats(self) -> BatchStats:
         with self._cond:
-            return BatchStats(len(self._running), self._admitted, len(self._waiting), self._steps, self._rows)
+            return BatchStats(len(self._running), self._admitted, len(self._waiting), self._steps, self._rows,
+                              self._passes_run, self._pass_steps)
 
     def admit(self) -> Admission:
         """A place for one request, once one is free and the callers who asked before have theirs; raises
@@ -155,9 +177,7 @@ class DecodeBatcher:
         with self._cond:
             admission._holders += 1
             self._running.append(request)  # its next token comes from the next step
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="prophet-rag-decode", daemon=True)
-                self._thread.start()
+            self._start()
         try:
             yield token
             while (item := request.out.get()) is not _END:
@@ -170,51 +190,114 @@ class DecodeBatcher:
                 if request in self._running and request not in self._stepping:
                     self._leave(request)  # between steps: its place is free at once
 
+    def run_pass(self, item: Pass) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `forward_rows` returns for `item`, run in the next step with the other requests' passes and decode
+        rows. Called by a prefill holding the compute lock, which it lets go until the step is done. With no request
+    decoding and no other prefill in line for the lock, the pass runs at once on the caller's thread instead."""
+        waiting = _Waiting(item)
+        with self._lock:
+            if item.cache.layer_ready is not None:  # its stored blocks, in place before the step (a failed read
+                item.cache.layer_ready(self._adapter.spec.num_layers - 1)  # raises here, on the request's thread)
+            with self._cond:
+                alone = self._thread is None and not self._lock.contended
+                if alone:  # nothing to batch it with, and no one in line: run here, sparing two thread hand-offs
+                    self._passes_run += 1
+                    self._pass_steps += 1
+                else:
+                    self._passes.append(waiting)
+                    self._start()
+            if alone:
+                return forward_passes(self._adapter, [item])[0]
+            with self._lock.released():
+                waiting.done.wait()
+        if waiting.error is not None:
+            raise waiting.error
+        assert waiting.result is not None
+        return waiting.result
+
+    def _start(self) -> None:
+        """Under `_cond`: the batcher's thread runs, now that it has work."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="prophet-rag-decode", daemon=True)
+            self._thread.start()
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                for request in [r for r in self._running if r.cancelled]:
-                    self._leave(request)  # it stopped reading during the last step
-                if not self._running:
+                if not self._running and not self._passes:
                     self._thread = None
                     return
-                batch = self._stepping = list(self._running)
-            try:
-                with self._lock:
-                    logits = decode_step(self._adapter, [r.cache for r in batch], [r.token for r in batch])
-            except Exception as error:  # every request of the failed step gets the error; the batcher goes on
-                log.exception("a batched decode step failed")
+            with self._lock:
+                # The step's requests and passes are taken once the lock is held: the prefills that were in line
+                # before it have handed over their passes by now.
                 with self._cond:
-                    self._stepping = []
-                    for request in batch:
-                        request.out.put(error)
-                        self._leave(request)
-                continue
-            delivered, finished = [], []
-            for request, row in zip(batch, logits, strict=True):
-                try:
-                    token = request.state.take(row)
-                except Exception as error:  # this request's constraint failed: it alone ends
-                    delivered.append((request, [error]))
-                    finished.append(request)
+                    for request in [r for r in self._running if r.cancelled]:
+                        self._leave(request)  # it stopped reading during the last step
+                    batch = self._stepping = list(self._running)
+                    passes, self._passes = self._passes, []
+                if not batch and not passes:
                     continue
-                if token is not None:
-                    request.token = token
-                ends = token is None or request.state.finished
-                delivered.append((request, [item for item in (token, _END if ends else None) if item is not None]))
-                if ends:
-                    finished.append(request)
-            with self._cond:
-                self._steps += 1
-                self._rows += len(batch)
-                self._stepping = []
-                for request in finished:
-                    self._leave(request)
-            # After the finished requests have left: a caller that has its last token and starts another request at
-            # once finds the place free.
-            for request, items in delivered:
-                for item in items:
-                    request.out.put(item)
+                try:
+                    logits, results = self._step(batch, passes)
+                except Exception as error:  # every request and pass of the failed step gets the error
+                    log.exception("a batched step failed")
+                    with self._cond:
+                        self._stepping = []
+                        for request in batch:
+                            request.out.put(error)
+                            self._leave(request)
+                    for waiting in passes:
+                        waiting.error = error
+                        waiting.done.set()
+                    continue
+            if passes:
+                with self._cond:
+                    self._passes_run += len(passes)
+                    self._pass_steps += 1
+            for waiting, result in zip(passes, results, strict=True):
+                waiting.result = result
+                waiting.done.set()
+            self._deliver(batch, logits)
+
+    @torch.inference_mode()
+    def _step(self, batch: list[_Running], passes: list[_Waiting]):
+        """One forward pass: each running request's next token appended and run, and each waiting pass; the
+        requests' `[N, vocab]` logits (None without requests) and the passes' results."""
+        steps = [Pass(r.cache, r.cache.append_tokens(torch.tensor([r.token], device=self._adapter.device)))
+                 for r in batch]
+        out = forward_passes(self._adapter, steps + [w.item for w in passes])
+        logits = self._adapter.logits(torch.cat([hidden for hidden, _ in out[: len(batch)]])) if batch else None
+        return logits, out[len(batch):]
+
+    def _deliver(self, batch: list[_Running], logits: torch.Tensor | None) -> None:
+        """Each request's next token from its row of `logits`, handed to its thread; finished requests leave."""
+        if not batch:
+            return
+        delivered, finished = [], []
+        for request, row in zip(batch, logits, strict=True):
+            try:
+                token = request.state.take(row)
+            except Exception as error:  # this request's constraint failed: it alone ends
+                delivered.append((request, [error]))
+                finished.append(request)
+                continue
+            if token is not None:
+                request.token = token
+            ends = token is None or request.state.finished
+            delivered.append((request, [item for item in (token, _END if ends else None) if item is not None]))
+            if ends:
+                finished.append(request)
+        with self._cond:
+            self._steps += 1
+            self._rows += len(batch)
+            self._stepping = []
+            for request in finished:
+                self._leave(request)
+        # After the finished requests have left: a caller that has its last token and starts another request at
+        # once finds the place free.
+        for request, items in delivered:
+            for item in items:
+                request.out.put(item)
 
     def _leave(self, request: _Running) -> None:
         """Under `_cond`: take `request` out of the batch and let its place go."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class ComputeLock:
@@ -65,3 +67,23 @@ class ComputeLock:
                 gate.release()
             else:
                 self._owner = None
+
+    @property
+    def contended(self) -> bool:
+        """Whether some thread waits for the lock."""
+        with self._mutex:
+            return bool(self._waiting)
+
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        """Let the lock go, however deep it is held, while this thread waits for a computation run by another (its
+        pass in a batched step); on leaving, wait in line for it again and hold it as deep as before."""
+        with self._mutex:
+            assert self._owner == threading.get_ident(), "released() by a thread that does not hold the lock"
+            depth, self._depth = self._depth, 1
+        self.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            self.__enter__()
+            self._depth = depth  # only the owner changes its depth

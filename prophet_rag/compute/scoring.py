@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from prophet_rag.compute import batch
 from prophet_rag.compute.model_adapter import ModelAdapter
-from prophet_rag.compute.stitched import Scoring, StitchedCache, forward_rows
+from prophet_rag.compute.stitched import Scoring, StitchedCache
 
 
 def query_relevance(
@@ -25,5 +26,6 @@ def query_relevance(
     scores = torch.zeros(end, dtype=torch.float32, device=cache.kv.device)
     wanted = frozenset(range(adapter.spec.num_layers) if layers is None else layers)
     prophet, norm = (scores, None) if kind == "prophet" else (None, scores)
-    forward_rows(adapter, cache, suffix_rows, scoring=Scoring(wanted, prophet, norm, end), last_layer=max(wanted))
+    # Through `batch.forward`: with the other requests' passes, when the request's prefill has joined a batcher.
+    batch.forward(adapter, cache, suffix_rows, scoring=Scoring(wanted, prophet, norm, end), last_layer=max(wanted))
     return scores[cache.prefix_len :]

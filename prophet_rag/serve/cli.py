@@ -32,6 +32,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=BatchConfig().max_batch,
                         help="requests the engine decodes together, one forward pass per step (default "
                              "%(default)s; 1 turns batching off: requests run one after another)")
+    parser.add_argument("--no-batch-prefills", dest="batch_prefills", action="store_false",
+                        help="run each request's prefill passes alone between the decode steps, instead of in them "
+                             "together with the other requests' (BatchConfig.batch_prefills)")
     parser.add_argument("--max-in-flight", type=int, default=None,
                         help="requests running on the engine at once (default: --max-batch)")
     parser.add_argument("--backend", default="prophet", choices=("prophet", "hf"),
@@ -75,7 +78,7 @@ def engine_options(args: argparse.Namespace, config: ServeConfig) -> dict[str, A
     """`ProphetEngine.from_pretrained`'s configs from the command's options: the same for one server and for every
     replica. Workers beyond the engine's batch wait inside it for a place (first come, first served), never refused
     there."""
-    batch = BatchConfig(max_batch=args.max_batch)
+    batch = BatchConfig(max_batch=args.max_batch, batch_prefills=args.batch_prefills)
     return {"batch": replace(batch, max_waiting=max(config.max_in_flight - batch.max_batch, 0)),
             "selection": SelectionConfig(method=args.method, ratio=args.ratio),
             "generation": GenerationConfig(max_new_tokens=args.max_new_tokens),

@@ -4,7 +4,8 @@ Per request: counts by endpoint and HTTP status (499: the client went away first
 client sees it (queue wait included) and end to end, queue wait, and the token counts of `usage` (prompt, cached,
 recomputed, completion). Read at scrape time: queue depth, requests in flight, every cache tier's hits and misses
 (`engine.cache.stats()`, since the process started), and the decode batch (`engine.batcher.stats()`: requests in
-it now, steps and rows so far, whose ratio is the mean batch size).
+it now, steps and rows so far, whose ratio is the mean batch size; prefill passes and the steps they ran in, whose
+ratio is how many prefills ran together).
 """
 
 from __future__ import annotations
@@ -51,9 +52,13 @@ class _BatchCollector:
         rows = CounterMetricFamily("prophet_rag_decode_rows", "Request-steps decoded; rows / steps is the mean "
                                    "batch size.")
         rows.add_metric([], stats.rows)
-        yield size
-        yield steps
-        yield rows
+        passes = CounterMetricFamily("prophet_rag_prefill_passes", "Prefill passes (Stage I, selective forward) run "
+                                     "in the batched steps.")
+        passes.add_metric([], stats.passes)
+        pass_steps = CounterMetricFamily("prophet_rag_prefill_pass_steps", "Batched steps that ran prefill passes; "
+                                         "passes / pass_steps is how many ran together.")
+        pass_steps.add_metric([], stats.pass_steps)
+        yield from (size, steps, rows, passes, pass_steps)
 
 
 class Metrics:

@@ -1,13 +1,16 @@
-"""The batched decode step: N requests' caches advanced in one pass, each row as its request's own step."""
+"""Batched passes: N requests' decode steps and prefill passes run as one, each request's rows as its own pass."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
-from prophet_rag.compute.batch import decode_step
+from prophet_rag.compute.batch import Pass, decode_step, forward, forward_passes, joined
 from prophet_rag.compute.generate import decode_one
 from prophet_rag.compute.prefill import prefill_full
+from prophet_rag.compute.stitched import Scoring, forward_rows
 from tiny import CHUNKS, QUERY
 
 QUESTIONS = (QUERY, "Which city is the capital of France?", "What jumps over the lazy dog?")
@@ -63,3 +66,98 @@ def test_greedy_tokens_of_batched_steps_equal_serial_decoding(make_engine):
         for seq, row in zip(seqs, logits, strict=True):
             seq.append(int(torch.argmax(row)))
     assert seqs == serial
+
+
+def _stitched(engine, chunks, query: str, order):
+    """A request's stitched cache, blocks placed, with its suffix appended: (cache, suffix slots)."""
+    layout = engine.builder.layout(chunks, query)
+    cache, _ = engine._assemble(layout, order, layout.total_tokens + 2)
+    return cache, cache.append_tokens(layout.suffix_ids)
+
+
+def _clone(cache):
+    return replace(cache, kv=cache.kv.clone(), token_ids=cache.token_ids.clone(), positions=cache.positions.clone())
+
+
+def _keep_half_of_the_context(context_rows: int):
+    """A row filter keeping every other of the first `context_rows` rows and all the others (the suffix, whose K/V
+    no tier holds), as CacheBlend's keeps the suffix."""
+    def keep(layer, rows, k, v):
+        return torch.cat([torch.arange(0, context_rows, 2), torch.arange(context_rows, rows.numel())])
+    return keep
+
+
+def _passes(engine):
+    """Three requests' passes of the three kinds a prefill runs: Stage I scoring up to a middle layer, a selective
+    forward with a row filter, a selective forward over chosen context rows and the suffix (a 3-layer model)."""
+    out = []
+    for i, (question, order) in enumerate(zip(QUESTIONS, ([1, 0], [0, 2, 1], [0]), strict=True)):
+        cache, suffix = _stitched(engine, CHUNKS[: len(order)], question, order)
+        if i == 0:
+            scores = torch.zeros(cache.context_end)
+            item = Pass(cache, suffix, scoring=Scoring(frozenset({0, 1}), scores, None, cache.context_end),
+                        last_layer=1)
+        elif i == 1:
+            context = cache.eligible_slots()[::3]
+            item = Pass(cache, torch.cat([context, suffix]), row_filter=(1, _keep_half_of_the_context(len(context))))
+        else:
+            item = Pass(cache, torch.cat([cache.eligible_slots()[:5], suffix]))
+        out.append(item)
+    return out
+
+
+def _alone(engine, item):
+    return forward_rows(engine.adapter, item.cache, item.rows, scoring=item.scoring, row_filter=item.row_filter,
+                        last_layer=item.last_layer)
+
+
+def test_passes_run_together_give_each_request_what_it_gets_alone(make_engine):
+    engine = make_engine("llama", model_overrides=dict(num_hidden_layers=3))
+    alone_passes, together_passes = _passes(engine), _passes(engine)
+    alone = [_alone(engine, item) for item in alone_passes]
+    together = forward_passes(engine.adapter, together_passes)
+    for (hidden, rows), (expected_hidden, expected_rows) in zip(together, alone, strict=True):
+        assert torch.equal(rows, expected_rows)
+        torch.testing.assert_close(hidden, expected_hidden, atol=1e-5, rtol=1e-5)
+    for mine, theirs in zip(together_passes, alone_passes, strict=True):  # the K/V each pass wrote (a scoring pass
+        last, n = (mine.last_layer or 2) + 1, mine.cache.length  # writes none past its last layer)
+        torch.testing.assert_close(mine.cache.kv[:last, :, :n], theirs.cache.kv[:last, :, :n], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together_passes[0].scoring.prophet, alone_passes[0].scoring.prophet)
+    assert together_passes[0].scoring.prophet.abs().sum() > 0  # the scoring pass scored
+
+
+def test_a_row_filter_keeps_its_rows_and_the_other_passes_all_theirs(make_engine):
+    engine = make_engine("llama", model_overrides=dict(num_hidden_layers=3))
+    passes = _passes(engine)
+    started = [int(item.rows.numel()) for item in passes]
+    suffix = int(passes[1].rows.numel()) - int(passes[1].cache.eligible_slots()[::3].numel())
+    results = forward_passes(engine.adapter, passes)
+    kept = [int(rows.numel()) for _, rows in results]
+    assert kept == [started[0], (started[1] - suffix + 1) // 2 + suffix, started[2]]
+    assert [int(hidden.shape[0]) for hidden, _ in results] == kept
+
+
+def test_one_pass_alone_is_exactly_forward_rows(make_engine):
+    engine = make_engine("mistral", model_overrides=dict(num_hidden_layers=3))
+    item, copy = _passes(engine)[1], _passes(engine)[1]
+    (hidden, rows), = forward_passes(engine.adapter, [item])
+    expected, expected_rows = _alone(engine, copy)
+    assert torch.equal(hidden, expected) and torch.equal(rows, expected_rows)
+    n = item.cache.length
+    assert torch.equal(item.cache.kv[:, :, :n], copy.cache.kv[:, :, :n])
+
+
+def test_forward_runs_a_pass_through_the_batcher_a_thread_has_joined(make_engine):
+    engine = make_engine("llama")
+    item = _passes(engine)[2]
+    seen = []
+
+    def run(p):
+        seen.append(p)
+        return "ran"
+
+    with joined(run):
+        assert forward(engine.adapter, item.cache, item.rows) == "ran"
+    assert len(seen) == 1 and seen[0].cache is item.cache and torch.equal(seen[0].rows, item.rows)
+    hidden, _ = forward(engine.adapter, item.cache, item.rows)  # left: forward_rows again
+    assert hidden.shape[0] == item.rows.numel()

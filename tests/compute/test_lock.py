@@ -112,3 +112,25 @@ def test_a_waiter_interrupted_while_waiting_gives_its_place_up():
     taken.start()
     taken.join(timeout=30)
     assert not taken.is_alive()
+
+
+def test_released_lets_the_next_waiter_in_and_gives_the_lock_back_as_deep_as_it_was():
+    lock, order = ComputeLock(), []
+
+    def other():
+        with lock:
+            order.append("other")
+
+    with lock, lock:  # held twice
+        thread = threading.Thread(target=other)
+        thread.start()
+        _wait_until(lambda: len(lock._waiting) == 1)
+        with lock.released():
+            thread.join(30)  # the waiter got the lock while it was let go
+        assert order == ["other"] and lock._owner == threading.get_ident() and lock._depth == 2
+    assert lock._owner is None
+
+
+def test_released_by_a_thread_that_does_not_hold_the_lock_is_refused():
+    with pytest.raises(AssertionError, match="does not hold"), ComputeLock().released():
+        pass

@@ -208,7 +208,7 @@ def test_metrics_count_requests_tokens_and_tier_hits(served, client):
     assert served.metric("prophet_rag_queue_depth") == 0 and served.metric("prophet_rag_requests_in_flight") == 0
 
 
-def test_concurrent_clients_get_their_serial_answers_in_shared_decode_steps(served, client):
+def test_concurrent_clients_get_their_serial_answers_in_shared_steps(served, client):
     questions = (QUERY, "Which city is the capital of France?", "What jumps over the dog?", "Who is Beta?")
     asks = [dict(model="tiny", messages=[{"role": "user", "content": questions[i % 4]}], max_tokens=4 + i % 5,
                  extra_body={"documents": list(CHUNKS[: 1 + i % 3])}, temperature=0) for i in range(8)]
@@ -218,8 +218,10 @@ def test_concurrent_clients_get_their_serial_answers_in_shared_decode_steps(serv
 
     serial = [ask(kwargs) for kwargs in asks]
     steps = served.metric("prophet_rag_decode_steps_total")
+    passes = served.metric("prophet_rag_prefill_passes_total")
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(ask, asks)) == serial
     assert served.metric("prophet_rag_decode_steps_total") > steps
+    assert served.metric("prophet_rag_prefill_passes_total") >= passes + 8  # the prefills ran in the steps
     assert served.metric("prophet_rag_decode_rows_total") >= served.metric("prophet_rag_decode_steps_total")
     assert served.metric("prophet_rag_decode_batch_size") == 0  # every request has left the batch
