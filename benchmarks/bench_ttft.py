@@ -22,6 +22,7 @@ import torch
 
 from prophet_rag import GenerationConfig, ProphetEngine, RequestStats, SelectionConfig, StoreConfig
 
+QUERY = "Which clerk kept the keys to archive room 121?"
 _SENTENCES = (
     "The committee met on a grey morning to review the harbour accounts and the ledger of ship repairs.",
     "Several merchants argued that the tariff on imported timber had slowed the building of new warehouses.",
@@ -31,7 +32,6 @@ _SENTENCES = (
 )
 _NAMES = ("Ada", "Bram", "Cora", "Dax", "Elin", "Finn", "Greta", "Hugo", "Ines", "Jonas")
 BASELINES = ("hf", "hf_last")
-QUERY = "Which clerk kept the keys to archive room 121?"
 
 
 def make_documents(tokenizer, total_tokens: int, doc_tokens: int) -> list[str]:
