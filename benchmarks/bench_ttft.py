@@ -22,8 +22,9 @@ import time
 
 import torch
 
-from prophet_rag import GenerationConfig, ProphetEngine, SelectionConfig, StoreConfig
+from prophet_rag import GenerationConfig, ProphetEngine, RequestStats, SelectionConfig, StoreConfig
 
+QUERY = "Which clerk kept the keys to archive room 121?"
 _SENTENCES = (
     "The committee met on a grey morning to review the harbour accounts and the ledger of ship repairs.",
     "Several merchants argued that the tariff on imported timber had slowed the building of new warehouses.",
@@ -86,6 +87,16 @@ def _hf_prefill(model, ids: torch.Tensor, last_only: bool) -> float:
         return time.perf_counter() - start
 
 
+def run_method(engine: ProphetEngine, method: str, docs: list[str], query: str, ids: torch.Tensor,
+               ratio: float) -> tuple[float, RequestStats | None]:
+    """One run of `method` for one token: a Hugging Face baseline on `ids` (no engine stats) or the engine's answer."""
+    if method in BASELINES:
+        return _hf_prefill(engine.adapter.model, ids, method == "hf_last"), None
+    answer = engine.answer(docs, query, selection=SelectionConfig(method=method, ratio=ratio),
+                           generation=GenerationConfig(max_new_tokens=1))
+    return answer.stats.ttft_s, answer.stats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (default: embedded SmolLM2-135M-Instruct)")
@@ -119,17 +130,12 @@ def main() -> None:
         else:
             engine = ProphetEngine.from_pretrained(args.model, device=args.device, store=store, hot_cache_bytes=hot)
         docs = make_documents(engine.tokenizer, args.tokens, args.doc_tokens)
-        query = "Which clerk kept the keys to archive room 121?"
+        query = QUERY
         engine.ingest(docs)
         ids = engine.builder.layout(docs, query).joined_ids()[None].to(args.device)
-        generation = GenerationConfig(max_new_tokens=1)
         # Warm-up: one run of each, untimed (allocator, kernel selection, page cache).
         for method in methods:
-            if method in BASELINES:
-                _hf_prefill(engine.adapter.model, ids, method == "hf_last")
-            else:
-                engine.answer(docs, query, selection=SelectionConfig(method=method, ratio=args.ratio),
-                              generation=generation)
+            run_method(engine, method, docs, query, ids, args.ratio)
         cpu = f"CPU, {torch.get_num_threads()} threads"
         device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
         tier = f"in-memory tier {args.hot_cache_gb:g} GiB" if hot else "disk store only"
@@ -139,14 +145,11 @@ def main() -> None:
         for _ in range(args.repeats):
             for method in methods:
                 _sync(args.device)
-                if method in BASELINES:
-                    times[method].append(_hf_prefill(engine.adapter.model, ids, method == "hf_last"))
-                    continue
-                answer = engine.answer(docs, query, selection=SelectionConfig(method=method, ratio=args.ratio),
-                                       generation=generation)
+                ttft, run_stats = run_method(engine, method, docs, query, ids, args.ratio)
                 _sync(args.device)
-                times[method].append(answer.stats.ttft_s)
-                stats[method].append(answer.stats)
+                times[method].append(ttft)
+                if run_stats is not None:
+                    stats[method].append(run_stats)
         context = int(ids.numel())
         print(f"prompt {context} tokens, ratio {args.ratio}, median of {args.repeats} interleaved repeats\n")
         median = {m: statistics.median(t) for m, t in times.items()}
