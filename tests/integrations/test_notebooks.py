@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[2] / "notebooks"
 NOTEBOOKS = sorted(ROOT.glob("*.ipynb"))
 
 
-def test_the_three_tutorials_are_there():
-    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_llamaindex_rag.ipynb", "03_langchain_lcel.ipynb"]
+def test_the_four_tutorials_are_there():
+    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_llamaindex_rag.ipynb", "03_langchain_lcel.ipynb",
+                                           "04_agents.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -33,9 +34,7 @@ def test_notebook_is_saved_with_the_outputs_of_every_cell(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_shows_each_answer_beside_the_expected_one_with_a_verdict(path):
-    notebook = json.loads(path.read_text(encoding="utf-8"))
-    text = "".join("".join(o.get("text", "")) for cell in notebook["cells"] if cell["cell_type"] == "code"
-                   for o in cell["outputs"])
+    text = _printed(json.loads(path.read_text(encoding="utf-8"))["cells"])
     expected = re.findall(r"expected '[^']+': (right|WRONG)", text)
     assert len(expected) >= 3, "print answers with verdict(answer, expected)"
 
@@ -52,3 +51,19 @@ def test_notebook_executes(path, tmp_path, embedded_home, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     executed = runner.execute(path, tmp_path)
     assert all(cell["outputs"] for cell in executed.cells if cell.cell_type == "code" and "print" in cell.source)
+    if path.name == "04_agents.ipynb":
+        assert AGENT_REUSE.search(_printed(executed.cells)), "the agent's hits no longer equal its earlier retrievals"
+
+
+AGENT_REUSE = re.compile(r"10 questions answered; documents retrieved again: ([1-9]\d*), cache hits: \1; "
+                         r"hits equal earlier retrievals on every question: True")
+"""The LangGraph agent's summary line: some documents retrieved again, every one of them a cache hit."""
+
+
+def _printed(cells) -> str:
+    return "".join("".join(o.get("text", "")) for cell in cells if cell["cell_type"] == "code" for o in cell["outputs"])
+
+
+def test_the_saved_agents_notebook_shows_every_repeated_document_as_a_cache_hit():
+    notebook = json.loads((ROOT / "04_agents.ipynb").read_text(encoding="utf-8"))
+    assert AGENT_REUSE.search(_printed(notebook["cells"]))
