@@ -1,7 +1,7 @@
 """prophet_focus's signals per case, stopped before the selective forward: each chunk's anchored relevance (share of
 the best), the focus size, the normalised entropy of the relevance and whether `Selection.spread` holds.
 
-    python focus_signals.py musique MUSIQUE_JSON STORE              # development cases 0-16, SmolLM2
+    python focus_signals.py musique MUSIQUE_JSON STORE [CASES]      # development cases (default 0-16), SmolLM2
     python focus_signals.py syn TASKS STORE [MODEL] [CHUNKS CHUNK_TOKENS]  # the bench's tasks, seed 0, 8 cases each
 """
 
@@ -37,7 +37,8 @@ focus.focus_plan = spy
 which, store = sys.argv[1], Path(sys.argv[3])
 if which == "musique":
     engine = ProphetEngine.from_pretrained(None, store=StoreConfig(directory=store), prompt=MUSIQUE_PROMPT)
-    cases = load_musique(sys.argv[2], range(0, 17))
+    wanted = [int(c) for c in sys.argv[4].split(",")] if len(sys.argv) > 4 else list(range(17))
+    cases = [case for case in load_musique(sys.argv[2], range(0, 100)) if int(case.case_id.split("-")[1]) in wanted]
 else:
     engine = ProphetEngine.from_pretrained(sys.argv[4] if len(sys.argv) > 4 else None,
                                            store=StoreConfig(directory=store))
