@@ -82,7 +82,8 @@ register(Method("infoflow", "InfoFlow KV: attention norm on a layer subset", f"{
 register(Method("prophet_plus", "ProphetKV plus a lexical chunk prior (chunks moved and recomputed whole)",
                 f"{_PROPHET}:prophet_plus_plan", order_at=f"{_PROPHET}:lexical_order"))
 register(Method("prophet_focus", "ProphetKV in the parallel geometry; the chunks its attention is anchored on "
-                "moved last and recomputed whole", f"{_FOCUS}:focus_plan", order_at=f"{_FOCUS}:focus_order"))
+                "moved last and recomputed whole (plain ProphetKV when they are half the chunks or more)",
+                f"{_FOCUS}:focus_plan", order_at=f"{_FOCUS}:focus_order"))
 
 register(Method("prophet_anchor", "prophet_focus's selection with every chunk in its retrieval place (no move)",
                 f"{_FOCUS}:focus_plan", order_at=f"{_FOCUS}:anchored_in_place"))

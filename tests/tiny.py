@@ -14,6 +14,14 @@ CHUNKS = (
     "The quick brown fox jumps over the lazy dog 0123456789.",
 )
 QUERY = "what is the vault code of Alpha?"
+FILLERS = (
+    "Berlin and Paris.",
+    "Germany and France.",
+    "A quick brown fox.",
+    "Give a helpful answer.",
+)
+"""Chunks sharing no word with `QUERY`: beside `CHUNKS`, a request whose few anchored chunks are not spread
+(`Selection.spread`)."""
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -9,12 +9,19 @@ import torch
 
 from prophet_rag.compute.scoring import query_relevance
 from prophet_rag.compute.stitched import StitchedCache
-from prophet_rag.selection.request import Assemble, OrderFn, Plan, Selection, budget_for, selected, top_slots
+from prophet_rag.selection.request import (
+    Assemble,
+    OrderFn,
+    Plan,
+    PlanFn,
+    Selection,
+    attention_plan,
+    budget_for,
+    selected,
+    top_slots,
+)
 
-
-def prophet_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int) -> Plan:
-    scores = query_relevance(selection.adapter, cache, suffix_rows, "prophet", None)
-    return selected(top_slots(scores, budget, cache.prefix_len), suffix_rows)
+prophet_plan: PlanFn = attention_plan
 
 
 def infoflow_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int) -> Plan:

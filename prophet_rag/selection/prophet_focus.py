@@ -1,6 +1,7 @@
 """`prophet_focus`, the default method: ProphetKV's Stage I in the parallel geometry, the chunks the question's
 attention is anchored on moved next to it and recomputed whole, windows around the strongest anchors when they do not
-fit, and ProphetKV's token scores for any rest.
+fit, and ProphetKV's token scores for any rest. When the anchors are spread over many chunks (`Selection.spread`), it
+is plain ProphetKV: no chunk moves and the question's attention in the retrieval layout picks the tokens.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ import torch
 
 from prophet_rag.compute.scoring import query_relevance
 from prophet_rag.compute.stitched import StitchedCache
-from prophet_rag.selection.request import Assemble, Plan, Selection, selected, top_slots
+from prophet_rag.selection.request import Assemble, Plan, Selection, attention_plan, selected, top_slots
 
 
 def focus_order(selection: Selection, assemble: Assemble) -> list[int]:
     """The chunks the question's attention is anchored on (at least `FOCUS_SHARE` of the best) move last, next to
     the question, in their retrieval order; the others keep theirs. No chunk moves when the question shares no word
-    with any chunk. Moving only the best one kept multi-key lookups but lost multi-value and multi-query questions,
-    whose answers span chunks; moving every chunk by a lexical prior (`prophet_plus`) over-moves look-alikes.
+    with any chunk, nor when the anchors are spread over many chunks (`Selection.spread`). Moving only the best one
+    kept multi-key lookups but lost multi-value and multi-query questions, whose answers span chunks; moving every
+    chunk by a lexical prior (`prophet_plus`) over-moves look-alikes.
 
     The question is scored in the parallel geometry (each chunk at the positions it was computed at), where no chunk
     sits nearer the question than another (see `anchored_relevance`).
@@ -26,7 +28,7 @@ def focus_order(selection: Selection, assemble: Assemble) -> list[int]:
     suffix_rows = cache.append_tokens(selection.suffix_ids.to(cache.kv.device))
     with torch.inference_mode():
         selection.parallel = query_relevance(selection.adapter, cache, suffix_rows, "prophet", None)
-    focus = selection.focus
+    focus = frozenset() if selection.spread else selection.focus
     return [i for i in identity if i not in focus] + [i for i in identity if i in focus]
 
 
@@ -53,7 +55,13 @@ def focus_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Te
     last, first of all). The focus chunks that did not fit share what is left equally, each as a window around its
     strongest anchor: a question whose answer spans chunks (several values, several keys) needs the answer's
     sentence in each, and ProphetKV's scattered tokens rarely hold it. Any budget the windows leave goes on the
-    parallel Stage I's attention mass."""
+    parallel Stage I's attention mass.
+
+    With the anchors spread over many chunks (real passages that all name the question's entity), whole chunks and
+    windows leave the cross-attention of every other passage stale: ProphetKV's token scores in the layout the answer
+    is computed in are then the plan."""
+    if selection.spread:
+        return attention_plan(selection, cache, suffix_rows, budget)
     lengths = [int(ids.numel()) for ids in selection.chunk_ids]
     starts = torch.cumsum(torch.tensor([0, *lengths]), 0).tolist()
     # Token scores to layout order: the chunk at layout position j is chunk cache.order[j] of the request.

@@ -19,10 +19,12 @@ import torch
 
 from prophet_rag import methods
 from prophet_rag.compute.model_adapter import ModelAdapter
+from prophet_rag.compute.scoring import query_relevance
 from prophet_rag.compute.stitched import RowFilter, StitchedCache
 from prophet_rag.config import SelectionConfig
 from prophet_rag.selection.signals import (
     FOCUS_SHARE,
+    FOCUS_SPREAD,
     anchored_weights,
     chunk_sums,
     default_infoflow_layers,
@@ -84,6 +86,12 @@ class Selection:
         best = max(relevance)
         return frozenset(i for i, r in enumerate(relevance) if best > 0 and r >= FOCUS_SHARE * best)
 
+    @property
+    def spread(self) -> bool:
+        """The question's anchors single out no chunks: more than one, and at least `FOCUS_SPREAD` of them, are
+        focus chunks."""
+        return len(self.focus) > 1 and len(self.focus) >= FOCUS_SPREAD * len(self.chunk_ids)
+
     @cached_property
     def infoflow_layers(self) -> tuple[int, ...]:
         return self.config.infoflow_layers or default_infoflow_layers(self.adapter.spec.num_layers)
@@ -128,6 +136,13 @@ def plan(adapter: ModelAdapter, cache: StitchedCache, suffix_rows: torch.Tensor,
     if budget == 0:
         return Plan(suffix_rows, eligible[:0])
     return methods.get(config.method).plan(selection, cache, suffix_rows, budget)
+
+
+def attention_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Tensor, budget: int) -> Plan:
+    """ProphetKV's plan: the tokens the question's attention mass (over all layers) is highest on, in the cache's
+    layout."""
+    scores = query_relevance(selection.adapter, cache, suffix_rows, "prophet", None)
+    return selected(top_slots(scores, budget, cache.prefix_len), suffix_rows)
 
 
 def selected(slots: torch.Tensor, suffix_rows: torch.Tensor) -> Plan:

@@ -59,6 +59,14 @@ FOCUS_SHARE = 0.2
 best, the second chunk of a two-chunk answer stayed behind (on Qwen2.5-0.5B `multi_value` it was at 0.12-0.40 of
 the best in 10 of 12 cases): 0.56 against 0.75 at this share over 24 cases (docs/RESULTS.md)."""
 
+FOCUS_SPREAD = 0.5
+"""When the chunks at `FOCUS_SHARE` of the best are more than one and at least this share of all chunks, the
+question's words anchor nothing in particular and `prophet_focus` behaves as plain ProphetKV. On real multi-hop
+passages (MuSiQue) the question's entity recurs across passages: 5-10 of 10 chunks were at a fifth of the best on
+development cases 0-17, against 1-4 of 8-10 on the generated tasks (both models); there, recomputing focus chunks
+whole and moving them ended farther from full prefill than ProphetKV's token scores. Later cases had as few as 4 of
+10 and still lost: the focus size alone does not separate them (docs/RESULTS.md, "Real multi-hop documents")."""
+
 
 def default_infoflow_layers(num_layers: int) -> tuple[int, ...]:
     """Four consecutive layers from 70% depth: InfoFlow's {22..25} of a 32-layer model, scaled to the model."""
