@@ -86,7 +86,7 @@ def main() -> None:
         docs = make_documents(engine.tokenizer, args.tokens, args.doc_tokens)
         layout = engine.builder.layout(docs, "Which clerk kept the keys to archive room 121?")
         order = list(range(len(layout.chunk_ids)))
-        cache, _ = engine._assemble(layout, order, layout.total_tokens + 64)
+        cache, _ = engine.prefiller.assemble(layout, order, layout.total_tokens + 64)
         suffix = cache.append_tokens(layout.suffix_ids.to(adapter.device))
         passes = GraphedPasses(adapter, cache)
         scores = query_relevance(adapter, cache, suffix, "prophet", None)

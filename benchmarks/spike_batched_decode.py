@@ -50,7 +50,7 @@ def demo_requests(engine: ProphetEngine, n: int, steps: int):
     for i in range(n):
         chosen = docs[: 3 + i % 4] if i % 2 == 0 else docs[i % 3:]
         layout = engine.builder.layout(chosen, questions[i % len(questions)]["question"])
-        prefill = engine._prefill(layout, selection, layout.total_tokens + steps + 1)
+        prefill = engine.prefiller.prefill(layout, selection, layout.total_tokens + steps + 1)
         with torch.inference_mode():
             logits = engine.adapter.logits(prefill.hidden[-1:])[0]
         cache = prefill.cache

@@ -4,7 +4,7 @@
     python benchmarks/spike_structured_decode.py --model "$(/work/shared/tools/build-qwen05 .venv/bin/python)"
 
 Each prompt asks for a JSON object of a short text's fields (25 people, 25 products, deterministic, with gold
-values). Both runs prefill with the engine (`_prefill`, full prefill: a plain chat has no documents) and decode
+values). Both runs prefill with the engine (`prefiller.prefill`, full prefill: a plain chat has no documents) and decode
 greedily with `generate.sample` / `generate.decode_one`; the constrained run adds the hook phase 2 puts into
 `generate.decode`: `constraint.mask(logits)` before `sample`, `constraint.advance(token)` after the EOS check.
 Unconstrained output counts as valid JSON when its first `{...}` parses, and as schema-valid when the Pydantic
@@ -127,7 +127,7 @@ def run(engine: ProphetEngine, messages, max_new: int, constraint: TokenConstrai
     """Greedy decode through the engine's path; returns (text, tokens, hook seconds, step seconds)."""
     layout = engine.builder.chat_layout(messages)
     config = GenerationConfig(max_new_tokens=max_new)
-    prefill = engine._prefill(layout, SelectionConfig(method="full"), layout.total_tokens + max_new)
+    prefill = engine.prefiller.prefill(layout, SelectionConfig(method="full"), layout.total_tokens + max_new)
     eos = set(engine._default_eos())
     with torch.inference_mode():
         logits = engine.adapter.logits(prefill.hidden[-1:])[0]

@@ -77,7 +77,7 @@ def test_recomputed_token_ignores_later_tokens(make_engine):
 
     def first_chunk_kv(last_chunk: str) -> torch.Tensor:
         layout = engine.builder.layout([CHUNKS[0], CHUNKS[1], last_chunk], QUERY)
-        cache, _ = engine._assemble(layout, [0, 1, 2], layout.total_tokens)
+        cache, _ = engine.prefiller.assemble(layout, [0, 1, 2], layout.total_tokens)
         cache.append_tokens(layout.suffix_ids)
         start, end = cache.chunk_spans[0]
         rows = torch.arange(start, end)  # recompute the first chunk only; later chunks stay in the cache

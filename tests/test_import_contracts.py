@@ -18,7 +18,7 @@ def test_the_import_contracts_hold(tmp_path):
     ("prophet_rag/compute/stitched.py", "from prophet_rag.engine import ProphetEngine", "each layer imports only"),
     ("prophet_rag/config.py", "from prophet_rag.selection.request import plan", "each layer imports only"),
     ("prophet_rag/selection/request.py", "from prophet_rag.cache.chunk_cache import ChunkCache", "each layer imports"),
-    ("prophet_rag/engine.py", "from prophet_rag.integrations.common import Call", "each layer imports only"),
+    ("prophet_rag/engine/pipeline.py", "from prophet_rag.integrations.common import Call", "each layer imports only"),
     ("prophet_rag/kernels/dispatch.py", "from prophet_rag.compute import stitched", "each layer imports only"),
     ("prophet_rag/cache/remote.py", "from prophet_rag.cache.store import KVStore", "a KV tier is one class"),
     ("prophet_rag/selection/prophet.py", "from prophet_rag.selection.prophet_focus import focus_plan",

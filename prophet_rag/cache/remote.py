@@ -25,13 +25,14 @@ deletes what is left and recomputes.
 Failure means recompute. Every operation waits at most `remote_timeout_s` (connect and each read or write, no
 retries); a failed one is a miss or a skipped put, counted in `failures`. A server that answers, but slowly, would
 pass every timeout while a request waits for dozens of round trips, so time on the server is also budgeted per
-request (`remote_request_budget_s`, a request being the calls `chunk_cache` makes for one layout, `tier.one_request`):
-the round trip that spends the budget ends the request's use of the server (the rest of its gets are misses and its
-puts are skipped, counted in `over_budget_skips`) and counts as one failure (`over_budget`). After
-`remote_breaker_failures` failures in a row the circuit breaker opens: for `remote_breaker_cooldown_s` the server is
-not asked at all (`breaker_skips`), then one operation probes it, and its success within the budget closes the
-breaker. A value of the wrong type (a list where a layer should be: planted or clobbered) is a bad entry, deleted and
-counted as `corrupt`, never a server failure. Nothing raises out of `get`, `put` or `contains`.
+request (`remote_request_budget_s`, a request being the calls `chunk_cache` makes for one layout,
+`tier.one_request`): the round trip that spends the budget ends the request's use of the server (the rest of its
+gets are misses and its puts are skipped, counted in `over_budget_skips`) and counts as one failure (`over_budget`).
+After `remote_breaker_failures` failures in a row the circuit breaker opens: for `remote_breaker_cooldown_s` the
+server is not asked at all (`breaker_skips`), then one operation probes it, and its success within the budget closes
+the breaker. A value of the wrong type (a list where a layer should be: planted or clobbered) is a bad entry,
+deleted and counted as `corrupt`, never a server failure. Nothing raises out of `get`, `put` or `contains`. The
+budget and the breaker are remote_guard.py's.
 """
 
 from __future__ import annotations
@@ -39,9 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -49,6 +48,7 @@ import torch
 from prophet_rag.cache import codec
 from prophet_rag.cache.codec import EntryMeta, Header, Sealer
 from prophet_rag.cache.keys import FORMAT_VERSION, chunk_key
+from prophet_rag.cache.remote_guard import CircuitBreaker, OverBudget, RequestBudget
 from prophet_rag.cache.tier import ChunkRef, one_request, refusal_counter, request_state
 from prophet_rag.compute.chunk_kv import ChunkKV
 from prophet_rag.config import StoreConfig
@@ -103,96 +103,8 @@ class RemoteStats:
 _COUNTERS = tuple(f.name for f in fields(RemoteStats) if f.name not in ("breaker_opens", "breaker_open"))
 
 
-class CircuitBreaker:
-    """Closed, calls go through. After `failures` failed calls in a row it opens: `allow()` is False for
-    `cooldown_s`; then it lets one call at a time probe the server, and the first success closes it again (a failed
-    probe opens it for another cool-down)."""
-
-    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._threshold, self._cooldown, self._clock = failures, cooldown_s, clock
-        self._failed = 0
-        self._open_until: float | None = None
-        self._probing = False
-        self._lock = threading.Lock()
-        self.opens = 0
-
-    @property
-    def is_open(self) -> bool:
-        with self._lock:
-            return self._open_until is not None
-
-    def allow(self) -> bool:
-        with self._lock:
-            if self._open_until is None:
-                return True
-            if self._probing or self._clock() < self._open_until:
-                return False
-            self._probing = True
-            return True
-
-    def answered(self) -> None:
-        """An operation answered in time, its request not yet over: a probe's answer closes the breaker on
-        probation (one more failure opens it again), so the rest of the probing request uses the server, and the
-        request's end within its budget (`succeeded`) clears it."""
-        with self._lock:
-            if self._probing:
-                self._open_until, self._probing = None, False
-                self._failed = self._threshold - 1
-
-    def succeeded(self) -> None:
-        with self._lock:
-            self._failed, self._open_until, self._probing = 0, None, False
-
-    def failed(self) -> bool:
-        """Record a failure; True when it opened the breaker (from closed)."""
-        with self._lock:
-            self._failed += 1
-            self._probing = False
-            opening = self._open_until is None and self._failed >= self._threshold
-            if opening or self._open_until is not None:
-                self._open_until = self._clock() + self._cooldown
-            self.opens += opening
-            return opening
-
-
 class _Evicted(Exception):
     """A layer value is gone while its header is there (server eviction or expiry)."""
-
-
-class _OverBudget(Exception):
-    """The request spent its time budget on the server part way through an operation."""
-
-
-class _Budget:
-    """One request's time on the server: `remote_request_budget_s`, less every round trip it waited for (a
-    `tier.RequestState`). A request that answered within its budget closes the breaker when it ends: its early
-    answers must not reset the count of failures in a row before its budget runs out."""
-
-    def __init__(self, seconds: float, breaker: CircuitBreaker) -> None:
-        self.left = seconds
-        self.spent = False
-        """Set once the budget is gone (and counted): the request no longer asks the server."""
-        self.answered = False
-        self._breaker = breaker
-        self._since: float | None = None
-
-    def finish(self) -> None:
-        if self.answered and not self.spent:
-            self._breaker.succeeded()
-
-    def begin(self) -> None:
-        self._since = time.monotonic()
-
-    def end(self) -> None:
-        """Charge the time since `begin`."""
-        if self._since is not None:
-            self.left -= time.monotonic() - self._since
-            self._since = None
-
-    def check(self) -> None:
-        """Between the round trips of one operation: stop once the budget is gone."""
-        if self._since is not None and self.left - (time.monotonic() - self._since) <= 0:
-            raise _OverBudget
 
 
 def _redis():
@@ -301,7 +213,7 @@ class RedisTier:
                 raise InvalidRequestError(f"out must be {meta.kv_dtype} {header.shape}, got {kv.dtype} "
                                           f"{tuple(kv.shape)}.")
             self._read_layers(layers, header, kv, budget)
-        except _OverBudget:
+        except OverBudget:
             # `out` may hold some layers: the caller recomputes the whole chunk into it.
             self._answered(budget, over_budget_skips=1)
             return None
@@ -358,7 +270,7 @@ class RedisTier:
                     pipe.set(name, b"".join(buffers), ex=ttl)
                 pipe.set(head, encoded.header[:header_size], ex=ttl)  # last, inside MULTI: all or nothing
                 pipe.execute()
-        except _OverBudget:
+        except OverBudget:
             self._answered(budget, over_budget_skips=1, skipped=1)
             return False
         except self._server_errors as error:
@@ -391,7 +303,7 @@ class RedisTier:
     def delete(self, key: str, num_layers: int) -> bool:
         """Remove `key`'s entry (header and `num_layers` layers); True when its header was there."""
         head, layers = self.names(key, num_layers)
-        budget = _Budget(self.config.remote_request_budget_s, self._breaker)  # administrative: never in a request
+        budget = RequestBudget(self.config.remote_request_budget_s, self._breaker)  # administrative: never in a request
         budget.begin()
         try:
             found = self._client.exists(head)
@@ -417,10 +329,10 @@ class RedisTier:
         if meta.model_fp != self._model_fp:
             raise InvalidRequestError("this RedisTier was built for another model's namespace; build one per model.")
 
-    def _budget(self) -> _Budget:
-        return request_state(self, lambda: _Budget(self.config.remote_request_budget_s, self._breaker))
+    def _budget(self) -> RequestBudget:
+        return request_state(self, lambda: RequestBudget(self.config.remote_request_budget_s, self._breaker))
 
-    def _may_ask(self, budget: _Budget, **counts: int) -> bool:
+    def _may_ask(self, budget: RequestBudget, **counts: int) -> bool:
         """Whether an operation may go to the server; when not, why is counted (with `counts`)."""
         if budget.spent:
             self._count(over_budget_skips=1, **counts)
@@ -430,7 +342,7 @@ class RedisTier:
             return False
         return True
 
-    def _read_header(self, head: str, ref: ChunkRef, meta: EntryMeta, budget: _Budget) -> Header | None:
+    def _read_header(self, head: str, ref: ChunkRef, meta: EntryMeta, budget: RequestBudget) -> Header | None:
         """The header stored under `head`, checked (its MAC, then against `meta` and `ref.key`), or None."""
         data = self._client.getrange(head, 0, _FIRST_READ - 1)
         if not data:
@@ -447,7 +359,7 @@ class RedisTier:
             raise CacheCorruptionError("entry is over max_entry_bytes; not read.")
         return header
 
-    def _read_layers(self, names: list[str], header: Header, kv: torch.Tensor, budget: _Budget) -> None:
+    def _read_layers(self, names: list[str], header: Header, kv: torch.Tensor, budget: RequestBudget) -> None:
         """Read every layer into `kv`, a pipelined round trip per `_BATCH_BYTES`, checking each against its tag
         before it is written into the cache."""
         size = header.layer_bytes
@@ -469,7 +381,7 @@ class RedisTier:
                 region = torch.frombuffer(value, dtype=torch.uint8)
                 codec.dequantize(region.to(kv.device, non_blocking=False), header, kv[layer])
 
-    def _drop(self, budget: _Budget, key: str, head: str, layers: list[str], counter: str, reason: str) -> None:
+    def _drop(self, budget: RequestBudget, key: str, head: str, layers: list[str], counter: str, reason: str) -> None:
         logger.warning("dropping %s remote KV entry %s: %s", counter, key, reason)
         try:
             self._client.unlink(head, *layers)
@@ -477,7 +389,7 @@ class RedisTier:
             logger.warning("could not delete remote KV entry %s (%s); the next read retries", key, error)
         self._answered(budget, **{counter: 1})
 
-    def _answered(self, budget: _Budget, **counts: int) -> None:
+    def _answered(self, budget: RequestBudget, **counts: int) -> None:
         """The server answered: `counts` are added; the breaker closes when the request ends within its budget, and
         an answer that spent the budget is a failure."""
         budget.end()
@@ -491,7 +403,7 @@ class RedisTier:
             self._trip("request", f"it spent remote_request_budget_s={self.config.remote_request_budget_s} s "
                                   "on the server")
 
-    def _failed(self, budget: _Budget, action: str, error: Exception) -> None:
+    def _failed(self, budget: RequestBudget, action: str, error: Exception) -> None:
         budget.end()
         budget.spent = budget.left <= 0  # one failure, counted here: the rest of the request is skipped
         self._count(failures=1)

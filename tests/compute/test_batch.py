@@ -71,7 +71,7 @@ def test_greedy_tokens_of_batched_steps_equal_serial_decoding(make_engine):
 def _stitched(engine, chunks, query: str, order):
     """A request's stitched cache, blocks placed, with its suffix appended: (cache, suffix slots)."""
     layout = engine.builder.layout(chunks, query)
-    cache, _ = engine._assemble(layout, order, layout.total_tokens + 2)
+    cache, _ = engine.prefiller.assemble(layout, order, layout.total_tokens + 2)
     return cache, cache.append_tokens(layout.suffix_ids)
 
 

@@ -43,7 +43,7 @@ def stitched(engine, device, spare=40):
     """A request's cache with `spare` free slots past its end (NaN K/V there: they must never be read)."""
     layout = engine.builder.layout(CHUNKS, QUERY)
     capacity = layout.total_tokens + spare
-    cache, _ = engine._assemble(layout, [1, 2, 0], capacity)
+    cache, _ = engine.prefiller.assemble(layout, [1, 2, 0], capacity)
     suffix = cache.append_tokens(layout.suffix_ids)
     cache.kv[:, :, cache.length :] = float("nan")
     return move(cache, device), suffix.to(device)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @torch.no_grad()
 def stitched(engine):
     layout = engine.builder.layout(CHUNKS, QUERY)
-    cache, _ = engine._assemble(layout, [2, 0, 1], layout.total_tokens)
+    cache, _ = engine.prefiller.assemble(layout, [2, 0, 1], layout.total_tokens)
     return cache, cache.append_tokens(layout.suffix_ids)
 
 

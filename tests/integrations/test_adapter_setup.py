@@ -81,10 +81,10 @@ def test_a_cuda_device_without_cuda_names_the_fix(adapter):
 def test_a_hub_model_that_cannot_be_fetched_fails_at_once(offline, monkeypatch):
     from huggingface_hub import constants
 
-    from prophet_rag import engine
+    from prophet_rag.engine import loading
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline == "HF_HUB_OFFLINE")
-    monkeypatch.setattr(engine, "_reachable", lambda url, timeout_s=1.0: False)  # no network, wherever it runs
+    monkeypatch.setattr(loading, "reachable", lambda url, timeout_s=1.0: False)  # no network, wherever it runs
     start = time.perf_counter()
     with pytest.raises(ModelLoadError, match="not in the Hugging Face cache.*pass a model folder"):
         ChatProphet(model="prophet-rag-tests/no-such-model", device="cpu")
@@ -92,8 +92,8 @@ def test_a_hub_model_that_cannot_be_fetched_fails_at_once(offline, monkeypatch):
 
 
 def test_an_unreachable_host_is_told_within_the_timeout():
-    from prophet_rag.engine import _reachable
+    from prophet_rag.engine.loading import reachable
 
     start = time.perf_counter()
-    assert not _reachable("https://prophet-rag-no-such-host.invalid", timeout_s=0.5)
+    assert not reachable("https://prophet-rag-no-such-host.invalid", timeout_s=0.5)
     assert time.perf_counter() - start < 1.0

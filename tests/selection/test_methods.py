@@ -19,7 +19,7 @@ SEVEN = (*CHUNKS, *FILLERS)
 
 def _stitched(engine):
     layout = engine.builder.layout(CHUNKS, QUERY)
-    cache, _ = engine._assemble(layout, [0, 1, 2], layout.total_tokens)
+    cache, _ = engine.prefiller.assemble(layout, [0, 1, 2], layout.total_tokens)
     suffix = cache.append_tokens(layout.suffix_ids)
     return cache, suffix
 
@@ -121,7 +121,7 @@ def test_prophet_focus_moves_the_anchored_chunk_last_and_recomputes_it_whole(mak
     request = Selection(engine.adapter, SelectionConfig(method="prophet_focus", ratio=0.9),
                                   layout.chunk_ids, layout.suffix_ids)
     order = methods.get("prophet_focus").order(
-        request, lambda order, global_positions: engine._assemble(layout, order, layout.total_tokens,
+        request, lambda order, global_positions: engine.prefiller.assemble(layout, order, layout.total_tokens,
                                                                   global_positions)[0])
     relevance = request.anchored.tolist()
     assert max(relevance) > 0  # the question shares "Alpha" and "vault" with the first chunk only
@@ -150,7 +150,7 @@ def test_prophet_focus_moves_every_chunk_anchored_at_a_fifth_of_the_best_in_orde
     # the cached property, set as the request's signal; the fillers anchor nothing and never move
     request.__dict__["anchored"] = torch.tensor(relevance + [0.0] * len(FILLERS))
     got = methods.get("prophet_focus").order(
-        request, lambda order, global_positions: engine._assemble(layout, order, layout.total_tokens,
+        request, lambda order, global_positions: engine.prefiller.assemble(layout, order, layout.total_tokens,
                                                                   global_positions)[0])
     assert got == order
 
@@ -181,9 +181,9 @@ def _focus_request(engine, ratio, anchored_tokens=None):
     if anchored_tokens is not None:
         request.__dict__["anchored_tokens"] = anchored_tokens
     method = methods.get("prophet_focus")
-    order = method.order(request, lambda order, global_positions: engine._assemble(
+    order = method.order(request, lambda order, global_positions: engine.prefiller.assemble(
         layout, order, layout.total_tokens, global_positions)[0])
-    cache, _ = engine._assemble(layout, order, layout.total_tokens)
+    cache, _ = engine.prefiller.assemble(layout, order, layout.total_tokens)
     suffix = cache.append_tokens(layout.suffix_ids)
     total = sum(int(ids.numel()) for ids in layout.chunk_ids)
     chosen = method.plan(request, cache, suffix, budget_for(ratio, total)).selected

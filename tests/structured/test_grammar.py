@@ -189,7 +189,7 @@ def test_constrained_decoding_through_the_engines_own_decode_step(make_engine):
     engine = make_engine("qwen2")
     tok = engine.tokenizer
     layout = engine.builder.chat_layout([{"role": "user", "content": "Describe a pet as JSON."}])
-    prefill = engine._prefill(layout, SelectionConfig(method="full"), layout.total_tokens + 200)
+    prefill = engine.prefiller.prefill(layout, SelectionConfig(method="full"), layout.total_tokens + 200)
     vocab = int(engine.adapter.model.config.vocab_size)
     c = TokenConstraint.build(Grammar.json_schema(Pet), tok, vocab, [tok.eos_token_id], GrammarCache())
     with torch.inference_mode():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from prophet_rag.cache.remote import CircuitBreaker, RedisTier
+from prophet_rag.cache.remote import RedisTier
+from prophet_rag.cache.remote_guard import CircuitBreaker
 from prophet_rag.config import StoreConfig
 from prophet_rag.errors import InvalidRequestError, StoreError
 

@@ -1,58 +1,33 @@
-"""ProphetEngine: answer a question over retrieved documents, reusing each document's cached KV.
+"""`ProphetEngine`, the public face of the engine, and `AnswerStream`, what its streaming calls return.
 
-A request runs as a pipeline: lay out `prefix | chunks | suffix` (layout.py); get every segment's KV from the
-chunk cache, computing what no tier holds (cache/chunk_cache.py); let the selection method order the chunks and
-stitch their blocks behind the exact prefix, re-rotated to their global positions (compute/stitched.py); let the
-method pick the context tokens to recompute (selection/); recompute them with the suffix (stitched.forward_rows);
-decode with the other running requests (compute/batcher.py). A method that reuses no cached KV (`full`) is plain
-full prefill over the same ids. With a prefix cache (cache/prefix_cache.py), a finished request's KV is kept, and a
-later request starting with the same tokens (the next turn of a conversation) copies it in and computes only what
-follows.
-
-One engine serves many threads: requests are laid out, checked and detokenized concurrently, and their model
-computation (each prefill's assembly, each batched step, each chunk ingested) runs one at a time under the engine's
-compute lock (compute/lock.py), first come first served. Up to `BatchConfig.max_batch` requests hold a place at once;
-each is prefilled on its caller's thread, its forward passes run in the batcher's steps with those of the requests
-prefilling at the same time (`BatchConfig.batch_prefills`), then decoded together with the others, one forward pass
-per step for all of them (continuous batching), its tokens handed to its thread through a queue, so a slow or
-abandoned consumer blocks nobody.
+Owns the request's life around its prefill: the public calls (`answer`, `stream`, `chat`, `stream_chat`,
+`continuation_logits`, `ingest`), checking a request before it starts (its selection, the context window, its grammar
+and tools), a place among the requests decoded together (`DecodeBatcher.admit`), the decode loop's text and the
+`Answer` with its `RequestStats`. The prefill itself is `pipeline.Prefiller`'s, the model's loading `loading`'s.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
 import time
-import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import closing, nullcontext
-from dataclasses import dataclass, replace
+from contextlib import closing
+from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
 import torch
 
 from prophet_rag import methods
-from prophet_rag.cache.chunk_cache import ChunkCache, LoadStats, StaleBlocksError, build_tiers
+from prophet_rag.cache.chunk_cache import ChunkCache, build_tiers
 from prophet_rag.cache.codec import EntryMeta
 from prophet_rag.cache.hot_cache import HotCache
 from prophet_rag.cache.prefix_cache import PrefixCache
 from prophet_rag.cache.store import KVStore, kv_storage
-from prophet_rag.compute import batch as batched
 from prophet_rag.compute.batcher import Admission, DecodeBatcher
 from prophet_rag.compute.generate import Decoding, TextAssembler
 from prophet_rag.compute.lock import ComputeLock
 from prophet_rag.compute.model_adapter import ModelAdapter
-from prophet_rag.compute.prefill import prefill_full, prefill_isolated
-from prophet_rag.compute.stitched import (
-    LayerGate,
-    StitchedCache,
-    forward_rows,
-    reorder,
-    reposition,
-    stitched_layout,
-)
+from prophet_rag.compute.prefill import prefill_isolated
+from prophet_rag.compute.stitched import forward_rows
 from prophet_rag.config import (
     BatchConfig,
     GenerationConfig,
@@ -61,108 +36,15 @@ from prophet_rag.config import (
     SelectionConfig,
     StoreConfig,
 )
-from prophet_rag.errors import ContextWindowError, InvalidRequestError, ModelLoadError
+from prophet_rag.engine.loading import load_pretrained
+from prophet_rag.engine.pipeline import Prefiller
+from prophet_rag.errors import ContextWindowError, InvalidRequestError
 from prophet_rag.layout import PromptBuilder, RequestLayout
 from prophet_rag.results import Answer, RequestStats
-from prophet_rag.selection.request import Selection
-from prophet_rag.selection.request import plan as plan_recompute
 from prophet_rag.structured import Grammar, GrammarCache, TokenConstraint, Tool, ToolFormat, as_tools, tool_format
 from prophet_rag.structured import tool_choice as parse_tool_choice
 from prophet_rag.structured.render import chat_layout as tool_chat_layout
 from prophet_rag.structured.render import uses_tools
-
-
-def _model_location(name_or_path: str | os.PathLike) -> str:
-    """A local folder, or a hub id. Something written as a path (absolute, relative, home) must exist: it is never
-    looked up on a model hub, where it could only fail slowly."""
-    text = os.fspath(name_or_path)
-    local = Path(text).expanduser()
-    if local.is_dir():
-        return str(local)
-    hub_id = not text.startswith(("/", ".", "~")) and text.count("/") <= 1  # "name" or "org/name"
-    if not hub_id or local.exists():
-        raise ModelLoadError(f"{text!r} is not a model folder; pass a folder with config.json and the weights.")
-    return text
-
-
-def _check_device(device: str | torch.device) -> torch.device:
-    """`device` as a torch device this process can use; else a `ModelLoadError` naming the fix."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ModelLoadError(f"device {device!r} is not a device: {error}; pass 'cpu', 'cuda' or 'cuda:N'.") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count <= (device.index or 0):
-            why = ("this torch build has no CUDA support" if torch.version.cuda is None
-                   else f"{count} CUDA device(s) are visible")
-            raise ModelLoadError(
-                f"device {str(device)!r} was asked for, but {why}; pass device='cpu' (the framework adapters' "
-                "device='auto' picks CUDA only where it is there), or install a CUDA build of torch on a GPU machine."
-            )
-    return device
-
-
-def _reachable(url: str, timeout_s: float = 1.0) -> bool:
-    """Whether a TCP connection to `url`'s host opens within `timeout_s` (name lookup included). True behind a
-    proxy, which only the hub client itself can go through."""
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    parts = urllib.parse.urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    opened: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
-            opened.append(True)
-        except OSError:
-            pass
-
-    # A thread bounds the name lookup too, which no socket timeout covers.
-    thread = threading.Thread(target=probe, daemon=True, name="prophet-rag-hub-probe")
-    thread.start()
-    thread.join(timeout_s)
-    return bool(opened)
-
-
-def _hub_options(hub_id: str) -> dict:
-    """`from_pretrained` options for a model named by hub id: the local Hugging Face cache only when it holds the
-    model; else the hub, when it can be reached. The hub client retries an unreachable hub for ~25 s before failing,
-    so an offline machine (HF_HUB_OFFLINE, or no connection within a second) is told at once instead."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
-        return {"local_files_only": True}
-    where = f"{hub_id!r} is not a model folder and not in the Hugging Face cache"
-    fix = f"download it where the hub can be reached (`hf download {hub_id}`) or pass a model folder"
-    if constants.HF_HUB_OFFLINE:
-        raise ModelLoadError(f"{where}, and HF_HUB_OFFLINE is set; {fix}.")
-    if not _reachable(constants.ENDPOINT):
-        raise ModelLoadError(f"{where}, and {constants.ENDPOINT} cannot be reached; {fix}.")
-    return {}
-
-
-@dataclass
-class Prefill:
-    """Everything up to the first token's logits."""
-
-    cache: StitchedCache
-    hidden: torch.Tensor
-    """`[rows, hidden]` last-layer states of the rows recomputed last; the final row gives the first token."""
-    selected: torch.Tensor
-    """`[k]` sorted context slots recomputed through all layers."""
-    order: tuple[int, ...]
-    load_s: float
-    rerotate_s: float
-    select_s: float
-    recompute_s: float
-    cache_hits: int
-    cache_misses: int
-    cached_tokens: int = 0
-    """Prompt tokens whose KV came from a tier or the prefix cache, not from compute (`LoadStats.cached_tokens`)."""
-    prefix_cache_tokens: int = 0
-    """Leading prompt tokens whose KV came from the conversation prefix cache."""
 
 
 class AnswerStream:
@@ -226,6 +108,9 @@ class ProphetEngine:
         tiers = build_tiers(store, hot_cache_bytes, host_cache_bytes, meta)
         self.cache = ChunkCache(tiers, meta, self.sink_ids, compute)
         self.prefix_cache = PrefixCache(prefix_cache or PrefixCacheConfig())
+        self.prefiller = Prefiller(self.adapter, self.cache, self.prefix_cache, self.sink_ids, self.kv_dtype,
+                                   self._compute, self.batcher)
+        """Each request's prefill, up to its first token's logits (`engine.pipeline`)."""
         self._check_selection(self.selection)
         self.grammars = GrammarCache()
         """Grammars prepared for this engine's tokenizer (constrained decoding)."""
@@ -238,25 +123,7 @@ class ProphetEngine:
         **kwargs,
     ) -> ProphetEngine:
         """Load a causal LM and its tokenizer; None or "embedded" loads the embedded SmolLM2-135M-Instruct."""
-        from prophet_rag.embedded import EMBEDDED_NAME, embedded_model_dir
-
-        device = _check_device(device)
-        if name_or_path in (None, "embedded", EMBEDDED_NAME):
-            path, name = embedded_model_dir(), EMBEDDED_NAME
-        else:
-            path, name = _model_location(name_or_path), str(name_or_path)
-        hub = _hub_options(path) if not Path(path).is_dir() else {}  # before importing transformers: fails fast
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub).to(device)
-            tokenizer = AutoTokenizer.from_pretrained(path, **hub)
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(
-                f"cannot load a causal LM and its tokenizer from {name!r}: {error}. Pass a model folder with "
-                "config.json, the weights and the tokenizer files, or no model for the embedded SmolLM2-135M."
-            ) from None
+        model, tokenizer, name = load_pretrained(name_or_path, device, dtype)
         return cls(model, tokenizer, model_name=kwargs.pop("model_name", name), **kwargs)
 
     @property
@@ -445,7 +312,7 @@ class ProphetEngine:
         layout = self.builder.layout(chunks, query)
         longest = max(len(c) for c in continuations)
         self._check_window(layout, replace(self.generation, max_new_tokens=longest))
-        prefill = self._prefill(layout, selection, layout.total_tokens + longest)
+        prefill = self.prefiller.prefill(layout, selection, layout.total_tokens + longest)
         cache = prefill.cache
         out = []
         with self._compute, torch.inference_mode():
@@ -522,15 +389,6 @@ class ProphetEngine:
 
     # ---- the request pipeline ---------------------------------------------------------------------------------
 
-    def _assemble(self, layout: RequestLayout, order: Sequence[int], capacity: int, global_positions: bool = True,
-                  prefix: torch.Tensor | None = None) -> tuple[StitchedCache, LoadStats]:
-        """The request's stitched cache with its chunks in `order`, every block filled from the chunk cache (the
-        prefix from `prefix` when given) and placed (see `stitched.reposition`); the suffix is not added yet."""
-        cache = stitched_layout(self.adapter, layout.prefix_ids, layout.chunk_ids, order, capacity, self.kv_dtype)
-        loaded = self.cache.load(layout, cache, prefix=prefix)
-        reposition(self.adapter, cache, int(self.sink_ids.numel()), global_positions)
-        return cache, loaded
-
     def _locked(self, compute):
         """`compute` run under the engine's compute lock."""
 
@@ -540,111 +398,6 @@ class ProphetEngine:
 
         return locked
 
-    @torch.inference_mode()
-    def _prefill(self, layout: RequestLayout, selection: SelectionConfig, capacity: int) -> Prefill:
-        # With batch_prefills, the passes of prefills under way together run as one, in the batcher's steps.
-        joined = batched.joined(self.batcher.run_pass) if self.batcher.config.batch_prefills else nullcontext()
-        with self._compute, joined:
-            try:
-                return self._prefill_once(layout, selection, capacity, pipeline=True)
-            except StaleBlocksError:
-                # A stored block failed its check after the request had started on it. Its tier has dropped it, and
-                # a second assembly reads every block whole before use, so a failing one is recomputed on the spot.
-                return self._prefill_once(layout, selection, capacity, pipeline=False)
-
-    def _prefill_once(self, layout: RequestLayout, selection: SelectionConfig, capacity: int,
-                      pipeline: bool) -> Prefill:
-        method = methods.get(selection.method)
-        t0 = time.perf_counter()
-        full = not method.reuses_cache or not layout.chunk_ids
-        past = self._history(layout, method.reuses_cache, full)
-        reused = sum(int(block.shape[2]) for block in past)
-        if full:
-            cache, hidden = prefill_full(self.adapter, layout.joined_ids(), int(layout.prefix_ids.numel()), capacity,
-                                         self.kv_dtype, past)
-            context = torch.arange(cache.prefix_len, cache.prefix_len + layout.context_tokens)
-            return Prefill(cache, hidden, context, tuple(range(len(layout.chunk_ids))), 0.0, 0.0, 0.0,
-                           time.perf_counter() - t0, 0, 0, reused, reused)
-        # A conversation's history: the stored turns, then the rest of the prefix, computed once for every assembly.
-        prefix = None
-        if past:
-            prefix = prefill_full(self.adapter, layout.prefix_ids, int(layout.prefix_ids.numel()),
-                                  int(layout.prefix_ids.numel()), self.kv_dtype, past)[0].kv
-        t_prefix = time.perf_counter()  # the history's time counts as load: it stands in for the prefix's
-        request = Selection(self.adapter, selection, layout.chunk_ids, layout.suffix_ids)
-        first: list[tuple[StitchedCache, LoadStats, bool]] = []
-
-        def assemble(order: Sequence[int], global_positions: bool) -> StitchedCache:
-            if global_positions:
-                cache, loaded = self._assemble(layout, order, capacity, prefix=prefix)
-            else:  # blocks as stored: the ordering step's pass waits for each layer, nothing to place
-                cache = stitched_layout(self.adapter, layout.prefix_ids, layout.chunk_ids, order, capacity,
-                                        self.kv_dtype)
-                loaded = self.cache.load(layout, cache, pipeline, prefix)
-                reposition(self.adapter, cache, int(self.sink_ids.numel()), False)
-                if loaded.pending is not None:
-                    cache.layer_ready = loaded.pending.wait
-            first.append((cache, loaded, global_positions))
-            return cache
-
-        order = method.order(request, assemble) if method.order else None
-        t1 = time.perf_counter()
-        layout_order = range(len(layout.chunk_ids)) if order is None else order
-        sink = int(self.sink_ids.numel())
-        # The ordering step assembled the blocks as stored (parallel geometry): they are laid out again in place.
-        in_place = bool(first) and not first[0][2]
-        if in_place:
-            cache, counted, _ = first[0]
-            if counted.pending is not None:
-                for layer in range(self.adapter.spec.num_layers):
-                    counted.pending.wait(layer)
-            loaded = LoadStats(counted.hits, counted.misses)
-        else:
-            cache = stitched_layout(self.adapter, layout.prefix_ids, layout.chunk_ids, layout_order, capacity,
-                                    self.kv_dtype)
-            loaded = self.cache.load(layout, cache, pipeline, prefix)
-            counted = first[0][1] if first else loaded
-        t2 = time.perf_counter()
-        if in_place:
-            reorder(self.adapter, cache, layout_order, sink)
-        elif loaded.pending is None:
-            reposition(self.adapter, cache, sink)
-        else:  # stored blocks arrive layer by layer: each pass waits for, and places, the layers it reaches
-            cache.layer_ready = LayerGate(loaded.pending.wait, partial(reposition, self.adapter, cache, sink, True))
-        suffix_rows = cache.append_tokens(layout.suffix_ids.to(self.adapter.device))
-        t3 = time.perf_counter()
-        plan = plan_recompute(self.adapter, cache, suffix_rows, selection, request)
-        t4 = time.perf_counter()
-        hidden, rows = batched.forward(self.adapter, cache, plan.rows, row_filter=plan.row_filter)
-        t5 = time.perf_counter()
-        selected = plan.selected if plan.selected is not None else rows[rows < cache.context_end]
-        # The ordering step is a method's scoring (prophet_focus's Stage I): it counts as selection.
-        return Prefill(cache, hidden, selected, cache.order, (t2 - t1) + (t_prefix - t0), t3 - t2,
-                       (t1 - t_prefix) + (t4 - t3), t5 - t4, counted.hits, counted.misses,
-                       counted.cached_tokens(cache, selected) + reused, reused)
-
-    def _history(self, layout: RequestLayout, reuses_cache: bool, full: bool) -> list[torch.Tensor]:
-        """KV blocks of the longest stored prefix of the request's prompt (see `cache.prefix_cache`), leaving at
-        least one token to compute: of the whole prompt when it is prefilled whole (no documents), of the prefix
-        when the prefix holds a conversation's history (another prefix is stored as a segment in the chunk tiers).
-        A method that reuses no cached KV (`full`, the reference) reads none."""
-        if not reuses_cache:
-            return []
-        if full:
-            return self.prefix_cache.lookup(layout.joined_ids(), layout.total_tokens - 1)
-        if layout.transient_prefix:
-            return self.prefix_cache.lookup(layout.prefix_ids, int(layout.prefix_ids.numel()) - 1)
-        return []
-
-    def _keep(self, cache: StitchedCache) -> None:
-        """Keep the KV this request used, prompt and generated tokens, for the next turn of its conversation."""
-        if not self.prefix_cache.enabled:
-            return
-        n = cache.length
-        assert torch.equal(cache.positions[:n].cpu(), torch.arange(n)), "a finished request sits at positions 0..n-1"
-        with self._compute, torch.inference_mode():
-            self.prefix_cache.put(cache.token_ids[:n], cache.kv[:, :, :n])
-
     def _run(self, layout: RequestLayout, selection: SelectionConfig, generation: GenerationConfig,
              return_logits: bool, constraint: TokenConstraint | None, special_tokens: bool,
              admission: Admission) -> Iterator[str]:
@@ -652,7 +405,7 @@ class ProphetEngine:
         # The first token's logits in the same hold of the lock as the prefill's end: a prefill whose passes ran in
         # the batcher's steps waits in line for the lock once after its last pass, not twice.
         with self._compute, torch.inference_mode():
-            prefill = self._prefill(layout, selection, layout.total_tokens + generation.max_new_tokens)
+            prefill = self.prefiller.prefill(layout, selection, layout.total_tokens + generation.max_new_tokens)
             logits = self.adapter.logits(prefill.hidden[-1:])[0]
         first_logits = logits.clone() if return_logits else None
         ttft = time.perf_counter() - t0
@@ -670,7 +423,7 @@ class ProphetEngine:
         tail = text.finish()
         if tail:
             yield tail
-        self._keep(prefill.cache)
+        self.prefiller.keep(prefill.cache)
         reused = methods.get(selection.method).reuses_cache and bool(layout.chunk_ids)
         stats = RequestStats(
             method=selection.method if reused else "full",
