@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,22 @@ def chunk_lengths(engine, case: Case) -> list[int] | None:
     return [int(ids.numel()) for ids in builder.layout(list(case.chunks), case.query).chunk_ids]
 
 
+def time_hf_last(engine, case: Case) -> float | None:
+    """Seconds of `model(ids, logits_to_keep=1)` over the case's prompt ids as the engine lays them out: the prefill
+    `model.generate` runs, which every TTFT ratio is quoted against. None for an engine without a prompt builder."""
+    builder, adapter = getattr(engine, "builder", None), getattr(engine, "adapter", None)
+    if builder is None or adapter is None:
+        return None
+    ids = builder.layout(list(case.chunks), case.query).joined_ids()[None].to(adapter.device)
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    with torch.inference_mode():
+        sync()
+        start = time.perf_counter()
+        adapter.model(ids, logits_to_keep=1)
+        sync()
+        return time.perf_counter() - start
+
+
 def selected_per_chunk(answer, lengths: list[int] | None) -> list[int] | None:
     """How many of each chunk's tokens were recomputed, chunks in request order (the layout may reorder them)."""
     if lengths is None:
@@ -118,7 +135,7 @@ def selected_per_chunk(answer, lengths: list[int] | None) -> list[int] | None:
 
 
 def _record(case: Case, method: str, ratio: float, answer, reference, model: str,
-            lengths: list[int] | None) -> dict:
+            lengths: list[int] | None, hf_last_s: float | None) -> dict:
     stats = answer.stats
     logits = answer.first_token_logits
     return {
@@ -128,7 +145,7 @@ def _record(case: Case, method: str, ratio: float, answer, reference, model: str
         "first_token_agree": scoring.first_token_agreement(reference, logits),
         "kl": scoring.kl_divergence(reference, logits),
         "ttft_s": stats.ttft_s, "load_s": stats.load_s, "rerotate_s": stats.rerotate_s,
-        "select_s": stats.select_s, "recompute_s": stats.recompute_s,
+        "select_s": stats.select_s, "recompute_s": stats.recompute_s, "hf_last_s": hf_last_s,
         "recomputed_tokens": stats.recomputed_tokens, "context_tokens": stats.context_tokens,
         "evidence_chunks": list(case.evidence_chunks), "chunk_tokens": lengths,
         "selected_per_chunk": selected_per_chunk(answer, lengths), "chunk_order": list(answer.chunk_order),
@@ -231,12 +248,13 @@ def run_bench(engine, config: BenchConfig, progress: Callable[[str], None] | Non
                                              full.token_ids)
                     ref.save(fid_path)
             lengths = chunk_lengths(engine, case)
+            hf_last_s = time_hf_last(engine, case)  # once per case, between the runs it is the baseline of
             for method, ratio in todo:
                 selection = SelectionConfig(method=method, ratio=ratio)
                 answer = full if method == "full" and full is not None else engine.answer(
                     list(case.chunks), case.query, selection=selection, generation=generation, return_logits=True,
                     **_answer_kwargs(case))
-                record = _record(case, method, ratio, answer, reference, model, lengths)
+                record = _record(case, method, ratio, answer, reference, model, lengths, hf_last_s)
                 if config.fidelity:
                     record.update(fidelity.measure(engine, list(case.chunks), case.query, case.answers, selection,
                                                    answer.text, ref))

@@ -123,12 +123,34 @@ def test_end_to_end_tiny_model(make_engine, tmp_path):
     for r in records:  # every recomputed token is counted in exactly one chunk, reordering methods included
         assert sum(r["selected_per_chunk"]) == r["recomputed_tokens"], r["method"]
         assert len(r["chunk_tokens"]) == 3 and r["model"]
+    # One hf_last timing per case, shared by the case's records, and the report quotes TTFT against it.
+    assert len({r["hf_last_s"] for r in records}) == 1 and records[0]["hf_last_s"] > 0
+    assert summary["overall"]["prophet_focus@0.2"]["relative_hf_last"] > 0
+    assert "| TTFT s | TTFT x hf_last | TTFT x full |" in (config.output_dir / "results.md").read_text()
 
 
 def _row(task, case, method, ratio, score):
     return {"task": task, "case_id": case, "method": method, "ratio": ratio, "score": score, "f1": score,
             "first_token_agree": 1.0, "kl": 0.0, "ttft_s": 1.0, "load_s": 0.0, "rerotate_s": 0.0, "select_s": 0.0,
             "recompute_s": 1.0, "recomputed_tokens": 0, "context_tokens": 10, "text": ""}
+
+
+def test_ttft_against_hf_last_is_a_ratio_of_means_over_the_timed_records():
+    rows = [_row("a", f"a-{i}", "prophet", 0.2, 1.0) | {"ttft_s": t, "hf_last_s": h}
+            for i, (t, h) in enumerate([(1.0, 4.0), (2.0, 4.0)])]
+    rows.append(_row("a", "a-2", "prophet", 0.2, 1.0))  # recorded before hf_last was timed: left out of the ratio
+    rows += [_row("b", "b-0", "prophet", 0.2, 1.0) | {"ttft_s": 1.0, "hf_last_s": 2.0}]
+    summary = summarize(rows)
+    assert summary["tasks"]["a"]["prophet@0.2"]["relative_hf_last"] == pytest.approx(1.5 / 4.0)
+    assert summary["overall"]["prophet@0.2"]["relative_hf_last"] == pytest.approx((0.375 + 0.5) / 2)
+
+
+def test_without_any_hf_last_timing_the_ratio_is_unknown(tmp_path):
+    path = run_bench(FakeEngine(), _config(tmp_path), progress=lambda m: None)  # a fake engine has no prompt builder
+    assert all(r["hf_last_s"] is None for r in load_records(path))
+    summary = write_reports(path, tmp_path)
+    assert summary["overall"]["prophet@0.2"]["relative_hf_last"] is None
+    assert "| 0.250 | - | 0.25 |" in (tmp_path / "results.md").read_text()
 
 
 def test_overall_relative_accuracy_is_a_ratio_of_task_means():
