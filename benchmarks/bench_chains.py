@@ -27,8 +27,7 @@ from langchain_core.documents import Document
 from langchain_core.prompts import ChatPromptTemplate
 
 from prophet_rag import ProphetEngine, StoreConfig
-from prophet_rag.integrations import langchain_runs
-from prophet_rag.integrations.langchain import ChatProphet, ProphetRAG
+from prophet_rag.integrations.langchain import ChatProphet, ProphetRAG, runs
 
 DATA = Path(__file__).resolve().parents[1] / "notebooks" / "data" / "bakery"
 QUESTIONS = [
@@ -73,7 +72,7 @@ def main() -> None:
         def run(arm: str, question: str) -> dict:
             chain = rag if arm == "prophet_rag" else tutorial
             if arm == "before":
-                with mock.patch.object(langchain_runs.RUNS, "seen", return_value=None):
+                with mock.patch.object(runs.RUNS, "seen", return_value=None):
                     chain.invoke({"input": question}, config={"callbacks": [stats]})
             else:
                 chain.invoke({"input": question}, config={"callbacks": [stats]})

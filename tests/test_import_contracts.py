@@ -23,7 +23,9 @@ def test_the_import_contracts_hold(tmp_path):
     ("prophet_rag/cache/remote.py", "from prophet_rag.cache.store import KVStore", "a KV tier is one class"),
     ("prophet_rag/selection/prophet.py", "from prophet_rag.selection.prophet_focus import focus_plan",
      "each selection method's module"),
-    ("prophet_rag/integrations/langchain.py", "from prophet_rag.integrations import llama_index",
+    ("prophet_rag/integrations/langchain/rag.py", "from prophet_rag.integrations.llama_index import llm",
+     "the LlamaIndex and LangChain adapters"),
+    ("prophet_rag/integrations/llama_index/stats.py", "from prophet_rag.integrations.langchain.runs import RUNS",
      "the LlamaIndex and LangChain adapters"),
     ("prophet_rag/cache/keys.py", "import langchain_core", "the core never imports"),
 ])

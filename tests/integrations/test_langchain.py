@@ -27,8 +27,8 @@ from langchain_core.vectorstores import InMemoryVectorStore
 
 from prophet_rag import InvalidRequestError
 from prophet_rag.config import DEFAULT_INSTRUCTION, SelectionConfig
-from prophet_rag.integrations import common, langchain_runs
-from prophet_rag.integrations.langchain import ChatProphet, ProphetLangChainLLM, ProphetRAG
+from prophet_rag.integrations import common
+from prophet_rag.integrations.langchain import ChatProphet, ProphetLangChainLLM, ProphetRAG, runs
 from prophet_rag.layout import DOCUMENTS
 
 QUESTION = "How heavy is widget 2?"
@@ -322,13 +322,13 @@ def test_documents_of_an_earlier_run_are_not_found_in_a_later_one(chat, retrieve
 
 
 def test_runs_are_forgotten_when_they_end(chat, retriever):
-    open_runs = langchain_runs.RUNS.open_runs()
+    open_runs = runs.RUNS.open_runs()
     chain = {"context": retriever | format_docs, "question": RunnablePassthrough()} | RAG_PROMPT
     (chain | chat).invoke(QUESTION)
     list((chain | chat).stream(QUESTION))
     with pytest.raises(InvalidRequestError):
         (chain | chat.bind(max_new_tokens=0)).invoke(QUESTION)
-    assert langchain_runs.RUNS.open_runs() == open_runs
+    assert runs.RUNS.open_runs() == open_runs
 
 
 @pytest.mark.parametrize("path", ["tutorial", "prophet_rag"])

@@ -14,7 +14,8 @@ from langchain_core.tools import tool
 from pydantic import BaseModel, Field
 
 from prophet_rag import InvalidRequestError
-from prophet_rag.integrations.langchain import ChatProphet, _parsed_message
+from prophet_rag.integrations.langchain import ChatProphet
+from prophet_rag.integrations.langchain.messages import parsed_message
 from prophet_rag.structured import as_tools
 
 BUDGET = 120
@@ -113,7 +114,7 @@ def test_what_does_not_parse_becomes_an_invalid_tool_call(engine):
     tools = as_tools([{"name": "add", "parameters": {"type": "object", "properties": {}}}])
     parsed = engine.tool_format.parse('<tool_call>[{"name": "nope", "arguments": {}}]</tool_call> and <tool_call>{',
                                       tools)
-    message = _parsed_message(parsed)
+    message = parsed_message(parsed)
     assert message.tool_calls == [] and len(message.invalid_tool_calls) == 2
     assert "unknown tool" in message.invalid_tool_calls[0]["error"]
 

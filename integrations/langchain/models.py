@@ -1,34 +1,10 @@
-"""LangChain integration: `ChatProphet` (a chat model), `ProphetLangChainLLM` (a text LLM) and `ProphetRAG`, the
-runnable that keeps retrieved documents apart.
-
-Both models render calls with the model's own chat template (a text prompt is one user message, behind
-`system_prompt`). The chains LangChain's tutorials write work as they are, with the model swapped:
-
-    chain = create_retrieval_chain(retriever, create_stuff_documents_chain(ChatProphet(), prompt))
-    chain = {"context": retriever | format_docs, "question": RunnablePassthrough()} | prompt | ChatProphet()
-
-A model in such a chain receives one rendered prompt, the documents joined into it. It finds them there by their
-exact content: the documents its run retrieved are recorded as the run goes (langchain_runs.py) and located in the
-prompt (placement.locate), so each one is a cached chunk, and the template's text around them stays as rendered.
-A call whose run retrieved nothing is a plain chat: full prefill, nothing stored. When the run retrieved documents
-but none of them is in the prompt verbatim (a formatter that rewrote them), the call is answered as plain text and a
-warning says so once.
-
-`ProphetRAG` takes the place of `prompt | llm` and hands the model the documents themselves:
-
-    rag = ProphetRAG(llm=ChatProphet(), prompt=prompt)   # prompt: any template with {context} and {question}
-    chain = {"context": retriever, "question": RunnablePassthrough()} | rag | StrOutputParser()
-
-It renders its prompt template with the context's place marked (placement.py) and passes that request beside the
-readable prompt, as the `prophet_request` keyword of `llm.invoke`/`stream`/`ainvoke`/`astream`.
-Callbacks, token streaming, batch and async work as for any model run. Usage (`usage_metadata`, `llm_output`) and the
-request's statistics (`response_metadata["prophet_rag"]`, `generation_info`) come with every answer.
-"""
+"""The LangChain models: `ChatProphet` (a chat model, with tools and structured output) and `ProphetLangChainLLM` (a
+text LLM), over one shared base that starts their calls: the request `ProphetRAG` passed, else the call's messages
+with the documents its run retrieved found in them (see the package docstring)."""
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from operator import itemgetter
 from typing import Any, Literal
@@ -37,9 +13,8 @@ from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.llms import BaseLLM
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, ToolMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
 from langchain_core.messages.ai import add_usage
-from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import (
@@ -50,77 +25,21 @@ from langchain_core.outputs import (
     GenerationChunk,
     LLMResult,
 )
-from langchain_core.prompts import BasePromptTemplate, ChatPromptTemplate, PromptTemplate
-from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough, RunnableSerializable
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import Field
 
 from prophet_rag import InvalidRequestError
-from prophet_rag.config import DEFAULT_INSTRUCTION
-from prophet_rag.integrations import langchain_runs
 from prophet_rag.integrations.common import Call, ChatRequest, ProphetSettings, check_documents, tool_request
-from prophet_rag.integrations.placement import Marks, locate
-from prophet_rag.structured import Grammar, ParsedOutput, Tool, as_tools
+from prophet_rag.integrations.langchain import runs
+from prophet_rag.integrations.langchain.messages import engine_message, parsed_message, tool_chunk
+from prophet_rag.integrations.placement import locate
+from prophet_rag.structured import Grammar, Tool, as_tools
 from prophet_rag.structured import tool_choice as parse_tool_choice
 from prophet_rag.structured.grammar import bound_schema
 from prophet_rag.structured.render import chat_layout as tool_chat_layout
-from prophet_rag.structured.stream import TextDelta, ToolCallStream
-from prophet_rag.structured.tools import TOOL_NAME
-
-DEFAULT_PROMPT = ChatPromptTemplate.from_messages(
-    [("human", DEFAULT_INSTRUCTION + "\n\n{context}\n\nQuestion: {question}")]
-)
-"""`ProphetRAG`'s default: the same request `engine.answer(documents, question)` makes."""
-
-_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "function"}
-
-
-_CALL_BLOCKS = ("tool_use", "tool_call", "function_call")
-"""Content blocks that repeat an assistant message's tool calls (Anthropic's `tool_use`, LangChain's v1 blocks); the
-calls themselves are in `tool_calls`."""
-
-
-def _text(content: str | list, index: int, calls: bool = False) -> str:
-    if isinstance(content, str):
-        return content
-    texts = []
-    for block in content:
-        if isinstance(block, str):
-            texts.append(block)
-        elif isinstance(block, Mapping) and block.get("type") == "text":
-            texts.append(block.get("text", ""))
-        elif calls and isinstance(block, Mapping) and block.get("type") in _CALL_BLOCKS:
-            continue
-        else:
-            kind = block.get("type") if isinstance(block, Mapping) else type(block).__name__
-            raise InvalidRequestError(f"message {index} holds a {kind!r} block; prophet-rag models read text only.")
-    return "".join(texts)
-
-
-def _call_id(call_id: object) -> str:
-    """A call id as the chat templates may place it (`[A-Za-z0-9_-]{1,64}`): itself, else a stable stand-in, the
-    same for the assistant's call and the tool result that answers it."""
-    if isinstance(call_id, str) and TOOL_NAME.fullmatch(call_id):
-        return call_id
-    return "call_" + hashlib.sha256(str(call_id).encode()).hexdigest()[:24]
-
-
-def _message(message: BaseMessage, index: int) -> dict[str, Any]:
-    """A LangChain message as the engine takes it: an assistant's tool calls and a tool result's call id kept."""
-    role = message.role if isinstance(message, ChatMessage) else _ROLES.get(message.type)
-    if role is None:
-        raise InvalidRequestError(f"message {index} is a {type(message).__name__}, which has no chat template role.")
-    calls = message.tool_calls if isinstance(message, AIMessage) else []
-    out: dict[str, Any] = {"role": role, "content": _text(message.content, index, calls=bool(calls))}
-    if calls:
-        out["tool_calls"] = [{"id": _call_id(c.get("id")), "type": "function",
-                              "function": {"name": c["name"], "arguments": c.get("args") or {}}} for c in calls]
-    if isinstance(message, ToolMessage):
-        out["tool_call_id"] = _call_id(message.tool_call_id)
-        if message.name and TOOL_NAME.fullmatch(message.name):
-            out["name"] = message.name
-    return out
+from prophet_rag.structured.stream import ToolCallStream
 
 
 def _response_grammar(response_format: Any, max_string_chars: int | None) -> Grammar:
@@ -138,24 +57,13 @@ def _response_grammar(response_format: Any, max_string_chars: int | None) -> Gra
     return Grammar.json_schema(response_format, max_string_chars=max_string_chars)
 
 
-def _parsed_message(parsed: ParsedOutput, **fields: Any) -> AIMessage:
-    """An `AIMessage` of a generation split into text, tool calls and what looked like a call but did not parse."""
-    return AIMessage(
-        content=parsed.content,
-        tool_calls=[tool_call(name=c.name, args=c.arguments, id=c.id) for c in parsed.tool_calls],
-        invalid_tool_calls=[invalid_tool_call(name=c.name, args=c.arguments, id=c.id, error=c.error)
-                            for c in parsed.invalid_tool_calls],
-        **fields,
-    )
-
-
 class _LangChainModel(ProphetSettings):
     """What both LangChain models add to the shared settings; listed first among their bases, so these win."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**self.accepted(kwargs))
         self._setup()
-        langchain_runs.install()
+        runs.install()
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -172,7 +80,7 @@ class _LangChainModel(ProphetSettings):
         """Start answering the call: the request `ProphetRAG` passed, else `messages` with the documents the run
         retrieved at their place (see `_recovered`); `structured`: the engine's tools and grammar."""
         request = kwargs.pop("prophet_request", None) or self._recovered(
-            messages, langchain_runs.call_parent(run_manager), artifacts)
+            messages, runs.call_parent(run_manager), artifacts)
         # `stream` is LangChain's own flag for whether a call streams; every other keyword is a per-call option.
         options = {key: value for key, value in kwargs.items() if key != "stream"}
         if stop is not None:
@@ -184,7 +92,7 @@ class _LangChainModel(ProphetSettings):
         """`messages` as a request, with the documents that the run around the call retrieved (and the documents
         tool results carry as their artifact, `artifacts`) taken out of the prompt as documents where they are found
         verbatim; a plain chat when there are none."""
-        seen = langchain_runs.RUNS.seen(parent_run_id)
+        seen = runs.RUNS.seen(parent_run_id)
         documents = dict.fromkeys([*(seen.documents if seen is not None else ()), *artifacts])
         if not documents:
             return ChatRequest(tuple(dict(message) for message in messages))
@@ -244,7 +152,7 @@ class ChatProphet(_LangChainModel, BaseChatModel):
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence | None = None) -> int:
         """The tokens `messages` take once rendered with the chat template (with `tools` in the model's tool
         format), generation prompt included."""
-        converted = [_message(m, i) for i, m in enumerate(messages)]
+        converted = [engine_message(m, i) for i, m in enumerate(messages)]
         if not tools:
             return self.count_chat_tokens(converted)
         bound = as_tools([convert_to_openai_tool(t) for t in tools])
@@ -326,7 +234,7 @@ class ChatProphet(_LangChainModel, BaseChatModel):
     def _open(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any],
               run_manager: CallbackManagerForLLMRun | None) -> tuple[Call, tuple[Tool, ...]]:
         tools, structured = self._structured(kwargs)
-        converted = [_message(m, i) for i, m in enumerate(messages)]
+        converted = [engine_message(m, i) for i, m in enumerate(messages)]
         artifacts = [doc.page_content for m in messages if isinstance(m, ToolMessage)
                      for doc in (m.artifact if isinstance(m.artifact, list) else []) if isinstance(doc, Document)]
         return self._call_start(converted, stop, kwargs, run_manager, structured, artifacts), tools
@@ -337,7 +245,7 @@ class ChatProphet(_LangChainModel, BaseChatModel):
         text = call.text()
         fields = {"usage_metadata": call.usage, "response_metadata": call.report()}
         if tools:
-            message = _parsed_message(self.engine.tool_format.parse(text, tools), **fields)
+            message = parsed_message(self.engine.tool_format.parse(text, tools), **fields)
             if message.tool_calls:
                 message.response_metadata["finish_reason"] = "tool_calls"
         else:
@@ -354,23 +262,15 @@ class ChatProphet(_LangChainModel, BaseChatModel):
             if calls is None:
                 yield ChatGenerationChunk(message=AIMessageChunk(content=delta))
             else:
-                yield from map(_chunk, calls.feed(delta))
+                yield from map(tool_chunk, calls.feed(delta))
         report = call.report()
         if calls is not None:
             events, parsed = calls.finish(tools)
-            yield from map(_chunk, events)
+            yield from map(tool_chunk, events)
             if parsed.tool_calls:
                 report["finish_reason"] = "tool_calls"
         yield ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=call.usage,
                                                          response_metadata=report, chunk_position="last"))
-
-
-def _chunk(event: Any) -> ChatGenerationChunk:
-    """A streamed piece of an answer with tools: text, or a piece of a tool call."""
-    if isinstance(event, TextDelta):
-        return ChatGenerationChunk(message=AIMessageChunk(content=event.text))
-    piece = tool_call_chunk(name=event.name, args=event.arguments, id=event.id, index=event.index)
-    return ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[piece]))
 
 
 class ProphetLangChainLLM(_LangChainModel, BaseLLM):
@@ -410,150 +310,3 @@ class ProphetLangChainLLM(_LangChainModel, BaseLLM):
                 run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
         yield GenerationChunk(text="", generation_info=call.report())
-
-
-def _parse_input(value: Any) -> tuple[str, list[str]]:
-    """`{"context" | "documents": list[Document | str], "question" | "input": str}` -> (question, document texts)."""
-    if not isinstance(value, Mapping):
-        raise InvalidRequestError(
-            f"ProphetRAG takes a dict with 'context' and 'question', got {type(value).__name__}; put "
-            "{'context': retriever, 'question': RunnablePassthrough()} in front of it."
-        )
-    question = value.get("question", value.get("input"))
-    if not isinstance(question, str) or not question.strip():
-        raise InvalidRequestError(
-            f"ProphetRAG needs the user's question as a non-empty string under 'question' (or 'input'), got "
-            f"{question!r}."
-        )
-    docs = value.get("context", value.get("documents"))
-    if isinstance(docs, (str, Document)) or not isinstance(docs, Sequence):
-        raise InvalidRequestError(
-            f"ProphetRAG needs the retrieved documents as a list of Documents or strings under 'context' (or "
-            f"'documents'), got {type(docs).__name__}; pass the retriever's output, not a joined string."
-        )
-    if not docs:
-        raise InvalidRequestError("ProphetRAG got an empty 'context' list: the retriever found no documents.")
-    texts = []
-    for i, doc in enumerate(docs):
-        text = doc.page_content if isinstance(doc, Document) else doc
-        if not isinstance(text, str):
-            raise InvalidRequestError(f"context document {i} is {type(doc).__name__} {doc!r:.60}; each must be a "
-                                      "Document or a string.")
-        texts.append(text)
-    return question, check_documents(texts, "context document")
-
-
-_MODELS = (ChatProphet, ProphetLangChainLLM)
-
-
-def _model_of(llm: Runnable) -> ChatProphet | ProphetLangChainLLM:
-    """The prophet-rag model inside `llm`: itself, or the model a binding (`bind`, `with_config`, `with_retry`) or a
-    configurable (`configurable_fields`) wraps."""
-    inner = llm
-    while not isinstance(inner, _MODELS):
-        inner = getattr(inner, "bound", None) or getattr(inner, "default", None)
-        if not isinstance(inner, Runnable):
-            raise InvalidRequestError(
-                f"ProphetRAG needs a ChatProphet or ProphetLangChainLLM as llm (bound or configured ones too), got "
-                f"{type(llm).__name__}: only they can take documents as cached chunks."
-            )
-    return inner
-
-
-class ProphetRAG(RunnableSerializable[dict, Any]):
-    """Answers `{"context": list[Document | str], "question": str}` with each document as its own cached chunk.
-
-    `"input"` is accepted for `"question"` (the `create_retrieval_chain` convention) and `"documents"` for
-    `"context"`; other keys fill the prompt's other variables (a `MessagesPlaceholder` history, say). `prompt` is a
-    prompt template (or a string) with `{context}`, usually `{question}` too; its messages are what the model
-    answers, with the documents at `{context}`. `llm` is a `ChatProphet` or `ProphetLangChainLLM`, also bound or
-    configured (`chat.bind(stop=["."])`, `chat.with_config(...)`, `configurable_fields`); per-call options bound to
-    the runnable itself (`ProphetRAG(...).bind(max_new_tokens=4)`) reach the model.
-
-    Output: with `output="message"` (the default) the model's own, an `AIMessage` from `ChatProphet` (chunks when
-    streaming; its `response_metadata["prophet_rag"]` holds the request's statistics) or a string from
-    `ProphetLangChainLLM`; with `output="text"` the answer's text, a string (string deltas when streaming), as
-    `create_retrieval_chain`'s "answer" expects. Bad input raises `InvalidRequestError` naming the problem.
-    """
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    llm: Runnable
-    prompt: BasePromptTemplate = DEFAULT_PROMPT
-    output: Literal["message", "text"] = "message"
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _template(cls, prompt: Any) -> Any:
-        return PromptTemplate.from_template(prompt) if isinstance(prompt, str) else prompt
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        _model_of(self.llm)
-        if "context" not in self.prompt.input_variables:
-            raise InvalidRequestError(
-                f"ProphetRAG's prompt must have a {{context}} variable, where the documents go; it has "
-                f"{self.prompt.input_variables}."
-            )
-
-    def _request(self, value: Any) -> tuple[Any, dict[str, Any]]:
-        """(the rendered prompt callbacks and traces see, the keyword that carries the request to the model)."""
-        question, texts = _parse_input(value)
-        args = {}
-        for name in self.prompt.input_variables:
-            if name in ("question", "input"):
-                args[name] = question
-            elif name != "context" and name not in value:
-                raise InvalidRequestError(f"ProphetRAG's prompt needs {{{name}}}: pass it in the input dict.")
-            else:
-                args[name] = value.get(name)
-        marks = Marks(args, "context")
-        marked = self.prompt.invoke(marks.args).to_messages()
-        request = marks.request([_message(m, i) for i, m in enumerate(marked)], texts)
-        if request is None:
-            raise InvalidRequestError("ProphetRAG's prompt must render {context} exactly once, where the documents go.")
-        readable = self.prompt.invoke({**args, "context": "\n\n".join(texts)})
-        chat = isinstance(_model_of(self.llm), BaseChatModel)
-        return readable.to_messages() if chat else readable.to_string(), {"prophet_request": request}
-
-    def _shaped(self, output: Any) -> Any:
-        if self.output == "text" and isinstance(output, BaseMessage):
-            return output.content
-        return output
-
-    def invoke(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return self._call_with_config(self._invoke, input, config, **kwargs)
-
-    def _invoke(self, value: dict, config: RunnableConfig, **options: Any) -> Any:
-        readable, request = self._request(value)
-        return self._shaped(self.llm.invoke(readable, config=config, **request, **options))
-
-    async def ainvoke(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
-        return await self._acall_with_config(self._ainvoke, input, config, **kwargs)
-
-    async def _ainvoke(self, value: dict, config: RunnableConfig, **options: Any) -> Any:
-        readable, request = self._request(value)
-        return self._shaped(await self.llm.ainvoke(readable, config=config, **request, **options))
-
-    def stream(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
-        yield from self._transform_stream_with_config(iter([input]), self._transform, config, **kwargs)
-
-    def _transform(self, values: Iterator[dict], config: RunnableConfig, **options: Any) -> Iterator[Any]:
-        for value in values:
-            readable, request = self._request(value)
-            for delta in self.llm.stream(readable, config=config, **request, **options):
-                yield self._shaped(delta)
-
-    async def astream(self, input: dict, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
-        async def values() -> AsyncIterator[dict]:
-            yield input
-
-        async for delta in self._atransform_stream_with_config(values(), self._atransform, config, **kwargs):
-            yield delta
-
-    async def _atransform(self, values: AsyncIterator[dict], config: RunnableConfig,
-                          **options: Any) -> AsyncIterator[Any]:
-        async for value in values:
-            readable, request = self._request(value)
-            async for delta in self.llm.astream(readable, config=config, **request, **options):
-                yield self._shaped(delta)
