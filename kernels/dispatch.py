@@ -17,7 +17,7 @@ import torch
 from .query_scores import query_scores_ref
 from .rope_shift import rope_shift_ref
 from .sparse_attention import AttentionPlan, plan_attention, sparse_attention_ref
-from .stage1_attention import stage1_attention_ref
+from .stage1_attention import stage1_attention_torch
 
 BACKENDS = ("torch", "triton")
 _forced: str | None = None
@@ -134,4 +134,4 @@ def stage1_attention(
         from .stage1_attention import stage1_attention_triton
 
         return stage1_attention_triton(q, k, v, q_pos, k_pos, scale, context_end, prophet_out, norm_out, bounds)
-    return stage1_attention_ref(q, k, v, q_pos, k_pos, scale, context_end, prophet_out, norm_out, bounds, plan)
+    return stage1_attention_torch(q, k, v, q_pos, k_pos, scale, context_end, prophet_out, norm_out, bounds, plan)

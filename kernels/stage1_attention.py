@@ -69,6 +69,53 @@ def stage1_attention_ref(
     return out
 
 
+_FUSED_LOGITS_BYTES = 64 * 2**20
+"""Largest fp32 logits tensor `stage1_attention_torch` materialises; larger calls take the two reference ops."""
+
+
+def stage1_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+    context_end: int,
+    prophet_out: torch.Tensor | None,
+    norm_out: torch.Tensor | None,
+    bounds: torch.Tensor | None = None,
+    plan: AttentionPlan | None = None,
+) -> torch.Tensor:
+    """`stage1_attention_ref`'s contract in plain torch ops, the logits computed once for both uses.
+
+    The reference reads every key twice (SDPA for the output, a second Q.K^T for the scores) and copies K and V to a
+    head-major layout for SDPA; here one batched matmul per KV head gives the fp32 logits `[kv_heads, group * rows,
+    keys]` that both softmaxes read. Stage I has few rows (the question's), so the logits are small: 20 to 35%
+    less time per layer on a 2-core CPU at 4K tokens (benchmarks/bench_stage1.py). Larger calls than
+    `_FUSED_LOGITS_BYTES` of logits run the reference.
+    """
+    scored, context, keys = (q.shape[0], context_end, k.shape[0]) if bounds is None else bounds.tolist()
+    rows, q_heads, dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    if rows * q_heads * keys * 4 > _FUSED_LOGITS_BYTES:
+        return stage1_attention_ref(q, k, v, q_pos, k_pos, scale, context_end, prophet_out, norm_out, bounds, plan)
+    # Row r of query head kv * group + g is row g * rows + r of KV head kv, as in sparse_attention_ref.
+    qg = q.float().unflatten(1, (kv_heads, group)).permute(1, 2, 0, 3).reshape(kv_heads, group * rows, dim)
+    logits = torch.bmm(qg, k[:keys].float().permute(1, 2, 0)).mul_(scale)
+    if context > 0 and (prophet_out is not None or norm_out is not None):
+        # The scores' softmax: the first `scored` rows over the context keys, no position mask (query_scores_ref).
+        attn = torch.softmax(logits.view(kv_heads, group, rows, keys)[:, :, :scored, :context], dim=-1)
+        if prophet_out is not None:
+            prophet_out[:context] += attn.sum(dim=(0, 1, 2))
+        if norm_out is not None:
+            norm_out[:context] += attn.mean(dim=(0, 1)).norm(dim=0)
+    hidden = k_pos[None, :keys] > q_pos[:, None]
+    probs = torch.softmax(logits.view(kv_heads, group, rows, keys).masked_fill_(hidden, float("-inf")), dim=-1)
+    out = torch.bmm(probs.view(kv_heads, group * rows, keys), v[:keys].float().transpose(0, 1))
+    return out.view(kv_heads, group, rows, dim).permute(2, 0, 1, 3).reshape(rows, q_heads, dim).to(q.dtype)
+
+
 def _attention_kernel(
     q,
     k,

@@ -243,21 +243,29 @@ class ChunkCache:
 
     def _lookup(self, ref: ChunkRef, out: torch.Tensor, pipeline: bool) -> ChunkKV | _Read | None:
         for depth, tier in enumerate(self.tiers):
+            faster = self._keepers(self.tiers[:depth], out.nbytes)
             if pipeline and isinstance(tier, LayeredTier):
                 entry = tier.open(ref, self.meta)
                 if entry is not None:
-                    return _Read(entry, out, ref, self.tiers[:depth], [])
+                    return _Read(entry, out, ref, faster, [])
                 continue
             kv = tier.get(ref, self.meta, out)
             if kv is None:
                 continue
-            if depth:
+            if faster:
                 # The faster tiers keep what they are given: never a view of the request's cache.
                 kept = kv if kv.kv is not out else ChunkKV(kv.token_ids, kv.positions, out.clone())
-                for faster in self.tiers[:depth]:
-                    faster.put(ref, kept, self.meta)
+                for keeper in faster:
+                    keeper.put(ref, kept, self.meta)
             return kv
         return None
+
+    @staticmethod
+    def _keepers(tiers: Sequence[KVTier], nbytes: int) -> list[KVTier]:
+        """The `tiers` that may keep a block of `nbytes` bytes: an in-memory tier that is off (0 bytes, the default)
+        or too small would refuse it, after the caller had copied the whole block for it (a fresh 200 MB per 4K-token
+        request from the disk store alone)."""
+        return [tier for tier in tiers if not isinstance(tier, HotCache) or tier.keeps(nbytes)]
 
     def stats(self) -> dict[str, object]:
         """Each tier's counters, by tier name."""

@@ -73,10 +73,14 @@ class HotCache:
             return ChunkKV(kv.token_ids, kv.positions, out)
         return kv
 
+    def keeps(self, nbytes: int) -> bool:
+        """Whether `put` would keep an entry of `nbytes` bytes (never, with the tier off)."""
+        return nbytes <= self.limit_bytes
+
     def put(self, ref: ChunkRef, kv: ChunkKV, meta: EntryMeta | None = None) -> bool:
         """Keep `kv`, evicting the least recently used entries to stay within the limit; an entry larger than the
         whole limit is not kept."""
-        if kv.nbytes > self.limit_bytes:
+        if not self.keeps(kv.nbytes):
             return False
         if self.host and kv.kv.device.type != "cpu":
             kv = _to_host(kv)

@@ -371,3 +371,29 @@ def test_engine_recomputes_a_block_that_fails_mid_request(make_engine):
     assert layered.discarded
     assert got.token_ids == expected.token_ids
     torch.testing.assert_close(got.first_token_logits, expected.first_token_logits, rtol=0, atol=0)
+
+
+def test_a_pipelined_load_copies_nothing_for_tiers_that_are_off(monkeypatch):
+    """In-memory tiers of 0 bytes (the default) would refuse every block: the loader keeps no copy for them."""
+    slow = LayeredDictTier()
+    layout = _layout([2, 3], [4, 5])
+    _load(_cache([slow]), layout)
+    allocated = []
+    real = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: allocated.append(1) or real(*a, **k))
+    stitched, loaded = _load_pipelined(_cache([HotCache(0), HotCache(0, host=True), slow]), layout)
+    loaded.pending._thread.join()
+    assert allocated == []
+    assert not stitched.kv[:, :, 2:6].isnan().any()
+
+
+def test_a_tier_too_small_for_a_block_gets_no_write_back():
+    small, slow = HotCache(8), DictTier("slow")
+    layout = _layout([2, 3])
+    _load(_cache([slow]), layout)
+    _load(_cache([small, slow]), layout)
+    assert len(small) == 0 and small.stats().misses == 2  # asked first, never handed a copy
+
+
+def test_hot_cache_keeps_what_fits_its_limit():
+    assert HotCache(64).keeps(64) and not HotCache(64).keeps(65) and not HotCache(0).keeps(1)

@@ -14,7 +14,7 @@ import torch
 from prophet_rag.kernels import stage1_attention, use_backend
 from prophet_rag.kernels.query_scores import query_scores_ref, query_scores_triton
 from prophet_rag.kernels.sparse_attention import sparse_attention_ref, sparse_attention_triton
-from prophet_rag.kernels.stage1_attention import stage1_attention_ref, stage1_attention_triton
+from prophet_rag.kernels.stage1_attention import stage1_attention_ref, stage1_attention_torch, stage1_attention_triton
 
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes run only on CUDA (slow interpreter)")
 # The interpreter multiplies bf16 operands of tl.dot as raw uint16 bits (triton 3.9), so bf16 is checked on CUDA only.
@@ -200,3 +200,46 @@ def test_dispatch_runs_triton_when_forced(device, monkeypatch, assert_close):
     assert calls == [1]
     assert_close(out, expected, torch.float32)
     assert_close(prophet, prophet_ref, torch.float32, scale=10.0)
+
+
+TORCH_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+                pytest.param(torch.bfloat16, id="bf16")]
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES)
+@pytest.mark.parametrize("layout,rows,q_heads,kv_heads,keys,context,dim", SHAPES)
+def test_torch_path_matches_definition(layout, rows, q_heads, kv_heads, keys, context, dim, dtype, device,
+                                       assert_close):
+    """stage1_attention_torch (one logits tensor for both softmaxes) against the two reference ops."""
+    q, k, v, q_pos, k_pos = make_inputs(layout, rows, q_heads, kv_heads, keys, dim, dtype, device)
+    scale = dim**-0.5
+    start = start_scores(context, device)
+    expected = {name: t.clone() for name, t in start.items()}
+    expected_out = stage1_attention_ref(q, k, v, q_pos, k_pos, scale, context, expected["prophet"], expected["norm"])
+    got = {name: t.clone() for name, t in start.items()}
+    out = stage1_attention_torch(q, k, v, q_pos, k_pos, scale, context, got["prophet"], got["norm"])
+    assert out.dtype == q.dtype
+    assert_close(out, expected_out, dtype, what="output")
+    check_scores(got, expected, start, assert_close)
+
+
+@pytest.mark.parametrize("which", [("prophet",), ("norm",)])
+def test_torch_path_adds_only_the_scores_asked_for(which, device, assert_close):
+    q, k, v, q_pos, k_pos = make_inputs("scattered", 17, 6, 2, 120, 16, torch.float32, device, seed=8)
+    start = start_scores(90, device, which)
+    expected = {name: t.clone() for name, t in start.items()}
+    stage1_attention_ref(q, k, v, q_pos, k_pos, 0.3, 90, expected.get("prophet"), expected.get("norm"))
+    got = {name: t.clone() for name, t in start.items()}
+    stage1_attention_torch(q, k, v, q_pos, k_pos, 0.3, 90, got.get("prophet"), got.get("norm"))
+    check_scores(got, expected, start, assert_close)
+
+
+def test_torch_path_runs_the_reference_past_its_logits_limit(device, monkeypatch):
+    """Calls whose logits would exceed _FUSED_LOGITS_BYTES take the reference ops, with the same result exactly."""
+    module = importlib.import_module("prophet_rag.kernels.stage1_attention")
+    monkeypatch.setattr(module, "_FUSED_LOGITS_BYTES", 0)
+    q, k, v, q_pos, k_pos = make_inputs("stage1", 9, 4, 2, 80, 16, torch.float32, device, seed=9)
+    expected, got = torch.zeros(70, device=device), torch.zeros(70, device=device)
+    expected_out = stage1_attention_ref(q, k, v, q_pos, k_pos, 0.25, 70, expected, None)
+    out = stage1_attention_torch(q, k, v, q_pos, k_pos, 0.25, 70, got, None)
+    assert torch.equal(out, expected_out) and torch.equal(got, expected)
