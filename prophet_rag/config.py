@@ -123,15 +123,24 @@ class BatchConfig:
     requests then run one after another. With `batch_prefills`, the forward passes of prefills (the question's Stage I
     pass, the selective forward) run in the decode steps too, together with those of the other requests prefilling
     at the same time; without it, each prefill runs its passes alone, between the steps.
+
+    `prefill_priority` puts a new request's first token before the running requests' next tokens, as vLLM's
+    scheduler does, so its time to first token is not spent behind their decode steps: a prefill's turns under the
+    compute lock (assembling its cache, choosing its rows) go before a decode step waiting for the lock, and a step
+    with prefill passes waiting runs those passes without the decode rows. Either happens at most
+    `prefill_priority` times in a row before the decode step runs, so decoding never stalls for longer. 0: turns
+    in arrival order and passes run together with the decode rows.
     """
 
     max_batch: int = 8
     max_waiting: int = 64
     batch_prefills: bool = True
+    prefill_priority: int = 8
 
     def __post_init__(self) -> None:
         _check_int("max_batch", self.max_batch, 1, " (1 turns batching off)")
         _check_int("max_waiting", self.max_waiting, 0, " (0: refuse a request when every place is taken)")
+        _check_int("prefill_priority", self.prefill_priority, 0, " (0: prefills and decode steps in arrival order)")
         if not isinstance(self.batch_prefills, bool):
             raise InvalidRequestError(f"batch_prefills must be True or False, got {self.batch_prefills!r}.")
 

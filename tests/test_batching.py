@@ -81,9 +81,9 @@ def test_a_request_alone_runs_its_passes_on_its_own_thread(make_engine, monkeypa
     engine = make_engine("llama")
     real, threads = batcher_module.forward_passes, []
 
-    def recorded(adapter, passes):
+    def recorded(adapter, passes, **options):
         threads.append(threading.current_thread().name)
-        return real(adapter, passes)
+        return real(adapter, passes, **options)
 
     monkeypatch.setattr(batcher_module, "forward_passes", recorded)
     _answer(engine, 4)
@@ -111,9 +111,9 @@ def test_a_prefill_takes_its_turn_between_the_decode_steps_of_a_running_request(
     engine = make_engine("llama")
     real = batcher_module.forward_passes
 
-    def slow(*args):  # 400 steps of the long request take >= 2 s
+    def slow(*args, **kwargs):  # 400 steps of the long request take >= 2 s
         time.sleep(0.005)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(batcher_module, "forward_passes", slow)
     chunks, question, generation = _request(0)
@@ -124,6 +124,76 @@ def test_a_prefill_takes_its_turn_between_the_decode_steps_of_a_running_request(
     assert engine.answer(chunks, question, generation=generation).token_ids == expected
     assert engine.batcher.stats().running == 1  # the long request is still decoding: it did not hold the engine
     long.close()
+
+
+def _steps_of_a_prefill_while_decoding(engine, monkeypatch):
+    """Request 0 answered while a long request decodes; its tokens, and (decode rows, passes) of every step run
+    meanwhile."""
+    chunks, question, generation = _request(0)
+    steps, real = [], batcher_module.DecodeBatcher._step
+
+    def recorded(self, batch, passes):
+        steps.append((len(batch), len(passes)))
+        return real(self, batch, passes)
+
+    long = iter(engine.stream(chunks, question, generation=GenerationConfig(max_new_tokens=400,
+                                                                            eos_token_ids=NO_EOS)))
+    next(long)
+    monkeypatch.setattr(batcher_module.DecodeBatcher, "_step", recorded)
+    tokens = engine.answer(chunks, question, generation=generation).token_ids
+    monkeypatch.undo()
+    assert engine.batcher.stats().running == 1  # the long request was decoding all along
+    long.close()
+    return tokens, steps
+
+
+@pytest.mark.parametrize("priority, decode_rows", [(8, [0, 0]), (1, [0, 1]), (0, [1, 1])])
+def test_a_prefill_arriving_during_decoding_runs_its_passes_before_the_decode_steps(make_engine, monkeypatch,
+                                                                                     priority, decode_rows):
+    # Its Stage I pass, then its selective forward: each in a step without the decode rows, as long as the
+    # decode steps have not been put off `prefill_priority` times in a row; nothing in between.
+    engine = make_engine("llama", batch=BatchConfig(prefill_priority=priority))
+    chunks, question, generation = _request(0)
+    expected = engine.answer(chunks, question, generation=generation).token_ids
+    tokens, steps = _steps_of_a_prefill_while_decoding(engine, monkeypatch)
+    assert tokens == expected
+    with_passes = [i for i, (_, passes) in enumerate(steps) if passes]
+    assert [steps[i][0] for i in with_passes] == decode_rows
+    if priority:
+        assert with_passes[1] == with_passes[0] + 1  # its turns under the lock went before the next decode step
+
+
+def test_prefill_priority_is_checked_where_it_is_built():
+    with pytest.raises(InvalidRequestError, match="prefill_priority"):
+        BatchConfig(prefill_priority=-1)
+
+
+def test_a_request_whose_part_of_a_step_fails_fails_alone(make_engine, monkeypatch):
+    # A stored block that cannot be read (its cache's layer_ready raises) in a step shared with other requests: the
+    # others get the tokens they get one by one.
+    engine = make_engine("llama")
+    serial = [_answer(engine, i).token_ids for i in range(4)]
+    real = batcher_module.DecodeBatcher._decode
+
+    def unreadable(layer):
+        if len(engine.batcher._stepping) > 1:
+            raise RuntimeError("block read failed")
+
+    def decode(self, admission, cache, logits, state):
+        cache.layer_ready = unreadable
+        return real(self, admission, cache, logits, state)
+
+    chunks, question, _ = _request(0)
+    monkeypatch.setattr(batcher_module.DecodeBatcher, "_decode", decode)
+    failing = iter(engine.stream(chunks, question, generation=GenerationConfig(max_new_tokens=400,
+                                                                               eos_token_ids=NO_EOS)))
+    next(failing)
+    monkeypatch.undo()
+    assert [answer.token_ids for answer in _together(engine, 4)] == serial
+    with pytest.raises(RuntimeError, match="block read failed"):
+        for _ in failing:
+            pass
+    _wait_until(lambda: engine.batcher.stats().admitted == 0)
 
 
 def test_seeded_sampling_is_reproducible_per_request_in_a_batch(make_engine):
@@ -234,7 +304,7 @@ def test_a_waiting_request_runs_once_a_place_frees(make_engine):
 def test_a_failed_step_fails_its_requests_and_frees_their_places(make_engine, monkeypatch):
     engine = make_engine("llama")
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("step failed")
 
     monkeypatch.setattr(batcher_module, "forward_passes", broken)

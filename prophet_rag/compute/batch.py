@@ -62,9 +62,15 @@ class _Rows:
 
 
 @torch.inference_mode()
-def forward_passes(adapter: ModelAdapter, passes: Sequence[Pass]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def forward_passes(adapter: ModelAdapter, passes: Sequence[Pass],
+                   errors: list[Exception | None] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run every pass; for each, what `forward_rows` returns for it alone: the final hidden states of the rows still
-    recomputed at its end (its `last_layer`'s output) and those rows."""
+    recomputed at its end (its `last_layer`'s output) and those rows.
+
+    With `errors` (a list as long as `passes`), a pass whose own part raises (its cache's `layer_ready`, its row
+    filter, its scoring, its attention) leaves the forward at that layer, its exception at its index in `errors` and
+    None at its index in the result, and the other passes run on unchanged; without it, the exception propagates.
+    What all the passes share (the stacked projections) fails them all, and raises."""
     assert passes, "at least one pass"
     group = adapter.spec.num_heads // adapter.spec.num_kv_heads
     hidden = adapter.embed(torch.cat([p.cache.token_ids[p.rows] for p in passes]))
@@ -75,25 +81,23 @@ def forward_passes(adapter: ModelAdapter, passes: Sequence[Pass]) -> list[tuple[
     for layer in range(max(r.stop for r in live) + 1):
         q, k, v = adapter.qkv(layer, hidden, rope)
         sizes = [int(r.rows.numel()) for r in live]
-        kept_hidden, outs, changed = [], [], False
+        kept_hidden, outs, changed, failed = [], [], False, []
         for r, h, q_r, k_r, v_r in zip(live, *(t.split(sizes) for t in (hidden, q, k, v)), strict=True):
-            cache, item = r.item.cache, r.item
-            if cache.layer_ready is not None:
-                cache.layer_ready(layer)
-            rows = r.rows
-            if item.row_filter is not None and item.row_filter[0] == layer:
-                keep = item.row_filter[1](layer, rows, k_r, v_r)
-                h, q_r, changed = h[keep], q_r[keep], True
-                r.keep(keep)
-            cache.kv[layer, 0, rows], cache.kv[layer, 1, rows] = k_r, v_r
-            keys_k, keys_v = cache.kv[layer, 0, : r.n], cache.kv[layer, 1, : r.n]
-            if item.scoring is not None and layer in item.scoring.layers:
-                s = item.scoring
-                outs.append(stage1_attention(q_r, keys_k, keys_v, r.row_pos, r.positions, adapter.scale,
-                                             s.context_end, s.prophet, s.norm, s.bounds, r.plan))
-            else:
-                outs.append(sparse_attention(q_r, keys_k, keys_v, r.row_pos, r.positions, adapter.scale, r.plan))
+            try:
+                h, out, filtered = _attend(adapter, layer, r, h, q_r, k_r, v_r)
+            except Exception as error:
+                if errors is None:
+                    raise
+                errors[r.index] = error  # this pass alone leaves; the others' rows go on
+                failed.append(r)
+                continue
+            changed = changed or filtered
+            outs.append(out)
             kept_hidden.append(h)
+        if failed:
+            live, changed = [r for r in live if r not in failed], True
+            if not live:
+                return results
         hidden = adapter.finish_layer(layer, torch.cat(kept_hidden), torch.cat(outs))
         ending = [i for i, r in enumerate(live) if r.stop == layer]
         if ending or changed:
@@ -105,6 +109,28 @@ def forward_passes(adapter: ModelAdapter, passes: Sequence[Pass]) -> list[tuple[
             if live:
                 rope = adapter.rope_tables(torch.cat([r.row_pos for r in live]), hidden.dtype)
     return results
+
+
+def _attend(adapter: ModelAdapter, layer: int, r: _Rows, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One pass's own part of `layer`: its stored blocks in place, its row filter, its fresh K/V written into its
+    cache, its attention (Stage I's scoring attention where it scores); its hidden rows still recomputed, their
+    attention output, and whether its row filter ran here."""
+    cache, item = r.item.cache, r.item
+    if cache.layer_ready is not None:
+        cache.layer_ready(layer)
+    rows, filtered = r.rows, item.row_filter is not None and item.row_filter[0] == layer
+    if filtered:
+        keep = item.row_filter[1](layer, rows, k, v)
+        h, q = h[keep], q[keep]
+        r.keep(keep)
+    cache.kv[layer, 0, rows], cache.kv[layer, 1, rows] = k, v
+    keys_k, keys_v = cache.kv[layer, 0, : r.n], cache.kv[layer, 1, : r.n]
+    if item.scoring is not None and layer in item.scoring.layers:
+        s = item.scoring
+        return h, stage1_attention(q, keys_k, keys_v, r.row_pos, r.positions, adapter.scale, s.context_end,
+                                   s.prophet, s.norm, s.bounds, r.plan), filtered
+    return h, sparse_attention(q, keys_k, keys_v, r.row_pos, r.positions, adapter.scale, r.plan), filtered
 
 
 @torch.inference_mode()

@@ -15,14 +15,24 @@ when their constraint allows nothing more, or when their consumer closes the tok
 dropped, or stopped by a stop string), which the batcher sees before its next step. A place is given back once the
 request has left the batch and its thread has let it go, so no more than `max_batch` caches are ever in use.
 
-The compute lock grants in arrival order. A prefill holds it while it assembles its cache, then lets it go while its
-pass waits for the next step (`ComputeLock.released`), and the batcher asks for the lock only once it has work: the
-prefills that asked for the lock before it (requests arriving together) have all handed over their passes when the
-step starts, so their passes run together, with the decode steps, instead of one after another each stalling them.
+A prefill holds the compute lock while it assembles its cache, then parks on it while its pass waits for the next
+step (`ComputeLock.park`): it keeps its place in line, and the batcher, once it has run the pass, unparks it, so its
+next turn (choosing its rows, its first token) comes right after that step. The batcher asks for the lock only once it
+has work: the prefills that asked for the lock before it (requests arriving together) have all handed over their
+passes when the step starts, so their passes run together instead of one after another.
+
+Prefills go first (`BatchConfig.prefill_priority`, as vLLM's scheduler favours prefills): a new request's first
+token should not wait behind the running requests' decode steps. The batcher waits for the lock letting the
+prefills that ask meanwhile go first (`ComputeLock.deferring`), and a step with prefill passes waiting runs them
+without the decode rows. Either happens at most `prefill_priority` times in a row, so the decode steps are put off
+by a bounded number of prefill turns; 0 restores arrival order, passes riding with the decode rows.
+
 A pass with nothing to run with (no request decoding, no other prefill in line) runs at once on its own thread.
 A pass of one request alone is what `forward_rows` computes (`batch.forward_passes`), so batching changes no
-request's tokens. The thread runs only while some request is decoding or some pass waits, and starts again with the
-next one.
+request's tokens. A request's or pass's own part of a step that raises (a stored block that cannot be read, its row
+filter, its scoring) fails that request alone; the others' rows run on. What all rows share (the stacked
+projections) fails the whole step. The thread runs only while some request is decoding or some pass waits, and
+starts again with the next one.
 """
 
 from __future__ import annotations
@@ -78,11 +88,12 @@ class _Running:
 
 
 class _Waiting:
-    """A prefill's pass waiting for the next step, and then its result or error."""
+    """A prefill's pass waiting for the next step, the thread that parked on the compute lock for it, and then its
+    result or error."""
 
     def __init__(self, item: Pass) -> None:
         self.item = item
-        self.done = threading.Event()
+        self.thread = threading.get_ident()
         self.result: tuple[torch.Tensor, torch.Tensor] | None = None
         self.error: BaseException | None = None
 
@@ -192,7 +203,7 @@ class DecodeBatcher:
 
     def run_pass(self, item: Pass) -> tuple[torch.Tensor, torch.Tensor]:
         """What `forward_rows` returns for `item`, run in the next step with the other requests' passes and decode
-        rows. Called by a prefill holding the compute lock, which it lets go until the step is done. With no request
+        rows. Called by a prefill holding the compute lock, which it parks on until the step is done. With no request
     decoding and no other prefill in line for the lock, the pass runs at once on the caller's thread instead."""
         waiting = _Waiting(item)
         with self._lock:
@@ -208,8 +219,7 @@ class DecodeBatcher:
                     self._start()
             if alone:
                 return forward_passes(self._adapter, [item])[0]
-            with self._lock.released():
-                waiting.done.wait()
+            self._lock.park()  # back, holding the lock, once the step that ran the pass is over
         if waiting.error is not None:
             raise waiting.error
         assert waiting.result is not None
@@ -222,62 +232,80 @@ class DecodeBatcher:
             self._thread.start()
 
     def _loop(self) -> None:
+        priority = self.config.prefill_priority
+        held_back = 0  # steps in a row that ran prefill passes without the decode rows
         while True:
             with self._cond:
                 if not self._running and not self._passes:
                     self._thread = None
                     return
-            with self._lock:
+            with self._lock.deferring(priority):  # prefills' turns under the lock go first, `priority` at most
                 # The step's requests and passes are taken once the lock is held: the prefills that were in line
                 # before it have handed over their passes by now.
                 with self._cond:
                     for request in [r for r in self._running if r.cancelled]:
                         self._leave(request)  # it stopped reading during the last step
-                    batch = self._stepping = list(self._running)
                     passes, self._passes = self._passes, []
+                    hold = bool(passes) and bool(self._running) and held_back < priority
+                    batch = self._stepping = [] if hold else list(self._running)
+                held_back = held_back + 1 if hold else 0
                 if not batch and not passes:
                     continue
                 try:
-                    logits, results = self._step(batch, passes)
-                except Exception as error:  # every request and pass of the failed step gets the error
+                    outcomes = self._step(batch, passes)
+                except Exception as error:  # what every row shares failed: every request and pass gets the error
                     log.exception("a batched step failed")
-                    with self._cond:
-                        self._stepping = []
-                        for request in batch:
-                            request.out.put(error)
-                            self._leave(request)
-                    for waiting in passes:
-                        waiting.error = error
-                        waiting.done.set()
-                    continue
+                    outcomes = [error] * (len(batch) + len(passes))
+                for waiting, outcome in zip(passes, outcomes[len(batch):], strict=True):
+                    if isinstance(outcome, BaseException):
+                        waiting.error = outcome
+                    else:
+                        waiting.result = outcome
+                    # Its thread takes the lock next, at the place it kept, before this thread's next step.
+                    self._lock.unpark(waiting.thread)
             if passes:
                 with self._cond:
                     self._passes_run += len(passes)
                     self._pass_steps += 1
-            for waiting, result in zip(passes, results, strict=True):
-                waiting.result = result
-                waiting.done.set()
-            self._deliver(batch, logits)
+            self._deliver(batch, outcomes[: len(batch)])
 
     @torch.inference_mode()
-    def _step(self, batch: list[_Running], passes: list[_Waiting]):
-        """One forward pass: each running request's next token appended and run, and each waiting pass; the
-        requests' `[N, vocab]` logits (None without requests) and the passes' results."""
-        steps = [Pass(r.cache, r.cache.append_tokens(torch.tensor([r.token], device=self._adapter.device)))
-                 for r in batch]
-        out = forward_passes(self._adapter, steps + [w.item for w in passes])
-        logits = self._adapter.logits(torch.cat([hidden for hidden, _ in out[: len(batch)]])) if batch else None
-        return logits, out[len(batch):]
+    def _step(self, batch: list[_Running], passes: list[_Waiting]) -> list:
+        """One forward pass: each running request's next token appended and run, and each waiting pass. Each one's
+        outcome, the requests' first: a request's `[vocab]` logits, a pass's result, or the exception that its own
+        part of the step raised (the others' parts run on unchanged)."""
+        outcomes: list = []
+        for request in batch:
+            try:
+                outcomes.append(Pass(request.cache, request.cache.append_tokens(
+                    torch.tensor([request.token], device=self._adapter.device))))
+            except Exception as error:
+                outcomes.append(error)
+        outcomes += [waiting.item for waiting in passes]
+        ran = [i for i, item in enumerate(outcomes) if isinstance(item, Pass)]
+        errors: list[Exception | None] = [None] * len(ran)
+        results = forward_passes(self._adapter, [outcomes[i] for i in ran], errors=errors) if ran else []
+        for i, result, error in zip(ran, results, errors, strict=True):
+            outcomes[i] = result if error is None else error
+        decoded = [i for i in range(len(batch)) if not isinstance(outcomes[i], BaseException)]
+        if decoded:
+            logits = self._adapter.logits(torch.cat([outcomes[i][0] for i in decoded]))
+            for i, row in zip(decoded, logits, strict=True):
+                outcomes[i] = row
+        return outcomes
 
-    def _deliver(self, batch: list[_Running], logits: torch.Tensor | None) -> None:
-        """Each request's next token from its row of `logits`, handed to its thread; finished requests leave."""
+    def _deliver(self, batch: list[_Running], outcomes: list) -> None:
+        """Each request's next token from its `outcomes` logits row, handed to its thread, or the exception its part
+        of the step raised; finished and failed requests leave."""
         if not batch:
             return
         delivered, finished = [], []
-        for request, row in zip(batch, logits, strict=True):
+        for request, row in zip(batch, outcomes, strict=True):
             try:
+                if isinstance(row, BaseException):
+                    raise row
                 token = request.state.take(row)
-            except Exception as error:  # this request's constraint failed: it alone ends
+            except Exception as error:  # its own part of the step, or its constraint, failed: it alone ends
                 delivered.append((request, [error]))
                 finished.append(request)
                 continue

@@ -35,6 +35,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-batch-prefills", dest="batch_prefills", action="store_false",
                         help="run each request's prefill passes alone between the decode steps, instead of in them "
                              "together with the other requests' (BatchConfig.batch_prefills)")
+    parser.add_argument("--prefill-priority", type=int, default=BatchConfig().prefill_priority,
+                        help="times in a row a new request's prefill may go before the running requests' next "
+                             "decode step (default %(default)s; 0: arrival order; BatchConfig.prefill_priority)")
     parser.add_argument("--max-in-flight", type=int, default=None,
                         help="requests running on the engine at once (default: --max-batch)")
     parser.add_argument("--backend", default="prophet", choices=("prophet", "hf"),
@@ -78,7 +81,8 @@ def engine_options(args: argparse.Namespace, config: ServeConfig) -> dict[str, A
     """`ProphetEngine.from_pretrained`'s configs from the command's options: the same for one server and for every
     replica. Workers beyond the engine's batch wait inside it for a place (first come, first served), never refused
     there."""
-    batch = BatchConfig(max_batch=args.max_batch, batch_prefills=args.batch_prefills)
+    batch = BatchConfig(max_batch=args.max_batch, batch_prefills=args.batch_prefills,
+                        prefill_priority=args.prefill_priority)
     return {"batch": replace(batch, max_waiting=max(config.max_in_flight - batch.max_batch, 0)),
             "selection": SelectionConfig(method=args.method, ratio=args.ratio),
             "generation": GenerationConfig(max_new_tokens=args.max_new_tokens),

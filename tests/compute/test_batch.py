@@ -137,6 +137,27 @@ def test_a_row_filter_keeps_its_rows_and_the_other_passes_all_theirs(make_engine
     assert [int(hidden.shape[0]) for hidden, _ in results] == kept
 
 
+@pytest.mark.parametrize("failing", [0, 1, 2])
+def test_a_pass_whose_own_part_raises_leaves_and_the_others_get_what_they_get_alone(make_engine, failing):
+    engine = make_engine("llama", model_overrides=dict(num_hidden_layers=3))
+    passes, expected = _passes(engine), [_alone(engine, item) for item in _passes(engine)]
+
+    def unreadable(layer):
+        if layer == 1:
+            raise RuntimeError("block read failed")
+
+    passes[failing].cache.layer_ready = unreadable
+    errors = [None] * len(passes)
+    results = forward_passes(engine.adapter, passes, errors=errors)
+    assert isinstance(errors[failing], RuntimeError) and results[failing] is None
+    for i in set(range(3)) - {failing}:
+        assert errors[i] is None and torch.equal(results[i][1], expected[i][1])
+        torch.testing.assert_close(results[i][0], expected[i][0], atol=1e-5, rtol=1e-5)
+    passes[failing].cache.layer_ready = unreadable
+    with pytest.raises(RuntimeError, match="block read failed"):  # without `errors`, it propagates
+        forward_passes(engine.adapter, passes)
+
+
 def test_one_pass_alone_is_exactly_forward_rows(make_engine):
     engine = make_engine("mistral", model_overrides=dict(num_hidden_layers=3))
     item, copy = _passes(engine)[1], _passes(engine)[1]

@@ -114,23 +114,75 @@ def test_a_waiter_interrupted_while_waiting_gives_its_place_up():
     assert not taken.is_alive()
 
 
-def test_released_lets_the_next_waiter_in_and_gives_the_lock_back_as_deep_as_it_was():
+def _queue(lock, name, order, **options):
+    """A thread that waits for the lock (deferring as `options` say) and records its turn; started and in line."""
+    count = len(lock._waiting)
+
+    def take():
+        with lock.deferring(options["passes"]) if options else lock:
+            order.append(name)
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    _wait_until(lambda: len(lock._waiting) == count + 1)
+    return thread
+
+
+def test_a_deferring_waiter_lets_at_most_its_count_of_later_callers_go_first():
+    lock, order = ComputeLock(), []
+    lock.__enter__()
+    threads = [_queue(lock, "step", order, passes=2)] + [_queue(lock, n, order) for n in ("a", "b", "c")]
+    lock.__exit__(None, None, None)
+    for thread in threads:
+        thread.join(30)
+    assert order == ["a", "b", "step", "c"]
+
+
+def test_a_parked_thread_keeps_its_place_and_comes_back_as_deep_as_it_held_the_lock():
+    lock, order, depth = ComputeLock(), [], []
+
+    def parked():
+        with lock, lock:
+            lock.park()
+            order.append("parked")
+            depth.append(lock._depth)
+
+    lock.__enter__()
+    first = _queue(lock, "first", order)
+    lock.__exit__(None, None, None)
+    _wait_until(lambda: order == ["first"])
+    lock.__enter__()
+    thread = threading.Thread(target=parked)
+    thread.start()
+    _wait_until(lambda: len(lock._waiting) == 1)
+    lock.__exit__(None, None, None)  # the parked thread holds it ...
+    _wait_until(lambda: lock._waiting and lock._waiting[0].parked)  # ... and lets it go, keeping its place
+    with lock:  # a free lock with only a parked waiter is taken at once
+        later = _queue(lock, "later", order)
+        lock.unpark(thread.ident)
+    for t in (first, thread, later):
+        t.join(30)
+    assert order == ["first", "parked", "later"] and depth == [2]
+    assert lock._owner is None and not lock._waiting
+
+
+def test_unparking_a_thread_while_the_lock_is_free_hands_it_over():
     lock, order = ComputeLock(), []
 
-    def other():
+    def parked():
         with lock:
-            order.append("other")
+            lock.park()
+            order.append("back")
 
-    with lock, lock:  # held twice
-        thread = threading.Thread(target=other)
-        thread.start()
-        _wait_until(lambda: len(lock._waiting) == 1)
-        with lock.released():
-            thread.join(30)  # the waiter got the lock while it was let go
-        assert order == ["other"] and lock._owner == threading.get_ident() and lock._depth == 2
-    assert lock._owner is None
+    thread = threading.Thread(target=parked)
+    thread.start()
+    _wait_until(lambda: lock._waiting and lock._owner is None)
+    assert not lock.contended  # a parked thread does not wait for the lock yet
+    lock.unpark(thread.ident)
+    thread.join(30)
+    assert order == ["back"]
 
 
-def test_released_by_a_thread_that_does_not_hold_the_lock_is_refused():
-    with pytest.raises(AssertionError, match="does not hold"), ComputeLock().released():
-        pass
+def test_park_by_a_thread_that_does_not_hold_the_lock_is_refused():
+    with pytest.raises(AssertionError, match="does not hold"):
+        ComputeLock().park()
