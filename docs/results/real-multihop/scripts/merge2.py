@@ -27,21 +27,25 @@ def read(path: Path) -> list[dict]:
 old = [r for r in read(Path(sys.argv[1])) if r["method"] != "prophet_focus_pilot"]
 rerun = {r["case_id"]: r for r in read(Path(sys.argv[2]) / "results.jsonl") if r["method"] == "prophet_focus"}
 full_again = {r["case_id"]: r for r in read(Path(sys.argv[2]) / "results.jsonl") if r["method"] == "full"}
+by_key = {(r["case_id"], r["method"]): r for r in old}
+# The cases where the version before moved or recomputed differently from prophet (its spread fallback did not apply).
+moved = {case for (case, method), r in by_key.items() if method == "prophet_focus"
+         and (r["selected_per_chunk"] != by_key[(case, "prophet")]["selected_per_chunk"]
+              or r["chunk_order"] != sorted(r["chunk_order"]))}
 kept = []
 for r in old:
-    if r["method"] == "prophet_focus" and r["case_id"] in rerun:
-        kept.append({**r, "method": "prophet_focus_spread"})
-        kept.append(rerun[r["case_id"]])
-    elif not (r["method"] == "prophet_focus" and r["case_id"] in full_again):
-        kept.append(r)
+    if r["case_id"] not in moved:
+        kept.append(r)  # the lift check leaves the spread cases' path unchanged: their records stand
+    elif r["case_id"] in rerun:
+        kept.append({**r, "method": "prophet_focus_spread"} if r["method"] == "prophet_focus" else r)
+        if r["method"] == "prophet_focus":
+            kept.append(rerun[r["case_id"]])
 for case, r in full_again.items():
-    first = next(x for x in old if x["case_id"] == case and x["method"] == "full")
+    first = by_key[(case, "full")]
     print(case, "full prefill again: same answer" if first["text"] == r["text"] else "full prefill: ANSWER DIFFERS",
           f"gold_ll {first['gold_ll']:.4f} then {r['gold_ll']:.4f}")
-# Only the cases whose rerun finished: a formerly moving case without a new record is left out whole.
-missing = {r["case_id"] for r in old if r["method"] == "prophet_focus"} - {r["case_id"] for r in kept
-                                                                             if r["method"] == "prophet_focus"}
-kept = [r for r in kept if r["case_id"] not in missing]
+# A formerly moving case whose rerun did not finish is left out whole: its default record would be the old method's.
+missing = sorted(moved - set(rerun), key=lambda case: int(case.split("-")[1]))
 new = []
 for run in sys.argv[3:]:
     new += read(Path(run) / "results.jsonl")
@@ -56,6 +60,6 @@ kept += [r for r in unique.values() if r["case_id"] in complete and r["method"] 
 cases = sorted({r["case_id"] for r in kept}, key=lambda case: int(case.split("-")[1]))
 path = out / "results.jsonl"
 path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-print(len(cases), "cases:", ", ".join(c.split("-")[1] for c in cases), "; left out (rerun not finished):",
-      sorted(missing))
+print(len(cases), "cases:", ", ".join(c.split("-")[1] for c in cases), "; formerly moving:", sorted(moved),
+      "; left out (rerun not finished):", missing)
 write_reports(path, out, with_plot=False, baseline="prophet")
