@@ -83,7 +83,8 @@ question's words anchor nothing in particular and `prophet_focus` behaves as pla
 passages (MuSiQue) the question's entity recurs across passages: 5-10 of 10 chunks were at a fifth of the best on
 development cases 0-17, against 1-4 of 8-10 on the generated tasks (both models); there, recomputing focus chunks
 whole and moving them ended farther from full prefill than ProphetKV's token scores. Later cases had as few as 4 of
-10 and still lost: the focus size alone does not separate them (docs/RESULTS.md, "Real multi-hop documents")."""
+10 and still lost: the focus size alone does not separate them; `FOCUS_LIFT` does (docs/RESULTS.md, "Real multi-hop
+documents")."""
 
 
 FOCUS_LIFT = 0.8
