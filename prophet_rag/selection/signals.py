@@ -87,14 +87,16 @@ whole and moving them ended farther from full prefill than ProphetKV's token sco
 documents")."""
 
 
-FOCUS_LIFT = 0.8
+FOCUS_LIFT = 0.66
 """`prophet_focus` moves chunks only when the question's attention per token on its own rare words in the best
 anchored chunk is at least this multiple of its attention on an average context token (`anchor_lift`): the model's
 attention confirms the lexical match. On the generated tasks (SmolLM2, seed 0, 8 cases each of `multi_key`,
-`single_needle`, `multi_query`, `multi_value`, 8-10 chunks of 150-300 tokens) the lift was 1.04-4.55; on the real
+`single_needle`, `multi_query`, `multi_value`, 8-10 chunks of 150-300 tokens) the lift was 1.04-4.55, and 0.67-0.92 on
+`multi_key` with 8 documents of ~60 tokens (the slow quality test's set-up: short contexts lift less); on the real
 MuSiQue passages (development cases) where the default moved chunks and lost to ProphetKV it was 0.25-0.65: the
 question's words match a passage but its attention does not go there (docs/RESULTS.md, "Real multi-hop documents").
-The suffix's attention is averaged over all its rows, so a long instruction around the question lowers the lift."""
+The margin to the short set-up is thin. The suffix's attention is averaged over all its rows, so a long instruction
+around the question lowers the lift."""
 
 
 def default_infoflow_layers(num_layers: int) -> tuple[int, ...]:
