@@ -2,7 +2,7 @@
 `Selection.lift`, `spread` and `plain`? Both plans are taken on the same request and stopped before the selective
 forward.
 
-    python lift_plan.py MUSIQUE_JSON STORE CASES      # CASES: comma list of development case numbers
+    python lift_plan.py MUSIQUE_JSON STORE CASES [MODEL]   # CASES: comma list of development case numbers
 """
 
 import json
@@ -36,7 +36,8 @@ def spy(name, plan):
 
 prophet.prophet_plan = spy("prophet", prophet.prophet_plan)
 focus.focus_plan = spy("prophet_focus", focus.focus_plan)
-engine = ProphetEngine.from_pretrained(None, store=StoreConfig(directory=Path(sys.argv[2])), prompt=MUSIQUE_PROMPT)
+engine = ProphetEngine.from_pretrained(sys.argv[4] if len(sys.argv) > 4 else None,
+                                       store=StoreConfig(directory=Path(sys.argv[2])), prompt=MUSIQUE_PROMPT)
 wanted = [int(c) for c in sys.argv[3].split(",")]
 for case in [c for c in load_musique(sys.argv[1], range(0, 100)) if int(c.case_id.split("-")[1]) in wanted]:
     engine.ingest(list(case.chunks))
