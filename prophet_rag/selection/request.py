@@ -23,8 +23,11 @@ from prophet_rag.compute.scoring import query_relevance
 from prophet_rag.compute.stitched import RowFilter, StitchedCache
 from prophet_rag.config import SelectionConfig
 from prophet_rag.selection.signals import (
+    FOCUS_LIFT,
     FOCUS_SHARE,
     FOCUS_SPREAD,
+    anchor_lift,
+    anchor_mask,
     anchored_weights,
     chunk_sums,
     default_infoflow_layers,
@@ -91,6 +94,23 @@ class Selection:
         """The question's anchors single out no chunks: more than one, and at least `FOCUS_SPREAD` of them, are
         focus chunks."""
         return len(self.focus) > 1 and len(self.focus) >= FOCUS_SPREAD * len(self.chunk_ids)
+
+    @cached_property
+    def lift(self) -> float:
+        """`anchor_lift` of the best anchored chunk's anchors in the parallel Stage I: how much more attention per
+        token the question gives its own rare words there than an average context token."""
+        best = int(torch.argmax(self.anchored))
+        mask = anchor_mask(list(self.chunk_ids), self.suffix_ids).to(self.parallel_scores.device)
+        start = sum(int(ids.numel()) for ids in self.chunk_ids[:best])
+        inside = torch.zeros_like(mask)
+        inside[start : start + int(self.chunk_ids[best].numel())] = True
+        return anchor_lift(self.parallel_scores.to(torch.float32), mask & inside)
+
+    @property
+    def plain(self) -> bool:
+        """ProphetKV's plan applies, no chunk moves: the anchors are spread (`spread`), or the question's attention
+        on its words in the best anchored chunk is under `FOCUS_LIFT` times that on an average context token."""
+        return self.spread or self.lift < FOCUS_LIFT
 
     @cached_property
     def infoflow_layers(self) -> tuple[int, ...]:

@@ -22,6 +22,24 @@ def lexical_relevance(chunks: list[torch.Tensor], query_ids: torch.Tensor) -> to
     return torch.stack([(idf * hit).sum() for hit in present])
 
 
+def anchor_mask(chunks: list[torch.Tensor], query_ids: torch.Tensor) -> torch.Tensor:
+    """`[sum of chunk lengths]` True on each chunk token the question itself contains and that is in at most three
+    quarters of the chunks: the tokens `anchored_weights` can weigh."""
+    words = query_ids.unique()
+    df = torch.stack([torch.isin(words, chunk) for chunk in chunks]).sum(dim=0)
+    rare = words[df <= 0.75 * len(chunks)]
+    return torch.isin(torch.cat(chunks), rare)
+
+
+def anchor_lift(mass: torch.Tensor, mask: torch.Tensor) -> float:
+    """The question's attention `mass` per token on the `mask`ed tokens (one chunk's anchors), over its mass per
+    token on the whole context: 1 when its own words get the attention of an average context token. 0 without
+    anchors."""
+    if not bool(mask.any()):
+        return 0.0
+    return float(mass[mask].mean() / mass.mean())
+
+
 def anchored_weights(chunks: list[torch.Tensor], query_ids: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     """`[sum of chunk lengths]` each chunk token's share of the question's attention `mass` (same layout: the chunks
     end to end, in `chunks` order) when the question itself contains the token, weighted by the token's in-request
@@ -65,7 +83,20 @@ question's words anchor nothing in particular and `prophet_focus` behaves as pla
 passages (MuSiQue) the question's entity recurs across passages: 5-10 of 10 chunks were at a fifth of the best on
 development cases 0-17, against 1-4 of 8-10 on the generated tasks (both models); there, recomputing focus chunks
 whole and moving them ended farther from full prefill than ProphetKV's token scores. Later cases had as few as 4 of
-10 and still lost: the focus size alone does not separate them (docs/RESULTS.md, "Real multi-hop documents")."""
+10 and still lost: the focus size alone does not separate them; `FOCUS_LIFT` does (docs/RESULTS.md, "Real multi-hop
+documents")."""
+
+
+FOCUS_LIFT = 0.66
+"""`prophet_focus` moves chunks only when the question's attention per token on its own rare words in the best
+anchored chunk is at least this multiple of its attention on an average context token (`anchor_lift`): the model's
+attention confirms the lexical match. On the generated tasks (SmolLM2, seed 0, 8 cases each of `multi_key`,
+`single_needle`, `multi_query`, `multi_value`, 8-10 chunks of 150-300 tokens) the lift was 1.04-4.55, and 0.67-0.92 on
+`multi_key` with 8 documents of ~60 tokens (the slow quality test's set-up: short contexts lift less); on the real
+MuSiQue passages (development cases) where the default moved chunks and lost to ProphetKV it was 0.25-0.65: the
+question's words match a passage but its attention does not go there (docs/RESULTS.md, "Real multi-hop documents").
+The margin to the short set-up is thin. The suffix's attention is averaged over all its rows, so a long instruction
+around the question lowers the lift."""
 
 
 def default_infoflow_layers(num_layers: int) -> tuple[int, ...]:

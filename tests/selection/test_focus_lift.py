@@ -1,0 +1,91 @@
+"""`prophet_focus` when the question's words match a chunk but its attention does not go there (`Selection.lift`
+under `FOCUS_LIFT`): plain ProphetKV, as when the anchors are spread."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prophet_rag import methods
+from prophet_rag.config import SelectionConfig
+from prophet_rag.selection.request import Selection, attention_plan, budget_for
+from prophet_rag.selection.signals import FOCUS_LIFT, anchor_lift, anchor_mask
+from tiny import CHUNKS, FILLERS, QUERY
+
+
+def test_anchor_mask_marks_the_questions_words_found_in_few_chunks():
+    chunks = [torch.tensor([1, 2]), torch.tensor([2, 3]), torch.tensor([2, 4]), torch.tensor([2, 5])]
+    query = torch.tensor([2, 3, 9])  # 2 is in every chunk (shared phrasing), 3 in one, 9 in none
+    assert anchor_mask(chunks, query).tolist() == [False, False, False, True, False, False, False, False]
+
+
+def test_anchor_lift_is_the_anchors_mean_mass_over_the_contexts():
+    mass = torch.tensor([1.0, 1.0, 4.0, 2.0])  # mean 2
+    assert anchor_lift(mass, torch.tensor([False, False, True, False])) == pytest.approx(2.0)
+    assert anchor_lift(mass, torch.tensor([True, True, False, False])) == pytest.approx(0.5)
+
+
+def test_anchor_lift_without_anchors_is_zero():
+    assert anchor_lift(torch.ones(4), torch.zeros(4, dtype=torch.bool)) == 0.0
+
+
+def test_lift_reads_the_best_anchored_chunks_anchors_only():
+    chunks = [torch.tensor([7, 8]), torch.tensor([5, 6]), torch.tensor([8, 9])]
+    request = Selection(None, SelectionConfig(method="prophet_focus"), chunks, torch.tensor([5, 8]))
+    request.parallel = torch.tensor([1.0, 1.0, 3.0, 1.0, 1.0, 5.0])  # mean 2; chunk 1's anchor (token 5) has 3
+    request.__dict__["anchored"] = torch.tensor([0.1, 1.0, 0.2])
+    assert request.lift == pytest.approx(1.5)
+
+
+def _selection(lift: float) -> Selection:
+    """A request whose anchors single out one chunk of ten (not spread), with the given `lift`."""
+    chunks = [torch.tensor([i]) for i in range(10)]
+    request = Selection(None, SelectionConfig(method="prophet_focus", ratio=0.2), chunks, torch.tensor([0]))
+    request.__dict__["anchored"] = torch.tensor([1.0] + [0.0] * 9)
+    request.__dict__["lift"] = lift
+    return request
+
+
+@pytest.mark.parametrize("lift,plain", [(0.0, True), (0.5, True), (FOCUS_LIFT, False), (2.0, False)])
+def test_plain_when_the_lift_is_under_focus_lift(lift, plain):
+    request = _selection(lift)
+    assert not request.spread
+    assert request.plain is plain
+
+
+def _request(engine, chunks, ratio, anchored_tokens, lift):
+    layout = engine.builder.layout(list(chunks), QUERY)
+    request = Selection(engine.adapter, SelectionConfig(method="prophet_focus", ratio=ratio), layout.chunk_ids,
+                        layout.suffix_ids)
+    request.__dict__["anchored_tokens"] = anchored_tokens
+    request.__dict__["lift"] = lift
+    method = methods.get("prophet_focus")
+    order = method.order(request, lambda order, global_positions: engine._assemble(
+        layout, order, layout.total_tokens, global_positions)[0])
+    cache, _ = engine._assemble(layout, order, layout.total_tokens)
+    suffix = cache.append_tokens(layout.suffix_ids)
+    budget = budget_for(ratio, sum(int(ids.numel()) for ids in layout.chunk_ids))
+    chosen = method.plan(request, cache, suffix, budget).selected
+    return order, chosen, attention_plan(request, cache, suffix, budget).selected
+
+
+def _one_anchor(engine, chunks, best):
+    sizes = [int(ids.numel()) for ids in engine.builder.layout(list(chunks), QUERY).chunk_ids]
+    weights = torch.zeros(sum(sizes))
+    weights[sum(sizes[:best])] = 1.0
+    return weights
+
+
+def test_a_single_focus_chunk_the_attention_does_not_confirm_stays_in_place(make_engine):
+    engine = make_engine("llama")
+    chunks = (*CHUNKS, *FILLERS)
+    order, chosen, prophet = _request(engine, chunks, 0.3, _one_anchor(engine, chunks, 1), lift=0.3)
+    assert order == list(range(len(chunks)))
+    assert torch.equal(chosen, prophet)
+
+
+def test_a_confirmed_focus_chunk_still_moves(make_engine):
+    engine = make_engine("llama")
+    chunks = (*CHUNKS, *FILLERS)
+    order, _, _ = _request(engine, chunks, 0.3, _one_anchor(engine, chunks, 1), lift=FOCUS_LIFT * 2)
+    assert order[-1] == 1
