@@ -151,8 +151,10 @@ def _steps_of_a_prefill_while_decoding(engine, monkeypatch):
 def test_a_prefill_arriving_during_decoding_runs_its_passes_before_the_decode_steps(make_engine, monkeypatch,
                                                                                      priority, decode_rows):
     # Its Stage I pass, then its selective forward: each in a step without the decode rows, as long as the
-    # decode steps have not been put off `prefill_priority` times in a row; nothing in between.
-    engine = make_engine("llama", batch=BatchConfig(prefill_priority=priority))
+    # decode steps have not been put off `prefill_priority` times in a row; nothing in between. ProphetKV, whose
+    # prefill is always these two passes (the default may run a second Stage I when it keeps ProphetKV's plan).
+    engine = make_engine("llama", batch=BatchConfig(prefill_priority=priority),
+                         selection=SelectionConfig(method="prophet"))
     chunks, question, generation = _request(0)
     expected = engine.answer(chunks, question, generation=generation).token_ids
     tokens, steps = _steps_of_a_prefill_while_decoding(engine, monkeypatch)

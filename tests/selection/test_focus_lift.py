@@ -60,9 +60,9 @@ def _request(engine, chunks, ratio, anchored_tokens, lift):
     request.__dict__["anchored_tokens"] = anchored_tokens
     request.__dict__["lift"] = lift
     method = methods.get("prophet_focus")
-    order = method.order(request, lambda order, global_positions: engine._assemble(
+    order = method.order(request, lambda order, global_positions: engine.prefiller.assemble(
         layout, order, layout.total_tokens, global_positions)[0])
-    cache, _ = engine._assemble(layout, order, layout.total_tokens)
+    cache, _ = engine.prefiller.assemble(layout, order, layout.total_tokens)
     suffix = cache.append_tokens(layout.suffix_ids)
     budget = budget_for(ratio, sum(int(ids.numel()) for ids in layout.chunk_ids))
     chosen = method.plan(request, cache, suffix, budget).selected
