@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from focus_plans import planned
 
-from prophet_rag import methods
 from prophet_rag.config import SelectionConfig
-from prophet_rag.selection.request import Selection, attention_plan, budget_for
+from prophet_rag.selection.request import Selection
 from prophet_rag.selection.signals import FOCUS_LIFT, anchor_lift, anchor_mask
 from tiny import CHUNKS, FILLERS, QUERY
 
@@ -53,22 +53,6 @@ def test_plain_when_the_lift_is_under_focus_lift(lift, plain):
     assert request.plain is plain
 
 
-def _request(engine, chunks, ratio, anchored_tokens, lift):
-    layout = engine.builder.layout(list(chunks), QUERY)
-    request = Selection(engine.adapter, SelectionConfig(method="prophet_focus", ratio=ratio), layout.chunk_ids,
-                        layout.suffix_ids)
-    request.__dict__["anchored_tokens"] = anchored_tokens
-    request.__dict__["lift"] = lift
-    method = methods.get("prophet_focus")
-    order = method.order(request, lambda order, global_positions: engine.prefiller.assemble(
-        layout, order, layout.total_tokens, global_positions)[0])
-    cache, _ = engine.prefiller.assemble(layout, order, layout.total_tokens)
-    suffix = cache.append_tokens(layout.suffix_ids)
-    budget = budget_for(ratio, sum(int(ids.numel()) for ids in layout.chunk_ids))
-    chosen = method.plan(request, cache, suffix, budget).selected
-    return order, chosen, attention_plan(request, cache, suffix, budget).selected
-
-
 def _one_anchor(engine, chunks, best):
     sizes = [int(ids.numel()) for ids in engine.builder.layout(list(chunks), QUERY).chunk_ids]
     weights = torch.zeros(sum(sizes))
@@ -79,7 +63,8 @@ def _one_anchor(engine, chunks, best):
 def test_a_single_focus_chunk_the_attention_does_not_confirm_stays_in_place(make_engine):
     engine = make_engine("llama")
     chunks = (*CHUNKS, *FILLERS)
-    order, chosen, prophet = _request(engine, chunks, 0.3, _one_anchor(engine, chunks, 1), lift=0.3)
+    anchored = _one_anchor(engine, chunks, 1)
+    order, _, chosen, prophet = planned(engine, chunks, 0.3, anchored_tokens=anchored, lift=0.3)
     assert order == list(range(len(chunks)))
     assert torch.equal(chosen, prophet)
 
@@ -87,5 +72,6 @@ def test_a_single_focus_chunk_the_attention_does_not_confirm_stays_in_place(make
 def test_a_confirmed_focus_chunk_still_moves(make_engine):
     engine = make_engine("llama")
     chunks = (*CHUNKS, *FILLERS)
-    order, _, _ = _request(engine, chunks, 0.3, _one_anchor(engine, chunks, 1), lift=FOCUS_LIFT * 2)
+    order, _, _, _ = planned(engine, chunks, 0.3, anchored_tokens=_one_anchor(engine, chunks, 1),
+                            lift=FOCUS_LIFT * 2)
     assert order[-1] == 1

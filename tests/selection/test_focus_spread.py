@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from focus_plans import planned
 
-from prophet_rag import methods
 from prophet_rag.config import SelectionConfig
-from prophet_rag.selection.request import Selection, attention_plan, budget_for
+from prophet_rag.selection.request import Selection
 from prophet_rag.selection.signals import FOCUS_SHARE, FOCUS_SPREAD
 from tiny import CHUNKS, FILLERS, QUERY
 
@@ -36,23 +36,6 @@ def test_spread_is_at_least_half_the_chunks_in_focus_and_more_than_one(relevance
     assert FOCUS_SPREAD == 0.5 and FOCUS_SHARE == 0.2  # the cases above are written for these thresholds
 
 
-def _request(engine, chunks, ratio, anchored_tokens):
-    """A prophet_focus request ordered and planned as the engine does, with `anchored_tokens` (`[C]`, request
-    order) in place of the measured anchored weights; also the plain ProphetKV plan on the same layout."""
-    layout = engine.builder.layout(list(chunks), QUERY)
-    request = Selection(engine.adapter, SelectionConfig(method="prophet_focus", ratio=ratio), layout.chunk_ids,
-                        layout.suffix_ids)
-    request.__dict__["anchored_tokens"] = anchored_tokens
-    method = methods.get("prophet_focus")
-    order = method.order(request, lambda order, global_positions: engine.prefiller.assemble(
-        layout, order, layout.total_tokens, global_positions)[0])
-    cache, _ = engine.prefiller.assemble(layout, order, layout.total_tokens)
-    suffix = cache.append_tokens(layout.suffix_ids)
-    budget = budget_for(ratio, sum(int(ids.numel()) for ids in layout.chunk_ids))
-    chosen = method.plan(request, cache, suffix, budget).selected
-    return order, cache, chosen, attention_plan(request, cache, suffix, budget).selected
-
-
 def _anchors(engine, chunks, anchored):
     """Per-token anchored weights with one anchor, of weight `anchored[i]`, on the first token of chunk i."""
     sizes = [int(ids.numel()) for ids in engine.builder.layout(list(chunks), QUERY).chunk_ids]
@@ -64,7 +47,8 @@ def _anchors(engine, chunks, anchored):
 
 def test_spread_anchors_give_plain_prophet_with_no_chunk_moved(make_engine):
     engine = make_engine("llama")
-    order, cache, chosen, prophet = _request(engine, CHUNKS, 0.3, _anchors(engine, CHUNKS, [0.9, 1.0, 0.8]))
+    anchored = _anchors(engine, CHUNKS, [0.9, 1.0, 0.8])
+    order, cache, chosen, prophet = planned(engine, CHUNKS, 0.3, anchored_tokens=anchored)
     assert order == [0, 1, 2]
     assert list(cache.order) == [0, 1, 2]
     assert torch.equal(chosen, prophet)
@@ -74,7 +58,8 @@ def test_spread_plan_is_not_whole_chunks_by_relevance(make_engine):
     engine = make_engine("llama")
     layout_chunks = [int(ids.numel()) for ids in engine.builder.layout(list(CHUNKS), QUERY).chunk_ids]
     ratio = layout_chunks[1] / sum(layout_chunks)  # exactly the best chunk's size: the focus plan takes it whole
-    _, cache, chosen, prophet = _request(engine, CHUNKS, ratio, _anchors(engine, CHUNKS, [0.9, 1.0, 0.8]))
+    anchored = _anchors(engine, CHUNKS, [0.9, 1.0, 0.8])
+    _, cache, chosen, prophet = planned(engine, CHUNKS, ratio, anchored_tokens=anchored)
     start, end = cache.chunk_spans[list(cache.order).index(1)]
     whole = torch.arange(start, end)
     assert torch.equal(chosen, prophet)
@@ -85,7 +70,7 @@ def test_anchors_on_a_few_chunks_keep_the_focus_plan(make_engine):
     engine = make_engine("llama")
     chunks = (*CHUNKS, *FILLERS)
     anchored = [0.0, 1.0, 0.0] + [0.0] * len(FILLERS)  # one chunk of seven singled out
-    order, cache, chosen, _ = _request(engine, chunks, 0.3, _anchors(engine, chunks, anchored))
+    order, cache, chosen, _ = planned(engine, chunks, 0.3, anchored_tokens=_anchors(engine, chunks, anchored))
     assert order[-1] == 1  # moved next to the question
     start, end = cache.chunk_spans[-1]
     assert set(range(start, end)) <= set(chosen.tolist())  # and recomputed whole
@@ -95,5 +80,5 @@ def test_three_of_seven_focus_chunks_are_not_spread(make_engine):
     engine = make_engine("llama")
     chunks = (*CHUNKS, *FILLERS)
     anchored = [0.9, 1.0, 0.8] + [0.0] * len(FILLERS)
-    order, _, _, _ = _request(engine, chunks, 0.3, _anchors(engine, chunks, anchored))
+    order, _, _, _ = planned(engine, chunks, 0.3, anchored_tokens=_anchors(engine, chunks, anchored))
     assert order[-3:] == [0, 1, 2]  # the three focus chunks moved last, in retrieval order
