@@ -60,15 +60,16 @@ class _Stopped(Exception):
 
 
 class HFGenerateBackend:
-    """What the server needs of an engine (`stream_chat`, `generation`, `builder`, `model_name`, `cache.tiers`,
-    `close`), answered by `model.generate` over the flattened prompt. Built from a loaded engine, whose model,
-    tokenizer, prompt layout and defaults it uses; the engine's store is never read or written."""
+    """What the server needs of an engine (`stream_chat`, `generation`, `builder`, `model_name`, `context_window`,
+    `cache.tiers`, `close`), answered by `model.generate` over the flattened prompt. Built from a loaded engine,
+    whose model, tokenizer, prompt layout and defaults it uses; the engine's store is never read or written."""
 
     def __init__(self, engine: ProphetEngine) -> None:
         self._engine = engine
         self.model, self.tokenizer = engine.adapter.model, engine.tokenizer
         self.builder, self.generation = engine.builder, engine.generation
         self.model_name = engine.model_name
+        self.context_window = engine.context_window
         self.cache = _NoTiers()
         self._lock = threading.Lock()
 
@@ -88,7 +89,7 @@ class HFGenerateBackend:
         the one-off marks (`transient`, `transient_prefix`): this backend stores nothing."""
         generation = generation or self.generation
         layout = self.builder.chat_layout(messages, documents, (), False)
-        window = self._engine.context_window
+        window = self.context_window
         if layout.total_tokens + generation.max_new_tokens > window:
             raise ContextWindowError(
                 f"the request needs {layout.total_tokens} prompt tokens + {generation.max_new_tokens} new tokens, "

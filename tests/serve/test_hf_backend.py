@@ -71,3 +71,25 @@ def test_a_request_over_the_window_is_refused_before_generating(make_engine):
     backend = HFGenerateBackend(engine)
     with pytest.raises(ContextWindowError, match="context window"):
         backend.stream_chat(_rag(engine), CHUNKS, generation=GenerationConfig(max_new_tokens=500))
+
+
+def test_the_server_app_serves_the_hf_backend_over_http(make_engine):
+    """`prophet-rag serve --backend hf` builds the same app: /v1/models reports the window, a RAG request is
+    answered with every prompt token computed (none cached), as the engine's full prefill answers it."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from prophet_rag.serve.app import create_app
+    from prophet_rag.serve.config import ServeConfig
+
+    engine = make_engine("llama")
+    backend = HFGenerateBackend(engine)
+    with TestClient(create_app(backend, ServeConfig())) as client:
+        models = client.get("/v1/models").json()["data"]
+        body = {"messages": [{"role": "user", "content": QUERY}], "documents": list(CHUNKS), "max_tokens": 6,
+                "temperature": 0}
+        reply = client.post("/v1/chat/completions", json=body).json()
+    assert models[0]["max_model_len"] == engine.context_window
+    reference = engine.answer(list(CHUNKS), QUERY, method="full", generation=GenerationConfig(max_new_tokens=6))
+    assert reply["choices"][0]["message"]["content"] == reference.text
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
