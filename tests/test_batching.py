@@ -77,7 +77,7 @@ def test_prefills_arriving_together_run_their_passes_in_shared_steps(make_engine
     assert passes >= 8 and passes > steps  # every prefill's passes went through the steps, several per step
 
 
-def test_a_request_alone_runs_its_passes_on_its_own_thread(make_engine, monkeypatch):
+def test_a_request_alone_runs_its_passes_and_decode_steps_on_its_own_thread(make_engine, monkeypatch):
     engine = make_engine("llama")
     real, threads = batcher_module.forward_passes, []
 
@@ -89,8 +89,29 @@ def test_a_request_alone_runs_its_passes_on_its_own_thread(make_engine, monkeypa
     _answer(engine, 4)
     stats = engine.batcher.stats()
     assert stats.passes == stats.pass_steps == 2  # Stage I and the selective forward, each in a call of its own
-    assert threads[:2] == [threading.current_thread().name] * 2  # no hand-off to the batcher's thread
-    assert set(threads[2:]) == {"prophet-rag-decode"}
+    # No hand-off to the batcher's thread: one torch thread pool stays in use (see DecodeBatcher._alone).
+    assert len(threads) > 2 and set(threads) == {threading.current_thread().name}
+    assert stats.steps == len(threads) - 2 and stats.rows == stats.steps
+
+
+def test_a_request_decoding_alone_joins_the_batch_when_another_comes(make_engine):
+    engine = make_engine("llama")
+    serial = [_answer(engine, i, max_new_tokens=24).token_ids for i in range(2)]
+    chunks, question, config = _request(0)
+    first = engine.stream(chunks, question, generation=GenerationConfig(**{**config.__dict__, "max_new_tokens": 24}))
+    tokens = iter(first)
+    next(tokens), next(tokens)  # decoding alone, on this thread
+    assert engine.batcher.stats().running == 1
+    before = engine.batcher.stats()
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(_answer, engine, 1, max_new_tokens=24)
+        _wait_until(lambda: engine.batcher.stats().running == 2)
+        for _ in tokens:  # the rest of the first, batched with the second from its next step
+            pass
+        assert [first.answer.token_ids, second.result().token_ids] == serial
+    after = engine.batcher.stats()
+    assert after.rows - before.rows > after.steps - before.steps  # some steps decoded both
+    assert after.running == 0 and after.admitted == 0
 
 
 def test_without_batch_prefills_no_pass_goes_through_the_steps(make_engine):
@@ -116,6 +137,7 @@ def test_a_prefill_takes_its_turn_between_the_decode_steps_of_a_running_request(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(batcher_module, "forward_passes", slow)
+    _decoding_in_the_background(monkeypatch)
     chunks, question, generation = _request(0)
     expected = engine.answer(chunks, question, generation=generation).token_ids
     long = iter(engine.stream(chunks, question, generation=GenerationConfig(max_new_tokens=400,
@@ -126,9 +148,17 @@ def test_a_prefill_takes_its_turn_between_the_decode_steps_of_a_running_request(
     long.close()
 
 
+def _decoding_in_the_background(monkeypatch) -> None:
+    """A request decodes on the batcher's thread even when alone, as it does beside others: the tests of how steps
+    are shared need one decoding in the background while the test's thread starts another (a request alone
+    otherwise decodes on its consumer's thread, as fast as it is read)."""
+    monkeypatch.setattr(batcher_module.DecodeBatcher, "_alone", lambda self: False)
+
+
 def _steps_of_a_prefill_while_decoding(engine, monkeypatch):
     """Request 0 answered while a long request decodes; its tokens, and (decode rows, passes) of every step run
     meanwhile."""
+    _decoding_in_the_background(monkeypatch)
     chunks, question, generation = _request(0)
     steps, real = [], batcher_module.DecodeBatcher._step
 
@@ -186,6 +216,7 @@ def test_a_request_whose_part_of_a_step_fails_fails_alone(make_engine, monkeypat
         return real(self, admission, cache, logits, state)
 
     chunks, question, _ = _request(0)
+    _decoding_in_the_background(monkeypatch)
     monkeypatch.setattr(batcher_module.DecodeBatcher, "_decode", decode)
     failing = iter(engine.stream(chunks, question, generation=GenerationConfig(max_new_tokens=400,
                                                                                eos_token_ids=NO_EOS)))

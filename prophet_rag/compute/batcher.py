@@ -27,7 +27,12 @@ prefills that ask meanwhile go first (`ComputeLock.deferring`), and a step with 
 without the decode rows. Either happens at most `prefill_priority` times in a row, so the decode steps are put off
 by a bounded number of prefill turns; 0 restores arrival order, passes riding with the decode rows.
 
-A pass with nothing to run with (no request decoding, no other prefill in line) runs at once on its own thread.
+A pass with nothing to run with (no request decoding, no other prefill in line) runs at once on its own thread, and
+a request decoding alone (no other decoding, no pass waiting) runs its steps on its own thread too, one as each
+token is read, until another request or pass arrives; it then joins the batch for its next step. Each thread that
+runs torch's parallel ops keeps an OpenMP pool of its own, and two pools on a machine's cores make every small op
+wait for a sleeping worker: on 2 cores the batcher's thread decoded one request at 0.69x `model.generate`'s speed,
+its caller's thread at 1.03x (`benchmarks/bench_decode.py`).
 A pass of one request alone is what `forward_rows` computes (`batch.forward_passes`), so batching changes no
 request's tokens. A request's or pass's own part of a step that raises (a stored block that cannot be read, its row
 filter, its scoring) fails that request alone; the others' rows run on. What all rows share (the stacked
@@ -132,12 +137,15 @@ class DecodeBatcher:
         """The requests of the step under way, whose caches the batcher's thread is using."""
         self._passes: list[_Waiting] = []
         self._thread: threading.Thread | None = None
+        self._lone: _Running | None = None
+        """The one request decoding on its own thread, while no other decodes and no pass waits (`_alone`)."""
         self._steps = self._rows = self._passes_run = self._pass_steps = 0
 
     def stats(self) -> BatchStats:
         with self._cond:
-            return BatchStats(len(self._running), self._admitted, len(self._waiting), self._steps, self._rows,
-                              self._passes_run, self._pass_steps)
+            running = len(self._running) + (self._lone is not None)
+            return BatchStats(running, self._admitted, len(self._waiting), self._steps, self._rows, self._passes_run,
+                              self._pass_steps)
 
     def admit(self) -> Admission:
         """A place for one request, once one is free and the callers who asked before have theirs; raises
@@ -187,10 +195,28 @@ class DecodeBatcher:
         request = _Running(admission, cache, state, token)
         with self._cond:
             admission._holders += 1
-            self._running.append(request)  # its next token comes from the next step
-            self._start()
+            lone = self._alone()
+            if lone:
+                self._lone = request
+            else:
+                self._running.append(request)  # its next token comes from the next step
+                self._start()
         try:
             yield token
+            while lone:
+                with self._cond:
+                    lone = self._thread is None and not self._running and not self._passes
+                    if not lone:  # another request or a prefill's pass came: decoded with them from now on
+                        self._lone = None
+                        self._running.append(request)
+                        self._start()
+                        break
+                token = self._lone_step(request)
+                if token is None:
+                    return
+                yield token
+                if state.finished:
+                    return
             while (item := request.out.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
@@ -198,8 +224,32 @@ class DecodeBatcher:
         finally:
             with self._cond:
                 request.cancelled = True
-                if request in self._running and request not in self._stepping:
+                if self._lone is request:
+                    self._lone = None
+                    self._let_go(admission)
+                elif request in self._running and request not in self._stepping:
                     self._leave(request)  # between steps: its place is free at once
+
+    def _alone(self) -> bool:
+        """Under `_cond`: no request decoding, no pass waiting and no step under way, so a request's steps can run
+        on its own thread. Every thread that has run torch's parallel ops keeps its own OpenMP pool, and with two
+        pools on a machine's cores each small op waits for its pool's sleeping worker: the batcher's thread decoded
+        one request 1.45x slower than its caller's thread would (`benchmarks/bench_decode.py`, 2 cores)."""
+        return self._thread is None and not self._running and not self._passes and self._lone is None
+
+    def _lone_step(self, request: _Running) -> int | None:
+        """The next token of the one request decoding, its step run on this thread, or None when it ends."""
+        with self._lock.deferring(self.config.prefill_priority):
+            outcome = self._step([request], [])[0]
+        with self._cond:
+            self._steps += 1
+            self._rows += 1
+        if isinstance(outcome, BaseException):
+            raise outcome
+        token = request.state.take(outcome)
+        if token is not None:
+            request.token = token
+        return token
 
     def run_pass(self, item: Pass) -> tuple[torch.Tensor, torch.Tensor]:
         """What `forward_rows` returns for `item`, run in the next step with the other requests' passes and decode
@@ -210,7 +260,7 @@ class DecodeBatcher:
             if item.cache.layer_ready is not None:  # its stored blocks, in place before the step (a failed read
                 item.cache.layer_ready(self._adapter.spec.num_layers - 1)  # raises here, on the request's thread)
             with self._cond:
-                alone = self._thread is None and not self._lock.contended
+                alone = self._thread is None and self._lone is None and not self._lock.contended
                 if alone:  # nothing to batch it with, and no one in line: run here, sparing two thread hand-offs
                     self._passes_run += 1
                     self._pass_steps += 1
