@@ -116,7 +116,13 @@ class Job:
 
 class Scheduler:
     """`max_in_flight` worker threads running requests on `engine` one at a time each, and up to `max_queue`
-    requests waiting for them (first come, first served)."""
+    requests waiting for them (first come, first served).
+
+    A request goes to the worker that went idle last: at light load the same thread runs every request, and so the
+    engine's compute stays on one thread. Each thread that runs torch's parallel ops keeps an OpenMP pool of its
+    own, and with several pools on a machine's cores every small op waits for a sleeping worker: handed round the
+    workers in turn, one client's answers took 1.44 s against 0.95 s on one thread (`benchmarks/bench_serve.py`,
+    2 cores; see `compute/batcher.py`)."""
 
     def __init__(self, engine, *, max_in_flight: int = 8, max_queue: int = 32) -> None:
         self._engine = engine
@@ -124,7 +130,9 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._running = 0
         self._closed = False
-        self._cond = threading.Condition()
+        self._mutex = threading.RLock()
+        self._idle: list[threading.Condition] = []
+        """Idle workers' wake-up conditions (on `_mutex`), the last to go idle last."""
         self._workers = [threading.Thread(target=self._work, name=f"prophet-rag-worker-{i}", daemon=True)
                          for i in range(max_in_flight)]
         for worker in self._workers:
@@ -133,19 +141,19 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         """Requests waiting for a worker."""
-        with self._cond:
+        with self._mutex:
             return len(self._waiting)
 
     @property
     def in_flight(self) -> int:
         """Requests running on the engine."""
-        with self._cond:
+        with self._mutex:
             return self._running
 
     def submit(self, request: EngineRequest) -> Job:
         """Queue `request`; raises `OverloadedError` when `max_queue` requests already wait and no worker is free."""
         job = Job(request, asyncio.get_running_loop(), self._withdraw)
-        with self._cond:
+        with self._mutex:
             if self._closed:
                 raise OverloadedError("the server is shutting down; retry on another replica.")
             free = self.max_in_flight - self._running
@@ -153,15 +161,18 @@ class Scheduler:
                 raise OverloadedError(f"{self._running} requests are running and {len(self._waiting)} waiting, the "
                                       "most this server queues; retry later.")
             self._waiting.append(job)
-            self._cond.notify()
+            if self._idle:
+                self._idle.pop().notify()
         return job
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Cancel every waiting job and stop the workers once their running jobs end."""
-        with self._cond:
+        with self._mutex:
             self._closed = True
             waiting, self._waiting = list(self._waiting), deque()
-            self._cond.notify_all()
+            for wake in self._idle:
+                wake.notify()
+            self._idle.clear()
         for job in waiting:
             job._cancelled.set()
             job._emit("error", OverloadedError("the server is shutting down; retry on another replica."))
@@ -169,15 +180,20 @@ class Scheduler:
             worker.join(timeout_s)
 
     def _withdraw(self, job: Job) -> None:
-        with self._cond:
+        with self._mutex:
             if job in self._waiting:
                 self._waiting.remove(job)
 
     def _work(self) -> None:
+        wake = threading.Condition(self._mutex)
         while True:
-            with self._cond:
+            with self._mutex:
                 while not self._waiting and not self._closed:
-                    self._cond.wait()
+                    if wake not in self._idle:
+                        self._idle.append(wake)
+                    wake.wait()
+                if wake in self._idle:  # woken with work it did not need to be told of (another job, closing)
+                    self._idle.remove(wake)
                 if not self._waiting:
                     return
                 job = self._waiting.popleft()
@@ -185,8 +201,10 @@ class Scheduler:
             try:
                 self._run(job)
             finally:
-                with self._cond:
+                with self._mutex:
                     self._running -= 1
+                    if not self._waiting and not self._closed:
+                        self._idle.append(wake)  # idle from now: the next request is this thread's
 
     def _run(self, job: Job) -> None:
         request = job.request

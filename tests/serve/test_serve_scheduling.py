@@ -4,6 +4,7 @@ scheduler alone, then through a live server with real HTTP clients."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,6 +41,43 @@ async def test_a_job_runs_to_its_answer():
     engine.release(3)
     await job.started()
     assert await collect(job) == "t0 t1 t2 " and job.answer.text == "t0 t1 t2 "
+    scheduler.close()
+
+
+class _ThreadRecording(ScriptedEngine):
+    """Records the thread each request runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def stream_chat(self, messages, documents=(), **options):
+        self.threads.append(threading.current_thread().name)
+        return super().stream_chat(messages, documents, **options)
+
+
+async def test_requests_one_after_another_run_on_the_worker_that_went_idle_last():
+    # One thread keeps the engine's compute, so torch keeps one OpenMP pool (see Scheduler).
+    engine = _ThreadRecording()
+    scheduler = Scheduler(engine, max_in_flight=4, max_queue=0)
+    for text in "abcdef":
+        job = scheduler.submit(request(text, tokens=1))
+        engine.release(1)
+        await collect(job)
+        wait_for(lambda: scheduler.in_flight == 0)  # the answer is out before its worker is idle again
+    assert len(engine.threads) == 6 and len(set(engine.threads)) == 1
+    scheduler.close()
+
+
+async def test_requests_at_once_each_get_a_worker():
+    engine = _ThreadRecording()
+    scheduler = Scheduler(engine, max_in_flight=3, max_queue=0)
+    jobs = [scheduler.submit(request(text, tokens=1)) for text in "abc"]
+    for job in jobs:
+        await job.started()
+    assert scheduler.in_flight == 3 and len(set(engine.threads)) == 3
+    engine.release(3)
+    assert [await collect(job) for job in jobs] == ["t0 "] * 3
     scheduler.close()
 
 
