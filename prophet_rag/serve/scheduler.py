@@ -120,9 +120,9 @@ class Scheduler:
 
     A request goes to the worker that went idle last: at light load the same thread runs every request, and so the
     engine's compute stays on one thread. Each thread that runs torch's parallel ops keeps an OpenMP pool of its
-    own, and with several pools on a machine's cores every small op waits for a sleeping worker: handed round the
-    workers in turn, one client's answers took 1.44 s against 0.95 s on one thread (`benchmarks/bench_serve.py`,
-    2 cores; see `compute/batcher.py`)."""
+    own, and with several pools on a machine's cores every small op waits for a sleeping worker: with requests handed
+    round the workers in turn, the server answered one client in 1.44 s end to end, in this order 1.21 s
+    (`benchmarks/bench_serve.py`, 2 cores; see `compute/batcher.py`)."""
 
     def __init__(self, engine, *, max_in_flight: int = 8, max_queue: int = 32) -> None:
         self._engine = engine
