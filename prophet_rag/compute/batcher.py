@@ -195,7 +195,7 @@ class DecodeBatcher:
         request = _Running(admission, cache, state, token)
         with self._cond:
             admission._holders += 1
-            lone = self._alone()
+            lone = self._lone is None and self._alone()
             if lone:
                 self._lone = request
             else:
@@ -205,7 +205,7 @@ class DecodeBatcher:
             yield token
             while lone:
                 with self._cond:
-                    lone = self._thread is None and not self._running and not self._passes
+                    lone = self._alone()
                     if not lone:  # another request or a prefill's pass came: decoded with them from now on
                         self._lone = None
                         self._running.append(request)
@@ -231,11 +231,12 @@ class DecodeBatcher:
                     self._leave(request)  # between steps: its place is free at once
 
     def _alone(self) -> bool:
-        """Under `_cond`: no request decoding, no pass waiting and no step under way, so a request's steps can run
-        on its own thread. Every thread that has run torch's parallel ops keeps its own OpenMP pool, and with two
-        pools on a machine's cores each small op waits for its pool's sleeping worker: the batcher's thread decoded
-        one request 1.45x slower than its caller's thread would (`benchmarks/bench_decode.py`, 2 cores)."""
-        return self._thread is None and not self._running and not self._passes and self._lone is None
+        """Under `_cond`: no request decoding in the batch, no pass waiting and no step under way, so the request
+        decoding alone (`_lone`, if any) can run its steps on its own thread. Every thread that has run torch's
+        parallel ops keeps its own OpenMP pool, and with two pools on a machine's cores each small op waits for its
+        pool's sleeping worker: the batcher's thread decoded one request 1.45x slower than its caller's thread
+        would (`benchmarks/bench_decode.py`, 2 cores)."""
+        return self._thread is None and not self._running and not self._passes
 
     def _lone_step(self, request: _Running) -> int | None:
         """The next token of the one request decoding, its step run on this thread, or None when it ends."""
