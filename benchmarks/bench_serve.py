@@ -13,6 +13,9 @@ Real server processes (three by default; `python -m prophet_rag.cli serve`, uvic
   forward pass per step, and the prefill passes of requests prefilling together run in those steps too);
 - `decode-only`: the same with `--no-batch-prefills`: decode steps batched, each prefill's passes run alone between
   them (the engine before prefill batching; not run unless named in `--servers`);
+- `workers`: the batched server as `--workers` (default 2) processes behind the one port, each on an equal share of
+  `--threads` (1 each by default: one process per core; not run unless named in `--servers`). Its mean decode batch
+  is not shown: /metrics answers for whichever worker took the connection;
 - `serial`: the same engine with batching off (`--max-batch 1`: one request at a time, the others queued);
 - `hf`: `--backend hf`, plain `model.generate` on the flattened prompt, one request at a time, no reuse.
 
@@ -54,6 +57,7 @@ SERVERS = {
     "batched": lambda args: ["--max-batch", str(args.max_batch)],
     "decode-only": lambda args: ["--max-batch", str(args.max_batch), "--no-batch-prefills"],
     "serial": lambda args: ["--max-batch", "1"],
+    "workers": lambda args: ["--max-batch", str(args.max_batch), "--workers", str(args.workers)],
     "hf": lambda args: ["--backend", "hf", "--max-batch", "1"],
 }
 
@@ -241,6 +245,16 @@ def targets(rows: list[dict]) -> list[str]:
                    f"clients: {eight['requests_per_s'] / decode_only['requests_per_s']:.2f}x requests/s")
     out.append(f"batched TTFT p95 at 8 clients / p95 at 1 client: {eight['ttft_p95_s'] / one['ttft_p95_s']:.2f}x "
                f"(target <= 2x; p95 at 8 / p50 at 1: {eight['ttft_p95_s'] / one['ttft_p50_s']:.2f}x)")
+    workers, workers_one = row("workers", 8), row("workers", 1)
+    if workers is not None and workers_one is not None:
+        out.append(f"workers, 8 clients / workers, 1 client: "
+                   f"{workers['requests_per_s'] / workers_one['requests_per_s']:.2f}x requests/s (target >= 2.5x); "
+                   f"TTFT p95 {workers['ttft_p95_s'] / workers_one['ttft_p95_s']:.2f}x (target <= 2x)")
+        if hf_one is not None:
+            out.append(f"workers, 8 clients / hf generate, 1 client: "
+                       f"{workers['requests_per_s'] / hf_one['requests_per_s']:.2f}x requests/s (target >= 4x)")
+        out.append(f"workers / batched at 8 clients: {workers['requests_per_s'] / eight['requests_per_s']:.2f}x "
+                   "requests/s")
     return out
 
 
@@ -258,6 +272,7 @@ def main() -> None:
                         help="the levels the hf server runs (default: all; it answers one request at a time at any)")
     parser.add_argument("--servers", default="batched,serial,hf", help=f"a subset of {','.join(SERVERS)}")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each server")
+    parser.add_argument("--workers", type=int, default=2, help="the workers server's --workers")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--home", default=None, help="PROPHET_RAG_HOME for the servers (where the model is)")
     parser.add_argument("--port", type=int, default=18300, help="first port; the servers take consecutive ones")
@@ -295,11 +310,12 @@ def main() -> None:
                     wall, results = run_level(server, sent, clients, args.max_tokens)
                     steps, rows_, passes, pass_steps = (server.metric(f"prophet_rag_{n}_total") - b
                                                         for n, b in zip(names_, before, strict=True))
-                    batch = rows_ / steps if steps else None
+                    # A workers server's /metrics is one worker's: its counters say nothing of the level.
+                    batch = rows_ / steps if steps and server.name != "workers" else None
                     rows.append(summarize(server.name, clients, wall, results, reference[server.name], batch))
                     r = rows[-1]
                     r["round"] = round_
-                    r["prefills_together"] = passes / pass_steps if pass_steps else None
+                    r["prefills_together"] = passes / pass_steps if pass_steps and server.name != "workers" else None
                     print(f"round {round_}  {clients:>2} clients  {server.name:<8} {r['requests_per_s']:.3f} req/s  "
                           f"{r['tokens_per_s']:.2f} tok/s  TTFT p50 {r['ttft_p50_s']:.2f} p95 {r['ttft_p95_s']:.2f}  "
                           f"e2e p50 {r['e2e_p50_s']:.2f} p95 {r['e2e_p95_s']:.2f}  hits {r['hit_rate']:.2f}  "

@@ -30,9 +30,11 @@ by a bounded number of prefill turns; 0 restores arrival order, passes riding wi
 A pass with nothing to run with (no request decoding, no other prefill in line) runs at once on its own thread, and
 a request decoding alone (no other decoding, no pass waiting) runs its steps on its own thread too, one as each
 token is read, until another request or pass arrives; it then joins the batch for its next step. Each thread that
-runs torch's parallel ops keeps an OpenMP pool of its own, and two pools on a machine's cores make every small op
-wait for a sleeping worker: on 2 cores the batcher's thread decoded one request at 0.69x `model.generate`'s speed,
-its caller's thread at 1.03x (`benchmarks/bench_decode.py`).
+runs torch's parallel ops keeps an OpenMP pool of its own, and once GNU OpenMP manages more threads than the machine
+has CPUs its idle workers stop spin-waiting, so every small op waits to wake one: on 2 cores the batcher's thread
+decoded one request at 0.69x `model.generate`'s speed, its caller's thread at 1.03x (`benchmarks/bench_decode.py`),
+and a batched step of 8 requests took 167 ms on a second thread against 98 ms on the only one computing. Serving
+many requests on a CPU is faster from one process per core (`prophet-rag serve --workers`, serve/workers.py).
 A pass of one request alone is what `forward_rows` computes (`batch.forward_passes`), so batching changes no
 request's tokens. A request's or pass's own part of a step that raises (a stored block that cannot be read, its row
 filter, its scoring) fails that request alone; the others' rows run on. What all rows share (the stacked
@@ -233,9 +235,9 @@ class DecodeBatcher:
     def _alone(self) -> bool:
         """Under `_cond`: no request decoding in the batch, no pass waiting and no step under way, so the request
         decoding alone (`_lone`, if any) can run its steps on its own thread. Every thread that has run torch's
-        parallel ops keeps its own OpenMP pool, and with two pools on a machine's cores each small op waits for its
-        pool's sleeping worker: the batcher's thread decoded one request 1.45x slower than its caller's thread
-        would (`benchmarks/bench_decode.py`, 2 cores)."""
+        parallel ops keeps its own OpenMP pool, and with more pool threads than CPUs GNU OpenMP's idle workers sleep
+        at once, so each small op waits to wake one: the batcher's thread decoded one request 1.45x slower than its
+        caller's thread would (`benchmarks/bench_decode.py`, 2 cores)."""
         return self._thread is None and not self._running and not self._passes
 
     def _lone_step(self, request: _Running) -> int | None:

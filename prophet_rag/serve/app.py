@@ -47,9 +47,10 @@ class _ClientGone(Exception):
     pass
 
 
-def create_app(engine, config: ServeConfig | None = None, scheduler: Scheduler | None = None) -> FastAPI:
+def create_app(engine, config: ServeConfig | None = None, scheduler: Scheduler | None = None,
+               owns_engine: bool = False) -> FastAPI:
     """The app serving `engine`. It owns `scheduler` (default: a `Scheduler` sized by `config`) and closes it on
-    shutdown; the engine stays the caller's."""
+    shutdown; the engine stays the caller's unless `owns_engine` (a worker process's app closes its engine too)."""
     config = config or ServeConfig()
     scheduler = scheduler or Scheduler(engine, max_in_flight=config.max_in_flight, max_queue=config.max_queue)
     metrics = Metrics(engine, scheduler)
@@ -66,6 +67,8 @@ def create_app(engine, config: ServeConfig | None = None, scheduler: Scheduler |
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         await asyncio.to_thread(scheduler.close)
+        if owns_engine:
+            await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="prophet-rag", summary="OpenAI-compatible chat completions with KV reuse of documents",
                   lifespan=lifespan)

@@ -12,7 +12,7 @@ from typing import Any
 
 from prophet_rag.config import BatchConfig, GenerationConfig, PrefixCacheConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import ProphetRAGError
-from prophet_rag.serve.config import API_KEY_ENV, ServeConfig, read_api_key
+from prophet_rag.serve.config import API_KEY_ENV, ReplicaSpec, ServeConfig, read_api_key
 
 SERVE_INSTALL = "pip install 'prophet-rag[serve]'"
 RAY_OPTIONS = ("replicas", "max_replicas", "address", "cpus_per_replica", "gpus_per_replica")
@@ -56,6 +56,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-cache-bytes", type=int, default=0,
                         help="bytes of finished requests' KV kept so a conversation's next turn computes only its new "
                              "tokens (PrefixCacheConfig.max_bytes; default 0: off)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="engine processes behind the port, each on an equal share of the CPU threads, all "
+                             "sharing the store (CPU only; default 1). On a CPU one process per core serves "
+                             "concurrent clients faster than one process with every core (docs/serve.md)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     ray = parser.add_argument_group("replicas on Ray Serve (docs/serve.md)")
     ray.add_argument("--ray", action="store_true", help="serve engine replicas on Ray Serve behind one endpoint")
@@ -100,6 +104,9 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
 
     config = serve_config(args)
     store = _with_remote(args, store)
+    if args.ray and args.workers != 1:
+        raise ProphetRAGError("--workers starts engine processes on this machine and --ray deploys replicas on Ray "
+                              "Serve; use one of them (--replicas N on Ray).")
     if args.ray:
         from prophet_rag.serve import replicas
 
@@ -108,6 +115,9 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
     if any(getattr(args, name) is not None for name in RAY_OPTIONS):
         raise ProphetRAGError("--replicas, --max-replicas, --address, --cpus-per-replica and --gpus-per-replica "
                               "need --ray; add --ray or drop them.")
+    if args.workers != 1:
+        _serve_workers(args, store, config)
+        return 0
     print(f"Loading model {args.model or 'embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
     engine = ProphetEngine.from_pretrained(args.model, device=args.device, store=store, **engine_options(args, config))
     if args.backend == "hf":
@@ -121,6 +131,24 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
         uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=30)
     return 0
+
+
+def _serve_workers(args: argparse.Namespace, store: StoreConfig, config: ServeConfig) -> None:
+    import torch
+
+    from prophet_rag.serve import workers
+
+    if args.backend != "prophet":
+        raise ProphetRAGError("--backend hf is a one-process baseline; drop --workers, or serve the prophet-rag "
+                              "engine.")
+    if args.device != "cpu":
+        raise ProphetRAGError(f"--workers is for CPU serving; on {args.device} one process batches every request "
+                              "on the device: drop --workers.")
+    threads = workers.threads_per_worker(args.workers, torch.get_num_threads())
+    spec = ReplicaSpec(args.model, args.device, store, serve=config, threads=threads, **engine_options(args, config))
+    print(f"Starting {args.workers} workers, {threads} torch thread(s) each, on "
+          f"{args.model or 'embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
+    workers.run(spec, args.workers, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def _with_remote(args: argparse.Namespace, store: StoreConfig) -> StoreConfig:
@@ -149,6 +177,6 @@ def ray_plan(args: argparse.Namespace, store: StoreConfig, config: ServeConfig):
     if store.remote_url is None and (scaling.max_replicas or scaling.replicas) > 1:
         print("Warning: replicas without --remote-url share no tier: each computes every document itself.",
               file=sys.stderr, flush=True)
-    spec = replicas.ReplicaSpec(args.model, args.device, store, serve=config, threads=max(1, int(cpus)),
-                                **engine_options(args, config))
+    spec = ReplicaSpec(args.model, args.device, store, serve=config, threads=max(1, int(cpus)),
+                       **engine_options(args, config))
     return spec, scaling

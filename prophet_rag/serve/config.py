@@ -1,4 +1,5 @@
-"""The server's settings: limits, queueing, timeouts and the API key, checked when they are built."""
+"""The server's settings: limits, queueing, timeouts and the API key, checked when they are built; and what a process
+that serves (a worker, a Ray Serve replica) builds its engine and app from."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prophet_rag.config import BatchConfig, GenerationConfig, PrefixCacheConfig, SelectionConfig, StoreConfig
 from prophet_rag.errors import InvalidRequestError
 
 API_KEY_ENV = "PROPHET_RAG_API_KEY"
@@ -83,3 +85,31 @@ def read_api_key(key_file: str | os.PathLike | None, environ: Mapping[str, str] 
     if mode & (stat.S_IRGRP | stat.S_IROTH):
         warnings.warn(f"the API key file {path} is readable by other users; `chmod 600 {path}`.", stacklevel=2)
     return key
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What every engine process of a server (a `--workers` process, a Ray Serve replica) builds its engine and app
+    from; it travels to them whole, so the API key goes with it."""
+
+    model: str | None
+    device: str
+    store: StoreConfig
+    selection: SelectionConfig
+    generation: GenerationConfig
+    serve: ServeConfig
+    threads: int = 1
+    """torch threads of each process (its CPUs)."""
+    batch: BatchConfig = BatchConfig()
+    prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
+
+    def build_engine(self, store: StoreConfig | None = None):
+        """The process's engine on `threads` torch threads, over `store` (default: the spec's)."""
+        import torch
+
+        from prophet_rag.engine import ProphetEngine
+
+        torch.set_num_threads(self.threads)
+        return ProphetEngine.from_pretrained(self.model, device=self.device, store=store or self.store,
+                                             selection=self.selection, generation=self.generation, batch=self.batch,
+                                             prefix_cache=self.prefix_cache)

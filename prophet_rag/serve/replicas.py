@@ -33,28 +33,12 @@ from typing import Any
 
 from ray import serve
 
-from prophet_rag.config import BatchConfig, GenerationConfig, PrefixCacheConfig, SelectionConfig, StoreConfig
+from prophet_rag.config import StoreConfig
 from prophet_rag.errors import InvalidRequestError, ProphetRAGError
-from prophet_rag.serve.config import ServeConfig
+from prophet_rag.serve.config import ReplicaSpec
 
 APP_NAME = "prophet-rag"
 REPLICA_HEADER, RANK_HEADER = "X-Prophet-Replica", "X-Prophet-Replica-Rank"
-
-
-@dataclass(frozen=True)
-class ReplicaSpec:
-    """What every replica builds its engine and app from (sent to the replicas, so the API key travels with it)."""
-
-    model: str | None
-    device: str
-    store: StoreConfig
-    selection: SelectionConfig
-    generation: GenerationConfig
-    serve: ServeConfig
-    threads: int = 1
-    """torch threads per replica (its CPUs)."""
-    batch: BatchConfig = BatchConfig()
-    prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
 
 
 @dataclass(frozen=True)
@@ -86,18 +70,10 @@ class EngineReplica:
     """One replica: its engine, loaded once, and the server's app over it."""
 
     def __init__(self, spec: ReplicaSpec) -> None:
-        import torch
-
-        from prophet_rag.engine import ProphetEngine
-
-        torch.set_num_threads(spec.threads)
         context = serve.get_replica_context()
         self.replica_id, self.rank = context.replica_id.unique_id, context.rank
         self.spec = spec
-        self.engine = ProphetEngine.from_pretrained(spec.model, device=spec.device,
-                                                    store=replica_store(spec.store, self.rank.local_rank),
-                                                    selection=spec.selection, generation=spec.generation,
-                                                    batch=spec.batch, prefix_cache=spec.prefix_cache)
+        self.engine = spec.build_engine(replica_store(spec.store, self.rank.local_rank))
 
     def __serve_build_asgi_app__(self):
         from prophet_rag.serve.app import create_app

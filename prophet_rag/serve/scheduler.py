@@ -10,7 +10,7 @@ The workers are where batching comes from: the engine decodes every request its 
 forward pass per step (continuous batching, `compute/batcher.py`), so `max_in_flight` workers give batches of up to
 `max_in_flight` requests (bounded by the engine's own `BatchConfig.max_batch`). This is the interface the server
 relies on (`submit`, `Job.started`, iterating a job, `Job.answer`, `Job.cancel`, `queue_depth`, `in_flight`,
-`close`).
+`workers`, `close`).
 """
 
 from __future__ import annotations
@@ -115,14 +115,17 @@ class Job:
 
 
 class Scheduler:
-    """`max_in_flight` worker threads running requests on `engine` one at a time each, and up to `max_queue`
+    """Up to `max_in_flight` worker threads running requests on `engine` one at a time each, and up to `max_queue`
     requests waiting for them (first come, first served).
 
-    A request goes to the worker that went idle last: at light load the same thread runs every request, and so the
-    engine's compute stays on one thread. Each thread that runs torch's parallel ops keeps an OpenMP pool of its
-    own, and with several pools on a machine's cores every small op waits for a sleeping worker: with requests handed
-    round the workers in turn, the server answered one client in 1.44 s end to end, in this order 1.21 s
-    (`benchmarks/bench_serve.py`, 2 cores; see `compute/batcher.py`)."""
+    Workers start as requests need them. A worker that finds nothing waiting waits for the next request only while no
+    other worker does, and otherwise ends: a request goes to the one waiting worker, so at light load the same thread
+    runs every request, and after a burst one thread is left. That is for torch: each thread that runs its parallel
+    ops keeps an OpenMP pool of its own, and once GNU OpenMP manages more threads than the machine has CPUs its idle
+    workers stop spin-waiting, so every small op waits to wake one, until the threads that hold the pools end. With
+    requests handed round the workers in turn, the server answered one client in 1.44 s end to end, in this order
+    1.21 s; with the idle workers of an eight-client burst kept, one client got 0.80 requests/s after the burst
+    against 1.30 before it (`benchmarks/bench_serve.py`, 2 cores; see `compute/batcher.py`)."""
 
     def __init__(self, engine, *, max_in_flight: int = 8, max_queue: int = 32) -> None:
         self._engine = engine
@@ -132,11 +135,9 @@ class Scheduler:
         self._closed = False
         self._mutex = threading.RLock()
         self._idle: list[threading.Condition] = []
-        """Idle workers' wake-up conditions (on `_mutex`), the last to go idle last."""
-        self._workers = [threading.Thread(target=self._work, name=f"prophet-rag-worker-{i}", daemon=True)
-                         for i in range(max_in_flight)]
-        for worker in self._workers:
-            worker.start()
+        """The waiting worker's wake-up condition (on `_mutex`); more than one only for a moment."""
+        self._workers: set[threading.Thread] = set()
+        self._named = 0
 
     @property
     def queue_depth(self) -> int:
@@ -149,6 +150,12 @@ class Scheduler:
         """Requests running on the engine."""
         with self._mutex:
             return self._running
+
+    @property
+    def workers(self) -> int:
+        """Worker threads alive: those running requests, and at most one waiting for the next."""
+        with self._mutex:
+            return len(self._workers)
 
     def submit(self, request: EngineRequest) -> Job:
         """Queue `request`; raises `OverloadedError` when `max_queue` requests already wait and no worker is free."""
@@ -163,6 +170,11 @@ class Scheduler:
             self._waiting.append(job)
             if self._idle:
                 self._idle.pop().notify()
+            elif len(self._workers) < self.max_in_flight:
+                worker = threading.Thread(target=self._work, name=f"prophet-rag-worker-{self._named}", daemon=True)
+                self._named += 1
+                self._workers.add(worker)
+                worker.start()
         return job
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -173,10 +185,11 @@ class Scheduler:
             for wake in self._idle:
                 wake.notify()
             self._idle.clear()
+            workers = list(self._workers)
         for job in waiting:
             job._cancelled.set()
             job._emit("error", OverloadedError("the server is shutting down; retry on another replica."))
-        for worker in self._workers:
+        for worker in workers:
             worker.join(timeout_s)
 
     def _withdraw(self, job: Job) -> None:
@@ -186,25 +199,29 @@ class Scheduler:
 
     def _work(self) -> None:
         wake = threading.Condition(self._mutex)
-        while True:
-            with self._mutex:
-                while not self._waiting and not self._closed:
-                    if wake not in self._idle:
-                        self._idle.append(wake)
-                    wake.wait()
-                if wake in self._idle:  # woken with work it did not need to be told of (another job, closing)
-                    self._idle.remove(wake)
-                if not self._waiting:
-                    return
-                job = self._waiting.popleft()
-                self._running += 1
+        with self._mutex:
+            job = self._next(wake)
+        while job is not None:
             try:
                 self._run(job)
             finally:
                 with self._mutex:
                     self._running -= 1
-                    if not self._waiting and not self._closed:
-                        self._idle.append(wake)  # idle from now: the next request is this thread's
+                    job = self._next(wake)
+
+    def _next(self, wake: threading.Condition) -> Job | None:
+        """Under `_mutex`: this worker's next job, once one waits; None when the worker ends instead (the scheduler
+        is closing, or another worker already waits for the next request)."""
+        while not self._waiting:
+            if self._closed or self._idle:
+                self._workers.discard(threading.current_thread())
+                return None
+            self._idle.append(wake)
+            wake.wait()
+            if wake in self._idle:  # woken by `close`, or spuriously
+                self._idle.remove(wake)
+        self._running += 1
+        return self._waiting.popleft()
 
     def _run(self, job: Job) -> None:
         request = job.request

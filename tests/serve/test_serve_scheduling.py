@@ -81,6 +81,41 @@ async def test_requests_at_once_each_get_a_worker():
     scheduler.close()
 
 
+async def test_after_a_burst_one_worker_is_left_and_it_takes_the_next_request():
+    # The threads of a burst end once it is over, and with them their OpenMP pools (see Scheduler).
+    engine = _ThreadRecording()
+    scheduler = Scheduler(engine, max_in_flight=4, max_queue=0)
+    assert scheduler.workers == 0
+    jobs = [scheduler.submit(request(text, tokens=1)) for text in "abcd"]
+    for job in jobs:
+        await job.started()
+    assert scheduler.workers == 4
+    engine.release(4)
+    for job in jobs:
+        await collect(job)
+    wait_for(lambda: scheduler.workers == 1 and scheduler.in_flight == 0)
+    (left,) = scheduler._workers
+    later = scheduler.submit(request("e", tokens=1))
+    engine.release(1)
+    await collect(later)
+    assert engine.threads[-1] == left.name and left.is_alive()
+    scheduler.close()
+    assert scheduler.workers == 0 and not left.is_alive()
+
+
+async def test_workers_never_exceed_max_in_flight():
+    engine = _ThreadRecording()
+    scheduler = Scheduler(engine, max_in_flight=2, max_queue=4)
+    jobs = [scheduler.submit(request(text, tokens=1)) for text in "abcde"]
+    await jobs[0].started()
+    await jobs[1].started()
+    assert (scheduler.workers, scheduler.in_flight, scheduler.queue_depth) == (2, 2, 3)
+    engine.release(5)
+    assert [await collect(job) for job in jobs] == ["t0 "] * 5
+    assert len(set(engine.threads)) == 2
+    scheduler.close()
+
+
 async def test_the_queue_is_bounded_and_a_full_one_refuses_at_once():
     engine = ScriptedEngine()
     scheduler = Scheduler(engine, max_in_flight=1, max_queue=2)

@@ -1,0 +1,100 @@
+"""`prophet-rag serve --workers N`: engine processes behind one port, checked before anything starts, and (a real
+server over the tiny model) answering as the engine in process does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from prophet_rag.cli import build_parser
+from prophet_rag.config import GenerationConfig, StoreConfig
+from prophet_rag.engine import ProphetEngine
+from prophet_rag.errors import InvalidRequestError, ProphetRAGError
+from prophet_rag.serve.cli import run_serve_command
+from prophet_rag.serve.workers import WORKER_HEADER, threads_per_worker
+from serve_helpers import free_port, wait_healthy
+from tiny import CHUNKS, QUERY
+
+
+@pytest.mark.parametrize(("workers", "cpus", "threads"), [(1, 2, 2), (2, 2, 1), (3, 2, 1), (2, 8, 4), (3, 8, 2)])
+def test_each_worker_gets_an_equal_share_of_the_threads(workers, cpus, threads):
+    assert threads_per_worker(workers, cpus) == threads
+
+
+@pytest.mark.parametrize("workers", [0, -1, True, 1.5])
+def test_a_worker_count_below_one_is_refused(workers):
+    with pytest.raises(InvalidRequestError, match="--workers"):
+        threads_per_worker(workers, 2)
+
+
+@pytest.mark.parametrize(("option", "message"), [(["--ray"], "--ray"), (["--backend", "hf"], "one-process"),
+                                                 (["--device", "cuda"], "CPU serving")])
+def test_workers_with_what_they_cannot_serve_are_refused(option, message):
+    args = build_parser().parse_args(["serve", "--workers", "2", *option])
+    with pytest.raises(ProphetRAGError, match=message):
+        run_serve_command(args, StoreConfig())
+
+
+@pytest.fixture(scope="module")
+def workers_server(tiny_model_dir, tmp_path_factory):
+    """`prophet-rag serve --workers 2` over the tiny model, its temporary files in a folder of its own."""
+    home, tmp = tmp_path_factory.mktemp("workers-home"), tmp_path_factory.mktemp("workers-tmp")
+    port = free_port()
+    env = {**os.environ, "PROPHET_RAG_HOME": str(home), "TMPDIR": str(tmp), "OMP_NUM_THREADS": "2"}
+    env.pop("PROPHET_RAG_API_KEY", None)
+    command = [sys.executable, "-m", "prophet_rag.cli", "serve", "--model", str(tiny_model_dir), "--store",
+               str(home / "kv"), "--port", str(port), "--log-level", "warning", "--workers", "2"]
+    log = home / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log)
+        yield url, proc, tmp, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def ask(url: str, documents: list[str]) -> httpx.Response:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": QUERY}], "documents": documents,
+            "max_tokens": 6, "temperature": 0}
+    with httpx.Client() as client:  # a connection of its own: any worker may take it
+        return client.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+
+
+def test_workers_answer_as_the_engine_in_process(workers_server, tiny_model_dir, tmp_path):
+    url, proc, _, _ = workers_server
+    requests = [list(CHUNKS), list(reversed(CHUNKS)), list(CHUNKS[:2])] * 4
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda documents: ask(url, documents), requests))
+    engine = ProphetEngine.from_pretrained(str(tiny_model_dir), store=StoreConfig(directory=tmp_path / "kv"))
+    try:
+        expected = [engine.answer(documents, QUERY, generation=GenerationConfig(max_new_tokens=6)).text
+                    for documents in requests]
+    finally:
+        engine.close()
+    assert [reply.status_code for reply in replies] == [200] * len(requests)
+    assert [reply.json()["choices"][0]["message"]["content"] for reply in replies] == expected
+    workers = {reply.headers[WORKER_HEADER] for reply in replies}
+    assert workers and str(proc.pid) not in workers  # answered by worker processes, not the supervisor
+
+
+def test_the_workers_spec_file_is_private_and_removed_at_shutdown(workers_server):
+    url, proc, tmp, log = workers_server
+    (folder,) = tmp.glob("prophet-rag-workers-*")
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    assert oct((folder / "spec.pickle").stat().st_mode & 0o777) == "0o600"
+    proc.terminate()
+    proc.wait(timeout=60)
+    assert proc.returncode == 0, log.read_text()
+    assert not list(tmp.glob("prophet-rag-workers-*"))
