@@ -92,8 +92,10 @@ def sparse_attention_ref(
     group = q_heads // kv_heads
     plan = plan or plan_attention(q_pos, k_pos, q.dtype, group)
     assert plan.group == group, f"plan made for {plan.group} query heads per KV head, attention has {group}"
-    # [1, heads, tokens, head_dim], contiguous once per call rather than once per block.
-    kt, vt = k.transpose(0, 1).contiguous()[None], v.transpose(0, 1).contiguous()[None]
+    # [1, heads, tokens, head_dim] views: SDPA reads them strided, with the same result bit for bit as from a
+    # head-major copy, and the copy is what a few rows over many keys pay for (one decode row over 4K keys: 2.1 ms
+    # with it, 0.29 ms without; benchmarks/RESULTS.md, "Worker processes").
+    kt, vt = k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if plan.causal:
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kt, vt, is_causal=True, scale=scale,
                                              enable_gqa=True)
