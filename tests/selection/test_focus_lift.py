@@ -9,7 +9,7 @@ from focus_plans import planned
 
 from prophet_rag.config import SelectionConfig
 from prophet_rag.selection.request import Selection
-from prophet_rag.selection.signals import FOCUS_LIFT, anchor_lift, anchor_mask
+from prophet_rag.selection.signals import FOCUS_LIFT, anchor_lift, anchor_mask, anchored_weights
 from tiny import CHUNKS, FILLERS, QUERY
 
 
@@ -17,6 +17,29 @@ def test_anchor_mask_marks_the_questions_words_found_in_few_chunks():
     chunks = [torch.tensor([1, 2]), torch.tensor([2, 3]), torch.tensor([2, 4]), torch.tensor([2, 5])]
     query = torch.tensor([2, 3, 9])  # 2 is in every chunk (shared phrasing), 3 in one, 9 in none
     assert anchor_mask(chunks, query).tolist() == [False, False, False, True, False, False, False, False]
+
+
+def test_a_chunks_first_token_is_never_an_anchor():
+    # In the parallel geometry every chunk's first token follows the shared sink, where attention may pile up.
+    chunks = [torch.tensor([3, 1]), torch.tensor([4, 2]), torch.tensor([5, 6]), torch.tensor([6, 7])]
+    query = torch.tensor([3, 2, 5])
+    assert anchor_mask(chunks, query).tolist() == [False, False, False, True, False, False, False, False]
+
+
+def test_anchored_weights_give_a_chunks_first_token_nothing_whatever_its_attention():
+    chunks = [torch.tensor([3, 1, 3]), torch.tensor([4, 2])]
+    mass = torch.tensor([100.0, 1.0, 2.0, 1.0, 1.0])
+    weights = anchored_weights(chunks, torch.tensor([3]), mass)
+    idf = float(torch.log(torch.tensor(3 / 1.5)))  # token 3 is in one chunk of two
+    assert weights.tolist() == pytest.approx([0.0, 0.0, 2.0 * idf, 0.0, 0.0])
+
+
+def test_a_first_token_sink_does_not_make_its_chunk_the_focus():
+    # Musique-62 on Qwen2.5-0.5B: 15% of the question's attention on a passage's first token, a question word.
+    chunks = [torch.tensor([9, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])]
+    request = Selection(None, SelectionConfig(method="prophet_focus"), chunks, torch.tensor([9, 4]))
+    request.parallel = torch.tensor([50.0, 1, 1, 1, 3, 1, 1, 1, 1])
+    assert request.anchored.tolist()[0] == 0 and int(torch.argmax(request.anchored)) == 1
 
 
 def test_anchor_lift_is_the_anchors_mean_mass_over_the_contexts():
@@ -30,9 +53,9 @@ def test_anchor_lift_without_anchors_is_zero():
 
 
 def test_lift_reads_the_best_anchored_chunks_anchors_only():
-    chunks = [torch.tensor([7, 8]), torch.tensor([5, 6]), torch.tensor([8, 9])]
+    chunks = [torch.tensor([7, 8]), torch.tensor([6, 5]), torch.tensor([9, 8])]
     request = Selection(None, SelectionConfig(method="prophet_focus"), chunks, torch.tensor([5, 8]))
-    request.parallel = torch.tensor([1.0, 1.0, 3.0, 1.0, 1.0, 5.0])  # mean 2; chunk 1's anchor (token 5) has 3
+    request.parallel = torch.tensor([1.0, 1.0, 1.0, 3.0, 1.0, 5.0])  # mean 2; chunk 1's anchor (token 5) has 3
     request.__dict__["anchored"] = torch.tensor([0.1, 1.0, 0.2])
     assert request.lift == pytest.approx(1.5)
 
