@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from serve_helpers import API_KEY, LIMITS, LiveServer, ScriptedEngine, Served, free_port, wait_healthy
+from serve_helpers import API_KEY, LIMITS, LiveServer, ScriptedEngine, Served, free_port, stop_process, wait_healthy
 from tiny import tiny_model, tiny_tokenizer
 
 
@@ -43,12 +43,7 @@ def _serving(model_dir, home):
         wait_healthy(url, proc, log)
         yield Served(url, model_dir, proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,16 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, log: Path | Non
     raise RuntimeError(f"no healthy server at {url} after {timeout_s} s")
 
 
+def stop_process(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within `timeout_s`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class Served:
     url: str

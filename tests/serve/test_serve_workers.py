@@ -17,7 +17,7 @@ from prophet_rag.engine import ProphetEngine
 from prophet_rag.errors import InvalidRequestError, ProphetRAGError
 from prophet_rag.serve.cli import run_serve_command
 from prophet_rag.serve.workers import WORKER_HEADER, threads_per_worker
-from serve_helpers import free_port, wait_healthy
+from serve_helpers import free_port, stop_process, wait_healthy
 from tiny import CHUNKS, QUERY
 
 
@@ -57,12 +57,7 @@ def workers_server(tiny_model_dir, tmp_path_factory):
         wait_healthy(url, proc, log)
         yield url, proc, tmp, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout_s=60)
 
 
 def ask(url: str, documents: list[str]) -> httpx.Response:
