@@ -10,11 +10,11 @@ scrape each worker's figures through its own connections, or serve one process w
 
 Why processes rather than threads: torch runs its CPU ops on GNU OpenMP, and libgomp stops spin-waiting (its idle
 workers sleep, and every small op waits to wake one) as soon as it manages more threads than the machine has CPUs,
-which two threads that each ran parallel ops already make it do on 2 cores. Inside one server the request threads,
-the batcher's thread and the main thread all compute, so a batched decode step of 8 requests took 167 ms instead of
-the 98 ms it takes on the only computing thread (`benchmarks/bench_serve.py`, docs/serve.md). One thread per
-process on each CPU never gets there: on 2 cores two one-thread workers answer 8 clients 1.3-1.5x faster than one
-two-thread process.
+which two threads that each ran parallel ops already make it do on 2 cores. Inside one server the request threads
+and the batcher's thread all compute: a batched decode step of 8 requests took 167 ms on a second computing thread
+against 98 ms on the only one (benchmarks/RESULTS.md, "Worker processes"; docs/serve.md). One thread per
+process on each CPU never gets there: on 2 cores two one-thread workers answer 8 clients about 1.5x faster than one
+two-thread process (3.10 against 2.08 requests/s), and one client slower (0.92 against 1.38).
 
 The spec reaches the workers as a file only this user can read (it holds the API key), named by an environment
 variable: uvicorn starts each worker as a fresh interpreter that imports `app`.

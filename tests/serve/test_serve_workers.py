@@ -4,9 +4,12 @@ server over the tiny model) answering as the engine in process does."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -82,6 +85,36 @@ def test_workers_answer_as_the_engine_in_process(workers_server, tiny_model_dir,
     assert [reply.json()["choices"][0]["message"]["content"] for reply in replies] == expected
     workers = {reply.headers[WORKER_HEADER] for reply in replies}
     assert workers and str(proc.pid) not in workers  # answered by worker processes, not the supervisor
+
+
+def _workers_of(supervisor: int) -> set[int]:
+    """The supervisor's worker processes (uvicorn spawns them through multiprocessing)."""
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    workers = set()
+    for pid in map(int, children):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                workers.add(pid)
+        except FileNotFoundError:
+            pass
+    return workers
+
+
+def test_a_killed_worker_is_replaced_and_the_other_serves_meanwhile(workers_server):
+    url, proc, _, _ = workers_server
+    before = _workers_of(proc.pid)
+    assert len(before) == 2
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    replies = [ask(url, list(CHUNKS)) for _ in range(4)]  # fresh connections: only the live worker accepts them
+    assert [reply.status_code for reply in replies] == [200] * 4
+    assert str(victim) not in {reply.headers[WORKER_HEADER] for reply in replies}
+    deadline = time.monotonic() + 60
+    while (len(_workers_of(proc.pid)) < 2 or victim in _workers_of(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    after = _workers_of(proc.pid)
+    assert len(after) == 2 and victim not in after
+    wait_healthy(url, proc)
 
 
 def test_the_workers_spec_file_is_private_and_removed_at_shutdown(workers_server):
