@@ -1,4 +1,4 @@
-"""Admission and concurrency for the server: a bounded queue in front of a fixed number of engine workers.
+"""Admission and concurrency for the server: a bounded queue in front of up to `max_in_flight` engine workers.
 
 The event loop never runs the engine. `Scheduler.submit` queues a request (or refuses it at once with
 `OverloadedError` when the queue is full) and returns its `Job`; a worker thread takes it, starts it on the engine
