@@ -115,6 +115,9 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
     if any(getattr(args, name) is not None for name in RAY_OPTIONS):
         raise ProphetRAGError("--replicas, --max-replicas, --address, --cpus-per-replica and --gpus-per-replica "
                               "need --ray; add --ray or drop them.")
+    if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"Warning: serving on {args.host} without an API key; set {API_KEY_ENV} or --api-key-file.",
+              file=sys.stderr, flush=True)
     if args.workers != 1:
         _serve_workers(args, store, config)
         return 0
@@ -124,9 +127,6 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
         from prophet_rag.serve.hf_backend import HFGenerateBackend
 
         engine = HFGenerateBackend(engine)
-    if config.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"Warning: serving on {args.host} without an API key; set {API_KEY_ENV} or --api-key-file.",
-              file=sys.stderr, flush=True)
     with engine:
         uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=30)
