@@ -311,11 +311,12 @@ def main() -> None:
                     steps, rows_, passes, pass_steps = (server.metric(f"prophet_rag_{n}_total") - b
                                                         for n, b in zip(names_, before, strict=True))
                     # A workers server's /metrics is one worker's: its counters say nothing of the level.
-                    batch = rows_ / steps if steps and server.name != "workers" else None
+                    counted = server.name != "workers"
+                    batch = rows_ / steps if steps and counted else None
                     rows.append(summarize(server.name, clients, wall, results, reference[server.name], batch))
                     r = rows[-1]
                     r["round"] = round_
-                    r["prefills_together"] = passes / pass_steps if pass_steps and server.name != "workers" else None
+                    r["prefills_together"] = passes / pass_steps if pass_steps and counted else None
                     print(f"round {round_}  {clients:>2} clients  {server.name:<8} {r['requests_per_s']:.3f} req/s  "
                           f"{r['tokens_per_s']:.2f} tok/s  TTFT p50 {r['ttft_p50_s']:.2f} p95 {r['ttft_p95_s']:.2f}  "
                           f"e2e p50 {r['e2e_p50_s']:.2f} p95 {r['e2e_p95_s']:.2f}  hits {r['hit_rate']:.2f}  "

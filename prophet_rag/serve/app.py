@@ -47,6 +47,16 @@ class _ClientGone(Exception):
     pass
 
 
+def name_responses(app: FastAPI, headers: dict[str, str]) -> None:
+    """Every response of `app` carries `headers`: which process answered (a Ray replica, a `--workers` process)."""
+
+    @app.middleware("http")
+    async def named(request, call_next):
+        response = await call_next(request)
+        response.headers.update(headers)
+        return response
+
+
 def create_app(engine, config: ServeConfig | None = None, scheduler: Scheduler | None = None,
                owns_engine: bool = False) -> FastAPI:
     """The app serving `engine`. It owns `scheduler` (default: a `Scheduler` sized by `config`) and closes it on

@@ -76,17 +76,11 @@ class EngineReplica:
         self.engine = spec.build_engine(replica_store(spec.store, self.rank.local_rank))
 
     def __serve_build_asgi_app__(self):
-        from prophet_rag.serve.app import create_app
+        from prophet_rag.serve.app import create_app, name_responses
 
         app = create_app(self.engine, self.spec.serve)
-        named = {REPLICA_HEADER: self.replica_id, RANK_HEADER: f"{self.rank.node_rank}.{self.rank.local_rank}"}
-
-        @app.middleware("http")
-        async def name_the_replica(request, call_next):
-            response = await call_next(request)
-            response.headers.update(named)
-            return response
-
+        name_responses(app, {REPLICA_HEADER: self.replica_id,
+                             RANK_HEADER: f"{self.rank.node_rank}.{self.rank.local_rank}"})
         return app
 
     def __del__(self) -> None:

@@ -16,6 +16,7 @@ relies on (`submit`, `Job.started`, iterating a job, `Job.answer`, `Job.cancel`,
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -137,7 +138,7 @@ class Scheduler:
         self._idle: list[threading.Condition] = []
         """The waiting worker's wake-up condition (on `_mutex`); more than one only for a moment."""
         self._workers: set[threading.Thread] = set()
-        self._named = 0
+        self._names = itertools.count()
 
     @property
     def queue_depth(self) -> int:
@@ -171,8 +172,8 @@ class Scheduler:
             if self._idle:
                 self._idle.pop().notify()
             elif len(self._workers) < self.max_in_flight:
-                worker = threading.Thread(target=self._work, name=f"prophet-rag-worker-{self._named}", daemon=True)
-                self._named += 1
+                worker = threading.Thread(target=self._work, name=f"prophet-rag-worker-{next(self._names)}",
+                                          daemon=True)
                 self._workers.add(worker)
                 worker.start()
         return job

@@ -63,17 +63,10 @@ def run(spec: ReplicaSpec, workers: int, *, host: str, port: int, log_level: str
 
 def app():
     """A worker's app (uvicorn's factory): its own engine from the spec that `run` wrote, closed with the app."""
-    from prophet_rag.serve.app import create_app
+    from prophet_rag.serve.app import create_app, name_responses
 
     with open(os.environ[SPEC_ENV], "rb") as spec_file:  # written by this server's own `run`, mode 0600
         spec: ReplicaSpec = pickle.load(spec_file)
     served = create_app(spec.build_engine(), spec.serve, owns_engine=True)
-    pid = str(os.getpid())
-
-    @served.middleware("http")
-    async def name_the_worker(request, call_next):
-        response = await call_next(request)
-        response.headers[WORKER_HEADER] = pid
-        return response
-
+    name_responses(served, {WORKER_HEADER: str(os.getpid())})
     return served
