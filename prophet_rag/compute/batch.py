@@ -35,13 +35,15 @@ from prophet_rag.kernels import attention_plan, sparse_attention, stage1_attenti
 
 @dataclass
 class Pass:
-    """`forward_rows(adapter, cache, rows, scoring=..., row_filter=..., last_layer=...)` of one request."""
+    """`forward_rows(adapter, cache, rows, scoring=..., row_filter=..., last_layer=..., outputs=...)` of one
+    request."""
 
     cache: StitchedCache
     rows: torch.Tensor
     scoring: Scoring | None = None
     row_filter: tuple[int, RowFilter] | None = None
     last_layer: int | None = None
+    outputs: int | None = None
 
 
 class _Rows:
@@ -101,7 +103,7 @@ def forward_passes(adapter: ModelAdapter, passes: Sequence[Pass],
         hidden = adapter.finish_layer(layer, torch.cat(kept_hidden), torch.cat(outs))
         ending = [i for i, r in enumerate(live) if r.stop == layer]
         if ending or changed:
-            parts = hidden.split([int(r.rows.numel()) for r in live])
+            parts = hidden.split([int(h.shape[0]) for h in kept_hidden])
             for i in ending:
                 results[live[i].index] = (parts[i], live[i].rows)
             staying = [i for i, r in enumerate(live) if r.stop != layer]
@@ -130,7 +132,12 @@ def _attend(adapter: ModelAdapter, layer: int, r: _Rows, h: torch.Tensor, q: tor
         s = item.scoring
         return h, stage1_attention(q, keys_k, keys_v, r.row_pos, r.positions, adapter.scale, s.context_end,
                                    s.prophet, s.norm, s.bounds, r.plan), filtered
-    return h, sparse_attention(q, keys_k, keys_v, r.row_pos, r.positions, adapter.scale, r.plan), filtered
+    row_pos, plan = r.row_pos, r.plan
+    if layer == r.stop and item.outputs is not None and item.outputs < h.shape[0]:
+        tail = slice(h.shape[0] - item.outputs, None)  # as forward_rows: the other rows end with their K/V
+        h, q, row_pos = h[tail], q[tail], row_pos[tail]
+        plan = attention_plan(row_pos, r.positions, r.dtype, r.group)
+    return h, sparse_attention(q, keys_k, keys_v, row_pos, r.positions, adapter.scale, plan), filtered
 
 
 @torch.inference_mode()
@@ -150,14 +157,15 @@ _runner: ContextVar[RunPass | None] = ContextVar("prophet_rag_pass_runner", defa
 
 
 def forward(adapter: ModelAdapter, cache: StitchedCache, rows: torch.Tensor, *, scoring: Scoring | None = None,
-            row_filter: tuple[int, RowFilter] | None = None,
-            last_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            row_filter: tuple[int, RowFilter] | None = None, last_layer: int | None = None,
+            outputs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`forward_rows(adapter, cache, rows, ...)`, run by the batcher this thread has joined, if any, together with
     other requests' passes."""
     run = _runner.get()
     if run is None:
-        return forward_rows(adapter, cache, rows, scoring=scoring, row_filter=row_filter, last_layer=last_layer)
-    return run(Pass(cache, rows, scoring, row_filter, last_layer))
+        return forward_rows(adapter, cache, rows, scoring=scoring, row_filter=row_filter, last_layer=last_layer,
+                            outputs=outputs)
+    return run(Pass(cache, rows, scoring, row_filter, last_layer, outputs))
 
 
 @contextmanager

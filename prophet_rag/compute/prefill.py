@@ -81,7 +81,8 @@ def prefill_isolated(
 def prefill_full(adapter: ModelAdapter, ids: torch.Tensor, prefix_len: int, capacity: int,
                  kv_dtype: torch.dtype, past: Sequence[torch.Tensor] = ()) -> tuple[StitchedCache, torch.Tensor]:
     """Plain prefill of the prompt `ids` `[T]` into a fresh cache of `capacity` slots (its first `prefix_len` tokens
-    are the prefix); returns the cache and the last layer's hidden states of the tokens computed `[T - m, hidden]`.
+    are the prefix); returns the cache and the last token's last-layer hidden state `[1, hidden]` (the next token's
+    logits are all a prefill needs: `forward_rows`'s `outputs`).
 
     `past` holds KV already computed for the first m tokens (blocks `[L, 2, n_i, H_kv, D]` in order, at positions
     0..m-1, m = sum of n_i, less than T): it is copied in, and only the tokens after it are computed.
@@ -95,5 +96,5 @@ def prefill_full(adapter: ModelAdapter, ids: torch.Tensor, prefix_len: int, capa
         cache.kv[:, :, start:end] = block
         start = end
     assert start < rows.numel(), "past must leave at least one token to compute"
-    hidden, _ = forward_rows(adapter, cache, rows[start:])
+    hidden, _ = forward_rows(adapter, cache, rows[start:], outputs=1)
     return cache, hidden

@@ -232,6 +232,7 @@ def forward_rows(
     row_filter: tuple[int, RowFilter] | None = None,
     last_layer: int | None = None,
     keys: int | None = None,
+    outputs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute `rows` (slot indices `[R]`, sorted) through the layers.
 
@@ -239,7 +240,13 @@ def forward_rows(
     that layer (the hidden states are then that layer's output), for scoring passes that need no more. The rows
     attend over the first `keys` slots (default: the cache's length); slots past the length keep their own
     positions, later than any row's, so a larger `keys` (a CUDA graph's bucket) changes nothing.
+
+    `outputs` (not with `scoring`): only the last `outputs` rows' final hidden states are wanted, as by a prefill that
+    needs the next token's logits alone. Every row still writes its K/V in every layer, but the others skip the last
+    layer's attention and MLP (a 30th of a SmolLM2 selective forward), and the hidden states returned are the last
+    `outputs` rows' (the rows returned are all the rows recomputed to the end).
     """
+    assert outputs is None or scoring is None, "a scoring pass needs every row's attention"
     n = cache.length if keys is None else keys
     keys_k, positions = cache.kv[:, 0, :n], cache.positions[:n]
     keys_v = cache.kv[:, 1, :n]
@@ -262,6 +269,10 @@ def forward_rows(
             plan = attention_plan(row_pos, positions, hidden.dtype, group)
         else:
             cache.kv[layer, 0, rows], cache.kv[layer, 1, rows] = k, v
+        if layer == stop and outputs is not None and outputs < hidden.shape[0]:
+            tail = slice(hidden.shape[0] - outputs, None)
+            hidden, q, row_pos = hidden[tail], q[tail], row_pos[tail]
+            plan = attention_plan(row_pos, positions, hidden.dtype, group)
         if scoring is not None and layer in scoring.layers:
             out = stage1_attention(q, keys_k[layer], keys_v[layer], row_pos, positions, adapter.scale,
                                    scoring.context_end, scoring.prophet, scoring.norm, scoring.bounds, plan)

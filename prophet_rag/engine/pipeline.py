@@ -40,7 +40,7 @@ class Prefill:
 
     cache: StitchedCache
     hidden: torch.Tensor
-    """`[rows, hidden]` last-layer states of the rows recomputed last; the final row gives the first token."""
+    """`[1, hidden]` the last row's last-layer state: the first token's."""
     selected: torch.Tensor
     """`[k]` sorted context slots recomputed through all layers."""
     order: tuple[int, ...]
@@ -163,7 +163,7 @@ class Prefiller:
         t3 = time.perf_counter()
         plan = plan_recompute(self.adapter, cache, suffix_rows, selection, request)
         t4 = time.perf_counter()
-        hidden, rows = batched.forward(self.adapter, cache, plan.rows, row_filter=plan.row_filter)
+        hidden, rows = batched.forward(self.adapter, cache, plan.rows, row_filter=plan.row_filter, outputs=1)
         t5 = time.perf_counter()
         selected = plan.selected if plan.selected is not None else rows[rows < cache.context_end]
         # The ordering step is a method's scoring (prophet_focus's Stage I): it counts as selection.

@@ -89,7 +89,8 @@ def _keep_half_of_the_context(context_rows: int):
 
 def _passes(engine):
     """Three requests' passes of the three kinds a prefill runs: Stage I scoring up to a middle layer, a selective
-    forward with a row filter, a selective forward over chosen context rows and the suffix (a 3-layer model)."""
+    forward with a row filter, a selective forward over chosen context rows and the suffix wanting its last two rows'
+    states (a 3-layer model)."""
     out = []
     for i, (question, order) in enumerate(zip(QUESTIONS, ([1, 0], [0, 2, 1], [0]), strict=True)):
         cache, suffix = _stitched(engine, CHUNKS[: len(order)], question, order)
@@ -101,14 +102,30 @@ def _passes(engine):
             context = cache.eligible_slots()[::3]
             item = Pass(cache, torch.cat([context, suffix]), row_filter=(1, _keep_half_of_the_context(len(context))))
         else:
-            item = Pass(cache, torch.cat([cache.eligible_slots()[:5], suffix]))
+            item = Pass(cache, torch.cat([cache.eligible_slots()[:5], suffix]), outputs=2)
         out.append(item)
     return out
 
 
 def _alone(engine, item):
     return forward_rows(engine.adapter, item.cache, item.rows, scoring=item.scoring, row_filter=item.row_filter,
-                        last_layer=item.last_layer)
+                        last_layer=item.last_layer, outputs=item.outputs)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_a_pass_that_wants_its_last_rows_gets_their_states_and_every_rows_kv(make_engine, family, outputs):
+    engine = make_engine(family)
+    whole, suffix = _stitched(engine, CHUNKS, QUERY, list(range(len(CHUNKS))))
+    trimmed, _ = _stitched(engine, CHUNKS, QUERY, list(range(len(CHUNKS))))
+    rows = torch.cat([whole.eligible_slots()[::4], suffix])
+    expected, expected_rows = forward_rows(engine.adapter, whole, rows)
+    hidden, kept = forward_rows(engine.adapter, trimmed, rows, outputs=outputs)
+    assert torch.equal(kept, expected_rows)  # every row was recomputed to the end
+    assert hidden.shape == (outputs, expected.shape[1])
+    torch.testing.assert_close(hidden, expected[-outputs:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trimmed.kv[:, :, : whole.length], whole.kv[:, :, : whole.length], atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_passes_run_together_give_each_request_what_it_gets_alone(make_engine):
@@ -134,7 +151,7 @@ def test_a_row_filter_keeps_its_rows_and_the_other_passes_all_theirs(make_engine
     results = forward_passes(engine.adapter, passes)
     kept = [int(rows.numel()) for _, rows in results]
     assert kept == [started[0], (started[1] - suffix + 1) // 2 + suffix, started[2]]
-    assert [int(hidden.shape[0]) for hidden, _ in results] == kept
+    assert [int(hidden.shape[0]) for hidden, _ in results] == [*kept[:2], 2]  # the third wants its last two
 
 
 @pytest.mark.parametrize("failing", [0, 1, 2])
