@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from prophet_rag import GenerationConfig, InvalidRequestError, ModelLoadError, PromptConfig, SelectionConfig
 from prophet_rag.cli import main
@@ -87,3 +88,19 @@ def test_cli_names_a_document_that_is_not_utf8(tmp_path, capsys):
     assert main(["ask", "--docs", str(docs), "q?"]) == 2
     err = capsys.readouterr().err
     assert "latin1.txt is not UTF-8 text" in err and "Traceback" not in err
+
+
+def test_a_kv_dtype_other_than_the_models_is_refused_with_the_fix(make_engine):
+    engine = make_engine("llama")
+    assert engine.kv_dtype == torch.float32
+    with pytest.raises(InvalidRequestError, match=r"kv_dtype torch.bfloat16 differs from the model's torch.float32.*"
+                                                  r"dtype=torch.bfloat16.*kv_storage"):
+        ProphetEngine(engine.adapter.model, engine.tokenizer, store=engine.store, kv_dtype=torch.bfloat16)
+
+
+def test_the_models_own_kv_dtype_is_accepted(make_engine):
+    engine = make_engine("llama")
+    again = ProphetEngine(engine.adapter.model, engine.tokenizer, store=engine.store, kv_dtype=torch.float32)
+    assert again.kv_dtype == torch.float32
+    docs, question = ["Paris is in France."], "Where is Paris?"
+    assert again.answer(docs, question).text == engine.answer(docs, question).text

@@ -75,6 +75,8 @@ class ProphetEngine:
     that many in (pinned) host memory behind it (see `hot_cache`): set them when serving on a GPU. `prefix_cache`
     keeps finished requests' KV for the next turn of their conversations (see `cache.prefix_cache`; off by default).
     `batch` bounds how many requests run at once and are decoded together (`BatchConfig`: 8, and 64 waiting).
+    `kv_dtype`, when given, must be the model's dtype: KV is kept as the layers compute it (`StoreConfig.kv_storage`
+    compacts what is stored).
     """
 
     def __init__(
@@ -98,7 +100,14 @@ class ProphetEngine:
         self.builder = PromptBuilder(tokenizer, prompt or PromptConfig())
         self.selection = selection or SelectionConfig()
         self.generation = generation or GenerationConfig()
-        self.kv_dtype = kv_dtype or self.adapter.spec.dtype
+        if kv_dtype is not None and kv_dtype != self.adapter.spec.dtype:
+            # The stitched cache holds what the model's layers compute and attend over, in the model's dtype.
+            raise InvalidRequestError(
+                f"kv_dtype {kv_dtype} differs from the model's {self.adapter.spec.dtype}: the engine keeps KV in the "
+                f"model's dtype. Load the model in {kv_dtype} (from_pretrained(..., dtype={kv_dtype})), or keep the "
+                "model and store its KV compacted with StoreConfig(kv_storage=\"bfloat16\")."
+            )
+        self.kv_dtype = self.adapter.spec.dtype
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.sink_ids = self.builder.sink_ids()
         meta = EntryMeta.for_model(model, tokenizer, self.adapter.spec, self.kv_dtype, kv_storage(store))
