@@ -21,7 +21,7 @@ import torch
 
 from prophet_rag.kernels.query_scores import query_scores_ref, query_scores_triton
 from prophet_rag.kernels.rope_shift import rope_shift_ref, rope_shift_triton
-from prophet_rag.kernels.sparse_attention import sparse_attention_ref, sparse_attention_triton
+from prophet_rag.kernels.sparse_attention import sparse_attention_ref, sparse_attention_torch, sparse_attention_triton
 from prophet_rag.kernels.stage1_attention import stage1_attention_ref, stage1_attention_triton
 
 KERNELS = ("rope_shift", "query_scores", "sparse_attention", "stage1_attention")
@@ -96,7 +96,7 @@ def bench_sparse_attention(args, n: int, timer) -> list[tuple]:
     )
     flops = 4 * args.q_heads * args.head_dim * float((q_pos + 1).sum())  # Q.K^T and P.V over the visible keys
     rows = []
-    for name, fn in (("triton", sparse_attention_triton), ("torch", sparse_attention_ref)):
+    for name, fn in (("triton", sparse_attention_triton), ("torch", sparse_attention_torch)):
         ms = timer(lambda fn=fn: fn(q, k, v, q_pos, k_pos, scale))
         rows.append((name, ms, f"{flops / ms / 1e9:8.1f} TFLOP/s", err))
     return rows

@@ -1,5 +1,6 @@
-"""CPU time of the torch reference `sparse_attention_ref` at SmolLM2-135M's shapes by rows per block (one SDPA call
-per block, keys up to the block's last position), against one plain causal attention over every row.
+"""CPU time of the torch path `sparse_attention_torch` at SmolLM2-135M's shapes by rows per block (each block over
+the keys up to its last row's position, those before its first row without a mask), against one plain causal
+attention over every row.
 
     python benchmarks/bench_sparse_attention.py --threads 2
     python benchmarks/bench_sparse_attention.py --positions rows.pt   # a saved `[rows]` int64 tensor of positions
@@ -18,7 +19,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from prophet_rag.kernels.sparse_attention import plan_attention, sparse_attention_ref
+from prophet_rag.kernels.sparse_attention import plan_attention, sparse_attention_torch
 
 
 def row_positions(kind: str, keys: int, rows: int, suffix: int, gen: torch.Generator) -> torch.Tensor:
@@ -77,7 +78,7 @@ def main() -> None:
         times: dict[int, list[float]] = {b: [] for b in plans}
         for _ in range(args.repeats):  # plans interleaved
             for block, plan in plans.items():
-                times[block].append(timed(partial(sparse_attention_ref, q, k, v, q_pos, k_pos, scale, plan), 1))
+                times[block].append(timed(partial(sparse_attention_torch, q, k, v, q_pos, k_pos, scale, plan), 1))
         for block, plan in plans.items():
             keys = sum(int(q_pos[b.rows].numel()) * b.keys for b in plan.blocks) / q_pos.numel()
             median = statistics.median(times[block])

@@ -16,7 +16,7 @@ import torch
 
 from .query_scores import query_scores_ref
 from .rope_shift import rope_shift_ref
-from .sparse_attention import AttentionPlan, plan_attention, sparse_attention_ref
+from .sparse_attention import AttentionPlan, plan_attention, sparse_attention_torch
 from .stage1_attention import stage1_attention_torch
 
 BACKENDS = ("torch", "triton")
@@ -112,7 +112,7 @@ def sparse_attention(
         from .sparse_attention import sparse_attention_triton
 
         return sparse_attention_triton(q, k, v, q_pos, k_pos, scale)
-    return sparse_attention_ref(q, k, v, q_pos, k_pos, scale, plan)
+    return sparse_attention_torch(q, k, v, q_pos, k_pos, scale, plan)
 
 
 def stage1_attention(

@@ -28,10 +28,12 @@ rows) still get an output but add nothing to the scores, and the keys past the c
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from .query_scores import query_scores_ref
-from .sparse_attention import AttentionPlan, sparse_attention_ref
+from .sparse_attention import AttentionPlan, sparse_attention_ref, sparse_attention_torch
 from .triton_util import LOG2E, cdiv, lazy_jit, next_pow2, num_sms
 
 tl = None  # triton.language, bound by lazy_jit at the first launch (see triton_util)
@@ -48,7 +50,6 @@ def stage1_attention_ref(
     prophet_out: torch.Tensor | None,
     norm_out: torch.Tensor | None,
     bounds: torch.Tensor | None = None,
-    plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
     """Attention output of the rows; adds one layer's scores of the context keys into the accumulators.
 
@@ -57,11 +58,17 @@ def stage1_attention_ref(
     `[>= context_end]` fp32 accumulators or None (see `query_scores_ref`). bounds: None, or int32 `[3]` on q's
     device (rows, context_end, keys): only the first `rows` rows are scored (all get an output), context_end
     replaces the argument, and only the first `keys` keys are attended.
-    Returns `[rows, q_heads, head_dim]` in q's dtype, as `sparse_attention_ref` does (with `plan`, made for the
-    first `keys` keys, when given).
+    Returns `[rows, q_heads, head_dim]` in q's dtype, as `sparse_attention_ref` does.
     """
+    return _attention_and_scores(sparse_attention_ref, q, k, v, q_pos, k_pos, scale, context_end, prophet_out,
+                                 norm_out, bounds)
+
+
+def _attention_and_scores(attend, q, k, v, q_pos, k_pos, scale, context_end, prophet_out, norm_out, bounds):
+    """`attend(q, k, v, q_pos, k_pos, scale)` over the first `keys` keys, then `query_scores_ref` (see
+    `stage1_attention_ref`)."""
     scored, context, keys = (q.shape[0], context_end, k.shape[0]) if bounds is None else bounds.tolist()
-    out = sparse_attention_ref(q, k[:keys], v[:keys], q_pos, k_pos[:keys], scale, plan)
+    out = attend(q, k[:keys], v[:keys], q_pos, k_pos[:keys], scale)
     if context > 0 and (prophet_out is not None or norm_out is not None):
         prophet = None if prophet_out is None else prophet_out[:context]
         norm = None if norm_out is None else norm_out[:context]
@@ -70,7 +77,8 @@ def stage1_attention_ref(
 
 
 _FUSED_LOGITS_BYTES = 64 * 2**20
-"""Largest fp32 logits tensor `stage1_attention_torch` materialises; larger calls take the two reference ops."""
+"""Largest fp32 logits tensor `stage1_attention_torch` materialises; larger calls attend in blocks
+(`sparse_attention_torch`) and score with the reference."""
 
 
 def stage1_attention_torch(
@@ -92,15 +100,17 @@ def stage1_attention_torch(
     head-major layout for SDPA; here one batched matmul per KV head gives the fp32 logits `[kv_heads, group * rows,
     keys]` that both softmaxes read. Stage I has few rows (the question's), so the logits are small: 20 to 35%
     less time per layer on a 2-core CPU at 4K tokens (benchmarks/bench_stage1.py). Larger calls than
-    `_FUSED_LOGITS_BYTES` of logits run the reference.
+    `_FUSED_LOGITS_BYTES` of logits run `sparse_attention_torch` and the reference scores.
     """
     scored, context, keys = (q.shape[0], context_end, k.shape[0]) if bounds is None else bounds.tolist()
     rows, q_heads, dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
     if rows * q_heads * keys * 4 > _FUSED_LOGITS_BYTES:
-        return stage1_attention_ref(q, k, v, q_pos, k_pos, scale, context_end, prophet_out, norm_out, bounds, plan)
-    # Row r of query head kv * group + g is row g * rows + r of KV head kv, as in sparse_attention_ref.
+        # `plan` was made for the first `keys` keys.
+        return _attention_and_scores(partial(sparse_attention_torch, plan=plan), q, k, v, q_pos, k_pos, scale,
+                                     context_end, prophet_out, norm_out, bounds)
+    # Row r of query head kv * group + g is row g * rows + r of KV head kv, as in sparse_attention_torch.
     qg = q.float().unflatten(1, (kv_heads, group)).permute(1, 2, 0, 3).reshape(kv_heads, group * rows, dim)
     logits = torch.bmm(qg, k[:keys].float().permute(1, 2, 0)).mul_(scale)
     if context > 0 and (prophet_out is not None or norm_out is not None):

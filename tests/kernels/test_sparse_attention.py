@@ -1,4 +1,5 @@
-"""sparse_attention_triton against sparse_attention_ref: unsorted rows, key orders, GQA, stitched layouts."""
+"""sparse_attention_triton and sparse_attention_torch against sparse_attention_ref: unsorted rows, key orders, GQA,
+stitched layouts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import pytest
 import torch
 
 from prophet_rag.kernels import sparse_attention, use_backend
-from prophet_rag.kernels.sparse_attention import sparse_attention_ref, sparse_attention_triton
+from prophet_rag.kernels.sparse_attention import (
+    plan_attention,
+    sparse_attention_ref,
+    sparse_attention_torch,
+    sparse_attention_triton,
+)
 
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes run only on CUDA (slow interpreter)")
 # The interpreter multiplies bf16 operands of tl.dot as raw uint16 bits (triton 3.9), so bf16 is checked on CUDA only.
@@ -120,9 +126,7 @@ def naive_attention(q, k, v, q_pos, k_pos, scale):
 
 @pytest.mark.parametrize("block_rows", [1, 7, 64, 256])
 @pytest.mark.parametrize("layout", ["stitched", "unsorted-keys", "descending-keys", "sorted-rows"])
-def test_reference_meets_the_definition_for_any_block_size(layout, block_rows):
-    from prophet_rag.kernels.sparse_attention import plan_attention
-
+def test_reference_and_torch_path_meet_the_definition_for_any_block_size(layout, block_rows):
     gen = torch.Generator().manual_seed(4)
     q_pos, k_pos = positions("stitched" if layout == "sorted-rows" else layout, 45, 120, gen)
     if layout == "sorted-rows":
@@ -130,34 +134,92 @@ def test_reference_meets_the_definition_for_any_block_size(layout, block_rows):
     q = torch.randn(45, 4, 16, generator=gen)
     k, v = torch.randn(120, 2, 16, generator=gen), torch.randn(120, 2, 16, generator=gen)
     plan = plan_attention(q_pos, k_pos, q.dtype, group=2, block_rows=block_rows)
-    out = sparse_attention_ref(q, k, v, q_pos, k_pos, 0.25, plan)
-    torch.testing.assert_close(out, naive_attention(q, k, v, q_pos, k_pos, 0.25), atol=1e-5, rtol=1e-5)
+    expected = naive_attention(q, k, v, q_pos, k_pos, 0.25)
+    torch.testing.assert_close(sparse_attention_ref(q, k, v, q_pos, k_pos, 0.25), expected, atol=1e-5, rtol=1e-5)
+    out = sparse_attention_torch(q, k, v, q_pos, k_pos, 0.25, plan)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_plan_is_reused_across_layers():
     """The plan depends on positions only: one plan serves every layer's different q/k/v."""
-    from prophet_rag.kernels.sparse_attention import plan_attention
-
     gen = torch.Generator().manual_seed(5)
     q_pos, k_pos = positions("stitched", 30, 90, gen)
     plan = plan_attention(q_pos, k_pos, torch.float32, group=2, block_rows=8)
     for _ in range(3):
         q, k, v = torch.randn(30, 2, 8, generator=gen), torch.randn(90, 1, 8, generator=gen), torch.randn(90, 1, 8)
-        torch.testing.assert_close(sparse_attention_ref(q, k, v, q_pos, k_pos, 0.3, plan),
+        torch.testing.assert_close(sparse_attention_torch(q, k, v, q_pos, k_pos, 0.3, plan),
                                    naive_attention(q, k, v, q_pos, k_pos, 0.3), atol=1e-5, rtol=1e-5)
 
 
 def test_prefill_rows_use_one_causal_call():
-    from prophet_rag.kernels.sparse_attention import plan_attention
-
     assert plan_attention(torch.arange(10), torch.arange(10), torch.float32).causal
     assert not plan_attention(torch.arange(1, 11), torch.arange(1, 11), torch.float32).causal
 
 
 def test_blocks_that_see_every_key_carry_no_mask():
-    from prophet_rag.kernels.sparse_attention import plan_attention
-
     plan = plan_attention(torch.tensor([20, 21]), torch.arange(20), torch.float32)
     assert [b.mask for b in plan.blocks] == [None]
     plan = plan_attention(torch.tensor([5, 19]), torch.arange(20), torch.float32)
     assert plan.blocks[0].keys == 20 and plan.blocks[0].mask is not None
+
+
+def test_a_block_masks_only_the_keys_past_its_first_row():
+    """Keys before a block's first row are shared by all its rows (but one, kept so that every row sees a masked
+    key); the mask covers the rest only, for each query head of a group."""
+    plan = plan_attention(torch.tensor([50, 52, 60]), torch.arange(100), torch.float32, group=2)
+    (block,) = plan.blocks
+    assert (block.shared, block.keys) == (49, 61)
+    assert block.mask.shape == (2 * 3, 61 - 49)
+    assert bool((block.mask[:, : 50 - 49 + 1] == 0).all()) and bool(torch.isinf(block.mask[0, 50 - 49 + 1 :]).all())
+
+
+def test_unsorted_keys_share_nothing():
+    plan = plan_attention(torch.tensor([50, 60]), torch.arange(100).flip(0), torch.float32)
+    assert [b.shared for b in plan.blocks] == [0]
+
+
+CPU_DTYPES = [
+    pytest.param(torch.float32, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 2e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 1.6e-2, id="bf16"),
+]
+
+
+@pytest.mark.parametrize("dtype,tol", CPU_DTYPES)
+@pytest.mark.parametrize("block_rows", [16, 256])
+@pytest.mark.parametrize("layout,rows,q_heads,kv_heads,keys,dim", [
+    ("stitched", 37, 2, 2, 500, 64), ("stitched", 130, 4, 1, 200, 128), ("stitched", 300, 9, 3, 700, 64),
+    ("unsorted-keys", 100, 4, 1, 150, 16), ("descending-keys", 20, 2, 1, 100, 16),
+])
+def test_torch_path_matches_the_reference_on_the_cpu(layout, rows, q_heads, kv_heads, keys, dim, block_rows, dtype,
+                                                      tol):
+    q, k, v, q_pos, k_pos = make_inputs(layout, rows, q_heads, kv_heads, keys, dim, dtype, "cpu", seed=6)
+    if layout == "stitched":
+        q_pos = q_pos.sort().values  # the engine's rows are sorted slots: blocks share their leading keys
+    plan = plan_attention(q_pos, k_pos, dtype, q_heads // kv_heads, block_rows)
+    assert layout != "stitched" or block_rows > 16 or any(b.shared > 0 for b in plan.blocks)
+    out = sparse_attention_torch(q, k, v, q_pos, k_pos, dim**-0.5, plan)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), sparse_attention_ref(q, k, v, q_pos, k_pos, dim**-0.5).float(), atol=tol,
+                               rtol=tol)
+
+
+def test_rows_between_key_positions_still_merge():
+    """A row whose position holds no key (keys with gaps) sees the shared keys and the one kept in the masked rest."""
+    k_pos = torch.cat([torch.arange(0, 40), torch.arange(60, 100)])
+    q_pos = torch.tensor([50, 55, 59, 70, 99])
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(5, 4, 16, generator=gen), torch.randn(80, 2, 16, generator=gen), torch.randn(80, 2, 16)
+    out = sparse_attention_torch(q, k, v, q_pos, k_pos, 0.25)
+    torch.testing.assert_close(out, naive_attention(q, k, v, q_pos, k_pos, 0.25), atol=1e-5, rtol=1e-5)
+
+
+def test_without_the_cpu_flash_kernel_blocks_are_masked_whole(monkeypatch):
+    module = importlib.import_module("prophet_rag.kernels.sparse_attention")
+    monkeypatch.setattr(module, "_CPU_FLASH", None)
+    q, k, v, q_pos, k_pos = make_inputs("stitched", 60, 4, 2, 200, 16, torch.float32, "cpu", seed=8)
+    q_pos = q_pos.sort().values
+    plan = plan_attention(q_pos, k_pos, q.dtype, 2, 16)
+    assert [b.shared for b in plan.blocks] == [0] * len(plan.blocks)
+    torch.testing.assert_close(sparse_attention_torch(q, k, v, q_pos, k_pos, 0.25, plan),
+                               naive_attention(q, k, v, q_pos, k_pos, 0.25), atol=1e-5, rtol=1e-5)
