@@ -119,7 +119,9 @@ class Prefiller:
             prefix = prefill_full(self.adapter, layout.prefix_ids, int(layout.prefix_ids.numel()),
                                   int(layout.prefix_ids.numel()), self.kv_dtype, past)[0].kv
         t_prefix = time.perf_counter()  # the history's time counts as load: it stands in for the prefix's
-        request = Selection(self.adapter, selection, layout.chunk_ids, layout.suffix_ids)
+        # A conversation's history is no instruction: its words may be the question's own.
+        instruction = None if layout.transient_prefix else layout.prefix_ids
+        request = Selection(self.adapter, selection, layout.chunk_ids, layout.suffix_ids, instruction)
         first: list[tuple[StitchedCache, LoadStats, bool]] = []
 
         def assemble(order: Sequence[int], global_positions: bool) -> StitchedCache:

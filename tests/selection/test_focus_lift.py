@@ -60,6 +60,31 @@ def test_lift_reads_the_best_anchored_chunks_anchors_only():
     assert request.lift == pytest.approx(1.5)
 
 
+def _instructed(instruction: list[int] | None) -> Selection:
+    """Chunk 1 holds two of the question's words: 5 (also in the instruction) with a lift of 3, 6 with 1.5."""
+    chunks = [torch.tensor([7, 8, 9]), torch.tensor([4, 5, 6]), torch.tensor([9, 8, 7])]
+    ids = None if instruction is None else torch.tensor(instruction)
+    request = Selection(None, SelectionConfig(method="prophet_focus"), chunks, torch.tensor([5, 6]), ids)
+    request.parallel = torch.tensor([2.0, 2.0, 2.0, 2.0, 6.0, 3.0, 2.0, 2.0, 1.0])  # mean 2.4444
+    return request
+
+
+def test_without_an_instruction_the_lift_reads_every_anchor():
+    assert _instructed(None).lift == pytest.approx(4.5 / (22 / 9))
+
+
+def test_the_instructions_words_lift_no_move_of_their_own():
+    # The lift of the anchors the instruction does not hold (token 6) caps the lift of them all.
+    assert _instructed([1, 5, 2]).lift == pytest.approx(3.0 / (22 / 9))
+    assert _instructed([11, 12]).lift == pytest.approx(4.5 / (22 / 9))
+
+
+def test_anchors_that_are_all_the_instructions_mean_plain_prophetkv():
+    request = _instructed([5, 6])
+    assert request.lift == 0.0
+    assert not request.spread and request.plain
+
+
 def _selection(lift: float) -> Selection:
     """A request whose anchors single out one chunk of ten (not spread), with the given `lift`."""
     chunks = [torch.tensor([i]) for i in range(10)]
@@ -98,3 +123,34 @@ def test_a_confirmed_focus_chunk_still_moves(make_engine):
     order, _, _, _ = planned(engine, chunks, 0.3, anchored_tokens=_one_anchor(engine, chunks, 1),
                             lift=FOCUS_LIFT * 2)
     assert order[-1] == 1
+
+
+def _instructions_seen(engine, monkeypatch, call):
+    import prophet_rag.engine.pipeline as pipeline
+
+    seen = []
+
+    class Spy(Selection):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.instruction_ids)
+
+    monkeypatch.setattr(pipeline, "Selection", Spy)
+    call()
+    return seen
+
+
+def test_the_engine_gives_selection_its_fixed_prefix_as_the_instruction(make_engine, monkeypatch):
+    engine = make_engine("llama")
+    seen = _instructions_seen(engine, monkeypatch, lambda: engine.answer(list(CHUNKS), QUERY))
+    assert len(seen) == 1 and torch.equal(seen[0], engine.builder.layout(list(CHUNKS), QUERY).prefix_ids)
+
+
+def test_a_conversations_history_is_no_instruction(make_engine, monkeypatch):
+    from prophet_rag.layout import DOCUMENTS
+
+    engine = make_engine("llama")
+    messages = [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Hi."},
+                {"role": "user", "content": ["Context:\n", DOCUMENTS, f"\nQuestion: {QUERY}"]}]
+    seen = _instructions_seen(engine, monkeypatch, lambda: engine.chat(messages, list(CHUNKS)))
+    assert seen == [None]
