@@ -2,24 +2,16 @@
 mass, their lift (mass per anchor token over mean mass per context token) in the best chunk and overall, and the
 IDF-weighted form.
 
-    python lift_signals.py musique MUSIQUE_JSON STORE CASES
+    python lift_signals.py musique MUSIQUE_JSON STORE CASES [MODEL]
     python lift_signals.py syn TASKS STORE [MODEL|-] [CHUNKS CHUNK_TOKENS]
 """
 import json
 import sys
-from pathlib import Path
 
 import torch
+from signal_cases import Stop, engine_and_cases, planned
 
 import prophet_rag.selection.prophet_focus as focus
-from prophet_rag.bench.musique import MUSIQUE_PROMPT, load_musique
-from prophet_rag.bench.runner import BenchConfig, make_cases
-from prophet_rag.config import StoreConfig
-from prophet_rag.engine import ProphetEngine
-
-
-class Stop(Exception):
-    pass
 
 cap = {}
 
@@ -68,23 +60,6 @@ def spy(sel, cache, suffix_rows, budget):
     raise Stop
 
 focus.focus_plan = spy
-which, store = sys.argv[1], Path(sys.argv[3])
-if which == "musique":
-    engine = ProphetEngine.from_pretrained(None, store=StoreConfig(directory=store), prompt=MUSIQUE_PROMPT)
-    wanted = [int(c) for c in sys.argv[4].split(",")]
-    cases = [c for c in load_musique(sys.argv[2], range(0, 100)) if int(c.case_id.split("-")[1]) in wanted]
-else:
-    engine = ProphetEngine.from_pretrained(sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] != "-" else None,
-                                           store=StoreConfig(directory=store))
-    chunks, tokens = (int(sys.argv[5]), int(sys.argv[6])) if len(sys.argv) > 6 else ((8, 10), (150, 300))
-    config = BenchConfig(tasks=tuple(sys.argv[2].split(",")), num_cases=8, seed=0, num_chunks=chunks,
-                         chunk_tokens=tokens)
-    cases = make_cases(config, engine.tokenizer)
-for case in cases:
-    engine.ingest(list(case.chunks))
-    cap.clear()
-    try:
-        engine.answer(list(case.chunks), case.query, method="prophet_focus", ratio=0.2)
-    except Stop:
-        pass
+engine, cases = engine_and_cases(sys.argv)
+for case in planned(engine, cases, cap):
     print(json.dumps({"case": case.case_id, "ev": list(case.evidence_chunks), **cap}), flush=True)
