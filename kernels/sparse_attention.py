@@ -121,8 +121,9 @@ def sparse_attention_torch(
 
     A block attends only over the keys up to its last row's position. On the CPU, the keys before its first row's
     position, which every row sees, are attended without a mask and the rest with one, the two merged by their
-    log-sum-exp: a selective forward's rows crowd near the question, so most of a block's keys are shared, and the
-    mask costs about 14% of a call (SmolLM2's 866 rows over 4,291 keys, 2-core CPU: 45.6 -> 41-43 ms a layer).
+    log-sum-exp: a selective forward's rows crowd near the question, so most of a block's keys are shared, and a mask
+    made one call 14% slower (10.5 against 9.2 ms). ProphetKV's 866 rows over 4,291 keys, SmolLM2's heads, 2-core
+    CPU: 50.1 -> 46.9 ms a layer (benchmarks/RESULTS.md, "The prefill's last layer for one row").
     """
     rows, q_heads, dim = q.shape
     kv_heads = k.shape[1]
