@@ -104,8 +104,9 @@ class Selection:
         token the question gives its own rare words there than an average context token. With `instruction_ids`, no
         more than the lift of those anchors the instruction does not hold (0 when there are none): on real passages
         under CacheBlend's instruction, which the suffix repeats around the question, Qwen2.5-0.5B's moves on 4 of 61
-        MuSiQue cases rested on the instruction's words alone (" based", " within", " given"), and cost agreement with
-        full prefill or KL on every one of them (docs/RESULTS.md, "Real multi-hop documents")."""
+        MuSiQue cases rested on the instruction's words (" based", " within", " given"; the question's own words there
+        lift less than `FOCUS_LIFT`), and each cost agreement with full prefill or KL (docs/RESULTS.md, "Real
+        multi-hop documents")."""
         best = int(torch.argmax(self.anchored))
         scores = self.parallel_scores.to(torch.float32)
         mask = anchor_mask(list(self.chunk_ids), self.suffix_ids).to(scores.device)
