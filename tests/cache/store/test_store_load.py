@@ -149,10 +149,13 @@ def test_the_store_stays_within_its_size_limit_while_threads_write(store_dir, wr
 
     def sample() -> None:
         while not stop.is_set():
-            try:
-                peak[0] = max(peak[0], _bytes_on_disk(store_dir))
-            except OSError:  # a file vanished during the walk
-                continue
+            # Between writers' turns, where every eviction and write happens: the walk is not atomic, and during a
+            # turn it could count a file evicted after the walk passed it and also the entry written in its place.
+            with stores[0]._write_lock.hold(60):
+                try:
+                    peak[0] = max(peak[0], _bytes_on_disk(store_dir))
+                except OSError:  # a file vanished during the walk
+                    continue
 
     sampler = threading.Thread(target=sample)
     sampler.start()
