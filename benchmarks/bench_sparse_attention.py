@@ -1,6 +1,6 @@
 """CPU time of the torch path `sparse_attention_torch` at SmolLM2-135M's shapes by rows per block (each block over
-the keys up to its last row's position, those before its first row without a mask), against one plain causal
-attention over every row.
+the keys up to its last row's position, those before its first row without a mask), and with the blocks the cost
+model picks (`auto`, what the engine runs), against one plain causal attention over every row.
 
     python benchmarks/bench_sparse_attention.py --threads 2
     python benchmarks/bench_sparse_attention.py --positions rows.pt   # a saved `[rows]` int64 tensor of positions
@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=845)
     parser.add_argument("--suffix", type=int, default=21)
     parser.add_argument("--heads", default="9,3,64", help="query heads, KV heads, head dim")
-    parser.add_argument("--blocks", default="64,128,256,512")
+    parser.add_argument("--blocks", default="auto,64,128,256,512",
+                        help="rows per block, or auto: the partition the cost model picks (the engine's)")
     parser.add_argument("--positions", default=None, help="a torch.save'd `[rows]` tensor of row positions")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0)
@@ -73,17 +74,18 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; causal attention over all {args.keys} rows: {full * 1e3:.1f} ms")
     for name, q_pos in layouts.items():
         q = torch.randn(q_pos.numel(), q_heads, dim, generator=gen)
-        plans = {b: plan_attention(q_pos, k_pos, q.dtype, q_heads // kv_heads, b)
-                 for b in (int(x) for x in args.blocks.split(","))}
-        times: dict[int, list[float]] = {b: [] for b in plans}
+        plans = {b: plan_attention(q_pos, k_pos, q.dtype, q_heads // kv_heads, kv_heads,
+                                   None if b == "auto" else int(b)) for b in args.blocks.split(",")}
+        times: dict[str, list[float]] = {b: [] for b in plans}
         for _ in range(args.repeats):  # plans interleaved
             for block, plan in plans.items():
                 times[block].append(timed(partial(sparse_attention_torch, q, k, v, q_pos, k_pos, scale, plan), 1))
         for block, plan in plans.items():
             keys = sum(int(q_pos[b.rows].numel()) * b.keys for b in plan.blocks) / q_pos.numel()
             median = statistics.median(times[block])
-            print(f"{name:8} rows {q_pos.numel():5} block {block:4} (mean keys per row {keys:6.0f}, exact "
-                  f"{float(q_pos.float().mean()) + 1:6.0f}) {median * 1e3:7.2f} ms ({median / full:.3f} x causal)")
+            print(f"{name:8} rows {q_pos.numel():5} block {block:>4} ({len(plan.blocks):2} blocks, mean keys per row "
+                  f"{keys:6.0f}, exact {float(q_pos.float().mean()) + 1:6.0f}) {median * 1e3:7.2f} ms "
+                  f"({median / full:.3f} x causal)")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def main() -> None:
     q = torch.randn(args.rows, q_heads, dim, generator=gen)
     kv = torch.randn(args.keys, 2, kv_heads, dim, generator=gen)  # K and V interleaved, as in the stitched cache
     k, v, scale = kv[:, 0], kv[:, 1], dim**-0.5
-    plan = plan_attention(q_pos, k_pos, q.dtype, q_heads // kv_heads)
+    plan = plan_attention(q_pos, k_pos, q.dtype, q_heads // kv_heads, kv_heads)
     prophet = torch.zeros(args.context)
     paths = {"reference": lambda: stage1_attention_ref(q, k, v, q_pos, k_pos, scale, args.context, prophet, None,
                                                        None, plan),

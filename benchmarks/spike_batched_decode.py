@@ -85,7 +85,8 @@ def step_batched(adapter, caches: list[StitchedCache], tokens: list[int]) -> tor
     pos = torch.cat([cache.positions[r] for cache, r in zip(caches, rows, strict=True)])
     rope = adapter.rope_tables(pos, hidden.dtype)
     group = adapter.spec.num_heads // adapter.spec.num_kv_heads
-    plans = [attention_plan(cache.positions[r], cache.positions[: cache.length], hidden.dtype, group)
+    plans = [attention_plan(cache.positions[r], cache.positions[: cache.length], hidden.dtype, group,
+                            adapter.spec.num_kv_heads)
              for cache, r in zip(caches, rows, strict=True)]
     for layer in range(adapter.spec.num_layers):
         q, k, v = adapter.qkv(layer, hidden, rope)
@@ -170,7 +171,8 @@ def rows_batched(adapter, caches, rows_list) -> list[torch.Tensor]:
     pos = [c.positions[r] for c, r in zip(caches, rows_list, strict=True)]
     rope = adapter.rope_tables(torch.cat(pos), hidden.dtype)
     group = adapter.spec.num_heads // adapter.spec.num_kv_heads
-    plans = [attention_plan(p, c.positions[: c.length], hidden.dtype, group) for c, p in zip(caches, pos, strict=True)]
+    plans = [attention_plan(p, c.positions[: c.length], hidden.dtype, group, adapter.spec.num_kv_heads)
+             for c, p in zip(caches, pos, strict=True)]
     for layer in range(adapter.spec.num_layers):
         q, k, v = adapter.qkv(layer, hidden, rope)
         outs = []

@@ -89,12 +89,14 @@ def query_scores(
     return query_scores_ref(q, k, scale, prophet_out, norm_out)
 
 
-def attention_plan(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype, group: int) -> AttentionPlan | None:
+def attention_plan(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype, group: int,
+                   kv_heads: int) -> AttentionPlan | None:
     """What `sparse_attention` can work out once for rows and keys that stay the same across layers (the torch
-    path's blocks and masks), for `group` query heads per KV head; None when the backend needs nothing."""
+    path's blocks and masks), for `group` query heads per each of `kv_heads` KV heads; None when the backend needs
+    nothing."""
     if backend_for(q_pos) == "triton":
         return None
-    return plan_attention(q_pos, k_pos, dtype, group)
+    return plan_attention(q_pos, k_pos, dtype, group, kv_heads)
 
 
 def sparse_attention(

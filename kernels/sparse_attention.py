@@ -6,6 +6,7 @@ and LMCache use a bottom-right aligned causal mask here, which lets recomputed t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,13 +18,27 @@ tl = None  # triton.language, bound by lazy_jit at the first launch (see triton_
 
 
 _QUERY_BLOCK = 256
-"""Rows per attention call of the torch path: larger blocks mean fewer calls, smaller ones less masked-out work.
+"""Rows per attention call of the torch path when blocks are fixed (off the CPU flash kernel, or `block_rows` given).
 256 was fastest on a 2-core CPU for ProphetKV's rows at 4K tokens (0.18 s against 0.26 s at 64)."""
 
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 """SDPA's CPU flash kernel, which also returns each row's log-sum-exp (torch >= 2.3; None where a build lacks it: the
 torch path then masks every block whole)."""
+
+
+_FLASH_SPLITS = ((768, 256, 1.0), (192, 64, 1.3), (0, 32, 1.7))
+"""The CPU flash kernel's query split for a call of at least this many (head-folded) rows, and the relative cost of
+one split row against one key per thread there: it runs `kv_heads x ceil(rows / split)` tasks over the threads, and a
+larger split reads every key for more rows. Measured on a 2-core CPU, fp32, head_dim 64 (2.03, 2.65 and 3.45 ns)."""
+_MASKED = 1.15
+"""Cost of a key under an additive mask against one without (10.3 against 9.3 ns a row-key at 512 rows)."""
+_CALL = 10_000.0
+_MERGE = 30.0
+"""Fixed cost of one flash call, and of merging two calls' outputs by log-sum-exp per head-folded row per KV head,
+in the units of `_FLASH_SPLITS` (20 us; 0.28 ms for 768 rows and 3 KV heads)."""
+_BLOCK = 30_000.0
+"""Fixed cost of a block: gathering its rows' queries, scattering their outputs, the Python between (60 us)."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +49,7 @@ class _Block:
     """The block attends over keys `[:keys]`."""
     shared: int
     """Keys `[:shared]` are visible to every row of the block: attended without a mask (0 when keys are not in
-    position order, or off the CPU)."""
+    position order, off the CPU, or when one call over all keys costs less)."""
     mask: torch.Tensor | None
     """Additive `[group * rows, keys - shared]` mask of keys `[shared:keys]` (0 where visible, -inf where not), or
     None when every row sees all of them."""
@@ -56,34 +71,95 @@ class AttentionPlan:
 
 
 def plan_attention(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype, group: int = 1,
-                   block_rows: int = _QUERY_BLOCK) -> AttentionPlan:
+                   kv_heads: int = 1, block_rows: int | None = None) -> AttentionPlan:
     """The plan for rows at `q_pos` `[rows]` over keys at `k_pos` `[keys]`, masks in `dtype` (the queries'),
-    for `group` query heads per KV head, `block_rows` rows per attention call."""
+    for `group` query heads per each of `kv_heads` KV heads: blocks of `block_rows` rows when given, else the
+    partition `_partition` estimates cheapest (fixed blocks of `_QUERY_BLOCK` off the CPU flash kernel)."""
     rows, keys = q_pos.numel(), k_pos.numel()
     if rows == keys and torch.equal(q_pos, k_pos) and torch.equal(k_pos, torch.arange(keys, device=k_pos.device)):
         return AttentionPlan(causal=True, group=group)
     keys_sorted = keys < 2 or bool((k_pos[1:] >= k_pos[:-1]).all())
     rows_sorted = rows < 2 or bool((q_pos[1:] >= q_pos[:-1]).all())
     order = None if rows_sorted else torch.argsort(q_pos, stable=True)
+    sorted_pos = q_pos if order is None else q_pos[order]
     # The split into shared keys and a masked rest needs the CPU flash kernel's log-sum-exp.
     split = keys_sorted and q_pos.device.type == "cpu" and _CPU_FLASH is not None
+    if block_rows is None and split:
+        bounds = _partition(sorted_pos.tolist(), k_pos, group, kv_heads)
+    else:
+        step = block_rows or _QUERY_BLOCK
+        bounds = [(start, min(start + step, rows), split) for start in range(0, rows, step)]
     blocks = []
-    for start in range(0, rows, block_rows):
-        end = min(start + block_rows, rows)
+    for start, end, split_block in bounds:
         selection = slice(start, end) if order is None else order[start:end]
-        pos = q_pos[selection]
+        pos = sorted_pos[start:end]
         # With keys sorted by position, a block of rows only needs the keys up to its last position, and every row
-        # sees the keys before its first one: all but the last of them are shared, so that each row also sees a key
-        # of the masked rest (a row that saw none would have no log-sum-exp to merge).
-        n = int(torch.searchsorted(k_pos, pos.max(), right=True)) if keys_sorted else keys
-        shared = max(int(torch.searchsorted(k_pos, pos.min(), right=False)) - 1, 0) if split else 0
-        visible = k_pos[None, shared:n] <= pos[:, None]
+        # sees the keys before its first one: all but the last of them can be shared, so that each row also sees a
+        # key of the masked rest (a row that saw none would have no log-sum-exp to merge).
+        n = int(torch.searchsorted(k_pos, pos[-1], right=True)) if keys_sorted else keys
+        visible = k_pos[None, :n] <= pos[:, None]
+        shared = 0
+        if split_block and not bool(visible.all()):
+            shared = max(int(torch.searchsorted(k_pos, pos[0], right=False)) - 1, 0)
+            visible = visible[:, shared:]
         mask = None
         if not bool(visible.all()):
             mask = torch.zeros(visible.shape, dtype=dtype, device=q_pos.device).masked_fill_(~visible, float("-inf"))
             mask = mask.repeat(group, 1)  # the rows of every query head of a group (see sparse_attention_torch)
         blocks.append(_Block(selection, n, shared, mask))
     return AttentionPlan(causal=False, group=group, blocks=tuple(blocks))
+
+
+def _partition(pos: list[int], k_pos: torch.Tensor, group: int, kv_heads: int,
+               max_rows: int = 1536) -> list[tuple[int, int, bool]]:
+    """`(start, end, split)` blocks of the rows at sorted positions `pos` (keys sorted too) that minimise the flash
+    kernel's estimated cost (`_FLASH_SPLITS`): each block attends the keys up to its last row, split or not into
+    shared keys and a masked rest. Blocks start at multiples of a quantum of rows (at most ~96 candidates, so the
+    search stays under ~10 ms of Python once per pass).
+
+    Rows spread over the context want small blocks (a block's masked rest spans from its first row to its last);
+    rows crowded near the question want large ones, sized so that the kernel's tasks fill its threads. On
+    ProphetKV's rows at 4K tokens: 43 -> 40 ms a layer against fixed blocks of 256 (benchmarks/RESULTS.md).
+    """
+    rows = len(pos)
+    threads = max(torch.get_num_threads(), 1)
+    before = torch.searchsorted(k_pos, torch.tensor(pos, dtype=k_pos.dtype), right=False).tolist()
+    upto = torch.searchsorted(k_pos, torch.tensor(pos, dtype=k_pos.dtype), right=True).tolist()
+    last_key = k_pos.tolist()
+    quantum = max(8, -(-rows // 96))
+    marks = [*range(0, rows, quantum), rows]
+    best: list[float] = [0.0] + [math.inf] * (len(marks) - 1)
+    choice: list[tuple[int, bool]] = [(0, False)] * len(marks)
+    for b in range(1, len(marks)):
+        end = marks[b]
+        for a in range(b - 1, -1, -1):
+            start = marks[a]
+            if end - start > max_rows:
+                break
+            folded, n = (end - start) * group, upto[end - 1]
+            masked = n > 0 and pos[start] < last_key[n - 1]
+            cost, split = _call_cost(folded, n, kv_heads, threads, masked), False
+            shared = before[start] - 1
+            if masked and shared > 0:
+                halves = (_call_cost(folded, shared, kv_heads, threads, False)
+                          + _call_cost(folded, n - shared, kv_heads, threads, True) + _MERGE * folded * kv_heads)
+                cost, split = min((cost, False), (halves, True))
+            if best[a] + _BLOCK + cost < best[b]:
+                best[b], choice[b] = best[a] + _BLOCK + cost, (a, split)
+    bounds = []
+    b = len(marks) - 1
+    while b:
+        a, split = choice[b]
+        bounds.append((marks[a], marks[b], split))
+        b = a
+    return bounds[::-1]
+
+
+def _call_cost(folded: int, keys: int, kv_heads: int, threads: int, masked: bool) -> float:
+    """Estimated cost of one flash call of `folded` rows over `keys` keys (see `_FLASH_SPLITS`)."""
+    split, unit = next((split, unit) for least, split, unit in _FLASH_SPLITS if folded >= least)
+    tasks = kv_heads * -(-folded // split)
+    return -(-tasks // threads) * min(split, folded) * keys * unit * (_MASKED if masked else 1.0) + _CALL
 
 
 def sparse_attention_ref(
@@ -117,7 +193,7 @@ def sparse_attention_torch(
     plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
     """`sparse_attention_ref`'s contract in blocks of rows (`plan`, made here when not given:
-    `plan_attention(q_pos, k_pos, q.dtype, group)`).
+    `plan_attention(q_pos, k_pos, q.dtype, group, kv_heads)`).
 
     A block attends only over the keys up to its last row's position. On the CPU, the keys before its first row's
     position, which every row sees, are attended without a mask and the rest with one, the two merged by their
@@ -128,7 +204,7 @@ def sparse_attention_torch(
     rows, q_heads, dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
-    plan = plan or plan_attention(q_pos, k_pos, q.dtype, group)
+    plan = plan or plan_attention(q_pos, k_pos, q.dtype, group, kv_heads)
     assert plan.group == group, f"plan made for {plan.group} query heads per KV head, attention has {group}"
     # [1, heads, tokens, head_dim] views: SDPA reads them strided, with the same result bit for bit as from a
     # head-major copy, and the copy is what a few rows over many keys pay for (one decode row over 4K keys: 2.1 ms

@@ -51,16 +51,17 @@ class _Rows:
 
     def __init__(self, adapter: ModelAdapter, index: int, item: Pass, group: int, dtype: torch.dtype) -> None:
         self.index, self.item, self.group, self.dtype = index, item, group, dtype
+        self.kv_heads = adapter.spec.num_kv_heads
         self.n = item.cache.length
         self.positions = item.cache.positions[: self.n]
         self.stop = adapter.spec.num_layers - 1 if item.last_layer is None else item.last_layer
         self.rows = item.rows
         self.row_pos = self.positions[self.rows]
-        self.plan = attention_plan(self.row_pos, self.positions, dtype, group)
+        self.plan = attention_plan(self.row_pos, self.positions, dtype, group, self.kv_heads)
 
     def keep(self, keep: torch.Tensor) -> None:
         self.rows, self.row_pos = self.rows[keep], self.row_pos[keep]
-        self.plan = attention_plan(self.row_pos, self.positions, self.dtype, self.group)
+        self.plan = attention_plan(self.row_pos, self.positions, self.dtype, self.group, self.kv_heads)
 
 
 @torch.inference_mode()
@@ -136,7 +137,7 @@ def _attend(adapter: ModelAdapter, layer: int, r: _Rows, h: torch.Tensor, q: tor
     if layer == r.stop and item.outputs is not None and item.outputs < h.shape[0]:
         tail = slice(h.shape[0] - item.outputs, None)  # as forward_rows: the other rows end with their K/V
         h, q, row_pos = h[tail], q[tail], row_pos[tail]
-        plan = attention_plan(row_pos, r.positions, r.dtype, r.group)
+        plan = attention_plan(row_pos, r.positions, r.dtype, r.group, r.kv_heads)
     return h, sparse_attention(q, keys_k, keys_v, row_pos, r.positions, adapter.scale, plan), filtered
 
 

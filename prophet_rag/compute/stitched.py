@@ -254,8 +254,9 @@ def forward_rows(
     row_pos = positions[rows]
     # Positions are the same in every layer: RoPE tables and the attention plan are worked out once.
     rope = adapter.rope_tables(row_pos, hidden.dtype)
-    group = adapter.spec.num_heads // adapter.spec.num_kv_heads
-    plan = attention_plan(row_pos, positions, hidden.dtype, group)
+    kv_heads = adapter.spec.num_kv_heads
+    group = adapter.spec.num_heads // kv_heads
+    plan = attention_plan(row_pos, positions, hidden.dtype, group, kv_heads)
     stop = adapter.spec.num_layers - 1 if last_layer is None else last_layer
     for layer in range(stop + 1):
         if cache.layer_ready is not None:
@@ -266,13 +267,13 @@ def forward_rows(
             cache.kv[layer, 0, rows], cache.kv[layer, 1, rows] = k, v
             rows, row_pos, hidden, q = rows[keep], row_pos[keep], hidden[keep], q[keep]
             rope = adapter.rope_tables(row_pos, hidden.dtype)
-            plan = attention_plan(row_pos, positions, hidden.dtype, group)
+            plan = attention_plan(row_pos, positions, hidden.dtype, group, kv_heads)
         else:
             cache.kv[layer, 0, rows], cache.kv[layer, 1, rows] = k, v
         if layer == stop and outputs is not None and outputs < hidden.shape[0]:
             tail = slice(hidden.shape[0] - outputs, None)
             hidden, q, row_pos = hidden[tail], q[tail], row_pos[tail]
-            plan = attention_plan(row_pos, positions, hidden.dtype, group)
+            plan = attention_plan(row_pos, positions, hidden.dtype, group, kv_heads)
         if scoring is not None and layer in scoring.layers:
             out = stage1_attention(q, keys_k[layer], keys_v[layer], row_pos, positions, adapter.scale,
                                    scoring.context_end, scoring.prophet, scoring.norm, scoring.bounds, plan)

@@ -166,7 +166,7 @@ def test_blocks_that_see_every_key_carry_no_mask():
 def test_a_block_masks_only_the_keys_past_its_first_row():
     """Keys before a block's first row are shared by all its rows (but one, kept so that every row sees a masked
     key); the mask covers the rest only, for each query head of a group."""
-    plan = plan_attention(torch.tensor([50, 52, 60]), torch.arange(100), torch.float32, group=2)
+    plan = plan_attention(torch.tensor([50, 52, 60]), torch.arange(100), torch.float32, group=2, block_rows=3)
     (block,) = plan.blocks
     assert (block.shared, block.keys) == (49, 61)
     assert block.mask.shape == (2 * 3, 61 - 49)
@@ -196,7 +196,7 @@ def test_torch_path_matches_the_reference_on_the_cpu(layout, rows, q_heads, kv_h
     q, k, v, q_pos, k_pos = make_inputs(layout, rows, q_heads, kv_heads, keys, dim, dtype, "cpu", seed=6)
     if layout == "stitched":
         q_pos = q_pos.sort().values  # the engine's rows are sorted slots: blocks share their leading keys
-    plan = plan_attention(q_pos, k_pos, dtype, q_heads // kv_heads, block_rows)
+    plan = plan_attention(q_pos, k_pos, dtype, q_heads // kv_heads, kv_heads, block_rows)
     assert layout != "stitched" or block_rows > 16 or any(b.shared > 0 for b in plan.blocks)
     out = sparse_attention_torch(q, k, v, q_pos, k_pos, dim**-0.5, plan)
     assert out.dtype == dtype
@@ -219,7 +219,59 @@ def test_without_the_cpu_flash_kernel_blocks_are_masked_whole(monkeypatch):
     monkeypatch.setattr(module, "_CPU_FLASH", None)
     q, k, v, q_pos, k_pos = make_inputs("stitched", 60, 4, 2, 200, 16, torch.float32, "cpu", seed=8)
     q_pos = q_pos.sort().values
-    plan = plan_attention(q_pos, k_pos, q.dtype, 2, 16)
+    plan = plan_attention(q_pos, k_pos, q.dtype, 2, block_rows=16)
     assert [b.shared for b in plan.blocks] == [0] * len(plan.blocks)
     torch.testing.assert_close(sparse_attention_torch(q, k, v, q_pos, k_pos, 0.25, plan),
                                naive_attention(q, k, v, q_pos, k_pos, 0.25), atol=1e-5, rtol=1e-5)
+
+
+def crowded_rows(keys: int, spread: int, crowded: int, gen: torch.Generator) -> torch.Tensor:
+    """Sorted row positions as ProphetKV picks them: `spread` rows over the context, `crowded` rows at its end."""
+    early = torch.randperm(keys - crowded, generator=gen)[:spread]
+    return torch.cat([early.sort().values, torch.arange(keys - crowded, keys)])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("q_heads,kv_heads", [(9, 3), (14, 2), (4, 4)])
+def test_the_estimated_partition_meets_the_reference(q_heads, kv_heads, threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the partition fills the kernel's threads
+    gen = torch.Generator().manual_seed(9)
+    q_pos, k_pos = crowded_rows(900, 40, 200, gen), torch.arange(900)
+    q = torch.randn(q_pos.numel(), q_heads, 32, generator=gen)
+    k, v = torch.randn(900, kv_heads, 32, generator=gen), torch.randn(900, kv_heads, 32, generator=gen)
+    plan = plan_attention(q_pos, k_pos, q.dtype, q_heads // kv_heads, kv_heads)
+    covered = torch.cat([torch.arange(q_pos.numel())[b.rows] for b in plan.blocks])
+    assert torch.equal(covered, torch.arange(q_pos.numel()))
+    torch.testing.assert_close(sparse_attention_torch(q, k, v, q_pos, k_pos, 0.2, plan),
+                               naive_attention(q, k, v, q_pos, k_pos, 0.2), atol=1e-5, rtol=1e-5)
+
+
+def test_spread_rows_get_smaller_blocks_than_crowded_ones():
+    """A block's masked rest spans from its first row to its last: rows spread from the context's start are cut
+    finer than rows crowded at its end, which share almost all their keys and go in large, split calls (on these
+    rows 31.7 ms against 35.8 for fixed blocks of 256, `bench_sparse_attention.py --keys 4000`)."""
+    gen = torch.Generator().manual_seed(10)
+    q_pos = crowded_rows(4000, 120, 600, gen)
+    plan = plan_attention(q_pos, torch.arange(4000), torch.float32, group=3, kv_heads=3)
+    sizes = [b.rows.stop - b.rows.start for b in plan.blocks]
+    assert plan.blocks[0].rows.start == 0 and 4 * sizes[0] <= max(sizes)
+    last = plan.blocks[-1]
+    assert last.rows.stop == 720 and last.shared > 3000 and last.mask is not None
+
+
+def test_a_row_that_sees_every_key_is_one_unmasked_call():
+    plan = plan_attention(torch.tensor([4000]), torch.arange(4001), torch.float32, group=3, kv_heads=3)
+    assert [(b.shared, b.keys, b.mask) for b in plan.blocks] == [(0, 4001, None)]
+
+
+def test_unsorted_rows_are_partitioned_in_position_order():
+    gen = torch.Generator().manual_seed(11)
+    q_pos = crowded_rows(600, 30, 150, gen)
+    shuffled = q_pos[torch.randperm(q_pos.numel(), generator=gen)]
+    plan = plan_attention(shuffled, torch.arange(600), torch.float32, group=2, kv_heads=2)
+    for block in plan.blocks:
+        assert isinstance(block.rows, torch.Tensor)
+        assert bool((shuffled[block.rows][1:] >= shuffled[block.rows][:-1]).all())
+    q, k, v = torch.randn(shuffled.numel(), 4, 16, generator=gen), torch.randn(600, 2, 16), torch.randn(600, 2, 16)
+    torch.testing.assert_close(sparse_attention_torch(q, k, v, shuffled, torch.arange(600), 0.25, plan),
+                               naive_attention(q, k, v, shuffled, torch.arange(600), 0.25), atol=1e-5, rtol=1e-5)
