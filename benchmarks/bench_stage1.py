@@ -37,9 +37,9 @@ def main() -> None:
     k, v, scale = kv[:, 0], kv[:, 1], dim**-0.5
     plan = plan_attention(q_pos, k_pos, q.dtype, q_heads // kv_heads, kv_heads)
     prophet = torch.zeros(args.context)
-    paths = {"reference": lambda: stage1_attention_ref(q, k, v, q_pos, k_pos, scale, args.context, prophet, None,
-                                                       None, plan),
-             "torch": lambda: stage1_attention_torch(q, k, v, q_pos, k_pos, scale, args.context, prophet, None)}
+    paths = {"reference": lambda: stage1_attention_ref(q, k, v, q_pos, k_pos, scale, args.context, prophet, None),
+             "torch": lambda: stage1_attention_torch(q, k, v, q_pos, k_pos, scale, args.context, prophet, None,
+                                                     plan=plan)}
     times: dict[str, list[float]] = {name: [] for name in paths}
     for fn in paths.values():
         fn()

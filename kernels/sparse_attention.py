@@ -119,7 +119,8 @@ def _partition(pos: list[int], k_pos: torch.Tensor, group: int, kv_heads: int,
 
     Rows spread over the context want small blocks (a block's masked rest spans from its first row to its last);
     rows crowded near the question want large ones, sized so that the kernel's tasks fill its threads. On
-    ProphetKV's rows at 4K tokens: 43 -> 40 ms a layer against fixed blocks of 256 (benchmarks/RESULTS.md).
+    ProphetKV's rows at 4K tokens: 45.8 -> 40.6 ms a layer against fixed blocks of 256 (benchmarks/RESULTS.md,
+    "Attention blocks chosen by estimated cost").
     """
     rows = len(pos)
     threads = max(torch.get_num_threads(), 1)
