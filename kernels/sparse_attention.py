@@ -124,9 +124,12 @@ def _partition(pos: list[int], k_pos: torch.Tensor, group: int, kv_heads: int,
     """
     rows = len(pos)
     threads = max(torch.get_num_threads(), 1)
-    before = torch.searchsorted(k_pos, torch.tensor(pos, dtype=k_pos.dtype), right=False).tolist()
-    upto = torch.searchsorted(k_pos, torch.tensor(pos, dtype=k_pos.dtype), right=True).tolist()
-    last_key = k_pos.tolist()
+    at = torch.tensor(pos, dtype=k_pos.dtype, device=k_pos.device)
+    before = torch.searchsorted(k_pos, at, right=False).tolist()
+    upto = torch.searchsorted(k_pos, at, right=True)
+    # The position of the last key a block ending at each row attends: its first row needs a mask if it is earlier.
+    last_key = k_pos[(upto - 1).clamp(min=0)].tolist()
+    upto = upto.tolist()
     quantum = max(8, -(-rows // 96))
     marks = [*range(0, rows, quantum), rows]
     best: list[float] = [0.0] + [math.inf] * (len(marks) - 1)
@@ -138,7 +141,7 @@ def _partition(pos: list[int], k_pos: torch.Tensor, group: int, kv_heads: int,
             if end - start > max_rows:
                 break
             folded, n = (end - start) * group, upto[end - 1]
-            masked = n > 0 and pos[start] < last_key[n - 1]
+            masked = n > 0 and pos[start] < last_key[end - 1]
             cost, split = _call_cost(folded, n, kv_heads, threads, masked), False
             shared = before[start] - 1
             if masked and shared > 0:
