@@ -123,6 +123,9 @@ def _partition(pos: list[int], k_pos: torch.Tensor, group: int, kv_heads: int,
     "Attention blocks chosen by estimated cost").
     """
     rows = len(pos)
+    quantum = max(8, -(-rows // 96))
+    if rows <= quantum:  # one block, nothing to search (a decode step's row): split only where a mask is needed
+        return [(0, rows, True)] if rows else []
     threads = max(torch.get_num_threads(), 1)
     at = torch.tensor(pos, dtype=k_pos.dtype, device=k_pos.device)
     before = torch.searchsorted(k_pos, at, right=False).tolist()
@@ -130,7 +133,6 @@ def _partition(pos: list[int], k_pos: torch.Tensor, group: int, kv_heads: int,
     # The position of the last key a block ending at each row attends: its first row needs a mask if it is earlier.
     last_key = k_pos[(upto - 1).clamp(min=0)].tolist()
     upto = upto.tolist()
-    quantum = max(8, -(-rows // 96))
     marks = [*range(0, rows, quantum), rows]
     best: list[float] = [0.0] + [math.inf] * (len(marks) - 1)
     choice: list[tuple[int, bool]] = [(0, False)] * len(marks)
