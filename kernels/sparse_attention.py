@@ -97,11 +97,10 @@ def plan_attention(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype,
         # sees the keys before its first one: all but the last of them can be shared, so that each row also sees a
         # key of the masked rest (a row that saw none would have no log-sum-exp to merge).
         n = int(torch.searchsorted(k_pos, pos[-1], right=True)) if keys_sorted else keys
-        visible = k_pos[None, :n] <= pos[:, None]
-        shared = 0
-        if split_block and not bool(visible.all()):
-            shared = max(int(torch.searchsorted(k_pos, pos[0], right=False)) - 1, 0)
-            visible = visible[:, shared:]
+        # (split blocks have sorted keys: the first row misses a key only if the last one is after it)
+        needs_mask = split_block and n > 0 and bool(pos[0] < k_pos[n - 1])
+        shared = max(int(torch.searchsorted(k_pos, pos[0], right=False)) - 1, 0) if needs_mask else 0
+        visible = k_pos[None, shared:n] <= pos[:, None]
         mask = None
         if not bool(visible.all()):
             mask = torch.zeros(visible.shape, dtype=dtype, device=q_pos.device).masked_fill_(~visible, float("-inf"))

@@ -49,15 +49,16 @@ class Pass:
 class _Rows:
     """A pass under way: its rows still recomputed, their positions and attention plan."""
 
-    def __init__(self, adapter: ModelAdapter, index: int, item: Pass, group: int, dtype: torch.dtype) -> None:
-        self.index, self.item, self.group, self.dtype = index, item, group, dtype
+    def __init__(self, adapter: ModelAdapter, index: int, item: Pass, dtype: torch.dtype) -> None:
+        self.index, self.item, self.dtype = index, item, dtype
         self.kv_heads = adapter.spec.num_kv_heads
+        self.group = adapter.spec.num_heads // self.kv_heads
         self.n = item.cache.length
         self.positions = item.cache.positions[: self.n]
         self.stop = adapter.spec.num_layers - 1 if item.last_layer is None else item.last_layer
         self.rows = item.rows
         self.row_pos = self.positions[self.rows]
-        self.plan = attention_plan(self.row_pos, self.positions, dtype, group, self.kv_heads)
+        self.plan = attention_plan(self.row_pos, self.positions, dtype, self.group, self.kv_heads)
 
     def keep(self, keep: torch.Tensor) -> None:
         self.rows, self.row_pos = self.rows[keep], self.row_pos[keep]
@@ -75,9 +76,8 @@ def forward_passes(adapter: ModelAdapter, passes: Sequence[Pass],
     None at its index in the result, and the other passes run on unchanged; without it, the exception propagates.
     What all the passes share (the stacked projections) fails them all, and raises."""
     assert passes, "at least one pass"
-    group = adapter.spec.num_heads // adapter.spec.num_kv_heads
     hidden = adapter.embed(torch.cat([p.cache.token_ids[p.rows] for p in passes]))
-    live = [_Rows(adapter, i, p, group, hidden.dtype) for i, p in enumerate(passes)]
+    live = [_Rows(adapter, i, p, hidden.dtype) for i, p in enumerate(passes)]
     # Positions are the same in every layer: RoPE tables change only when a pass's rows do.
     rope = adapter.rope_tables(torch.cat([r.row_pos for r in live]), hidden.dtype)
     results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(passes)
