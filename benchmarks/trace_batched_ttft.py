@@ -5,7 +5,7 @@
 
 An engine on the embedded model (a temporary store, warmed with the requests' documents) answers bench_serve.py's
 requests from `--clients` threads, each sending its next request as its last ends. For each request it prints when
-it started, its TTFT, how long its thread waited for the compute lock and for its passes (time in `run_pass`, the
+it started, its TTFT, how long its thread waited for the compute lock and for its passes (time in `run_passes`, the
 lock waits after them included), and the engine's own phase times; then every batched step: when it started, how
 long it took, its decode rows, its prefill passes and their rows. A diagnostic: it wraps the batcher's methods.
 """
@@ -61,14 +61,15 @@ def main() -> None:
         return wrapper
 
     lock.ComputeLock._acquire = timed("lock", lock.ComputeLock._acquire)
-    batcher.DecodeBatcher.run_pass = timed("passes", batcher.DecodeBatcher.run_pass)
+    batcher.DecodeBatcher.run_passes = timed("passes", batcher.DecodeBatcher.run_passes)
     real_step = batcher.DecodeBatcher._step
 
     def step(self, batch, passes):
         t = time.perf_counter()
         out = real_step(self, batch, passes)
-        steps.append((t - start[0], time.perf_counter() - t, len(batch), len(passes),
-                      sum(int(w.item.rows.numel()) for w in passes)))
+        items = [item for waiting in passes for item in waiting.items]
+        steps.append((t - start[0], time.perf_counter() - t, len(batch), len(items),
+                      sum(int(item.rows.numel()) for item in items)))
         return out
 
     batcher.DecodeBatcher._step = step
@@ -101,7 +102,7 @@ def main() -> None:
     print(f"{args.clients} clients, {args.requests} requests: {wall:.2f} s, {args.requests / wall:.3f} requests/s")
     for i, began, ttft, waited, stats in sorted(results, key=lambda r: r[1]):
         print(f"request {i:2d} started {began:6.2f} TTFT {ttft:5.2f} lock wait {waited.get('lock', 0):5.2f} "
-              f"in run_pass {waited.get('passes', 0):5.2f} | load {stats.load_s:.2f} select {stats.select_s:.2f} "
+              f"in run_passes {waited.get('passes', 0):5.2f} | load {stats.load_s:.2f} select {stats.select_s:.2f} "
               f"recompute {stats.recompute_s:.2f}")
     ttfts = sorted(r[2] for r in results)
     p95 = ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]

@@ -98,9 +98,12 @@ def stage1_attention_torch(
 
     The reference reads every key twice (SDPA for the output, a second Q.K^T for the scores) and copies K and V to a
     head-major layout for SDPA; here one batched matmul per KV head gives the fp32 logits `[kv_heads, group * rows,
-    keys]` that both softmaxes read. Stage I has few rows (the question's), so the logits are small: 20 to 35%
-    less time per layer on a 2-core CPU at 4K tokens (benchmarks/bench_stage1.py). Larger calls than
-    `_FUSED_LOGITS_BYTES` of logits run `sparse_attention_torch` and the reference scores.
+    keys]` that both uses read. Stage I has few rows (the question's), so the logits are small: 20 to 35% less time
+    per layer than the reference on a 2-core CPU at 4K tokens (benchmarks/bench_stage1.py). When every row sees every
+    context key (Stage I's layout), one exponential of the context logits serves both the scores' softmax and the
+    output, whose few other keys (the question's own, masked by position) are merged in by their maximum and sum:
+    2.7 -> 1.9 ms a layer against two softmaxes and a mask over all keys (21 rows, SmolLM2's heads, 4,246 keys).
+    Larger calls than `_FUSED_LOGITS_BYTES` of logits run `sparse_attention_torch` and the reference scores.
     """
     scored, context, keys = (q.shape[0], context_end, k.shape[0]) if bounds is None else bounds.tolist()
     rows, q_heads, dim = q.shape
@@ -112,7 +115,53 @@ def stage1_attention_torch(
                                      context_end, prophet_out, norm_out, bounds)
     # Row r of query head kv * group + g is row g * rows + r of KV head kv, as in sparse_attention_torch.
     qg = q.float().unflatten(1, (kv_heads, group)).permute(1, 2, 0, 3).reshape(kv_heads, group * rows, dim)
-    logits = torch.bmm(qg, k[:keys].float().permute(1, 2, 0)).mul_(scale)
+    kt, vt = k[:keys].float().transpose(0, 1), v[:keys].float().transpose(0, 1)  # [kv_heads, keys, dim] views
+    if rows and 0 < context and bool(k_pos[:context].max() <= q_pos.min()):
+        out = _seen_context(qg, kt, vt, q_pos, k_pos[:keys], scale, context, scored, group, prophet_out, norm_out)
+    else:
+        out = _masked(qg, kt, vt, q_pos, k_pos[:keys], scale, context, scored, group, prophet_out, norm_out)
+    return out.view(kv_heads, group, rows, dim).permute(2, 0, 1, 3).reshape(rows, q_heads, dim).to(q.dtype)
+
+
+def _seen_context(qg, kt, vt, q_pos, k_pos, scale, context, scored, group, prophet_out, norm_out) -> torch.Tensor:
+    """`[kv_heads, group * rows, dim]` output when every row sees the context keys `[0, context)`: their
+    exponentials, from the context's own maximum (the scores' softmax has it; see
+    test_peaked_logits_on_question_keys), give the scores and the unnormalised output, and the rest of the keys,
+    masked by position, are merged in by the larger maximum."""
+    kv_heads, folded, _ = qg.shape
+    rows = folded // group
+    e = torch.bmm(qg, kt[:, :context].transpose(1, 2)).mul_(scale)
+    top = e.amax(dim=-1, keepdim=True)
+    e.sub_(top).exp_()
+    total = e.sum(dim=-1, keepdim=True)  # [kv_heads, group * rows, 1]
+    out = torch.bmm(e, vt[:, :context])
+    if prophet_out is not None or norm_out is not None:
+        # Each scored row's softmax is its exponentials over its sum; the padding rows past `scored` add nothing.
+        weight = total.reciprocal().view(kv_heads, group, rows)
+        weight[:, :, scored:] = 0
+        if prophet_out is not None:
+            prophet_out[:context] += torch.bmm(weight.view(kv_heads, 1, folded), e).sum(dim=(0, 1))
+        if norm_out is not None:
+            attn = e.view(kv_heads, group, rows, context)[:, :, :scored] * weight[:, :, :scored, None]
+            norm_out[:context] += attn.mean(dim=(0, 1)).norm(dim=0)
+    if kt.shape[1] == context:
+        return out / total
+    rest = torch.bmm(qg, kt[:, context:].transpose(1, 2)).mul_(scale)
+    hidden = k_pos[None, context:] > q_pos[:, None]
+    rest = rest.view(kv_heads, group, rows, -1).masked_fill_(hidden, float("-inf")).view(kv_heads, folded, -1)
+    peak = torch.maximum(top, rest.amax(dim=-1, keepdim=True))
+    shrink = torch.exp(top - peak)
+    rest = rest.sub_(peak).exp_()
+    return (out.mul_(shrink) + torch.bmm(rest, vt[:, context:])) / (total * shrink + rest.sum(dim=-1, keepdim=True))
+
+
+def _masked(qg, kt, vt, q_pos, k_pos, scale, context, scored, group, prophet_out, norm_out) -> torch.Tensor:
+    """`[kv_heads, group * rows, dim]` output when some row does not see every context key: the scores' softmax
+    over the context keys, unmasked, and the output's over every key the row sees."""
+    kv_heads, folded, _ = qg.shape
+    rows = folded // group
+    logits = torch.bmm(qg, kt.transpose(1, 2)).mul_(scale)
+    keys = logits.shape[-1]
     if context > 0 and (prophet_out is not None or norm_out is not None):
         # The scores' softmax: the first `scored` rows over the context keys, no position mask (query_scores_ref).
         attn = torch.softmax(logits.view(kv_heads, group, rows, keys)[:, :, :scored, :context], dim=-1)
@@ -120,10 +169,9 @@ def stage1_attention_torch(
             prophet_out[:context] += attn.sum(dim=(0, 1, 2))
         if norm_out is not None:
             norm_out[:context] += attn.mean(dim=(0, 1)).norm(dim=0)
-    hidden = k_pos[None, :keys] > q_pos[:, None]
+    hidden = k_pos[None, :] > q_pos[:, None]
     probs = torch.softmax(logits.view(kv_heads, group, rows, keys).masked_fill_(hidden, float("-inf")), dim=-1)
-    out = torch.bmm(probs.view(kv_heads, group * rows, keys), v[:keys].float().transpose(0, 1))
-    return out.view(kv_heads, group, rows, dim).permute(2, 0, 1, 3).reshape(rows, q_heads, dim).to(q.dtype)
+    return torch.bmm(probs.view(kv_heads, folded, keys), vt)
 
 
 def _attention_kernel(

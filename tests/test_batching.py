@@ -15,6 +15,7 @@ from prophet_rag.compute.generate import Decoding
 from prophet_rag.compute.prefill import prefill_full
 from prophet_rag.config import BatchConfig, GenerationConfig, SelectionConfig
 from prophet_rag.errors import InvalidRequestError, OverloadedError
+from prophet_rag.selection.request import Selection
 from tiny import CHUNKS, QUERY, ForcedToken
 
 QUESTIONS = (QUERY, "Which city is the capital of France?", "What jumps over the lazy dog?", "Who is Beta?")
@@ -75,6 +76,19 @@ def test_prefills_arriving_together_run_their_passes_in_shared_steps(make_engine
     after = engine.batcher.stats()
     passes, steps = after.passes - before.passes, after.pass_steps - before.pass_steps
     assert passes >= 8 and passes > steps  # every prefill's passes went through the steps, several per step
+
+
+def test_a_prefills_two_stage1_passes_go_through_one_step_in_their_order(make_engine, monkeypatch):
+    """`prophet_focus` scoring both layouts at once hands the batcher two passes over one cache, the second placing
+    each layer after the first has read it: batched with other requests' passes, the answers stay the serial ones."""
+    monkeypatch.setattr(Selection, "may_spread", property(lambda self: True))
+    engine = make_engine("llama", selection=SelectionConfig(method="prophet_focus"))
+    serial = [_answer(engine, i).token_ids for i in range(8)]
+    before = engine.batcher.stats()
+    assert [answer.token_ids for answer in _together(engine, 8)] == serial
+    after = engine.batcher.stats()
+    assert after.passes - before.passes == 3 * 8  # two Stage I passes and the selective forward each
+    assert after.pass_steps - before.pass_steps < 2 * 8
 
 
 def test_a_request_alone_runs_its_passes_and_decode_steps_on_its_own_thread(make_engine, monkeypatch):

@@ -44,6 +44,12 @@ class Pass:
     row_filter: tuple[int, RowFilter] | None = None
     last_layer: int | None = None
     outputs: int | None = None
+    positions: torch.Tensor | None = None
+    """`[>= cache.length]` the slots' positions as this pass sees them, when not the cache's own `positions`."""
+    before: Callable[[int], None] | None = None
+    """Called before the pass reads or writes a layer, once the passes ahead of it in the same forward are done with
+    that layer: two passes over one cache in two geometries, the second placing each layer's keys for its own after
+    the first has read them in the first (see `scoring.query_relevance_twice`)."""
 
 
 class _Rows:
@@ -54,7 +60,7 @@ class _Rows:
         self.kv_heads = adapter.spec.num_kv_heads
         self.group = adapter.spec.num_heads // self.kv_heads
         self.n = item.cache.length
-        self.positions = item.cache.positions[: self.n]
+        self.positions = (item.cache.positions if item.positions is None else item.positions)[: self.n]
         self.stop = adapter.spec.num_layers - 1 if item.last_layer is None else item.last_layer
         self.rows = item.rows
         self.row_pos = self.positions[self.rows]
@@ -122,6 +128,8 @@ def _attend(adapter: ModelAdapter, layer: int, r: _Rows, h: torch.Tensor, q: tor
     cache, item = r.item.cache, r.item
     if cache.layer_ready is not None:
         cache.layer_ready(layer)
+    if item.before is not None:
+        item.before(layer)
     rows, filtered = r.rows, item.row_filter is not None and item.row_filter[0] == layer
     if filtered:
         keep = item.row_filter[1](layer, rows, k, v)
@@ -151,9 +159,10 @@ def decode_step(adapter: ModelAdapter, caches: Sequence[StitchedCache], tokens: 
     return adapter.logits(torch.cat([hidden for hidden, _ in forward_passes(adapter, passes)]))
 
 
-RunPass = Callable[[Pass], tuple[torch.Tensor, torch.Tensor]]
+RunPasses = Callable[[Sequence[Pass]], list[tuple[torch.Tensor, torch.Tensor]]]
+"""`run(passes)`: what `forward_passes` returns for them, the passes run in that order in one step."""
 
-_runner: ContextVar[RunPass | None] = ContextVar("prophet_rag_pass_runner", default=None)
+_runner: ContextVar[RunPasses | None] = ContextVar("prophet_rag_pass_runner", default=None)
 """The batcher this thread's request has joined (`joined`), if any."""
 
 
@@ -166,12 +175,19 @@ def forward(adapter: ModelAdapter, cache: StitchedCache, rows: torch.Tensor, *, 
     if run is None:
         return forward_rows(adapter, cache, rows, scoring=scoring, row_filter=row_filter, last_layer=last_layer,
                             outputs=outputs)
-    return run(Pass(cache, rows, scoring, row_filter, last_layer, outputs))
+    return run([Pass(cache, rows, scoring, row_filter, last_layer, outputs)])[0]
+
+
+def forward_together(adapter: ModelAdapter, passes: Sequence[Pass]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`forward_passes(adapter, passes)` for passes of one request, run by the batcher this thread has joined, if
+    any, in one of its steps (in this order, with other requests' passes)."""
+    run = _runner.get()
+    return forward_passes(adapter, passes) if run is None else run(passes)
 
 
 @contextmanager
-def joined(run: RunPass) -> Iterator[None]:
-    """Within it, this thread's `forward` calls go to `run` (a batcher's `run_pass`)."""
+def joined(run: RunPasses) -> Iterator[None]:
+    """Within it, this thread's `forward` and `forward_together` calls go to `run` (a batcher's `run_passes`)."""
     token = _runner.set(run)
     try:
         yield

@@ -7,7 +7,7 @@ beyond those raises `OverloadedError`. Holding its place, the request is prefill
 chooses its first token there (no forward pass is needed for it); then `Admission.decode` hands it to the batcher.
 
 The batcher's thread runs `batch.forward_passes` over every running request's next token and every pass a prefill
-has handed it (`run_pass`: the question's Stage I pass, the selective forward), under the engine's compute lock, and
+has handed it (`run_passes`: the question's Stage I pass, the selective forward), under the engine's compute lock, and
 chooses each request's next token with that request's own `generate.Decoding` (`next_token`: its generator, its
 constraint), outside the lock. Tokens reach the request's thread through a queue of its own, so a slow consumer
 holds up no one. Requests join after their prefill and leave between steps: at an EOS id, at their token budget,
@@ -48,7 +48,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,13 +95,13 @@ class _Running:
 
 
 class _Waiting:
-    """A prefill's pass waiting for the next step, the thread that parked on the compute lock for it, and then its
-    result or error."""
+    """A prefill's passes waiting for the next step (run in that order), the thread that parked on the compute lock
+    for them, and then their results or the first error."""
 
-    def __init__(self, item: Pass) -> None:
-        self.item = item
+    def __init__(self, items: Sequence[Pass]) -> None:
+        self.items = list(items)
         self.thread = threading.get_ident()
-        self.result: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.result: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.error: BaseException | None = None
 
 
@@ -254,25 +254,27 @@ class DecodeBatcher:
             request.token = token
         return token
 
-    def run_pass(self, item: Pass) -> tuple[torch.Tensor, torch.Tensor]:
-        """What `forward_rows` returns for `item`, run in the next step with the other requests' passes and decode
-        rows. Called by a prefill holding the compute lock, which it parks on until the step is done. With no request
-    decoding and no other prefill in line for the lock, the pass runs at once on the caller's thread instead."""
-        waiting = _Waiting(item)
+    def run_passes(self, items: Sequence[Pass]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What `forward_passes` returns for `items`, run in the next step, in that order, with the other requests'
+        passes and decode rows. Called by a prefill holding the compute lock, which it parks on until the step is
+        done. With no request decoding and no other prefill in line for the lock, the passes run at once on the
+        caller's thread instead."""
+        waiting = _Waiting(items)
         with self._lock:
-            if item.cache.layer_ready is not None:  # its stored blocks, in place before the step (a failed read
-                item.cache.layer_ready(self._adapter.spec.num_layers - 1)  # raises here, on the request's thread)
+            for item in items:
+                if item.cache.layer_ready is not None:  # its stored blocks, in place before the step (a failed read
+                    item.cache.layer_ready(self._adapter.spec.num_layers - 1)  # raises here, on the request's thread)
             with self._cond:
                 alone = self._thread is None and self._lone is None and not self._lock.contended
-                if alone:  # nothing to batch it with, and no one in line: run here, sparing two thread hand-offs
-                    self._passes_run += 1
+                if alone:  # nothing to batch them with, and no one in line: run here, sparing two thread hand-offs
+                    self._passes_run += len(items)
                     self._pass_steps += 1
                 else:
                     self._passes.append(waiting)
                     self._start()
             if alone:
-                return forward_passes(self._adapter, [item])[0]
-            self._lock.park()  # back, holding the lock, once the step that ran the pass is over
+                return forward_passes(self._adapter, items)
+            self._lock.park()  # back, holding the lock, once the step that ran the passes is over
         if waiting.error is not None:
             raise waiting.error
         assert waiting.result is not None
@@ -308,17 +310,20 @@ class DecodeBatcher:
                     outcomes = self._step(batch, passes)
                 except Exception as error:  # what every row shares failed: every request and pass gets the error
                     log.exception("a batched step failed")
-                    outcomes = [error] * (len(batch) + len(passes))
-                for waiting, outcome in zip(passes, outcomes[len(batch):], strict=True):
-                    if isinstance(outcome, BaseException):
-                        waiting.error = outcome
+                    outcomes = [error] * (len(batch) + sum(len(waiting.items) for waiting in passes))
+                given = len(batch)
+                for waiting in passes:
+                    mine, given = outcomes[given : given + len(waiting.items)], given + len(waiting.items)
+                    failed = [outcome for outcome in mine if isinstance(outcome, BaseException)]
+                    if failed:
+                        waiting.error = failed[0]
                     else:
-                        waiting.result = outcome
+                        waiting.result = mine
                     # Its thread takes the lock next, at the place it kept, before this thread's next step.
                     self._lock.unpark(waiting.thread)
             if passes:
                 with self._cond:
-                    self._passes_run += len(passes)
+                    self._passes_run += sum(len(waiting.items) for waiting in passes)
                     self._pass_steps += 1
             self._deliver(batch, outcomes[: len(batch)])
 
@@ -334,7 +339,7 @@ class DecodeBatcher:
                     torch.tensor([request.token], device=self._adapter.device))))
             except Exception as error:
                 outcomes.append(error)
-        outcomes += [waiting.item for waiting in passes]
+        outcomes += [item for waiting in passes for item in waiting.items]
         ran = [i for i, item in enumerate(outcomes) if isinstance(item, Pass)]
         errors: list[Exception | None] = [None] * len(ran)
         results = forward_passes(self._adapter, [outcomes[i] for i in ran], errors=errors) if ran else []

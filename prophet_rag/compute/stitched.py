@@ -96,7 +96,8 @@ def reorder(adapter: ModelAdapter, cache: StitchedCache, order: Sequence[int], s
     """Lay `cache` out again in `order`, in its own buffers, and place its blocks at their global positions.
 
     `cache` holds the request in another order with its blocks as stored (parallel geometry, every layer in): a
-    method that scored chunks before ordering them. The result is what `stitched_layout` in `order`, a copy of every
+    method that scored chunks before ordering them; or at its slots' positions already (`lay_out_by_layer`), left as
+    it is when `order` is its own. The result is what `stitched_layout` in `order`, a copy of every
     block and `reposition` give, without a second cache (a fresh one costs more in page faults than the copy
     itself). Every key is read and written once, rotated on the way (`rope_shift`'s `source`): a chunk that stays
     is rotated in place; one that moves towards the front is moved piece by piece, each piece no longer than the
@@ -115,6 +116,9 @@ def reorder(adapter: ModelAdapter, cache: StitchedCache, order: Sequence[int], s
     cache.length, cache.layer_ready = cache.context_end, None
     ids = cache.token_ids[cache.prefix_len : cache.context_end].clone()
     stored = cache.positions[cache.prefix_len : cache.context_end].clone()
+    slots = torch.arange(cache.prefix_len, cache.context_end, device=stored.device)
+    if all(src == dst for src, dst, _ in moves) and torch.equal(stored, slots):
+        return
     # Layer 0 is recomputed below: only layers 1.. are moved and rotated.
     keys, values = cache.kv[1:, 0], cache.kv[1:, 1]
 
@@ -151,9 +155,29 @@ def reorder(adapter: ModelAdapter, cache: StitchedCache, order: Sequence[int], s
             put(src + piece, dst + piece, min(step, n - piece), None)
     for (src, dst, n), block in zip(copied, saved, strict=True):
         put(src, dst, n, block)
-    cache.positions[cache.prefix_len : cache.context_end] = torch.arange(cache.prefix_len, cache.context_end,
-                                                                          device=cache.positions.device)
+    cache.positions[cache.prefix_len : cache.context_end] = slots
     _repair_layer0(adapter, cache)
+
+
+def lay_out_by_layer(adapter: ModelAdapter, cache: StitchedCache) -> tuple[torch.Tensor, Callable[[int], None]]:
+    """Declare `cache`, assembled in request order with its blocks as stored (parallel geometry), laid out at its
+    slots' positions, a layer at a time: returns the positions it had (for a pass that still reads it as it was) and
+    `place(layer)`, which places that layer as `reorder` into the same order does (layer 0 recomputed, the others'
+    keys rotated). Every layer must be placed once before a pass reads it at the new positions; `reorder` into
+    request order then leaves the cache as it is."""
+    assert cache.order == tuple(range(len(cache.order))), "the blocks in request order"
+    context = slice(cache.prefix_len, cache.context_end)
+    stored = cache.positions.clone()
+    cache.positions[context] = torch.arange(cache.prefix_len, cache.context_end, device=stored.device)
+    delta = cache.positions[context] - stored[context]
+
+    def place(layer: int) -> None:
+        if layer == 0:
+            _repair_layer0(adapter, cache)
+        else:
+            rope_shift(cache.kv[layer : layer + 1, 0, context], delta, adapter.inv_freq, interleaved=True)
+
+    return stored, place
 
 
 def reposition(adapter: ModelAdapter, cache: StitchedCache, sink_len: int, global_positions: bool = True,

@@ -73,7 +73,7 @@ class Prefiller:
     def prefill(self, layout: RequestLayout, selection: SelectionConfig, capacity: int) -> Prefill:
         """The request's prefill into a stitched cache of `capacity` slots, under the compute lock."""
         # With batch_prefills, the passes of prefills under way together run as one, in the batcher's steps.
-        joined = batched.joined(self.batcher.run_pass) if self.batcher.config.batch_prefills else nullcontext()
+        joined = batched.joined(self.batcher.run_passes) if self.batcher.config.batch_prefills else nullcontext()
         with self.compute, joined:
             try:
                 return self._prefill_once(layout, selection, capacity, pipeline=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from prophet_rag.compute.scoring import query_relevance
+from prophet_rag.compute.scoring import query_relevance, query_relevance_twice
 from prophet_rag.compute.stitched import StitchedCache
 from prophet_rag.selection.request import Assemble, Plan, Selection, attention_plan, selected, top_slots
 
@@ -23,13 +23,19 @@ def focus_order(selection: Selection, assemble: Assemble) -> list[int]:
     chunk by a lexical prior (`prophet_plus`) over-moves look-alikes.
 
     The question is scored in the parallel geometry (each chunk at the positions it was computed at), where no chunk
-    sits nearer the question than another (see `anchored_relevance`).
+    sits nearer the question than another (see `anchored_relevance`). When the question's words are spread enough
+    over the chunks for ProphetKV's plan to be likely (`Selection.may_spread`), the same forward also scores it in
+    the retrieval layout, which that plan reads (`query_relevance_twice`): on the 4K-token bench the fallback's
+    second Stage I then costs its attention alone.
     """
     identity = list(range(len(selection.chunk_ids)))
     cache = assemble(identity, False)
     suffix_rows = cache.append_tokens(selection.suffix_ids.to(cache.kv.device))
     with torch.inference_mode():
-        selection.parallel = query_relevance(selection.adapter, cache, suffix_rows, "prophet", None)
+        if selection.may_spread:
+            selection.parallel, selection.laid_out = query_relevance_twice(selection.adapter, cache, suffix_rows)
+        else:
+            selection.parallel = query_relevance(selection.adapter, cache, suffix_rows, "prophet", None)
     focus = frozenset() if selection.plain else selection.focus
     return [i for i in identity if i not in focus] + [i for i in identity if i in focus]
 
@@ -64,7 +70,10 @@ def focus_plan(selection: Selection, cache: StitchedCache, suffix_rows: torch.Te
     is computed in are then the plan. So too when the question's words match a passage but its attention does not
     go there (real passages under an instruction: the lift was 0.25-0.65 where the focus plan lost to ProphetKV)."""
     if selection.plain:
-        return attention_plan(selection, cache, suffix_rows, budget)
+        if selection.laid_out is None:
+            return attention_plan(selection, cache, suffix_rows, budget)
+        assert cache.order == tuple(range(len(cache.order))), "the retrieval layout the scores were taken in"
+        return selected(top_slots(selection.laid_out, budget, cache.prefix_len), suffix_rows)
     lengths = [int(ids.numel()) for ids in selection.chunk_ids]
     starts = torch.cumsum(torch.tensor([0, *lengths]), 0).tolist()
     # Token scores to layout order: the chunk at layout position j is chunk cache.order[j] of the request.

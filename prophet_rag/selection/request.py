@@ -69,6 +69,10 @@ class Selection:
     """`[C]` ProphetKV's Stage I scores in the parallel geometry, in request order, once a method's ordering step has
     computed them."""
 
+    laid_out: torch.Tensor | None = None
+    """`[C]` ProphetKV's Stage I scores in the retrieval layout (request order, global positions: what `prophet`
+    plans from), when the ordering step computed them together with `parallel`."""
+
     @property
     def parallel_scores(self) -> torch.Tensor:
         assert self.parallel is not None, "the method's ordering step computes them first"
@@ -91,6 +95,15 @@ class Selection:
         relevance = self.anchored.tolist()
         best = max(relevance)
         return frozenset(i for i, r in enumerate(relevance) if best > 0 and r >= FOCUS_SHARE * best)
+
+    @cached_property
+    def may_spread(self) -> bool:
+        """Whether `spread` can hold, known from the words alone before any attention: a chunk without the
+        question's rare words has no anchored relevance, so it needs more than one chunk, and `FOCUS_SPREAD` of
+        them, holding one (`anchor_mask`)."""
+        mask = anchor_mask(list(self.chunk_ids), self.suffix_ids)
+        held = sum(bool(part.any()) for part in torch.split(mask, [int(ids.numel()) for ids in self.chunk_ids]))
+        return held > 1 and held >= FOCUS_SPREAD * len(self.chunk_ids)
 
     @property
     def spread(self) -> bool:

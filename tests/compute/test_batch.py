@@ -190,12 +190,39 @@ def test_forward_runs_a_pass_through_the_batcher_a_thread_has_joined(make_engine
     item = _passes(engine)[2]
     seen = []
 
-    def run(p):
-        seen.append(p)
-        return "ran"
+    def run(passes):
+        seen.extend(passes)
+        return ["ran"]
 
     with joined(run):
         assert forward(engine.adapter, item.cache, item.rows) == "ran"
     assert len(seen) == 1 and seen[0].cache is item.cache and torch.equal(seen[0].rows, item.rows)
     hidden, _ = forward(engine.adapter, item.cache, item.rows)  # left: forward_rows again
     assert hidden.shape[0] == item.rows.numel()
+
+
+def test_a_pass_is_called_before_each_layer_after_the_passes_ahead_of_it(make_engine):
+    engine = make_engine("llama", model_overrides=dict(num_hidden_layers=3))
+    first, second = _passes(engine)[1:]  # both run every layer
+    calls = []
+    first.before = lambda layer: calls.append(("first", layer))
+    second.before = lambda layer: calls.append(("second", layer))
+    forward_passes(engine.adapter, [first, second])
+    assert calls == [(name, layer) for layer in range(3) for name in ("first", "second")]
+
+
+def test_a_pass_reads_the_positions_it_is_given(make_engine):
+    """Positions are the pass's, not its cache's: the same rows over every key shifted by a constant attend alike
+    (RoPE is relative), over the keys' own positions with the rows moved they do not."""
+    engine = make_engine("llama", model_overrides=dict(num_hidden_layers=3))
+    cache, _ = _requests(engine)[1]
+    rows = torch.arange(cache.length - 3, cache.length)
+    expected, _ = forward_passes(engine.adapter, [Pass(replace(cache, kv=cache.kv.clone()), rows)])[0]
+    moved = cache.positions.clone()
+    moved[rows] += 40
+    # Only the rows' own keys are rotated at their positions; the others keep the cache's: not a uniform shift.
+    shifted, _ = forward_passes(engine.adapter, [Pass(replace(cache, kv=cache.kv.clone()), rows, positions=moved)])[0]
+    assert not torch.allclose(shifted, expected, atol=1e-4)
+    same, _ = forward_passes(engine.adapter, [Pass(replace(cache, kv=cache.kv.clone()), rows,
+                                                   positions=cache.positions.clone())])[0]
+    assert torch.equal(same, expected)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prophet_rag.compute.stitched import reorder, reposition, stitched_layout
+from prophet_rag.compute.stitched import lay_out_by_layer, reorder, reposition, stitched_layout
 from tiny import CHUNKS, QUERY
 
 DOCS = (*CHUNKS, "A fourth document about harbours and ledgers.", "The fifth one names room 121.")
@@ -30,6 +30,14 @@ def placed(engine, layout, order):
     engine.cache.load(layout, cache)
     reposition(engine.adapter, cache, int(engine.sink_ids.numel()))
     return cache
+
+
+def stored_in_request_order(make_engine):
+    """`(engine, layout, cache)`: the request assembled in its own order with its blocks as stored."""
+    engine = make_engine("llama")
+    layout = engine.builder.layout(DOCS, QUERY)
+    engine.ingest(DOCS)
+    return engine, layout, parallel(engine, layout, [0, 1, 2, 3, 4])
 
 
 @pytest.mark.parametrize("start,order", [
@@ -58,10 +66,7 @@ def test_reorder_equals_assembling_in_that_order(make_engine, start, order):
 
 @torch.no_grad()
 def test_reorder_keeps_the_buffers_of_the_cache(make_engine):
-    engine = make_engine("llama")
-    layout = engine.builder.layout(DOCS, QUERY)
-    engine.ingest(DOCS)
-    cache = parallel(engine, layout, [0, 1, 2, 3, 4])
+    engine, layout, cache = stored_in_request_order(make_engine)
     kv = cache.kv
 
     reorder(engine.adapter, cache, [1, 0, 2, 3, 4], int(engine.sink_ids.numel()))
@@ -87,3 +92,54 @@ def test_a_long_block_moved_forward_by_a_short_one_moves_piece_by_piece(make_eng
     n = expected.length
     assert torch.equal(cache.token_ids[:n], expected.token_ids[:n])
     assert torch.equal(cache.kv[:, :, :n], expected.kv[:, :, :n])
+
+
+@pytest.mark.parametrize("order", [
+    pytest.param([0, 1, 2, 3, 4], id="nothing-moves"),
+    pytest.param([0, 2, 3, 4, 1], id="one-moves-last"),
+    pytest.param([4, 3, 2, 1, 0], id="reversed"),
+])
+@torch.no_grad()
+def test_laid_out_by_layer_then_reordered_equals_assembling_in_that_order(make_engine, order):
+    """`prophet_focus`'s two Stage I passes leave the cache laid out in request order; `reorder` then gives the
+    request in the method's order as if it had been assembled so: bit for bit where nothing moves, to fp32 rounding
+    where a moved chunk's keys are rotated twice (to the retrieval layout, then to their new slots)."""
+    engine, layout, cache = stored_in_request_order(make_engine)
+    before = cache.positions.clone()
+    stored, place = lay_out_by_layer(engine.adapter, cache)
+    assert torch.equal(stored, before)
+    for layer in range(engine.adapter.spec.num_layers):
+        place(layer)
+    expected = placed(engine, layout, order)
+
+    reorder(engine.adapter, cache, order, int(engine.sink_ids.numel()))
+
+    n = expected.length
+    assert cache.order == tuple(order) and cache.length == n
+    assert torch.equal(cache.token_ids[:n], expected.token_ids[:n])
+    assert torch.equal(cache.positions[:n], expected.positions[:n])
+    if order == sorted(order):
+        assert torch.equal(cache.kv[:, :, :n], expected.kv[:, :, :n])
+    else:
+        torch.testing.assert_close(cache.kv[:, :, :n], expected.kv[:, :, :n], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_lay_out_by_layer_places_only_the_layers_asked_for(make_engine):
+    engine, layout, cache = stored_in_request_order(make_engine)
+    untouched = cache.kv.clone()
+    expected = placed(engine, layout, [0, 1, 2, 3, 4])
+    _, place = lay_out_by_layer(engine.adapter, cache)
+    place(1)
+    context = slice(cache.prefix_len, cache.context_end)
+    assert torch.equal(cache.kv[1, :, context], expected.kv[1, :, context])
+    assert torch.equal(cache.kv[0], untouched[0]) and torch.equal(cache.kv[2:], untouched[2:])
+    assert torch.equal(cache.positions[: cache.context_end], expected.positions[: cache.context_end])
+
+
+def test_lay_out_by_layer_needs_the_request_order(make_engine):
+    engine = make_engine("llama")
+    layout = engine.builder.layout(DOCS, QUERY)
+    engine.ingest(DOCS)
+    with pytest.raises(AssertionError, match="request order"):
+        lay_out_by_layer(engine.adapter, parallel(engine, layout, [1, 0, 2, 3, 4]))

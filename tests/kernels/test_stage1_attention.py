@@ -133,7 +133,8 @@ def test_some_scores_absent(which, device, nan_empty, assert_close):
     check_scores(got, expected, start, assert_close)
 
 
-def test_peaked_logits_on_question_keys(device, nan_empty, assert_close):
+@pytest.mark.parametrize("implementation", [stage1_attention_torch, stage1_attention_triton], ids=["torch", "triton"])
+def test_peaked_logits_on_question_keys(implementation, device, nan_empty, assert_close):
     """Rows attend almost only to question keys (logits hundreds of units above the context's): the context softmax
     has its own maximum; measured from the question keys' one, its sums would underflow to 0 in fp32."""
     q, k, v, q_pos, k_pos = make_inputs("stage1", 12, 4, 4, 300, 64, torch.float32, device, seed=4)
@@ -143,7 +144,7 @@ def test_peaked_logits_on_question_keys(device, nan_empty, assert_close):
     expected = {name: t.clone() for name, t in start.items()}
     query_scores_ref(q, k[:context], 0.125, expected["prophet"], expected["norm"])
     got = {name: t.clone() for name, t in start.items()}
-    out = stage1_attention_triton(q, k, v, q_pos, k_pos, 0.125, context, got["prophet"], got["norm"])
+    out = implementation(q, k, v, q_pos, k_pos, 0.125, context, got["prophet"], got["norm"])
     assert_close(out, sparse_attention_ref(q, k, v, q_pos, k_pos, 0.125), torch.float32)
     check_scores(got, expected, start, assert_close)
 
@@ -245,3 +246,18 @@ def test_torch_path_runs_the_reference_past_its_logits_limit(device, monkeypatch
     out = stage1_attention_torch(q, k, v, q_pos, k_pos, 0.25, 70, got, None)
     assert torch.equal(got, expected)
     torch.testing.assert_close(out, expected_out, atol=1e-6, rtol=1e-5)
+
+
+def test_torch_path_where_a_row_misses_a_context_key(device, assert_close):
+    """A row placed before some context keys: the scores still cover every context key (no position mask), the
+    output only the keys the row sees; the path that exponentiates the context once is not taken."""
+    q, k, v, q_pos, k_pos = make_inputs("stage1", 8, 4, 2, 120, 16, torch.float32, device, seed=10)
+    q_pos = q_pos.clone()
+    q_pos[0] = k_pos[50]  # row 0 sees context keys 0..50 only
+    start = start_scores(110, device)
+    expected = {name: t.clone() for name, t in start.items()}
+    expected_out = stage1_attention_ref(q, k, v, q_pos, k_pos, 0.25, 110, expected["prophet"], expected["norm"])
+    got = {name: t.clone() for name, t in start.items()}
+    out = stage1_attention_torch(q, k, v, q_pos, k_pos, 0.25, 110, got["prophet"], got["norm"])
+    assert_close(out, expected_out, torch.float32)
+    check_scores(got, expected, start, assert_close)
