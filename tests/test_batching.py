@@ -81,7 +81,7 @@ def test_prefills_arriving_together_run_their_passes_in_shared_steps(make_engine
 def test_a_prefills_two_stage1_passes_go_through_one_step_in_their_order(make_engine, monkeypatch):
     """`prophet_focus` scoring both layouts at once hands the batcher two passes over one cache, the second placing
     each layer after the first has read it: batched with other requests' passes, the answers stay the serial ones."""
-    monkeypatch.setattr(Selection, "may_spread", property(lambda self: True))
+    monkeypatch.setattr(Selection, "plain_likely", property(lambda self: True))
     engine = make_engine("llama", selection=SelectionConfig(method="prophet_focus"))
     serial = [_answer(engine, i).token_ids for i in range(8)]
     before = engine.batcher.stats()

@@ -23,16 +23,16 @@ def focus_order(selection: Selection, assemble: Assemble) -> list[int]:
     chunk by a lexical prior (`prophet_plus`) over-moves look-alikes.
 
     The question is scored in the parallel geometry (each chunk at the positions it was computed at), where no chunk
-    sits nearer the question than another (see `anchored_relevance`). When the question's words are spread enough
-    over the chunks for ProphetKV's plan to be likely (`Selection.may_spread`), the same forward also scores it in
-    the retrieval layout, which that plan reads (`query_relevance_twice`): on the 4K-token bench the fallback's
-    second Stage I then costs its attention alone.
+    sits nearer the question than another (see `anchored_relevance`). When the question's words make ProphetKV's
+    plan certain or possible (`Selection.plain_likely`: no chunk holds them, or many do), the same forward also
+    scores it in the retrieval layout, which that plan reads (`query_relevance_twice`): on the 4K-token bench the
+    fallback's second Stage I then costs its attention alone.
     """
     identity = list(range(len(selection.chunk_ids)))
     cache = assemble(identity, False)
     suffix_rows = cache.append_tokens(selection.suffix_ids.to(cache.kv.device))
     with torch.inference_mode():
-        if selection.may_spread:
+        if selection.plain_likely:
             selection.parallel, selection.laid_out = query_relevance_twice(selection.adapter, cache, suffix_rows)
         else:
             selection.parallel = query_relevance(selection.adapter, cache, suffix_rows, "prophet", None)

@@ -97,13 +97,14 @@ class Selection:
         return frozenset(i for i, r in enumerate(relevance) if best > 0 and r >= FOCUS_SHARE * best)
 
     @cached_property
-    def may_spread(self) -> bool:
-        """Whether `spread` can hold, known from the words alone before any attention: a chunk without the
-        question's rare words has no anchored relevance, so it needs more than one chunk, and `FOCUS_SPREAD` of
-        them, holding one (`anchor_mask`)."""
+    def plain_likely(self) -> bool:
+        """Whether the words alone, before any attention, make ProphetKV's plan (`plain`) certain or possible: no
+        chunk holds one of the question's anchors (`anchor_mask`: the lift is then 0), or more than one chunk, and
+        `FOCUS_SPREAD` of them, hold one (a chunk without anchors has no anchored relevance, so `spread` needs as
+        many)."""
         mask = anchor_mask(list(self.chunk_ids), self.suffix_ids)
         held = sum(bool(part.any()) for part in torch.split(mask, [int(ids.numel()) for ids in self.chunk_ids]))
-        return held > 1 and held >= FOCUS_SPREAD * len(self.chunk_ids)
+        return held == 0 or (held > 1 and held >= FOCUS_SPREAD * len(self.chunk_ids))
 
     @property
     def spread(self) -> bool:

@@ -1,5 +1,5 @@
 """`prophet_focus` scoring the question in both layouts in one forward when ProphetKV's plan is likely
-(`Selection.may_spread`): the same order, plan and answer as scoring the retrieval layout afterwards, only sooner."""
+(`Selection.plain_likely`): the same order, plan and answer as scoring the retrieval layout afterwards, only sooner."""
 
 from __future__ import annotations
 
@@ -17,19 +17,27 @@ def _request(chunks: list[list[int]], query: list[int]) -> Selection:
                      torch.tensor(query))
 
 
-@pytest.mark.parametrize("chunks,may_spread", [
-    ([[1, 5], [2, 5], [3], [4]], True),  # the question's word 5 in half the chunks
+@pytest.mark.parametrize("chunks,plain_likely", [
+    ([[1, 5], [2, 5], [3], [4]], True),  # the question's word 5 in half the chunks: spread is possible
     ([[1, 5], [2, 5], [3], [4], [6]], False),  # in two of five
     ([[1, 5], [2], [3]], False),  # in one chunk: never spread
-    ([[1, 5], [2, 5], [3, 5], [5, 4]], False),  # in every chunk, so in over three quarters: no anchor at all
-    ([[5, 1], [5, 2], [3], [4]], False),  # a chunk's first token is no anchor
+    ([[1, 5], [2, 5], [3, 5], [5, 4]], True),  # in every chunk, so in over three quarters: no anchor, lift 0
+    ([[5, 1], [5, 2], [3], [4]], True),  # only as a chunk's first token, which is no anchor
+    ([[1], [2], [3]], True),  # no question word anywhere
 ])
-def test_may_spread_counts_the_chunks_holding_an_anchor(chunks, may_spread):
-    assert _request(chunks, [7, 5]).may_spread is may_spread
+def test_plain_likely_counts_the_chunks_holding_an_anchor(chunks, plain_likely):
+    assert _request(chunks, [7, 5]).plain_likely is plain_likely
+
+
+def test_without_anchors_the_plan_is_plain_prophet():
+    """What `plain_likely` relies on when no chunk holds an anchor: the lift is 0, so the plan is ProphetKV's."""
+    request = _request([[1, 2, 3], [4, 6, 8], [9, 10, 11]], [7, 5])
+    request.parallel = torch.rand(9)
+    assert request.plain_likely and request.lift == 0.0 and request.plain
 
 
 def _always(monkeypatch, value: bool) -> None:
-    monkeypatch.setattr(Selection, "may_spread", property(lambda self: value))
+    monkeypatch.setattr(Selection, "plain_likely", property(lambda self: value))
 
 
 @pytest.mark.parametrize("chunks,anchored,last", [
