@@ -1,6 +1,7 @@
 """benchmarks/bench_scaling.py: its argument checks, the summary's ratios, the table and the peak-RSS helper."""
 
 import importlib
+import mmap
 import sys
 from pathlib import Path
 
@@ -57,8 +58,12 @@ def test_a_missing_status_field_is_an_error(scaling):
 
 def test_peak_rss_sees_memory_the_call_touched_and_then_freed(scaling):
     def touch():
-        block = b"\x01" * (96 * _MB)  # every page written, so resident
-        return len(block)
+        # A fresh mapping, every page written: resident whatever the heap already held (freed memory of earlier
+        # tests, still resident, would otherwise serve a heap allocation without raising the RSS).
+        with mmap.mmap(-1, 96 * _MB) as block:
+            for page in range(0, 96 * _MB, mmap.PAGESIZE):
+                block[page] = 1
+            return len(block)
 
     result, peak = scaling.peak_rss(touch)
     assert result == 96 * _MB
