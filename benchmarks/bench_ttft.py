@@ -3,6 +3,7 @@
     python benchmarks/bench_ttft.py                       # embedded SmolLM2-135M, ~4K-token context, CPU
     python benchmarks/bench_ttft.py --model PATH --device cuda --tokens 16000
     python benchmarks/bench_ttft.py --random-llama3-8b --device cuda --tokens 16000   # timing shape of an 8B model
+    python benchmarks/bench_ttft.py --dtype bf16          # the model in bf16: the engine and the baselines alike
 
 The baselines are what a user would run instead, on exactly the engine's prompt ids: `hf_last` is
 `model(input_ids, logits_to_keep=1)`, the prefill `model.generate` runs, and the baseline every ratio is quoted
@@ -34,6 +35,7 @@ _SENTENCES = (
 )
 _NAMES = ("Ada", "Bram", "Cora", "Dax", "Elin", "Finn", "Greta", "Hugo", "Ines", "Jonas")
 BASELINES = ("hf_last", "hf")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """The Hugging Face baselines, the headline (`generate`'s prefill) first."""
 
 
@@ -111,9 +113,14 @@ def main() -> None:
     parser.add_argument("--random-llama3-8b", action="store_true",
                         help="time a Llama-3-8B-shaped model with random bf16 weights instead of --model")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --random-llama3-8b")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="load --model in this dtype (default: fp32 on CPU, bf16 on CUDA); the Hugging Face "
+                             "baselines run the same weights")
     parser.add_argument("--hot-cache-gb", type=float, default=0.0,
                         help="keep this much chunk KV on the device in front of the disk store (0: disk only)")
     args = parser.parse_args()
+    if args.random_llama3_8b and args.dtype not in (None, "bf16"):
+        parser.error("--random-llama3-8b builds bf16 weights: drop --dtype or make it bf16")
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -128,7 +135,8 @@ def main() -> None:
             engine = ProphetEngine(model, tokenizer, store=store, model_name="random Llama-3-8B shape (bf16)",
                                    hot_cache_bytes=hot)
         else:
-            engine = ProphetEngine.from_pretrained(args.model, device=args.device, store=store, hot_cache_bytes=hot)
+            engine = ProphetEngine.from_pretrained(args.model, device=args.device, dtype=DTYPES.get(args.dtype),
+                                                   store=store, hot_cache_bytes=hot)
         docs = make_documents(engine.tokenizer, args.tokens, args.doc_tokens)
         query = QUERY
         engine.ingest(docs)
@@ -139,7 +147,8 @@ def main() -> None:
         cpu = f"CPU, {torch.get_num_threads()} threads"
         device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
         tier = f"in-memory tier {args.hot_cache_gb:g} GiB" if hot else "disk store only"
-        print(f"model {engine.model_name} on {device}; {len(docs)} documents; {tier}; torch {torch.__version__}")
+        print(f"model {engine.model_name} ({engine.adapter.spec.dtype}) on {device}; {len(docs)} documents; {tier}; "
+              f"torch {torch.__version__}")
         times: dict[str, list[float]] = {m: [] for m in methods}
         stats: dict[str, list] = {m: [] for m in methods if m not in BASELINES}
         for _ in range(args.repeats):

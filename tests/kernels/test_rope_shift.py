@@ -140,6 +140,39 @@ def test_interleaved_fp32_reference_is_a_rotation_of_each_pair(layout):
     assert torch.equal(base[mask], untouched[mask])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["contiguous", "kv-view", "hf-transposed", "unmergeable"])
+def test_interleaved_half_reference_rotates_in_fp32_and_rounds_once(layout, dtype):
+    """bf16/fp16 interleaved keys are rotated in fp32 and rounded once: within one rounding of the exact rotation
+    of the stored values, and the rest of the base tensor is left alone."""
+    gen = torch.Generator().manual_seed(11)
+    base, keys = make_keys(layout, 37, 2, 16, dtype, "cpu", gen)
+    delta = ragged_delta([20, 17], gen)
+    freq = inv_freq(16)
+    expected = rotate_pairs_naive(keys.double(), delta, freq)
+    untouched = base.clone()
+    rope_shift_ref(keys, delta, freq, interleaved=True)
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # half a unit in the last place, relative
+    torch.testing.assert_close(keys.double(), expected, atol=1e-3, rtol=2 * ulp)
+    mask = torch.ones_like(base, dtype=torch.bool)
+    make_keys_like(mask, base, keys).fill_(False)
+    assert torch.equal(base[mask], untouched[mask])
+
+
+def test_interleaved_fp32_keys_the_complex_view_cannot_take_leave_the_source_unchanged():
+    """fp32 keys at an odd offset and odd strides (no complex view) with a contiguous fp32 source: the rotation
+    works on a copy, so the source is read only."""
+    gen = torch.Generator().manual_seed(12)
+    base = torch.randn(20, 2, 17, generator=gen)
+    keys = base[..., 1:]
+    source = torch.randn(keys.shape, generator=gen)
+    kept = source.clone()
+    delta, freq = ragged_delta([20], gen), inv_freq(16)
+    rope_shift_ref(keys, delta, freq, interleaved=True, source=source)
+    assert torch.equal(source, kept)
+    torch.testing.assert_close(keys.double(), rotate_pairs_naive(source.double(), delta, freq), atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", INTERLEAVED)
