@@ -33,30 +33,27 @@ def rope_shift_ref(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tens
     assert src.shape == keys.shape and src.dtype == keys.dtype, "source must match keys' shape and dtype"
     half = keys.shape[-1] // 2
     angle = delta.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
-    if interleaved and keys.dtype == torch.float32 and _complex_view_ok(keys) and _complex_view_ok(src):
-        # One pass: each channel pair is a complex number, rotated by multiplying with e^(i * angle).
-        phase = torch.polar(torch.ones_like(angle), angle)[:, None, :]
-        out = torch.view_as_complex(keys.unflatten(-1, (half, 2)))
-        if source is None:
-            out.mul_(phase)
-        else:
-            torch.mul(torch.view_as_complex(src.unflatten(-1, (half, 2))), phase, out=out)
-        return
     if interleaved:
-        # Other dtypes and layouts: rotated as complex numbers in a contiguous fp32 copy, written back in one cast.
-        # The pairs as strided halves cost 3x more on a 2-core CPU (bf16 SmolLM2, 4,291 tokens, every layer:
-        # 0.149 -> 0.046 s, `bench_ttft.py --dtype bf16`'s re-rotation).
+        # Each channel pair is a complex number, rotated by multiplying with e^(i * angle).
         phase = torch.polar(torch.ones_like(angle), angle)[:, None, :]
+        if keys.dtype == torch.float32 and _complex_view_ok(keys) and _complex_view_ok(src):
+            out = torch.view_as_complex(keys.unflatten(-1, (half, 2)))  # one pass, in place
+            if source is None:
+                out.mul_(phase)
+            else:
+                torch.mul(torch.view_as_complex(src.unflatten(-1, (half, 2))), phase, out=out)
+            return
+        # Other dtypes and layouts: in a contiguous fp32 copy, written back in one cast. The pairs as strided
+        # halves cost 3x more on a 2-core CPU (bf16 SmolLM2, 4,291 tokens, every layer: 0.149 -> 0.046 s,
+        # `bench_ttft.py --dtype bf16`'s re-rotation).
         k = torch.empty(src.shape, dtype=torch.float32, device=src.device).copy_(src)
         torch.view_as_complex(k.unflatten(-1, (half, 2))).mul_(phase)
         keys.copy_(k)
         return
     cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
     k = src.to(torch.float32)
-    x1, x2 = (k[..., 0::2], k[..., 1::2]) if interleaved else (k[..., :half], k[..., half:])
-    r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    out = torch.stack((r1, r2), dim=-1).flatten(-2) if interleaved else torch.cat((r1, r2), dim=-1)
-    keys.copy_(out)
+    x1, x2 = k[..., :half], k[..., half:]
+    keys.copy_(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
 
 
 def _rope_shift_kernel(

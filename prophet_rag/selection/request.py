@@ -97,13 +97,18 @@ class Selection:
         return frozenset(i for i, r in enumerate(relevance) if best > 0 and r >= FOCUS_SHARE * best)
 
     @cached_property
+    def anchors(self) -> torch.Tensor:
+        """`[C]` `anchor_mask` of the chunk tokens, in request order."""
+        return anchor_mask(list(self.chunk_ids), self.suffix_ids)
+
+    @cached_property
     def plain_likely(self) -> bool:
         """Whether the words alone, before any attention, make ProphetKV's plan (`plain`) certain or possible: no
         chunk holds one of the question's anchors (`anchor_mask`: the lift is then 0), or more than one chunk, and
         `FOCUS_SPREAD` of them, hold one (a chunk without anchors has no anchored relevance, so `spread` needs as
         many)."""
-        mask = anchor_mask(list(self.chunk_ids), self.suffix_ids)
-        held = sum(bool(part.any()) for part in torch.split(mask, [int(ids.numel()) for ids in self.chunk_ids]))
+        sizes = [int(ids.numel()) for ids in self.chunk_ids]
+        held = sum(bool(part.any()) for part in torch.split(self.anchors, sizes))
         return held == 0 or (held > 1 and held >= FOCUS_SPREAD * len(self.chunk_ids))
 
     @property
@@ -123,7 +128,7 @@ class Selection:
         multi-hop documents")."""
         best = int(torch.argmax(self.anchored))
         scores = self.parallel_scores.to(torch.float32)
-        mask = anchor_mask(list(self.chunk_ids), self.suffix_ids).to(scores.device)
+        mask = self.anchors.to(scores.device)
         start = sum(int(ids.numel()) for ids in self.chunk_ids[:best])
         inside = torch.zeros_like(mask)
         inside[start : start + int(self.chunk_ids[best].numel())] = True
