@@ -94,8 +94,10 @@ class Server:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
         if args.home:
             env["PROPHET_RAG_HOME"] = args.home
+        dtype = name.partition("@")[2] or args.dtype
         command = [sys.executable, "-m", "prophet_rag.cli", "serve", "--port", str(port), "--store", str(home / "kv"),
-                   "--device", args.device, "--max-new-tokens", str(args.max_tokens), "--log-level", "warning",
+                   "--device", args.device, "--dtype", dtype, "--max-new-tokens", str(args.max_tokens),
+                   "--log-level", "warning",
                    "--max-queue", "64", "--queue-timeout", "3600", "--request-timeout", "3600", *extra]
         self.log = home / "server.log"
         with self.log.open("w") as out:
@@ -224,37 +226,37 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def base(name: str) -> str:
+    """The server kind of a `--servers` entry: "hf@bfloat16" is an hf server on bf16 weights."""
+    return name.partition("@")[0]
+
+
 def targets(rows: list[dict]) -> list[str]:
-    """The issue's targets at 8 clients, from this run's rows."""
+    """The issue's targets at 8 clients, from this run's rows: each engine server against itself at one client and
+    against each hf server (plain `generate`) at one client."""
     def row(server: str, clients: int) -> dict | None:
         return next((r for r in rows if r["server"] == server and r["clients"] == clients), None)
 
-    eight, one, hf_one = row("batched", 8), row("batched", 1), row("hf", 1)
-    if eight is None or one is None:
-        return ["(the targets need levels 1 and 8 of the batched server)"]
-    out = [f"batched, 8 clients / batched, 1 client (the same requests one by one): "
-           f"{eight['requests_per_s'] / one['requests_per_s']:.2f}x requests/s (target >= 2.5x)"]
-    if hf_one is not None:
-        ratio = eight["requests_per_s"] / hf_one["requests_per_s"]
-        out.append(f"batched, 8 clients / hf generate, 1 client: {ratio:.2f}x requests/s (target >= 4x)")
-    decode_only, decode_only_one = row("decode-only", 8), row("decode-only", 1)
-    if decode_only is not None and decode_only_one is not None:
-        out.append(f"decode-only (prefills not batched), 8 clients / 1 client: "
-                   f"{decode_only['requests_per_s'] / decode_only_one['requests_per_s']:.2f}x requests/s, TTFT p95 "
-                   f"{decode_only['ttft_p95_s'] / decode_only_one['ttft_p95_s']:.2f}x; batched / decode-only at 8 "
-                   f"clients: {eight['requests_per_s'] / decode_only['requests_per_s']:.2f}x requests/s")
-    out.append(f"batched TTFT p95 at 8 clients / p95 at 1 client: {eight['ttft_p95_s'] / one['ttft_p95_s']:.2f}x "
-               f"(target <= 2x; p95 at 8 / p50 at 1: {eight['ttft_p95_s'] / one['ttft_p50_s']:.2f}x)")
-    workers, workers_one = row("workers", 8), row("workers", 1)
-    if workers is not None and workers_one is not None:
-        out.append(f"workers, 8 clients / workers, 1 client: "
-                   f"{workers['requests_per_s'] / workers_one['requests_per_s']:.2f}x requests/s (target >= 2.5x); "
-                   f"TTFT p95 {workers['ttft_p95_s'] / workers_one['ttft_p95_s']:.2f}x (target <= 2x)")
-        if hf_one is not None:
-            out.append(f"workers, 8 clients / hf generate, 1 client: "
-                       f"{workers['requests_per_s'] / hf_one['requests_per_s']:.2f}x requests/s (target >= 4x)")
-        out.append(f"workers / batched at 8 clients: {workers['requests_per_s'] / eight['requests_per_s']:.2f}x "
-                   "requests/s")
+    names = list(dict.fromkeys(r["server"] for r in rows))
+    hf_ones = [(name, row(name, 1)) for name in names if base(name) == "hf" and row(name, 1) is not None]
+    out = []
+    for name in names:
+        eight, one = row(name, 8), row(name, 1)
+        if base(name) == "hf" or eight is None or one is None:
+            continue
+        out.append(f"{name}, 8 clients / 1 client (the same requests one by one): "
+                   f"{eight['requests_per_s'] / one['requests_per_s']:.2f}x requests/s (target >= 2.5x); TTFT p95 "
+                   f"{eight['ttft_p95_s'] / one['ttft_p95_s']:.2f}x (target <= 2x; p95 at 8 / p50 at 1: "
+                   f"{eight['ttft_p95_s'] / one['ttft_p50_s']:.2f}x)")
+        out += [f"{name}, 8 clients / {hf} generate, 1 client: "
+                f"{eight['requests_per_s'] / hf_one['requests_per_s']:.2f}x requests/s (target >= 4x)"
+                for hf, hf_one in hf_ones]
+    if not out:
+        return ["(the targets need levels 1 and 8 of an engine server)"]
+    batched, decode_only = row("batched", 8), row("decode-only", 8)
+    if batched is not None and decode_only is not None:
+        out.append(f"batched / decode-only (prefills not batched) at 8 clients: "
+                   f"{batched['requests_per_s'] / decode_only['requests_per_s']:.2f}x requests/s")
     return out
 
 
@@ -270,7 +272,11 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="the batched server's --max-batch")
     parser.add_argument("--hf-levels", default=None,
                         help="the levels the hf server runs (default: all; it answers one request at a time at any)")
-    parser.add_argument("--servers", default="batched,serial,hf", help=f"a subset of {','.join(SERVERS)}")
+    parser.add_argument("--servers", default="batched,serial,hf",
+                        help=f"a subset of {','.join(SERVERS)}; NAME@DTYPE loads that server's model in DTYPE "
+                             "(hf@float32,batched@bfloat16)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="every server's model dtype where its name does not say (default auto: fp32 on a CPU)")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each server")
     parser.add_argument("--workers", type=int, default=2, help="the workers server's --workers")
     parser.add_argument("--device", default="cpu")
@@ -281,6 +287,9 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     hf_levels = [int(x) for x in args.hf_levels.split(",")] if args.hf_levels else levels
     names = args.servers.split(",")
+    for name in names:
+        if base(name) not in SERVERS or name.partition("@")[2] not in ("", "auto", "float32", "bfloat16", "float16"):
+            parser.error(f"--servers: {name!r} is not SERVER or SERVER@DTYPE with SERVER one of {', '.join(SERVERS)}")
     count = max(args.requests, max(levels))
     bodies = make_requests(count, args.docs, args.zipf, args.seed)
     print(f"bench_serve: servers {names}, levels {levels}, {args.requests} requests per level (at least one per "
@@ -289,7 +298,8 @@ def main() -> None:
           f"load at start {os.getloadavg()[0]:.1f}", flush=True)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as root:
-        servers = [Server(name, SERVERS[name](args), args, Path(root), args.port + i) for i, name in enumerate(names)]
+        servers = [Server(name, SERVERS[base(name)](args), args, Path(root), args.port + i)
+                   for i, name in enumerate(names)]
         try:
             for server in servers:
                 server.wait_healthy()
@@ -302,7 +312,7 @@ def main() -> None:
             for turn, (round_, clients) in enumerate(runs):
                 order = servers[turn % len(servers):] + servers[: turn % len(servers)]
                 for server in order:
-                    if server.name == "hf" and clients not in hf_levels:
+                    if base(server.name) == "hf" and clients not in hf_levels:
                         continue
                     names_ = ("decode_steps", "decode_rows", "prefill_passes", "prefill_pass_steps")
                     before = [server.metric(f"prophet_rag_{n}_total") for n in names_]
@@ -311,7 +321,7 @@ def main() -> None:
                     steps, rows_, passes, pass_steps = (server.metric(f"prophet_rag_{n}_total") - b
                                                         for n, b in zip(names_, before, strict=True))
                     # A workers server's /metrics is one worker's: its counters say nothing of the level.
-                    counted = server.name != "workers"
+                    counted = base(server.name) != "workers"
                     batch = rows_ / steps if steps and counted else None
                     rows.append(summarize(server.name, clients, wall, results, reference[server.name], batch))
                     r = rows[-1]

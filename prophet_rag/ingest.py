@@ -286,13 +286,13 @@ class IngestWorker:
     """A Ray actor: one engine over the model, prefilling the chunks it is sent. Built as `ray.remote(IngestWorker)`
     so this module imports without Ray."""
 
-    def __init__(self, model: str | None, store: StoreConfig, threads: int) -> None:
+    def __init__(self, model: str | None, store: StoreConfig, threads: int, dtype: str | None = None) -> None:
         # Ray puts the driver's current directory first on a worker's sys.path, so any module in that folder would
         # shadow an installed one of the same name; a worker runs the installed prophet-rag and its dependencies,
         # never code from the driver's folder.
         here = os.getcwd()
         sys.path[:] = [entry for entry in sys.path if entry not in ("", here)]
-        self._model, self._store, self._threads = model, store, threads
+        self._model, self._store, self._threads, self._dtype = model, store, threads, dtype
         self._engine = None
 
     def load(self) -> WorkerInfo | str:
@@ -301,11 +301,12 @@ class IngestWorker:
         import torch
 
         from prophet_rag.engine import ProphetEngine
+        from prophet_rag.engine.loading import model_dtype
 
         # Ray sets OMP_NUM_THREADS from the actor's CPUs; torch's intra-op pool is sized explicitly to match.
         torch.set_num_threads(self._threads)
         try:
-            self._engine = ProphetEngine.from_pretrained(self._model, store=self._store)
+            self._engine = ProphetEngine.from_pretrained(self._model, dtype=model_dtype(self._dtype), store=self._store)
         except ProphetRAGError as error:
             return str(error)
         engine = self._engine
@@ -396,11 +397,12 @@ def close_workers(ray, actors: list) -> None:
         ray.kill(actor)
 
 
-def ingest_files_on_ray(files: Sequence[Path], model: str | None, store: StoreConfig, *, workers: int = 1,
-                        address: str | None = None, cpus_per_worker: int | None = None,
+def ingest_files_on_ray(files: Sequence[Path], model: str | None, store: StoreConfig, *, dtype: str | None = None,
+                        workers: int = 1, address: str | None = None, cpus_per_worker: int | None = None,
                         show_progress: bool | None = None,
                         log: Callable[[str], None] = lambda message: None) -> IngestSummary:
-    """Ingest `files` on an actor pool of `workers` engines over `model`, each writing to the tiers `store` names.
+    """Ingest `files` on an actor pool of `workers` engines over `model` (loaded in `dtype`, a `MODEL_DTYPES` name;
+    None: the loader's default), each writing to the tiers `store` names.
 
     Without `address` (and `RAY_ADDRESS`) a local instance is started and shut down here; an already initialized Ray
     is used as it is. Each worker reserves `cpus_per_worker` CPUs and runs torch on as many threads (default: this
@@ -421,7 +423,7 @@ def ingest_files_on_ray(files: Sequence[Path], model: str | None, store: StoreCo
     try:
         worker_class = ray.remote(num_cpus=cpus)(IngestWorker)
         log(f"Loading model {model or 'embedded SmolLM2-135M-Instruct'} on {workers} Ray worker(s) ...")
-        actors = [worker_class.remote(model, store, cpus) for _ in range(workers)]
+        actors = [worker_class.remote(model, store, cpus, dtype) for _ in range(workers)]
         summary = ingest_with(ray, actors, load_workers(ray, actors), files, store, show_progress)
     finally:
         close_workers(ray, actors)

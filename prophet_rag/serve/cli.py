@@ -101,6 +101,7 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
     except ImportError as error:
         raise ProphetRAGError(f"the server needs {error.name}; run `{SERVE_INSTALL}`.") from None
     from prophet_rag.engine import ProphetEngine
+    from prophet_rag.engine.loading import model_dtype
 
     config = serve_config(args)
     store = _with_remote(args, store)
@@ -122,7 +123,8 @@ def run_serve_command(args: argparse.Namespace, store: StoreConfig) -> int:
         _serve_workers(args, store, config)
         return 0
     print(f"Loading model {args.model or 'embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
-    engine = ProphetEngine.from_pretrained(args.model, device=args.device, store=store, **engine_options(args, config))
+    engine = ProphetEngine.from_pretrained(args.model, device=args.device, dtype=model_dtype(args.dtype), store=store,
+                                           **engine_options(args, config))
     if args.backend == "hf":
         from prophet_rag.serve.hf_backend import HFGenerateBackend
 
@@ -145,10 +147,15 @@ def _serve_workers(args: argparse.Namespace, store: StoreConfig, config: ServeCo
         raise ProphetRAGError(f"--workers is for CPU serving; on {args.device} one process batches every request "
                               "on the device: drop --workers.")
     threads = workers.threads_per_worker(args.workers, torch.get_num_threads())
-    spec = ReplicaSpec(args.model, args.device, store, serve=config, threads=threads, **engine_options(args, config))
+    spec = ReplicaSpec(args.model, args.device, store, serve=config, threads=threads, dtype=_dtype(args),
+                       **engine_options(args, config))
     print(f"Starting {args.workers} workers, {threads} torch thread(s) each, on "
           f"{args.model or 'embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
     workers.run(spec, args.workers, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def _dtype(args: argparse.Namespace) -> str | None:
+    return None if args.dtype == "auto" else args.dtype
 
 
 def _with_remote(args: argparse.Namespace, store: StoreConfig) -> StoreConfig:
@@ -177,6 +184,6 @@ def ray_plan(args: argparse.Namespace, store: StoreConfig, config: ServeConfig):
     if store.remote_url is None and (scaling.max_replicas or scaling.replicas) > 1:
         print("Warning: replicas without --remote-url share no tier: each computes every document itself.",
               file=sys.stderr, flush=True)
-    spec = ReplicaSpec(args.model, args.device, store, serve=config, threads=max(1, int(cpus)),
+    spec = ReplicaSpec(args.model, args.device, store, serve=config, threads=max(1, int(cpus)), dtype=_dtype(args),
                        **engine_options(args, config))
     return spec, scaling

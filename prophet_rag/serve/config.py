@@ -10,7 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prophet_rag.config import BatchConfig, GenerationConfig, PrefixCacheConfig, SelectionConfig, StoreConfig
+from prophet_rag.config import (
+    MODEL_DTYPES,
+    BatchConfig,
+    GenerationConfig,
+    PrefixCacheConfig,
+    SelectionConfig,
+    StoreConfig,
+)
 from prophet_rag.errors import InvalidRequestError
 
 API_KEY_ENV = "PROPHET_RAG_API_KEY"
@@ -102,14 +109,23 @@ class ReplicaSpec:
     """torch threads of each process (its CPUs)."""
     batch: BatchConfig = BatchConfig()
     prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
+    dtype: str | None = None
+    """the model's dtype, a `MODEL_DTYPES` name; None: the loader's default (fp32 on a CPU, bf16 on CUDA)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in MODEL_DTYPES:
+            raise InvalidRequestError(f"dtype {self.dtype!r} is not one the model can be loaded in; pass one of "
+                                      f"{', '.join(MODEL_DTYPES)}, or None for the loader's default.")
 
     def build_engine(self, store: StoreConfig | None = None):
         """The process's engine on `threads` torch threads, over `store` (default: the spec's)."""
         import torch
 
         from prophet_rag.engine import ProphetEngine
+        from prophet_rag.engine.loading import model_dtype
 
         torch.set_num_threads(self.threads)
-        return ProphetEngine.from_pretrained(self.model, device=self.device, store=store or self.store,
+        return ProphetEngine.from_pretrained(self.model, device=self.device, dtype=model_dtype(self.dtype),
+                                             store=store or self.store,
                                              selection=self.selection, generation=self.generation, batch=self.batch,
                                              prefix_cache=self.prefix_cache)

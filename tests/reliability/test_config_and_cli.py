@@ -161,3 +161,45 @@ def test_ask_reads_a_store_filled_by_keyed_ingest_and_writes_only_keyed_entries(
     with KVStore(StoreConfig(directory=store, auth_key_file=key), create=False) as kv:
         report = kv.verify()
     assert (report.checked, report.ok, report.removed) == (3, 3, 0)  # the two documents and the prompt's prefix
+
+
+def test_model_dtype_names_the_dtypes_and_refuses_others():
+    import torch
+
+    from prophet_rag.engine.loading import model_dtype
+    from prophet_rag.errors import ModelLoadError
+
+    assert (model_dtype("bfloat16"), model_dtype("float16"), model_dtype("float32")) == (
+        torch.bfloat16, torch.float16, torch.float32)
+    assert model_dtype("auto") is None and model_dtype(None) is None
+    with pytest.raises(ModelLoadError, match="auto, float32, bfloat16, float16"):
+        model_dtype("int8")
+
+
+@pytest.mark.parametrize("command", [["demo"], ["ask", "--docs", "d", "q?"], ["bench"], ["serve"],
+                                     ["cache", "ingest", "d"]])
+def test_every_command_that_loads_the_model_takes_its_dtype(command, capsys):
+    parser = build_parser()
+    assert parser.parse_args(command).dtype == "auto"
+    assert parser.parse_args([*command, "--dtype", "bfloat16"]).dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "--dtype", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_a_store_keeps_each_dtypes_kv_apart(tmp_path, capsys, tiny_model_dir):
+    """KV ingested in fp32 is not served to a bf16 engine (its entries are another dtype's); the bf16 engine computes
+    and stores its own, which it then reads."""
+    docs, store = tmp_path / "docs", tmp_path / "kv"
+    docs.mkdir()
+    (docs / "a.txt").write_text("The vault code of Alpha is 4821.")
+    (docs / "b.txt").write_text("Paris is the capital of France.")
+    common = ["--model", str(tiny_model_dir), "--store", str(store)]
+    assert main(["cache", "ingest", *common, str(docs)]) == 0
+    ask = ["ask", *common, "--dtype", "bfloat16", "--docs", str(docs), "--max-new-tokens", "2", "What is the code?"]
+    assert main(ask) == 0
+    assert "0/2 documents from the cache]" in capsys.readouterr().err
+    assert main(ask) == 0
+    assert "2/2 documents from the cache]" in capsys.readouterr().err
+    with KVStore(StoreConfig(directory=store), create=False) as kv:
+        assert len(kv) == 5  # the two documents in each dtype, and the bf16 prompt prefix `ask` stored

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("ray.serve")
 
@@ -135,3 +136,13 @@ def test_two_replicas_share_the_redis_tier_and_survive_a_killed_replica_and_redi
     assert done == total and other == different == "0"
     same, asked = _figure(r"\[4\] Redis killed:.*?(\d+)/(\d+) answers equal", out)
     assert same == asked
+
+
+def test_replicas_load_the_model_in_the_commands_dtype(deployed, tmp_path, tiny_model_dir):
+    args = build_parser().parse_args(["serve", "--ray", "--model", str(tiny_model_dir), "--dtype", "bfloat16"])
+    ray_application(args, StoreConfig(directory=tmp_path))
+    ((spec, _),) = deployed
+    assert spec.dtype == "bfloat16"
+    with spec.build_engine() as engine:
+        assert engine.adapter.spec.dtype == torch.bfloat16
+

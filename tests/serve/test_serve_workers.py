@@ -15,10 +15,11 @@ import httpx
 import pytest
 
 from prophet_rag.cli import build_parser
-from prophet_rag.config import GenerationConfig, StoreConfig
+from prophet_rag.config import GenerationConfig, SelectionConfig, StoreConfig
 from prophet_rag.engine import ProphetEngine
 from prophet_rag.errors import InvalidRequestError, ProphetRAGError
 from prophet_rag.serve.cli import run_serve_command
+from prophet_rag.serve.config import ReplicaSpec, ServeConfig
 from prophet_rag.serve.workers import WORKER_HEADER, threads_per_worker
 from serve_helpers import free_port, stop_process, wait_healthy
 from tiny import CHUNKS, QUERY
@@ -126,3 +127,9 @@ def test_the_workers_spec_file_is_private_and_removed_at_shutdown(workers_server
     proc.wait(timeout=60)
     assert proc.returncode == 0, log.read_text()
     assert not list(tmp.glob("prophet-rag-workers-*"))
+
+
+def test_a_replica_spec_refuses_a_dtype_it_cannot_load(tmp_path):
+    with pytest.raises(InvalidRequestError, match="dtype 'fp8' is not one"):
+        ReplicaSpec(None, "cpu", StoreConfig(directory=tmp_path), SelectionConfig(), GenerationConfig(),
+                    ServeConfig(), dtype="fp8")
