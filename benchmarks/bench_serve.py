@@ -288,7 +288,8 @@ def main() -> None:
     hf_levels = [int(x) for x in args.hf_levels.split(",")] if args.hf_levels else levels
     names = args.servers.split(",")
     for name in names:
-        if base(name) not in SERVERS or name.partition("@")[2] not in ("", "auto", "float32", "bfloat16", "float16"):
+        kind, at, dtype = name.partition("@")
+        if kind not in SERVERS or (at and dtype not in ("auto", "float32", "bfloat16", "float16")):
             parser.error(f"--servers: {name!r} is not SERVER or SERVER@DTYPE with SERVER one of {', '.join(SERVERS)}")
     count = max(args.requests, max(levels))
     bodies = make_requests(count, args.docs, args.zipf, args.seed)
