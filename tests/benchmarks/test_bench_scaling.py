@@ -2,8 +2,6 @@
 
 import importlib
 import mmap
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -11,14 +9,8 @@ _MB = 2**20
 
 
 @pytest.fixture(scope="module")
-def scaling():
-    # The script imports its sibling bench_ttft as python does for a script: from the benchmarks folder.
-    folder = str(Path(__file__).resolve().parents[2] / "benchmarks")
-    sys.path.insert(0, folder)
-    try:
-        yield importlib.import_module("bench_scaling")
-    finally:
-        sys.path.remove(folder)
+def scaling(benchmarks_on_path):
+    return importlib.import_module("bench_scaling")
 
 
 def test_lengths_are_sorted_without_repeats(scaling):

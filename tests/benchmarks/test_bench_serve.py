@@ -2,19 +2,13 @@
 
 import importlib
 import sys
-from pathlib import Path
 
 import pytest
 
 
 @pytest.fixture(scope="module")
-def serve():
-    folder = str(Path(__file__).resolve().parents[2] / "benchmarks")
-    sys.path.insert(0, folder)
-    try:
-        yield importlib.import_module("bench_serve")
-    finally:
-        sys.path.remove(folder)
+def serve(benchmarks_on_path):
+    return importlib.import_module("bench_serve")
 
 
 def _row(server, clients, requests_per_s, ttft_p50=0.2, ttft_p95=0.3):
