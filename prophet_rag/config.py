@@ -190,11 +190,12 @@ class PrefixCacheConfig:
 
 
 STORAGES = ("lossless", "bfloat16", "float8_e4m3")
+"""How stored KV is encoded (`StoreConfig.kv_storage`): as computed, or compacted to bf16 or to fp8 (e4m3, one scale
+per layer, K/V and head)."""
+
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 """The dtypes a model may be loaded in by name (`prophet-rag --dtype`, `ReplicaSpec.dtype`,
 `engine.loading.model_dtype`); "auto" is the loader's default, fp32 on a CPU and bf16 on CUDA."""
-"""How stored KV is encoded (`StoreConfig.kv_storage`): as computed, or compacted to bf16 or to fp8 (e4m3, one scale
-per layer, K/V and head)."""
 
 
 @dataclass(frozen=True)

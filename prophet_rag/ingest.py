@@ -286,7 +286,7 @@ class IngestWorker:
     """A Ray actor: one engine over the model, prefilling the chunks it is sent. Built as `ray.remote(IngestWorker)`
     so this module imports without Ray."""
 
-    def __init__(self, model: str | None, store: StoreConfig, threads: int, dtype: str | None = None) -> None:
+    def __init__(self, model: str | None, store: StoreConfig, threads: int, dtype: str = "auto") -> None:
         # Ray puts the driver's current directory first on a worker's sys.path, so any module in that folder would
         # shadow an installed one of the same name; a worker runs the installed prophet-rag and its dependencies,
         # never code from the driver's folder.
@@ -397,12 +397,12 @@ def close_workers(ray, actors: list) -> None:
         ray.kill(actor)
 
 
-def ingest_files_on_ray(files: Sequence[Path], model: str | None, store: StoreConfig, *, dtype: str | None = None,
+def ingest_files_on_ray(files: Sequence[Path], model: str | None, store: StoreConfig, *, dtype: str = "auto",
                         workers: int = 1, address: str | None = None, cpus_per_worker: int | None = None,
                         show_progress: bool | None = None,
                         log: Callable[[str], None] = lambda message: None) -> IngestSummary:
-    """Ingest `files` on an actor pool of `workers` engines over `model` (loaded in `dtype`, a `MODEL_DTYPES` name;
-    None: the loader's default), each writing to the tiers `store` names.
+    """Ingest `files` on an actor pool of `workers` engines over `model` (loaded in `dtype`, a `MODEL_DTYPES` name
+    or "auto": the loader's default), each writing to the tiers `store` names.
 
     Without `address` (and `RAY_ADDRESS`) a local instance is started and shut down here; an already initialized Ray
     is used as it is. Each worker reserves `cpus_per_worker` CPUs and runs torch on as many threads (default: this

@@ -147,15 +147,11 @@ def _serve_workers(args: argparse.Namespace, store: StoreConfig, config: ServeCo
         raise ProphetRAGError(f"--workers is for CPU serving; on {args.device} one process batches every request "
                               "on the device: drop --workers.")
     threads = workers.threads_per_worker(args.workers, torch.get_num_threads())
-    spec = ReplicaSpec(args.model, args.device, store, serve=config, threads=threads, dtype=_dtype(args),
+    spec = ReplicaSpec(args.model, args.device, store, serve=config, threads=threads, dtype=args.dtype,
                        **engine_options(args, config))
     print(f"Starting {args.workers} workers, {threads} torch thread(s) each, on "
           f"{args.model or 'embedded SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
     workers.run(spec, args.workers, host=args.host, port=args.port, log_level=args.log_level)
-
-
-def _dtype(args: argparse.Namespace) -> str | None:
-    return None if args.dtype == "auto" else args.dtype
 
 
 def _with_remote(args: argparse.Namespace, store: StoreConfig) -> StoreConfig:
@@ -184,6 +180,6 @@ def ray_plan(args: argparse.Namespace, store: StoreConfig, config: ServeConfig):
     if store.remote_url is None and (scaling.max_replicas or scaling.replicas) > 1:
         print("Warning: replicas without --remote-url share no tier: each computes every document itself.",
               file=sys.stderr, flush=True)
-    spec = ReplicaSpec(args.model, args.device, store, serve=config, threads=max(1, int(cpus)), dtype=_dtype(args),
+    spec = ReplicaSpec(args.model, args.device, store, serve=config, threads=max(1, int(cpus)), dtype=args.dtype,
                        **engine_options(args, config))
     return spec, scaling

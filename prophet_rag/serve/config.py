@@ -109,13 +109,13 @@ class ReplicaSpec:
     """torch threads of each process (its CPUs)."""
     batch: BatchConfig = BatchConfig()
     prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
-    dtype: str | None = None
-    """the model's dtype, a `MODEL_DTYPES` name; None: the loader's default (fp32 on a CPU, bf16 on CUDA)."""
+    dtype: str = "auto"
+    """the model's dtype, a `MODEL_DTYPES` name, or "auto": the loader's default (fp32 on a CPU, bf16 on CUDA)."""
 
     def __post_init__(self) -> None:
-        if self.dtype is not None and self.dtype not in MODEL_DTYPES:
+        if self.dtype not in ("auto", *MODEL_DTYPES):
             raise InvalidRequestError(f"dtype {self.dtype!r} is not one the model can be loaded in; pass one of "
-                                      f"{', '.join(MODEL_DTYPES)}, or None for the loader's default.")
+                                      f"{', '.join(('auto', *MODEL_DTYPES))}.")
 
     def build_engine(self, store: StoreConfig | None = None):
         """The process's engine on `threads` torch threads, over `store` (default: the spec's)."""
