@@ -16,6 +16,7 @@ with one complex multiplication per pair (see `kernels.rope_shift`), which is wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,35 @@ def _check_supported(model) -> None:
         raise UnsupportedModelError("RoPE with an attention scaling factor (YaRN-style) is not supported.")
 
 
+Linear = Callable[[torch.Tensor], torch.Tensor]
+"""A projection `[..., in] -> [..., out]`."""
+
+
+def _packs_weights(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether projections run on weights packed once for oneDNN: bf16 on a CPU, where torch's matmul lays the weight
+    out again on every call. For the few rows of decode steps that costs more than the product: SmolLM2's four
+    projection shapes, one thread, 1-16 rows, 0.46-0.52 ms a layer plain against 0.27-0.32 ms packed, the same bits
+    (benchmarks/RESULTS.md, "Packed bf16 weights"). fp32 matmuls are faster unpacked."""
+    return (dtype == torch.bfloat16 and device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def _packed(module: torch.nn.Linear) -> Linear:
+    """`module` as a function whose weight is packed into oneDNN's blocked layout (a copy: the module keeps its own
+    for the model's `forward`)."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
+    bias = None if module.bias is None else module.bias.detach()
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    return linear
+
+
+def _linears(module: torch.nn.Module, names: tuple[str, ...], pack: bool) -> dict[str, Linear]:
+    return {name: _packed(getattr(module, name)) if pack else getattr(module, name) for name in names}
+
+
 class ModelAdapter:
     """Explicit per-layer computation over a causal LM of a supported family."""
 
@@ -110,6 +140,14 @@ class ModelAdapter:
             )
         self.inv_freq = inv_freq
         self.has_qk_norm = hasattr(attn, "q_norm")
+        pack = _packs_weights(self.spec.dtype, inv_freq.device)
+        with torch.no_grad():
+            self._attn = [_linears(block.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj"), pack)
+                          for block in self.layers]
+            self._mlp = [_linears(block.mlp, ("gate_proj", "up_proj", "down_proj"), pack) for block in self.layers]
+            self._lm_head = _packed(model.lm_head) if pack else model.lm_head
+        self.packed_weights = pack
+        """Whether projections run on weights packed for oneDNN (`_packs_weights`)."""
 
     @property
     def device(self) -> torch.device:
@@ -143,7 +181,8 @@ class ModelAdapter:
         block = self.layers[layer]
         h = block.input_layernorm(hidden)
         lead = h.shape[:-1]
-        return [getattr(block.self_attn, name)(h).view(*lead, -1, self.spec.head_dim) for name in names]
+        linears = self._attn[layer]
+        return [linears[name](h).view(*lead, -1, self.spec.head_dim) for name in names]
 
     def qkv(self, layer: int, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """Post-RoPE q `[..., rows, Hq, D]` and k, v `[..., rows, Hkv, D]` of `layer` for `hidden`
@@ -163,10 +202,12 @@ class ModelAdapter:
 
     def finish_layer(self, layer: int, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Residual stream after `layer`, given its input `hidden` and attention output `[..., rows, Hq, D]`."""
-        block = self.layers[layer]
-        hidden = hidden + block.self_attn.o_proj(attn_out.flatten(-2))
-        return hidden + block.mlp(block.post_attention_layernorm(hidden))
+        block, mlp = self.layers[layer], self._mlp[layer]
+        hidden = hidden + self._attn[layer]["o_proj"](attn_out.flatten(-2))
+        x = block.post_attention_layernorm(hidden)
+        # The families' MLP (`down(act(gate(x)) * up(x))`), run on the adapter's projections.
+        return hidden + mlp["down_proj"](block.mlp.act_fn(mlp["gate_proj"](x)) * mlp["up_proj"](x))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[..., rows, hidden]` last-layer states -> `[..., rows, vocab]` fp32 logits."""
-        return self.model.lm_head(self.body.norm(hidden)).to(torch.float32)
+        return self._lm_head(self.body.norm(hidden)).to(torch.float32)
