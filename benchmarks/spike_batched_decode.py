@@ -2,6 +2,7 @@
 
     python benchmarks/spike_batched_decode.py                  # embedded SmolLM2-135M, 2 threads, N = 1 2 4 8
     python benchmarks/spike_batched_decode.py --threads 1 --steps 32 --repeats 3
+    python benchmarks/spike_batched_decode.py --threads 1 --dtype bfloat16 --sizes 1,4   # a bf16 server worker
 
 Not shipped code: a prototype to measure before phase 2 builds the engine's scheduler. Each request is a real RAG
 request over the demo's documents (a different question and document subset each, so the caches differ in length),
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 from prophet_rag import ProphetEngine, SelectionConfig, StoreConfig
 from prophet_rag.compute.generate import decode_one
 from prophet_rag.compute.stitched import StitchedCache, forward_rows
+from prophet_rag.config import MODEL_DTYPES
+from prophet_rag.engine.loading import model_dtype
 from prophet_rag.kernels import attention_plan, sparse_attention
 
 
@@ -200,16 +203,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="greedy tokens per request (EOS ignored)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", default="1,2,4,8")
+    parser.add_argument("--dtype", choices=("auto", *MODEL_DTYPES), default="auto",
+                        help="the model's dtype, as `prophet-rag serve --dtype` takes it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as store:
-        engine = ProphetEngine.from_pretrained(store=StoreConfig(directory=store))
+        engine = ProphetEngine.from_pretrained(store=StoreConfig(directory=store), dtype=model_dtype(args.dtype))
         adapter = engine.adapter
         requests = demo_requests(engine, max(sizes), args.steps)
         decode_one(adapter, copy(requests[0][0]), 1)  # warm-up
-        print(f"threads {args.threads}, {args.steps} tokens per request, medians of {args.repeats} interleaved "
-              f"repeats; prompt lengths {[r[0].length for r in requests]}")
+        print(f"{engine.adapter.spec.dtype}, threads {args.threads}, {args.steps} tokens per request, medians of "
+              f"{args.repeats} interleaved repeats; prompt lengths {[r[0].length for r in requests]}")
         print("\ndecode: N | serial tok/s | batched tok/s (x serial) | padded tok/s (x serial) | same tokens")
         for n in sizes:
             chosen = requests[:n]
