@@ -53,6 +53,8 @@ from pathlib import Path
 
 import httpx
 
+from prophet_rag.config import MODEL_DTYPES
+
 SERVERS = {
     "batched": lambda args: ["--max-batch", str(args.max_batch)],
     "decode-only": lambda args: ["--max-batch", str(args.max_batch), "--no-batch-prefills"],
@@ -275,7 +277,7 @@ def main() -> None:
     parser.add_argument("--servers", default="batched,serial,hf",
                         help=f"a subset of {','.join(SERVERS)}; NAME@DTYPE loads that server's model in DTYPE "
                              "(hf@float32,batched@bfloat16)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="auto", choices=("auto", *MODEL_DTYPES),
                         help="every server's model dtype where its name does not say (default auto: fp32 on a CPU)")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each server")
     parser.add_argument("--workers", type=int, default=2, help="the workers server's --workers")
@@ -289,7 +291,7 @@ def main() -> None:
     names = args.servers.split(",")
     for name in names:
         kind, at, dtype = name.partition("@")
-        if kind not in SERVERS or (at and dtype not in ("auto", "float32", "bfloat16", "float16")):
+        if kind not in SERVERS or (at and dtype not in ("auto", *MODEL_DTYPES)):
             parser.error(f"--servers: {name!r} is not SERVER or SERVER@DTYPE with SERVER one of {', '.join(SERVERS)}")
     count = max(args.requests, max(levels))
     bodies = make_requests(count, args.docs, args.zipf, args.seed)

@@ -9,16 +9,11 @@ interval over cases, and on how many cases the new run is better and worse (KL l
 from __future__ import annotations
 
 import json
-import random
 import sys
 
+from prophet_rag.bench.fidelity import bootstrap_interval
+
 MEASURES = ("kl8", "first_token_agree", "agreement_f1", "gold_ll_gap")
-
-
-def bootstrap(diffs: list[float], rounds: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choice(diffs) for _ in diffs) / len(diffs) for _ in range(rounds))
-    return sum(diffs) / len(diffs), means[int(0.025 * rounds)], means[int(0.975 * rounds)]
 
 
 def records(paths: list[str]) -> dict[tuple[str, str], dict]:
@@ -40,7 +35,8 @@ def main(new_path: str, *old_paths: str) -> None:
         print(f"{method} ({len(pairs)} cases)")
         for measure in MEASURES:
             before, after = [a[measure] for a, _ in pairs], [b[measure] for _, b in pairs]
-            mean, low, high = bootstrap([b - a for a, b in zip(before, after, strict=True)])
+            diffs = [b - a for a, b in zip(before, after, strict=True)]
+            mean, (low, high) = sum(diffs) / len(diffs), bootstrap_interval(diffs, resamples=10000)
             sign = -1 if measure == "kl8" else 1
             better = sum(sign * (b - a) > 0 for a, b in zip(before, after, strict=True))
             worse = sum(sign * (b - a) < 0 for a, b in zip(before, after, strict=True))
