@@ -47,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -141,6 +142,7 @@ def ask(client: httpx.Client, url: str, body: dict, max_tokens: int) -> dict:
     ttft, text, stats, usage = None, [], {}, {}
     with client.stream("POST", f"{url}/v1/chat/completions", json=payload, timeout=600) as response:
         response.raise_for_status()
+        worker = response.headers.get("X-Prophet-Worker")
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -157,7 +159,7 @@ def ask(client: httpx.Client, url: str, body: dict, max_tokens: int) -> dict:
     end = time.perf_counter() - start
     return {"text": "".join(text), "ttft_s": ttft if ttft is not None else end, "e2e_s": end,
             "tokens": usage.get("completion_tokens", 0), "hits": stats.get("cache_hits", 0),
-            "misses": stats.get("cache_misses", 0)}
+            "misses": stats.get("cache_misses", 0), "worker": worker}
 
 
 def run_level(server: Server, bodies: list[dict], clients: int, max_tokens: int) -> tuple[float, list[dict]]:
@@ -191,12 +193,14 @@ def summarize(name: str, clients: int, wall: float, results: list[dict], referen
               batch: float | None) -> dict:
     hits, misses = sum(r["hits"] for r in results), sum(r["misses"] for r in results)
     ttft, e2e = [r["ttft_s"] for r in results], [r["e2e_s"] for r in results]
+    per_worker = Counter(r["worker"] for r in results if r["worker"] is not None)
     return {"server": name, "clients": clients, "requests": len(results), "wall_s": wall,
             "requests_per_s": len(results) / wall, "tokens_per_s": sum(r["tokens"] for r in results) / wall,
             "ttft_p50_s": statistics.median(ttft), "ttft_p95_s": percentile(ttft, 0.95),
             "e2e_p50_s": statistics.median(e2e), "e2e_p95_s": percentile(e2e, 0.95),
             "hit_rate": hits / (hits + misses) if hits + misses else 0.0, "mean_batch": batch,
-            "same_as_serial": sum(r["text"] == ref for r, ref in zip(results, reference, strict=False))}
+            "same_as_serial": sum(r["text"] == ref for r, ref in zip(results, reference, strict=False)),
+            "per_worker": sorted(per_worker.values(), reverse=True)}
 
 
 def medians(rows: list[dict], levels: list[int], names: list[str]) -> list[dict]:
@@ -209,7 +213,7 @@ def medians(rows: list[dict], levels: list[int], names: list[str]) -> list[dict]
                 continue
             merged = {key: statistics.median(r[key] for r in runs) for key in runs[0]
                       if key not in ("server", "clients", "requests", "round", "mean_batch", "same_as_serial",
-                                     "prefills_together")}
+                                     "prefills_together", "per_worker")}
             batches = [r["mean_batch"] for r in runs if r["mean_batch"] is not None]
             out.append({"server": name, "clients": clients, "requests": sum(r["requests"] for r in runs),
                         **merged, "mean_batch": statistics.median(batches) if batches else None,
@@ -335,7 +339,9 @@ def main() -> None:
                           f"e2e p50 {r['e2e_p50_s']:.2f} p95 {r['e2e_p95_s']:.2f}  hits {r['hit_rate']:.2f}  "
                           f"batch {batch if batch is None else round(batch, 2)}  "
                           f"prefills/step {r['prefills_together'] and round(r['prefills_together'], 2)}  "
-                          f"same {r['same_as_serial']}/{r['requests']}", flush=True)
+                          f"same {r['same_as_serial']}/{r['requests']}"
+                          + (f"  per worker {'/'.join(map(str, r['per_worker']))}" if r["per_worker"] else ""),
+                          flush=True)
         finally:
             for server in servers:
                 server.stop()

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -88,6 +89,24 @@ def test_workers_answer_as_the_engine_in_process(workers_server, tiny_model_dir,
     assert workers and str(proc.pid) not in workers  # answered by worker processes, not the supervisor
 
 
+def test_clients_holding_connections_together_are_split_evenly(workers_server):
+    url, _, _, _ = workers_server
+    body = {"model": "tiny", "messages": [{"role": "user", "content": QUERY}], "documents": list(CHUNKS),
+            "max_tokens": 2, "temperature": 0}
+    clients = [httpx.Client() for _ in range(6)]  # keep-alive: each holds its connection, as an SDK client does
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            replies = list(pool.map(lambda client: [client.post(f"{url}/v1/chat/completions", json=body,
+                                                                timeout=120) for _ in range(2)], clients))
+    finally:
+        for client in clients:
+            client.close()
+    served = [reply.headers[WORKER_HEADER] for pair in replies for reply in pair]
+    assert all(reply.status_code == 200 for pair in replies for reply in pair)
+    assert all(first.headers[WORKER_HEADER] == second.headers[WORKER_HEADER] for first, second in replies)
+    assert sorted(Counter(served).values()) == [6, 6]
+
+
 def _workers_of(supervisor: int) -> set[int]:
     """The supervisor's worker processes (uvicorn spawns them through multiprocessing)."""
     children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
@@ -127,6 +146,16 @@ def test_the_workers_spec_file_is_private_and_removed_at_shutdown(workers_server
     proc.wait(timeout=60)
     assert proc.returncode == 0, log.read_text()
     assert not list(tmp.glob("prophet-rag-workers-*"))
+
+
+def test_workers_that_cannot_load_the_model_fail_the_command(tmp_path):
+    env = {**os.environ, "PROPHET_RAG_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "prophet_rag.cli", "serve", "--model", str(tmp_path / "no-such-model"),
+               "--store", str(tmp_path / "kv"), "--port", str(free_port()), "--log-level", "warning",
+               "--workers", "2"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "while the server was starting" in done.stderr
 
 
 def test_a_replica_spec_refuses_a_dtype_it_cannot_load(tmp_path):
