@@ -3,9 +3,9 @@ the fewest open connections (least connections), its bytes relayed both ways.
 
 Why not the workers accepting from one shared socket (uvicorn's own `--workers`): the kernel wakes whichever process
 polls first, not the least busy one, and an HTTP client keeps its connection for its next request, so the split of
-a burst stays as it fell. Eight clients against two one-thread workers fell 4/4 in 9 rounds of 28, 3/5 in 13, 2/6
-in 3, 1/7 in 2 and 8/0 in 1; a worker holding six or seven of them prefilled those together on its one core while
-the other idled: 4.07 requests/s and a TTFT p95 of 0.81 s at 1/7, against 4.74 and 0.57 s at 4/4
+a burst stays as it fell. Eight clients against two one-thread workers fell 4/4 in 4 rounds of 12, 3/5 in 6, 2/6 in
+1 and 1/7 in 1; a worker holding six or seven of them prefilled those together on its one core while the other had
+little to do: 3.24 requests/s and a TTFT p95 of 0.98 s at 1/7, against 3.99-4.54 and 0.63-0.68 s at 4/4
 (benchmarks/RESULTS.md, "Balanced workers"). Counting connections is counting requests for the clients that matter
 here: a client sends one request at a time on a connection, and an idle keep-alive connection is closed by its
 worker after `timeout_keep_alive` (5 s).

@@ -1,0 +1,123 @@
+"""Where a served request's time to first token goes, and which worker answered it, under concurrent clients (issue 21).
+
+    python benchmarks/trace_served_ttft.py                                   # workers@bfloat16, 8 clients, 6 rounds
+    python benchmarks/trace_served_ttft.py --server batched --clients 4 --rounds 3
+
+One real server (`bench_serve.py`'s `Server`: `python -m prophet_rag.cli serve`, a temporary store) answers
+`bench_serve.py`'s requests once one by one (a warm store), then `--rounds` times from `--clients` client threads,
+each sending its next request as its last ends (each client keeps its connection, as SDK clients do). For every
+request it prints when it was sent, its TTFT at the client (to the first text delta), the time to the response
+headers, the engine's own TTFT and its Stage I (`select_s`) and Stage II (`recompute_s`) parts from the answer's
+statistics, its end-to-end time and the worker that answered (`X-Prophet-Worker`, last 3 digits); then the round's
+requests/s, TTFT p50/p95 at the client and in the engine, and how the round's first `--clients` requests (the burst)
+fell over the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_serve
+
+
+def ask(client: httpx.Client, url: str, body: dict, max_tokens: int) -> dict:
+    payload = {**body, "model": "bench", "temperature": 0, "max_tokens": max_tokens, "stream": True,
+               "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, stats = None, {}
+    with client.stream("POST", f"{url}/v1/chat/completions", json=payload, timeout=600) as response:
+        response.raise_for_status()
+        worker, headers = response.headers.get("X-Prophet-Worker", "-"), time.perf_counter() - start
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if ttft is None and any(c["delta"].get("content") for c in event.get("choices") or ()):
+                ttft = time.perf_counter() - start
+            stats = event.get("prophet_rag") or stats
+    return {"ttft": ttft, "headers": headers, "e2e": time.perf_counter() - start, "worker": worker,
+            "engine": stats.get("ttft_s", 0.0), "select": stats.get("select_s", 0.0),
+            "recompute": stats.get("recompute_s", 0.0)}
+
+
+def run_round(url: str, bodies: list[dict], clients: int, max_tokens: int) -> tuple[float, list[dict]]:
+    """`bodies` from `clients` threads, each sending its next as its last ends: (wall seconds, results in order)."""
+    pending, results, lock = list(enumerate(bodies)), [{}] * len(bodies), threading.Lock()
+    began = time.perf_counter()
+
+    def client_loop() -> None:
+        with httpx.Client() as client:
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    i, body = pending.pop(0)
+                sent = time.perf_counter() - began
+                results[i] = {**ask(client, url, body, max_tokens), "sent": sent}
+
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - began, results
+
+
+def p95(values: list[float]) -> float:
+    return bench_serve.percentile(values, 0.95)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", default="workers@bfloat16", help="a bench_serve.py server, NAME[@DTYPE]")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=16, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2, help="the workers server's --workers")
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the server")
+    parser.add_argument("--port", type=int, default=18450)
+    args = parser.parse_args()
+    if bench_serve.base(args.server) not in bench_serve.SERVERS:
+        parser.error(f"--server: one of {', '.join(bench_serve.SERVERS)}, optionally @DTYPE")
+    options = argparse.Namespace(threads=args.threads, home=None, device="cpu", dtype="auto",
+                                 max_tokens=args.max_tokens, max_batch=16, workers=args.workers)
+    bodies = bench_serve.make_requests(args.requests, 3, 1.1, 0)
+    with tempfile.TemporaryDirectory(prefix="trace-served-") as root:
+        server = bench_serve.Server(args.server, bench_serve.SERVERS[bench_serve.base(args.server)](options), options,
+                                    Path(root), args.port)
+        try:
+            server.wait_healthy()
+            with httpx.Client() as client:
+                for body in bodies:
+                    ask(client, server.url, body, args.max_tokens)
+            for round_ in range(args.rounds):
+                wall, results = run_round(server.url, bodies, args.clients, args.max_tokens)
+                print(f"round {round_}: {len(bodies) / wall:.3f} req/s")
+                for i, r in sorted(enumerate(results), key=lambda item: item[1]["sent"]):
+                    print(f"  req {i:2d} w {r['worker'][-3:]} start {r['sent']:.2f} ttft {r['ttft']:.3f} "
+                          f"hdr {r['headers']:.3f} eng {r['engine']:.3f} sel {r['select']:.3f} "
+                          f"rec {r['recompute']:.3f} e2e {r['e2e']:.2f}")
+                ttft, engine = [r["ttft"] for r in results], [r["engine"] for r in results]
+                burst = Counter(r["worker"] for r in sorted(results, key=lambda r: r["sent"])[: args.clients])
+                print(f"  ttft p50 {statistics.median(ttft):.3f} p95 {p95(ttft):.3f}   engine ttft p50 "
+                      f"{statistics.median(engine):.3f} p95 {p95(engine):.3f}   burst per worker "
+                      f"{'/'.join(map(str, sorted(burst.values())))}", flush=True)
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
