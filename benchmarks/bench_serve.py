@@ -162,8 +162,10 @@ def ask(client: httpx.Client, url: str, body: dict, max_tokens: int) -> dict:
             "misses": stats.get("cache_misses", 0), "worker": worker}
 
 
-def run_level(server: Server, bodies: list[dict], clients: int, max_tokens: int) -> tuple[float, list[dict]]:
-    """`bodies` sent by `clients` threads, each sending its next as its last ends; (wall seconds, results)."""
+def run_level(server: Server, bodies: list[dict], clients: int, max_tokens: int,
+              send=ask) -> tuple[float, list[dict]]:
+    """`bodies` sent by `clients` threads (each `send(client, url, body, max_tokens)`), each sending its next as its
+    last ends; (wall seconds, results in the bodies' order, each with `sent_s`: when it was sent)."""
     pending = list(enumerate(bodies))
     results: list[dict | None] = [None] * len(bodies)
     lock = threading.Lock()
@@ -175,7 +177,8 @@ def run_level(server: Server, bodies: list[dict], clients: int, max_tokens: int)
                     if not pending:
                         return
                     i, body = pending.pop(0)
-                results[i] = ask(client, server.url, body, max_tokens)
+                sent = time.perf_counter() - start
+                results[i] = {**send(client, server.url, body, max_tokens), "sent_s": sent}
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:

@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -52,29 +51,6 @@ def ask(client: httpx.Client, url: str, body: dict, max_tokens: int) -> dict:
             "recompute": stats.get("recompute_s", 0.0)}
 
 
-def run_round(url: str, bodies: list[dict], clients: int, max_tokens: int) -> tuple[float, list[dict]]:
-    """`bodies` from `clients` threads, each sending its next as its last ends: (wall seconds, results in order)."""
-    pending, results, lock = list(enumerate(bodies)), [{}] * len(bodies), threading.Lock()
-    began = time.perf_counter()
-
-    def client_loop() -> None:
-        with httpx.Client() as client:
-            while True:
-                with lock:
-                    if not pending:
-                        return
-                    i, body = pending.pop(0)
-                sent = time.perf_counter() - began
-                results[i] = {**ask(client, url, body, max_tokens), "sent": sent}
-
-    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - began, results
-
-
 def p95(values: list[float]) -> float:
     return bench_serve.percentile(values, 0.95)
 
@@ -104,14 +80,14 @@ def main() -> None:
                 for body in bodies:
                     ask(client, server.url, body, args.max_tokens)
             for round_ in range(args.rounds):
-                wall, results = run_round(server.url, bodies, args.clients, args.max_tokens)
+                wall, results = bench_serve.run_level(server, bodies, args.clients, args.max_tokens, send=ask)
                 print(f"round {round_}: {len(bodies) / wall:.3f} req/s")
-                for i, r in sorted(enumerate(results), key=lambda item: item[1]["sent"]):
-                    print(f"  req {i:2d} w {r['worker'][-3:]} start {r['sent']:.2f} ttft {r['ttft']:.3f} "
+                for i, r in sorted(enumerate(results), key=lambda item: item[1]["sent_s"]):
+                    print(f"  req {i:2d} w {r['worker'][-3:]} start {r['sent_s']:.2f} ttft {r['ttft']:.3f} "
                           f"hdr {r['headers']:.3f} eng {r['engine']:.3f} sel {r['select']:.3f} "
                           f"rec {r['recompute']:.3f} e2e {r['e2e']:.2f}")
                 ttft, engine = [r["ttft"] for r in results], [r["engine"] for r in results]
-                burst = Counter(r["worker"] for r in sorted(results, key=lambda r: r["sent"])[: args.clients])
+                burst = Counter(r["worker"] for r in sorted(results, key=lambda r: r["sent_s"])[: args.clients])
                 print(f"  ttft p50 {statistics.median(ttft):.3f} p95 {p95(ttft):.3f}   engine ttft p50 "
                       f"{statistics.median(engine):.3f} p95 {p95(engine):.3f}   burst per worker "
                       f"{'/'.join(map(str, sorted(burst.values())))}", flush=True)
