@@ -32,15 +32,13 @@ class Balancer:
     ties to the lowest index (so one client at a time keeps to one worker and its memory tier).
 
     `mark(i, up)` says whether worker `i` takes connections (its supervisor calls it as the worker starts and
-    dies); `serve` runs until cancelled."""
+    dies); `handle` is the port's connection callback (`asyncio.start_server`)."""
 
     def __init__(self, paths: Sequence[str], *, wait_s: float = 300.0) -> None:
         self.paths = list(paths)
         self.wait_s = wait_s
         self.open = [0] * len(self.paths)
         """Connections relayed to each worker now."""
-        self.relayed = [0] * len(self.paths)
-        """Connections relayed to each worker since the start."""
         self._up = [False] * len(self.paths)
         self._changed = asyncio.Condition()
 
@@ -84,7 +82,9 @@ class Balancer:
                 except OSError:  # it died since it was marked up: its supervisor will mark it down
                     self.open[index] -= 1
                     continue
-                self.relayed[index] += 1
+                except BaseException:  # cancelled (`wait_s` ran out, the server stops): not connected
+                    self.open[index] -= 1
+                    raise
                 return index, streams
             async with self._changed:
                 await self._changed.wait()
