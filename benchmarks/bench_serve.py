@@ -135,14 +135,15 @@ class Server:
 
 
 def ask(client: httpx.Client, url: str, body: dict, max_tokens: int) -> dict:
-    """One streamed request: its text, TTFT (to the first text delta), end-to-end time, tokens and chunk hits."""
+    """One streamed request: its text, TTFT (to the first text delta), time to the response headers, end-to-end
+    time, tokens, chunk hits, the worker that answered and the engine's own TTFT and its Stage I and II parts."""
     payload = {**body, "model": "bench", "temperature": 0, "max_tokens": max_tokens, "stream": True,
                "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft, text, stats, usage = None, [], {}, {}
     with client.stream("POST", f"{url}/v1/chat/completions", json=payload, timeout=600) as response:
         response.raise_for_status()
-        worker = response.headers.get("X-Prophet-Worker")
+        worker, headers = response.headers.get("X-Prophet-Worker"), time.perf_counter() - start
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -159,13 +160,14 @@ def ask(client: httpx.Client, url: str, body: dict, max_tokens: int) -> dict:
     end = time.perf_counter() - start
     return {"text": "".join(text), "ttft_s": ttft if ttft is not None else end, "e2e_s": end,
             "tokens": usage.get("completion_tokens", 0), "hits": stats.get("cache_hits", 0),
-            "misses": stats.get("cache_misses", 0), "worker": worker}
+            "misses": stats.get("cache_misses", 0), "worker": worker, "headers_s": headers,
+            "engine_ttft_s": stats.get("ttft_s", 0.0), "select_s": stats.get("select_s", 0.0),
+            "recompute_s": stats.get("recompute_s", 0.0)}
 
 
-def run_level(server: Server, bodies: list[dict], clients: int, max_tokens: int,
-              send=ask) -> tuple[float, list[dict]]:
-    """`bodies` sent by `clients` threads (each `send(client, url, body, max_tokens)`), each sending its next as its
-    last ends; (wall seconds, results in the bodies' order, each with `sent_s`: when it was sent)."""
+def run_level(server: Server, bodies: list[dict], clients: int, max_tokens: int) -> tuple[float, list[dict]]:
+    """`bodies` sent by `clients` threads (`ask`), each sending its next as its last ends; (wall seconds, results in
+    the bodies' order, each with `sent_s`: when it was sent)."""
     pending = list(enumerate(bodies))
     results: list[dict | None] = [None] * len(bodies)
     lock = threading.Lock()
@@ -178,7 +180,7 @@ def run_level(server: Server, bodies: list[dict], clients: int, max_tokens: int,
                         return
                     i, body = pending.pop(0)
                 sent = time.perf_counter() - start
-                results[i] = {**send(client, server.url, body, max_tokens), "sent_s": sent}
+                results[i] = {**ask(client, server.url, body, max_tokens), "sent_s": sent}
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:

@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch
 from bench_serve import make_requests
 
 from prophet_rag.compute import batcher, lock
 from prophet_rag.config import MODEL_DTYPES, BatchConfig, GenerationConfig, StoreConfig
 from prophet_rag.engine import ProphetEngine
+from prophet_rag.engine.loading import model_dtype
 
 
 def main() -> None:
@@ -37,13 +37,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--prefill-priority", type=int, default=BatchConfig().prefill_priority)
-    parser.add_argument("--dtype", default="float32", choices=MODEL_DTYPES,
+    parser.add_argument("--dtype", default="auto", choices=("auto", *MODEL_DTYPES),
                         help="the model's dtype (a `serve --workers` worker on bf16: --dtype bfloat16, with "
                              "OMP_NUM_THREADS=1 and --clients 4)")
     args = parser.parse_args()
 
     engine = ProphetEngine.from_pretrained(
-        dtype=getattr(torch, args.dtype),
+        dtype=model_dtype(args.dtype),
         store=StoreConfig(directory=Path(tempfile.mkdtemp())),
         batch=BatchConfig(max_batch=16, prefill_priority=args.prefill_priority),
         generation=GenerationConfig(max_new_tokens=args.max_tokens))

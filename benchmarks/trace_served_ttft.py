@@ -16,11 +16,9 @@ fell over the workers.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -29,30 +27,6 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_serve
-
-
-def ask(client: httpx.Client, url: str, body: dict, max_tokens: int) -> dict:
-    payload = {**body, "model": "bench", "temperature": 0, "max_tokens": max_tokens, "stream": True,
-               "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    ttft, stats = None, {}
-    with client.stream("POST", f"{url}/v1/chat/completions", json=payload, timeout=600) as response:
-        response.raise_for_status()
-        worker, headers = response.headers.get("X-Prophet-Worker", "-"), time.perf_counter() - start
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if ttft is None and any(c["delta"].get("content") for c in event.get("choices") or ()):
-                ttft = time.perf_counter() - start
-            stats = event.get("prophet_rag") or stats
-    return {"ttft": ttft, "headers": headers, "e2e": time.perf_counter() - start, "worker": worker,
-            "engine": stats.get("ttft_s", 0.0), "select": stats.get("select_s", 0.0),
-            "recompute": stats.get("recompute_s", 0.0)}
-
-
-def p95(values: list[float]) -> float:
-    return bench_serve.percentile(values, 0.95)
 
 
 def main() -> None:
@@ -78,18 +52,19 @@ def main() -> None:
             server.wait_healthy()
             with httpx.Client() as client:
                 for body in bodies:
-                    ask(client, server.url, body, args.max_tokens)
+                    bench_serve.ask(client, server.url, body, args.max_tokens)
             for round_ in range(args.rounds):
-                wall, results = bench_serve.run_level(server, bodies, args.clients, args.max_tokens, send=ask)
+                wall, results = bench_serve.run_level(server, bodies, args.clients, args.max_tokens)
                 print(f"round {round_}: {len(bodies) / wall:.3f} req/s")
                 for i, r in sorted(enumerate(results), key=lambda item: item[1]["sent_s"]):
-                    print(f"  req {i:2d} w {r['worker'][-3:]} start {r['sent_s']:.2f} ttft {r['ttft']:.3f} "
-                          f"hdr {r['headers']:.3f} eng {r['engine']:.3f} sel {r['select']:.3f} "
-                          f"rec {r['recompute']:.3f} e2e {r['e2e']:.2f}")
-                ttft, engine = [r["ttft"] for r in results], [r["engine"] for r in results]
+                    print(f"  req {i:2d} w {(r['worker'] or '-')[-3:]} start {r['sent_s']:.2f} ttft {r['ttft_s']:.3f} "
+                          f"hdr {r['headers_s']:.3f} eng {r['engine_ttft_s']:.3f} sel {r['select_s']:.3f} "
+                          f"rec {r['recompute_s']:.3f} e2e {r['e2e_s']:.2f}")
+                ttft, engine = [r["ttft_s"] for r in results], [r["engine_ttft_s"] for r in results]
                 burst = Counter(r["worker"] for r in sorted(results, key=lambda r: r["sent_s"])[: args.clients])
-                print(f"  ttft p50 {statistics.median(ttft):.3f} p95 {p95(ttft):.3f}   engine ttft p50 "
-                      f"{statistics.median(engine):.3f} p95 {p95(engine):.3f}   burst per worker "
+                percentile = bench_serve.percentile
+                print(f"  ttft p50 {statistics.median(ttft):.3f} p95 {percentile(ttft, 0.95):.3f}   engine ttft p50 "
+                      f"{statistics.median(engine):.3f} p95 {percentile(engine, 0.95):.3f}   burst per worker "
                       f"{'/'.join(map(str, sorted(burst.values())))}", flush=True)
         finally:
             server.stop()
